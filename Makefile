@@ -1,0 +1,156 @@
+# essence — build, test, benchmark, fuzz, install.  See README.md.
+#   make            CPU programs (+ CUDA objects when nvcc is found) into build/
+#   make deps       install missing Debian packages and the Python test venv (.venv)
+#   make test       every test; ends with "N passed, M failed[, K skipped]"
+#   make bench      benchmarks, side by side with their baselines
+#   make fuzz       libFuzzer targets, FUZZ_SECONDS each (default 60)
+#   make install    PREFIX=/usr/local: programs, libh5zstd.so HDF5 plugin
+#   make demo       the README's first command
+
+PREFIX ?= /usr/local
+BUILD ?= build
+CC := gcc
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+VENV ?= .venv
+
+HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
+HDF5_LIBS := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
+
+WARN := -Wall -Wextra -Werror
+CFLAGS ?= -O2 -g
+ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS)
+LDLIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lpthread -lm
+
+COMMON_SRC := $(wildcard common/*.c)
+KERNEL_SRC := $(wildcard kernels/*.c)
+LIB_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(COMMON_SRC) $(KERNEL_SRC))
+LIB := $(BUILD)/libessence.a
+
+# CUDA: compiled and linked whenever nvcc exists; run only by tests/gpu/ on a GPU machine.
+CUDA_HOME ?= /usr/local/cuda
+NVCC := $(shell command -v nvcc 2>/dev/null || { test -x $(CUDA_HOME)/bin/nvcc && echo $(CUDA_HOME)/bin/nvcc; })
+CUDA_ARCHS := -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_100a,code=sm_100a \
+              -gencode arch=compute_120,code=sm_120
+ifneq ($(NVCC),)
+CU_SRC := $(wildcard kernels/cuda/*.cu)
+CU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(CU_SRC))
+ALL_CFLAGS += -DES_HAVE_CUDA -I$(CUDA_HOME)/include
+LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
+endif
+
+# Each program: its folder's sources (DESIGN.md "Layout"). Stages not written yet are left out.
+INSPECT_SRC := $(wildcard pipelines/inspect*.c)
+PROGRAMS := $(BUILD)/essence-inspect
+PLUGIN := $(BUILD)/plugins/libh5zstd.so
+
+TEST_SRC := $(wildcard tests/unit/test_*.c)
+TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+TOOL_SRC := $(wildcard tests/tools/*.c)
+TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(TOOL_SRC))
+BENCH_SRC := $(wildcard tests/bench/bench_*.c)
+BENCHES := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
+
+.PHONY: all deps test bench fuzz fuzzers install demo clean cuda-note
+all: cuda-note $(PROGRAMS) $(PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES)
+
+cuda-note:
+ifeq ($(NVCC),)
+	@echo "nvcc not found: building the CPU-only programs (CUDA backend left out)"
+endif
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O2 -std=c++17 $(CUDA_ARCHS) -Icommon -Ikernels -Xcompiler -Wall,-Wextra,-Werror -c $< -o $@
+
+$(LIB): $(LIB_OBJ) $(CU_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/essence-inspect: $(patsubst %.c,$(BUILD)/obj/%.o,$(INSPECT_SRC)) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+# The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
+# function, so it loads into any HDF5 1.10+ whatever version the reader was built with.
+$(PLUGIN): common/h5zstd.c common/h5zstd.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -DES_H5ZSTD_PLUGIN -fPIC -shared $(HDF5_CFLAGS) -o $@ $< -lzstd
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+# ---- dependencies -------------------------------------------------------------------
+DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
+	libjansson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
+	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox
+PY_PACKAGES := h5py hdf5plugin numpy
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make deps: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "make deps: missing Debian packages:$$missing"; \
+	    echo "make deps: installing them needs root; run:  sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+	@if ! $(VENV)/bin/python -c 'import h5py, hdf5plugin, numpy' 2>/dev/null; then \
+	  echo "make deps: creating $(VENV) with $(PY_PACKAGES) (interoperability tests)"; \
+	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q $(PY_PACKAGES) || exit 1; \
+	fi
+
+# ---- tests, benchmarks, fuzzing -----------------------------------------------------
+test: deps
+	@$(MAKE) --no-print-directory all fuzzers
+	@BUILD=$(BUILD) VENV=$(VENV) tests/run.sh
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) tests/bench/run.sh
+
+FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -pthread -Icommon $(HDF5_CFLAGS)
+fuzzers: $(FUZZERS)
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(LDLIBS)
+
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzzers
+	@BUILD=$(BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh
+
+# ---- install, demo ------------------------------------------------------------------
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/hdf5/plugin
+	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 $(PLUGIN) $(DESTDIR)$(PREFIX)/lib/hdf5/plugin/
+	@echo "installed; for h5dump and plain h5py: export HDF5_PLUGIN_PATH=$(PREFIX)/lib/hdf5/plugin"
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@missing=""; for p in essence-extract essence-project essence-align essence-run; do \
+	  [ -x $(BUILD)/$$p ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "make demo: not built yet:$$missing (the demo needs all three stages and essence-run)"; exit 1; fi
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,88 @@
+/* Row datasets: the HDF5 latent store's workhorse.
+ *
+ * A row dataset is [rows] or [rows, width], chunked by `chunk_rows` whole rows, filtered
+ * with shuffle + Zstandard (32015), and growable in rows. Chunks are compressed and
+ * decompressed on a worker pool and moved with direct chunk I/O (H5Dwrite_chunk /
+ * H5Dread_chunk), so the HDF5 library only ever sees finished bytes, on the calling thread.
+ * Any HDF5 reader can read the result (h5py + hdf5plugin, h5dump with libh5zstd.so). */
+#ifndef ES_H5ROWS_H
+#define ES_H5ROWS_H
+
+#include <hdf5.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "threadpool.h"
+
+typedef enum { ES_H5_BF16, ES_H5_F32, ES_H5_F64, ES_H5_I64, ES_H5_I32, ES_H5_U8 } es_h5_elem;
+
+size_t es_h5_elem_size(es_h5_elem elem);
+const char *es_h5_elem_name(es_h5_elem elem); /* "bf16", "float32", ... */
+hid_t es_h5_elem_type(es_h5_elem elem);       /* the file/memory type; do not close */
+
+/* Rows per chunk so that one chunk is about 1 MiB (h5py's default chunk cache size). */
+int64_t es_h5_default_chunk_rows(es_h5_elem elem, int64_t width);
+
+typedef struct es_chunk_slot es_chunk_slot;
+
+typedef struct es_rows_writer {
+    hid_t dataset;
+    char *name;          /* "FILE:/path" for messages */
+    es_h5_elem elem;
+    size_t elem_size;
+    int64_t width;       /* values per row; 1 for a 1-D dataset */
+    int rank;            /* 1 or 2 */
+    int64_t chunk_rows;
+    int level;
+    int64_t rows;        /* rows appended so far */
+    int64_t extent;      /* rows the dataset has on disk */
+    es_pool *pool;       /* NULL: everything on the calling thread */
+    es_chunk_slot *slots; /* ring of chunks in flight, in chunk order */
+    int n_slots, head, count; /* the oldest slot and how many are in use */
+    int filling;         /* 1 when the newest slot is a chunk still being filled */
+} es_rows_writer;
+
+/* Creates dataset `name` (a path; missing groups are created) under `parent`.
+ * width 0 makes a 1-D dataset. */
+int es_rows_create(es_rows_writer *writer, hid_t parent, const char *name, es_h5_elem elem,
+                   int64_t width, int64_t chunk_rows, int level, es_pool *pool, es_error *err);
+/* Reopens an existing row dataset to append after its first `keep_rows` rows (-1: all of
+ * them; rows past keep_rows are cut off). The last partial chunk is read back. */
+int es_rows_open_append(es_rows_writer *writer, hid_t parent, const char *name, int64_t keep_rows,
+                        es_pool *pool, es_error *err);
+/* Appends `n` rows of the dataset's element type (bf16 as uint16_t bits). */
+int es_rows_append(es_rows_writer *writer, const void *rows, int64_t n, es_error *err);
+/* Appends fp32 rows to a bf16 or float32 dataset (bf16 rounding: common/dtype.h). */
+int es_rows_append_f32(es_rows_writer *writer, const float *rows, int64_t n, es_error *err);
+/* Makes every appended row part of the dataset on disk (the partial last chunk is written
+ * padded, and rewritten when it fills). Follow with es_h5_flush for a commit point. */
+int es_rows_flush(es_rows_writer *writer, es_error *err);
+/* Flushes and closes. On error the dataset is closed all the same. */
+int es_rows_close(es_rows_writer *writer, es_error *err);
+
+typedef struct es_rows_reader {
+    hid_t dataset;
+    char *name;
+    es_h5_elem elem;
+    size_t elem_size;
+    int64_t width, rows, chunk_rows;
+    int rank;
+    int direct;          /* chunks we can decode ourselves: [shuffle] + zstd, whole rows */
+    int shuffled;        /* the shuffle filter is in the pipeline (before zstd) */
+    es_pool *pool;
+    es_chunk_slot *slots;
+    int n_slots;
+} es_rows_reader;
+
+/* Opens a 1-D or 2-D dataset of a supported element type. Any layout and filter pipeline
+ * HDF5 can read is accepted; the fast path needs chunks of whole rows filtered by
+ * [shuffle,] zstd. */
+int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err);
+/* Reads rows [first, first + n) in the stored element type. A corrupted chunk is
+ * ES_ERR_DATA naming the file, dataset and rows. */
+int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err);
+/* The same into fp32 (bf16 and float32 datasets only). */
+int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *out, es_error *err);
+void es_rows_close_reader(es_rows_reader *reader);
+
+#endif

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every test (C unit tests, CLI scripts, Python interoperability tests, short fuzz runs)
+# and ends with one line: "N passed, M failed[, K skipped]". Each test prints lines
+# "PASS name", "FAIL name: why" or "SKIP name: why"; a test program that dies without
+# saying FAIL counts as one failure.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUILD=${BUILD:-build}
+VENV=${VENV:-.venv}
+export ESSENCE_ROOT=$ROOT ESSENCE_BUILD=$ROOT/$BUILD
+export ESSENCE_FIXTURES=${ESSENCE_FIXTURES:-$ROOT/../shared/fixtures}
+export ESSENCE_PYTHON=${ESSENCE_PYTHON:-$ROOT/$VENV/bin/python}
+export HDF5_PLUGIN_PATH_BUILT=$ROOT/$BUILD/plugins
+export TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/essence-tests.XXXXXX")
+trap 'rm -rf "$TMPDIR"' EXIT
+
+passed=0 failed=0 skipped=0
+skips=()
+run_one() { # label, command...
+    local label=$1; shift
+    local out rc
+    out=$("$@" 2>&1); rc=$?
+    local p f s
+    p=$(grep -c '^PASS ' <<<"$out"); f=$(grep -c '^FAIL ' <<<"$out"); s=$(grep -c '^SKIP ' <<<"$out")
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        f=1; out+=$'\n'"FAIL $label: exited with status $rc"
+    fi
+    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    if [ "$f" -gt 0 ]; then
+        echo "== $label: $f failed"; echo "$out" | sed 's/^/   /'
+    else
+        echo "== $label: $p passed${s:+, $s skipped}" | sed 's/, 0 skipped//'
+    fi
+    while IFS= read -r line; do skips+=("$label: ${line#SKIP }"); done < <(grep '^SKIP ' <<<"$out")
+}
+
+for t in "$BUILD"/tests/test_*; do
+    [ -x "$t" ] || continue
+    run_one "$(basename "$t")" timeout 600 "$t"
+done
+for t in tests/cli/test_*.sh; do
+    [ -f "$t" ] || continue
+    run_one "$(basename "$t")" timeout 600 bash "$t"
+done
+for t in tests/python/test_*.py; do
+    [ -f "$t" ] || continue
+    if [ -x "$ESSENCE_PYTHON" ]; then
+        run_one "$(basename "$t")" timeout 600 "$ESSENCE_PYTHON" "$t"
+    else
+        skipped=$((skipped + 1)); skips+=("$(basename "$t"): no Python venv at $ESSENCE_PYTHON (run make deps)")
+    fi
+done
+# Short fuzz runs (make fuzz runs each for FUZZ_SECONDS): a crash here is a failure.
+for f in "$BUILD"/fuzz/fuzz_*; do
+    [ -x "$f" ] || continue
+    name=$(basename "$f")
+    run_one "$name" bash -c "
+        corpus=\$(mktemp -d); seeds=tests/fuzz/corpus/${name#fuzz_}
+        [ -d \"\$seeds\" ] && cp -r \"\$seeds\"/. \"\$corpus\"/
+        if \"$f\" -max_total_time=${TEST_FUZZ_SECONDS:-10} -rss_limit_mb=2048 -max_len=65536 -artifact_prefix=\"\$TMPDIR/$name-\" \"\$corpus\" >\"\$TMPDIR/$name.log\" 2>&1
+        then echo 'PASS $name (${TEST_FUZZ_SECONDS:-10} s)'
+        else echo 'FAIL $name: finding, see log:'; tail -n 30 \"\$TMPDIR/$name.log\"; fi"
+done
+
+if [ ${#skips[@]} -gt 0 ]; then
+    echo "skipped:"; printf '  %s\n' "${skips[@]}"
+fi
+if [ "$skipped" -gt 0 ]; then
+    echo "$passed passed, $failed failed, $skipped skipped"
+else
+    echo "$passed passed, $failed failed"
+fi
+[ "$failed" -eq 0 ]

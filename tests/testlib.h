@@ -1,0 +1,91 @@
+/* A minimal test harness. Each test binary prints one line per test case:
+ *   PASS name | FAIL name: file:line: what | SKIP name: why
+ * and tests/run.sh adds them up. CHECK records a failure and goes on; REQUIRE returns. */
+#ifndef ES_TESTLIB_H
+#define ES_TESTLIB_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int tl_passed __attribute__((unused)), tl_failed, tl_skipped __attribute__((unused));
+static int tl_case_failed;
+static const char *tl_case_skip;
+static char tl_skip_reason[512] __attribute__((unused));
+
+#define CHECK(cond)                                                                   \
+    do {                                                                              \
+        if (!(cond)) {                                                                \
+            if (!tl_case_failed) printf("FAIL %s: %s:%d: %s\n", tl_name, __FILE__, __LINE__, #cond); \
+            else printf("  also %s:%d: %s\n", __FILE__, __LINE__, #cond);             \
+            tl_case_failed = 1;                                                       \
+        }                                                                             \
+    } while (0)
+
+#define CHECKF(cond, ...)                                                             \
+    do {                                                                              \
+        if (!(cond)) {                                                                \
+            if (!tl_case_failed) printf("FAIL %s: %s:%d: %s: ", tl_name, __FILE__, __LINE__, #cond); \
+            else printf("  also %s:%d: %s: ", __FILE__, __LINE__, #cond);             \
+            printf(__VA_ARGS__);                                                      \
+            printf("\n");                                                             \
+            tl_case_failed = 1;                                                       \
+        }                                                                             \
+    } while (0)
+
+/* Evaluates cond once (it may have side effects) and returns from the case when false. */
+#define REQUIRE(cond)                                                                 \
+    do {                                                                              \
+        int tl_ok = (cond) ? 1 : 0;                                                   \
+        if (!tl_ok) {                                                                 \
+            if (!tl_case_failed) printf("FAIL %s: %s:%d: %s\n", tl_name, __FILE__, __LINE__, #cond); \
+            else printf("  also %s:%d: %s\n", __FILE__, __LINE__, #cond);            \
+            tl_case_failed = 1;                                                       \
+            return;                                                                   \
+        }                                                                             \
+    } while (0)
+
+/* Marks the current case skipped, with the reason printed. */
+#define SKIP(...)                                                                     \
+    do {                                                                              \
+        snprintf(tl_skip_reason, sizeof tl_skip_reason, __VA_ARGS__);                 \
+        tl_case_skip = tl_skip_reason;                                                \
+        return;                                                                       \
+    } while (0)
+
+#define RUN(fn)                                                                       \
+    do {                                                                              \
+        const char *tl_name = #fn;                                                    \
+        (void)tl_name;                                                                \
+        tl_case_failed = 0;                                                           \
+        tl_case_skip = NULL;                                                          \
+        fn(#fn);                                                                      \
+        if (tl_case_failed) tl_failed++;                                              \
+        else if (tl_case_skip) { printf("SKIP %s: %s\n", #fn, tl_case_skip); tl_skipped++; } \
+        else { printf("PASS %s\n", #fn); tl_passed++; }                               \
+        fflush(stdout);                                                               \
+    } while (0)
+
+#define TEST(fn) static void fn(const char *tl_name)
+
+static inline int test_summary(void) { return tl_failed ? 1 : 0; }
+
+/* The fixtures folder: $ESSENCE_FIXTURES, else ../shared/fixtures from the project root. */
+static inline const char *test_fixtures(void) {
+    const char *dir = getenv("ESSENCE_FIXTURES");
+    return dir && *dir ? dir : "../shared/fixtures";
+}
+
+/* A fresh scratch folder under $TMPDIR for one test binary. */
+static inline const char *test_tmpdir(void) {
+    static char dir[512];
+    if (!dir[0]) {
+        const char *base = getenv("TMPDIR");
+        snprintf(dir, sizeof dir, "%s/essence-test-XXXXXX", base && *base ? base : "/tmp");
+        extern char *mkdtemp(char *);
+        if (!mkdtemp(dir)) { perror("mkdtemp"); exit(1); }
+    }
+    return dir;
+}
+
+#endif
