@@ -20,7 +20,8 @@ HDF5_LIBS := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_6
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
 ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS)
-LDLIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lpthread -lm
+BASE_LIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lpthread -lm
+LDLIBS := $(BASE_LIBS)
 
 COMMON_SRC := $(wildcard common/*.c)
 KERNEL_SRC := $(wildcard kernels/*.c)
@@ -50,11 +51,13 @@ TOOL_SRC := $(wildcard tests/tools/*.c)
 TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(TOOL_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+GPU_TEST_SRC := $(if $(NVCC),$(wildcard tests/gpu/test_*.c))
+GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/gpu/%,$(GPU_TEST_SRC))
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
 .PHONY: all deps test bench fuzz fuzzers install demo clean cuda-note
-all: cuda-note $(PROGRAMS) $(PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES)
+all: cuda-note $(PROGRAMS) $(PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
 
 cuda-note:
 ifeq ($(NVCC),)
@@ -90,6 +93,11 @@ $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
+# GPU checks: built wherever nvcc is, run only by tests/gpu/run.sh on a GPU machine.
+$(BUILD)/gpu/%: $(BUILD)/obj/tests/gpu/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
 $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
@@ -119,9 +127,10 @@ deps:
 	fi
 
 # ---- tests, benchmarks, fuzzing -----------------------------------------------------
+TEST_FUZZ_SECONDS ?= 10
 test: deps
 	@$(MAKE) --no-print-directory all fuzzers
-	@BUILD=$(BUILD) VENV=$(VENV) tests/run.sh
+	@BUILD=$(BUILD) VENV=$(VENV) TEST_FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) tests/run.sh
 
 bench: deps
 	@$(MAKE) --no-print-directory all
@@ -131,7 +140,7 @@ FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE 
 fuzzers: $(FUZZERS)
 $(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(LDLIBS)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(BASE_LIBS)
 
 fuzz: deps
 	@$(MAKE) --no-print-directory fuzzers
@@ -152,5 +161,8 @@ demo: deps
 
 clean:
 	rm -rf $(BUILD)
+
+# Keep objects make would treat as intermediate (no rebuild loops).
+.SECONDARY:
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

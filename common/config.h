@@ -7,6 +7,7 @@
 #ifndef ES_CONFIG_H
 #define ES_CONFIG_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "error.h"
@@ -38,15 +39,19 @@ typedef struct es_config {
  * Errors (exit code ES_ERR_USAGE) name the flag, or FILE:LINE for the YAML file: unknown
  * option or key, missing value, a value that is not of the option's type, a YAML document
  * that is not a mapping of scalars (a sequence of scalars is accepted and joined with ','
- * so `layers: [20, 40]` equals `--layers 20,40`). A bool accepts true/false/yes/no/1/0.
- * `--` ends the options. argv[0] is skipped. */
+ * so `layers: [20, 40]` equals `--layers 20,40`). A bool accepts true/false/yes/no/on/off/1/0
+ * (any case). `--` ends the options. argv[0] is skipped. With --help (or -h) anywhere before
+ * `--`, it returns ES_OK with cfg->help set and the defaults only: no file is read and other
+ * flags are not checked. A YAML key whose value is a plain null (`key:`, `~`, `null`) is
+ * ignored. The details are in docs/config.md. */
 int es_config_parse(es_config *cfg, const es_option *options, int argc, char **argv, es_error *err);
 
 /* Parses only a YAML text (for tests and fuzzing); `source_name` names it in errors. */
 int es_config_load_yaml(es_config *cfg, const char *yaml, size_t len, const char *source_name,
                         es_error *err);
 
-/* Initialises cfg with the table's defaults (es_config_parse calls it). */
+/* Initialises cfg with the table's defaults (es_config_parse calls it). After es_config_parse
+ * or es_config_init, call es_config_free whatever they returned (it is safe after a failure). */
 int es_config_init(es_config *cfg, const es_option *options, es_error *err);
 void es_config_free(es_config *cfg);
 
@@ -57,7 +62,14 @@ int64_t es_config_int(const es_config *cfg, const char *name);
 double es_config_float(const es_config *cfg, const char *name);
 int es_config_bool(const es_config *cfg, const char *name);
 int es_config_is_set(const es_config *cfg, const char *name);
-/* Sets a value as if given by a flag (validated like one). */
+/* Unset values read as NULL / 0 / 0.0 / false above; these return `fallback` instead. A
+ * getter for a name not in the table, or of the wrong type (es_config_float also reads an
+ * INT option), aborts: that is a programming error. */
+const char *es_config_str_or(const es_config *cfg, const char *name, const char *fallback);
+int64_t es_config_int_or(const es_config *cfg, const char *name, int64_t fallback);
+double es_config_float_or(const es_config *cfg, const char *name, double fallback);
+int es_config_bool_or(const es_config *cfg, const char *name, int fallback);
+/* Sets a value as if given by a flag (validated like one); value NULL unsets it. */
 int es_config_set(es_config *cfg, const char *name, const char *value, es_error *err);
 
 /* The effective configuration as YAML (keys with '_', in table order, unset keys left out,

@@ -16,5 +16,9 @@ int es_sha256_file(const char *path, char out[ES_FINGERPRINT_HEX], es_error *err
  * UTF-8 unescaped, integers as integers and reals in the shortest round-trip form, then hashed.
  * Two sets with the same keys and values give the same fingerprint whatever their order. */
 int es_fingerprint_params(const json_t *params, char out[ES_FINGERPRINT_HEX], es_error *err);
+/* The canonical text that es_fingerprint_params hashes (any JSON value; docs/config.md,
+ * "Fingerprints", gives the exact form). Caller frees; NULL and *err set on failure.
+ * `len` (may be NULL) receives the length. */
+char *es_json_canonical(const json_t *value, size_t *len, es_error *err);
 
 #endif

@@ -1,0 +1,30 @@
+/* The CUDA backend's C interface. Built only when nvcc is found (ES_HAVE_CUDA); every
+ * function returns 0 on success or a cudaError_t code, and es_cuda_error_string names it. */
+#ifndef ES_KERNELS_CUDA_H
+#define ES_KERNELS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+const char *es_cuda_error_string(int code);
+int es_cuda_device_count(int *count);
+int es_cuda_malloc(void **ptr, size_t bytes);
+int es_cuda_free(void *ptr);
+int es_cuda_copy_to_device(void *dst, const void *src, size_t bytes);
+int es_cuda_copy_to_host(void *dst, const void *src, size_t bytes);
+int es_cuda_synchronize(void);
+
+/* Device pointers. Same results, bit for bit, as es_bf16_to_f32 / es_f32_to_bf16 in
+ * common/dtype.h (round to nearest, ties away from zero, saturating, NaN -> 0x7fff|sign). */
+int es_cuda_bf16_to_f32(float *dst, const uint16_t *src, size_t n);   /* (n) <- (n) */
+int es_cuda_f32_to_bf16(uint16_t *dst, const float *src, size_t n);   /* (n) <- (n) */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

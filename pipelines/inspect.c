@@ -1,0 +1,73 @@
+/* essence-inspect: opens every file essence writes (and the models it reads).
+ *
+ *   essence-inspect FILE.h5                  summary: format, samples, tokens, datasets, attributes
+ *   essence-inspect FILE.safetensors | DIR   the tensors of a checkpoint (sharded or not)
+ *   essence-inspect stats FILE.h5 [--layer L]
+ */
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "config.h"
+#include "inspect.h"
+#include "inspect_safetensors.h"
+#include "log.h"
+
+static const char usage[] =
+    "essence-inspect FILE.h5 | FILE.safetensors | MODEL_DIR\n"
+    "       essence-inspect stats FILE.h5 [--layer L] [--threads N]";
+
+static const char description[] =
+    "Shows what an essence file holds. FILE.h5: format, samples, tokens, every dataset's shape, type,\n"
+    "chunking and compression ratio, and the attributes. A .safetensors file or a model folder: its tensors.\n"
+    "stats: per latent layer, the distribution of row norms (percentiles), per-dimension mean and std\n"
+    "extremes, and the count of NaN/Inf values.";
+
+static const es_option options[] = {
+    {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)"},
+    {"threads", ES_OPT_INT, "0", "decompression threads (0: one per CPU)"},
+    {NULL, 0, NULL, NULL},
+};
+
+static int is_directory(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int ends_with(const char *text, const char *suffix) {
+    size_t n = strlen(text), m = strlen(suffix);
+    return n >= m && strcmp(text + n - m, suffix) == 0;
+}
+
+int main(int argc, char **argv) {
+    es_set_program("essence-inspect");
+    es_config cfg;
+    es_error err = {0};
+    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
+    if (cfg.help) {
+        es_config_print_help(&cfg, usage, description);
+        return 0;
+    }
+    if (cfg.print_config) {
+        char *yaml = es_config_to_yaml(&cfg);
+        fputs(yaml ? yaml : "", stdout);
+        return 0;
+    }
+    int rc;
+    const char *command = cfg.n_positional > 0 ? cfg.positional[0] : NULL;
+    if (!command) {
+        rc = es_fail(&err, ES_ERR_USAGE, "no file given\nusage: %s", usage);
+    } else if (strcmp(command, "stats") == 0) {
+        rc = cfg.n_positional == 2 ? inspect_stats(cfg.positional[1], &cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect stats FILE.h5 [--layer L]");
+    } else if (cfg.n_positional != 1) {
+        rc = es_fail(&err, ES_ERR_USAGE, "unknown command \"%s\"\nusage: %s", command, usage);
+    } else if (ends_with(command, ".safetensors") || is_directory(command)) {
+        rc = inspect_safetensors(command, &err);
+    } else {
+        rc = inspect_summary(command, &err);
+    }
+    es_config_free(&cfg);
+    if (rc) es_exit_error(&err);
+    return 0;
+}
