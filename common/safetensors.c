@@ -1,5 +1,7 @@
 #include "safetensors.h"
 
+#include "utf8.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -14,35 +16,6 @@
 #define SINGLE_NAME "model.safetensors"
 
 /* ---- helpers ------------------------------------------------------------------------ */
-
-/* Offset of the first byte that does not start a well-formed UTF-8 sequence (overlong
- * forms, surrogates and code points past U+10FFFF count as ill-formed), or SIZE_MAX.
- * jansson checks too, but only says "invalid UTF-8"; we want the file offset. */
-static size_t utf8_invalid_at(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t len;
-        uint32_t cp;
-        if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f;
-        else if ((c & 0xf0) == 0xe0) len = 3, cp = c & 0x0f;
-        else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07;
-        else return i;
-        if (n - i < len) return i;
-        for (size_t k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) return i;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if (len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) return i;
-        if (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) return i;
-        i += len;
-    }
-    return SIZE_MAX;
-}
 
 static uint64_t read_le64(const unsigned char *p) {
     uint64_t v = 0;
@@ -234,7 +207,7 @@ static int parse_into(es_safetensors *st, const unsigned char *buf, size_t size,
         return es_fail(err, ES_ERR_DATA, "%s: header length %llu runs past the end of the file (%zu bytes)", file,
                        (unsigned long long)hlen, size);
     const unsigned char *header = buf + 8;
-    size_t bad = utf8_invalid_at(header, (size_t)hlen);
+    size_t bad = es_utf8_invalid_at(header, (size_t)hlen);
     if (bad != SIZE_MAX)
         return es_fail(err, ES_ERR_DATA, "%s: header is not valid UTF-8 at byte offset %zu (file offset %zu)", file,
                        bad, bad + 8);
@@ -586,7 +559,7 @@ static int check_entries(const char *path, const es_tensor *e, size_t n, const e
     for (size_t i = 0; i < n; i++) {
         const char *name = e[i].name;
         if (!name || !name[0] || strcmp(name, "__metadata__") == 0 ||
-            utf8_invalid_at((const unsigned char *)name, strlen(name)) != SIZE_MAX)
+            es_utf8_invalid_at((const unsigned char *)name, strlen(name)) != SIZE_MAX)
             return es_fail(err, ES_ERR_DATA, "%s: entry %zu: tensor name \"%s\" is empty, reserved or not UTF-8", path,
                            i, name ? name : "");
         if ((unsigned)e[i].dtype >= ES_DT_COUNT || e[i].ndim < 0 || e[i].ndim > ES_ST_MAX_DIMS)
@@ -609,8 +582,8 @@ static int check_entries(const char *path, const es_tensor *e, size_t n, const e
     }
     for (size_t i = 0; i < n_meta; i++) {
         const char *k = meta[i].key, *v = meta[i].value;
-        if (!k || !v || utf8_invalid_at((const unsigned char *)k, strlen(k)) != SIZE_MAX ||
-            utf8_invalid_at((const unsigned char *)v, strlen(v)) != SIZE_MAX)
+        if (!k || !v || es_utf8_invalid_at((const unsigned char *)k, strlen(k)) != SIZE_MAX ||
+            es_utf8_invalid_at((const unsigned char *)v, strlen(v)) != SIZE_MAX)
             return es_fail(err, ES_ERR_DATA, "%s: metadata entry %zu is NULL or not UTF-8", path, i);
         for (size_t j = 0; j < i; j++)
             if (strcmp(meta[j].key, k) == 0)
