@@ -47,7 +47,19 @@ typedef struct {
 
 static herr_t keep_innermost(unsigned n, const H5E_error2_t *entry, void *data) {
     h5_message *message = data;
-    if (n == 0) snprintf(message->text, sizeof message->text, "%s", entry->desc ? entry->desc : "");
+    if (n != 0 || !entry->desc) return 0;
+    /* Failed system calls come as "file write failed: time = ..., errno = 28, error message =
+     * 'No space left on device', ...": keep the operation and the system's words. */
+    const char *system_words = strstr(entry->desc, "error message = '");
+    const char *colon = strchr(entry->desc, ':');
+    if (system_words && colon) {
+        system_words += strlen("error message = '");
+        const char *end = strchr(system_words, '\'');
+        snprintf(message->text, sizeof message->text, "%.*s: %.*s", (int)(colon - entry->desc), entry->desc,
+                 (int)(end ? end - system_words : 200), system_words);
+    } else {
+        snprintf(message->text, sizeof message->text, "%s", entry->desc);
+    }
     return 0;
 }
 

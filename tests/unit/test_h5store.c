@@ -2,6 +2,9 @@
  * direct chunk I/O, interoperability with HDF5's own read path, .partial/commit, resume,
  * corruption detection, attributes. */
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <math.h>
 #include <stdint.h>
 #include <sys/stat.h>
@@ -328,6 +331,50 @@ TEST(zstd_filter_frames) {
     free(buf);
 }
 
+/* A disk that fills up mid-write (a file size limit, as a full disk would): the write fails
+ * with a runtime error naming the file, and nothing is left under the final name. */
+TEST(write_error_leaves_nothing_complete) {
+    const char *path = tmp_path("full.h5");
+    char partial[700];
+    snprintf(partial, sizeof partial, "%s.partial", path);
+    int pipe_fds[2];
+    REQUIRE(pipe(pipe_fds) == 0);
+    pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        signal(SIGXFSZ, SIG_IGN); /* make write() fail with EFBIG instead of killing us */
+        struct rlimit limit = {512 * 1024, 512 * 1024};
+        setrlimit(RLIMIT_FSIZE, &limit);
+        es_error err = {0};
+        es_pool *pool = es_pool_create(2);
+        es_h5file file;
+        es_rows_writer writer = {.dataset = -1};
+        static float rows[64 * 1024];
+        for (size_t i = 0; i < sizeof rows / sizeof *rows; i++) rows[i] = rng_normal();
+        int rc = es_h5_create(&file, path, &err);
+        if (!rc) rc = es_rows_create(&writer, file.id, "/latents/layer_001", ES_H5_BF16, 1024, 16, 1, pool, &err);
+        for (int i = 0; !rc && i < 64; i++) rc = es_rows_append_f32(&writer, rows, 64, &err);
+        if (writer.dataset >= 0) {
+            int close_rc = es_rows_close(&writer, &err);
+            if (!rc) rc = close_rc;
+        }
+        if (!rc) rc = es_h5_commit(&file, &err);
+        else es_h5_close(&file, 1); /* what a program does on failure: drop the .partial */
+        dprintf(pipe_fds[1], "%d %s", rc, err.msg);
+        _exit(0);
+    }
+    close(pipe_fds[1]);
+    char report[1200] = {0};
+    ssize_t got = read(pipe_fds[0], report, sizeof report - 1);
+    close(pipe_fds[0]);
+    int status;
+    waitpid(child, &status, 0);
+    REQUIRE(got > 0);
+    CHECKF(atoi(report) == ES_ERR_RUNTIME && strstr(report, "full.h5"), "%s", report);
+    printf("  (reported: %s)\n", strchr(report, ' ') ? strchr(report, ' ') + 1 : report);
+    CHECK(!file_exists(path) && !file_exists(partial));
+}
+
 int main(void) {
     RUN(bf16_rounding_matches_hdf5);
     RUN(rows_roundtrip_pool);
@@ -338,5 +385,6 @@ int main(void) {
     RUN(open_errors);
     RUN(attributes);
     RUN(zstd_filter_frames);
+    RUN(write_error_leaves_nothing_complete);
     return test_summary();
 }
