@@ -20,7 +20,7 @@ HDF5_LIBS := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_6
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
 ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS)
-BASE_LIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpthread -lm
+BASE_LIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
 COMMON_SRC := $(wildcard common/*.c)

@@ -11,7 +11,7 @@
 static int tl_passed __attribute__((unused)), tl_failed, tl_skipped __attribute__((unused));
 static int tl_case_failed;
 static const char *tl_case_skip;
-static char tl_skip_reason[512] __attribute__((unused));
+static char tl_skip_reason[2048] __attribute__((unused));
 
 #define CHECK(cond)                                                                   \
     do {                                                                              \

@@ -1,0 +1,823 @@
+/* Loading a Hugging Face tokenizer.json: components, vocabulary, merges, added tokens.
+ * Encoding lives in tokenizer_encode.c. */
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <utf8proc.h>
+
+#include "tokenizer_internal.h"
+#include "unicode_new.h"
+#include "utf8.h"
+
+/* ---- byte strings -> int32 ---------------------------------------------------------- */
+
+uint64_t tk_hash(const void *key, size_t len) {
+    /* FNV-1a over 8-byte words then bytes, with a final avalanche: keys are short. */
+    const unsigned char *p = key;
+    uint64_t h = 0xcbf29ce484222325ull ^ (len * 0x9e3779b97f4a7c15ull);
+    while (len >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        h = (h ^ word) * 0x100000001b3ull;
+        h ^= h >> 29;
+        p += 8, len -= 8;
+    }
+    while (len--) h = (h ^ *p++) * 0x100000001b3ull;
+    h ^= h >> 32;
+    h *= 0xd6e8feb86659fd93ull;
+    h ^= h >> 32;
+    return h;
+}
+
+static int strmap_grow(tk_strmap *map) {
+    size_t n_slots = map->n_slots ? map->n_slots * 2 : 1024;
+    uint32_t *slots = calloc(n_slots, sizeof *slots);
+    if (!slots) return -1;
+    for (size_t i = 0; i < map->n_entries; i++) {
+        size_t at = map->entries[i].hash & (n_slots - 1);
+        while (slots[at]) at = (at + 1) & (n_slots - 1);
+        slots[at] = (uint32_t)i + 1;
+    }
+    free(map->slots);
+    map->slots = slots;
+    map->n_slots = n_slots;
+    return 0;
+}
+
+int32_t tk_strmap_get(const tk_strmap *map, const void *key, size_t len) {
+    if (!map->n_slots) return -1;
+    uint64_t hash = tk_hash(key, len);
+    for (size_t at = hash & (map->n_slots - 1);; at = (at + 1) & (map->n_slots - 1)) {
+        uint32_t slot = map->slots[at];
+        if (!slot) return -1;
+        const struct tk_strmap_entry *entry = &map->entries[slot - 1];
+        if (entry->hash == hash && entry->length == len && memcmp(map->arena + entry->offset, key, len) == 0)
+            return entry->value;
+    }
+}
+
+int tk_strmap_put(tk_strmap *map, const void *key, size_t len, int32_t value) {
+    if ((map->n_entries + 1) * 2 > map->n_slots && strmap_grow(map)) return -1;
+    uint64_t hash = tk_hash(key, len);
+    size_t at = hash & (map->n_slots - 1);
+    for (; map->slots[at]; at = (at + 1) & (map->n_slots - 1)) {
+        struct tk_strmap_entry *entry = &map->entries[map->slots[at] - 1];
+        if (entry->hash == hash && entry->length == len && memcmp(map->arena + entry->offset, key, len) == 0) {
+            entry->value = value; /* a later entry wins, as in a Rust HashMap built in order */
+            return 0;
+        }
+    }
+    if (map->n_entries == map->cap_entries) {
+        size_t cap = map->cap_entries ? map->cap_entries * 2 : 1024;
+        void *grown = realloc(map->entries, cap * sizeof *map->entries);
+        if (!grown) return -1;
+        map->entries = grown;
+        map->cap_entries = cap;
+    }
+    if (map->arena_len + len + 1 > map->arena_cap) {
+        size_t cap = map->arena_cap ? map->arena_cap * 2 : 65536;
+        while (cap < map->arena_len + len + 1) cap *= 2;
+        char *grown = realloc(map->arena, cap);
+        if (!grown) return -1;
+        map->arena = grown;
+        map->arena_cap = cap;
+    }
+    memcpy(map->arena + map->arena_len, key, len);
+    map->entries[map->n_entries] = (struct tk_strmap_entry){(uint32_t)map->arena_len, (uint32_t)len, hash, value};
+    map->arena_len += len;
+    map->slots[at] = (uint32_t)++map->n_entries;
+    return 0;
+}
+
+void tk_strmap_free(tk_strmap *map) {
+    free(map->slots), free(map->entries), free(map->arena);
+    memset(map, 0, sizeof *map);
+}
+
+/* ---- Unicode classes that Rust's regex and Hugging Face use ------------------------- */
+
+int tk_is_white_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0d) || c == 0x20 || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+int tk_is_word_char(uint32_t c) {
+    if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
+    if (c == 0x200c || c == 0x200d) return 1;
+    switch (utf8proc_category((utf8proc_int32_t)c)) {
+    case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT: case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_LO: case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_MC: case UTF8PROC_CATEGORY_ME:
+    case UTF8PROC_CATEGORY_ND: case UTF8PROC_CATEGORY_NL: case UTF8PROC_CATEGORY_PC: return 1;
+    default: return 0;
+    }
+}
+
+/* ---- the byte-level alphabet (GPT-2): every byte has a printable stand-in character --- */
+
+static uint32_t byte_char[256]; /* byte -> code point */
+static int16_t char_byte[512];  /* code point (< 512) -> byte, -1 if none */
+
+static void build_byte_alphabet(void) {
+    int extra = 0;
+    for (int c = 0; c < 512; c++) char_byte[c] = -1;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+        byte_char[b] = printable ? (uint32_t)b : (uint32_t)(256 + extra++);
+        char_byte[byte_char[b]] = (int16_t)b;
+    }
+}
+
+static void init_byte_alphabet(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, build_byte_alphabet);
+}
+
+/* Decodes a token written in the byte-level alphabet into raw bytes (out holds at least
+ * len bytes). Returns the byte count, or -1 when a character is not in the alphabet. */
+static long decode_byte_level(const char *text, size_t len, char *out) {
+    size_t i = 0, n = 0;
+    while (i < len) {
+        utf8proc_int32_t codepoint;
+        utf8proc_ssize_t step = utf8proc_iterate((const utf8proc_uint8_t *)text + i, (utf8proc_ssize_t)(len - i), &codepoint);
+        if (step <= 0 || codepoint >= 512 || char_byte[codepoint] < 0) return -1;
+        out[n++] = (char)char_byte[codepoint];
+        i += (size_t)step;
+    }
+    return (long)n;
+}
+
+/* ---- loading helpers ------------------------------------------------------------------ */
+
+#define BAD(...) es_fail(err, ES_ERR_DATA, __VA_ARGS__)
+
+static const char *type_of(const json_t *component) {
+    const json_t *type = json_object_get(component, "type");
+    return json_is_string(type) ? json_string_value(type) : NULL;
+}
+
+static int get_bool(const json_t *object, const char *key, int fallback) {
+    const json_t *value = json_object_get(object, key);
+    return json_is_boolean(value) ? json_is_true(value) : fallback;
+}
+
+/* ---- regexes: Rust's regex semantics on PCRE2 ------------------------------------------- */
+
+/* PCRE2 10.42 knows Unicode 14; Hugging Face's Rust regex a newer version, so letters and
+ * symbols assigned since (e.g. U+1FACE, an emoji of Unicode 15) would fall outside \p{L},
+ * \p{S}, ... Every \p{..} class gets the newer characters of its category added
+ * (common/unicode_new.h, generated; a newer PCRE2 makes the additions redundant, not wrong). */
+static size_t append_new_chars(char *out, const char *name) {
+    size_t n = 0, name_len = strlen(name);
+    for (size_t i = 0; i < sizeof es_unicode_new / sizeof *es_unicode_new; i++) {
+        if (strncmp(es_unicode_new[i].category, name, name_len) != 0) continue;
+        n += (size_t)sprintf(out + n, "\\x{%x}-\\x{%x}", es_unicode_new[i].first, es_unicode_new[i].last);
+    }
+    return n;
+}
+
+static int is_general_category(const char *name) {
+    static const char *const categories[] = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl",
+                                             "No", "P", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk",
+                                             "So", "Z", "Zs", "Zl", "Zp"};
+    for (size_t i = 0; i < sizeof categories / sizeof *categories; i++)
+        if (!strcmp(name, categories[i])) return 1;
+    return 0;
+}
+
+/* Rewrites a Rust regex for PCRE2: \s and \S as Unicode White_Space (PCRE2's \s adds
+ * U+180E), and \p{..} general categories extended with newly assigned characters.
+ * Returns a malloc'd pattern. */
+static char *translate_regex(const char *pattern) {
+    static const char white_space[] =
+        "\\t-\\r\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}";
+    size_t len = strlen(pattern), n = 0;
+    size_t n_new_chars = sizeof es_unicode_new / sizeof *es_unicode_new;
+    /* every byte may become a class; every \p{..} may gain all new characters */
+    char *out = malloc(len * (sizeof white_space + 4) + (len / 4 + 1) * (n_new_chars * 24 + 16) + 1);
+    if (!out) return NULL;
+    int in_class = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = pattern[i];
+        if (c == '\\' && i + 1 < len) {
+            char next = pattern[++i];
+            if (next == 's') n += (size_t)sprintf(out + n, in_class ? "%s" : "[%s]", white_space);
+            else if (next == 'S' && !in_class) n += (size_t)sprintf(out + n, "[^%s]", white_space);
+            else if ((next == 'p' || (next == 'P' && !in_class)) && i + 1 < len) {
+                char name[16] = {0};
+                size_t name_end = i + 1;
+                if (pattern[i + 1] == '{') {
+                    const char *close = strchr(pattern + i + 2, '}');
+                    if (close && close - (pattern + i + 2) < (long)sizeof name) {
+                        memcpy(name, pattern + i + 2, (size_t)(close - (pattern + i + 2)));
+                        name_end = (size_t)(close - pattern);
+                    }
+                } else {
+                    name[0] = pattern[i + 1];
+                }
+                if (!is_general_category(name)) {
+                    out[n++] = c, out[n++] = next;
+                    continue;
+                }
+                if (!in_class) n += (size_t)sprintf(out + n, next == 'P' ? "[^" : "[");
+                n += (size_t)sprintf(out + n, "\\p{%s}", name);
+                n += append_new_chars(out + n, name);
+                if (!in_class) out[n++] = ']';
+                i = name_end;
+            } else {
+                out[n++] = c, out[n++] = next;
+            }
+            continue;
+        }
+        out[n++] = c;
+        if (c == '[' && !in_class) {
+            in_class = 1;
+            if (i + 1 < len && pattern[i + 1] == '^') out[n++] = pattern[++i];
+            if (i + 1 < len && pattern[i + 1] == ']') out[n++] = pattern[++i]; /* a literal ] first */
+        } else if (c == ']' && in_class) {
+            in_class = 0;
+        }
+    }
+    out[n] = '\0';
+    return out;
+}
+
+static int add_split(es_tokenizer *tok, const char *pattern, int literal, const char *behavior, es_error *err) {
+    tk_split_behavior kind;
+    if (!strcmp(behavior, "Isolated")) kind = TK_SPLIT_ISOLATED;
+    else if (!strcmp(behavior, "Removed")) kind = TK_SPLIT_REMOVED;
+    else if (!strcmp(behavior, "MergedWithPrevious")) kind = TK_SPLIT_MERGED_PREVIOUS;
+    else if (!strcmp(behavior, "MergedWithNext")) kind = TK_SPLIT_MERGED_NEXT;
+    else return BAD("%s: pre_tokenizer Split: unsupported behavior \"%s\"", tok->name, behavior);
+    char *translated = literal ? strdup(pattern) : translate_regex(pattern);
+    if (!translated) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int code;
+    PCRE2_SIZE offset;
+    pcre2_code *regex = pcre2_compile((PCRE2_SPTR)translated, PCRE2_ZERO_TERMINATED,
+                                      PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0), &code, &offset, NULL);
+    free(translated);
+    if (!regex) {
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(code, message, sizeof message);
+        return BAD("%s: pre_tokenizer Split: invalid regex \"%s\": %s", tok->name, pattern, (char *)message);
+    }
+    pcre2_jit_compile(regex, PCRE2_JIT_COMPLETE); /* falls back to the interpreter if JIT is unavailable */
+    tk_split *grown = realloc(tok->splits, (size_t)(tok->n_splits + 1) * sizeof *grown);
+    if (!grown) {
+        pcre2_code_free(regex);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    tok->splits = grown;
+    tok->splits[tok->n_splits++] = (tk_split){regex, kind};
+    return ES_OK;
+}
+
+/* GPT-2's split, which a ByteLevel pre-tokenizer with use_regex applies. */
+static const char gpt2_pattern[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
+static int load_pre_tokenizer(es_tokenizer *tok, const json_t *component, es_error *err) {
+    if (json_is_null(component) || !component) return ES_OK;
+    const char *type = type_of(component);
+    if (!type) return BAD("%s: pre_tokenizer: missing \"type\"", tok->name);
+    if (tok->byte_level && strcmp(type, "Sequence"))
+        return BAD("%s: pre_tokenizer: %s after ByteLevel is not supported", tok->name, type);
+    if (!strcmp(type, "Sequence")) {
+        const json_t *list = json_object_get(component, "pretokenizers");
+        if (!json_is_array(list)) return BAD("%s: pre_tokenizer Sequence: \"pretokenizers\" is not a list", tok->name);
+        size_t i;
+        const json_t *item;
+        json_array_foreach(list, i, item) {
+            int rc = load_pre_tokenizer(tok, item, err);
+            if (rc) return rc;
+        }
+        return ES_OK;
+    }
+    if (!strcmp(type, "Split")) {
+        const json_t *pattern = json_object_get(component, "pattern");
+        const json_t *regex = json_object_get(pattern, "Regex"), *literal = json_object_get(pattern, "String");
+        const json_t *behavior = json_object_get(component, "behavior");
+        if (get_bool(component, "invert", 0)) return BAD("%s: pre_tokenizer Split: invert=true is not supported", tok->name);
+        if (!json_is_string(behavior)) return BAD("%s: pre_tokenizer Split: \"behavior\" is not a string", tok->name);
+        if (json_is_string(regex)) return add_split(tok, json_string_value(regex), 0, json_string_value(behavior), err);
+        if (json_is_string(literal)) return add_split(tok, json_string_value(literal), 1, json_string_value(behavior), err);
+        return BAD("%s: pre_tokenizer Split: \"pattern\" has neither a Regex nor a String", tok->name);
+    }
+    if (!strcmp(type, "ByteLevel")) {
+        if (get_bool(component, "add_prefix_space", 0))
+            return BAD("%s: pre_tokenizer ByteLevel: add_prefix_space=true is not supported", tok->name);
+        int rc = get_bool(component, "use_regex", 1) ? add_split(tok, gpt2_pattern, 0, "Isolated", err) : ES_OK;
+        tok->byte_level = 1;
+        return rc;
+    }
+    return BAD("%s: unsupported pre_tokenizer type \"%s\"", tok->name, type);
+}
+
+static int load_normalizer(es_tokenizer *tok, const json_t *component, es_error *err) {
+    if (json_is_null(component) || !component) return ES_OK;
+    const char *type = type_of(component);
+    if (!type) return BAD("%s: normalizer: missing \"type\"", tok->name);
+    if (!strcmp(type, "Sequence")) {
+        const json_t *list = json_object_get(component, "normalizers");
+        if (!json_is_array(list)) return BAD("%s: normalizer Sequence: \"normalizers\" is not a list", tok->name);
+        size_t i;
+        const json_t *item;
+        json_array_foreach(list, i, item) {
+            int rc = load_normalizer(tok, item, err);
+            if (rc) return rc;
+        }
+        return ES_OK;
+    }
+    tk_normal_form form = !strcmp(type, "NFC")    ? TK_NORM_NFC
+                          : !strcmp(type, "NFD")  ? TK_NORM_NFD
+                          : !strcmp(type, "NFKC") ? TK_NORM_NFKC
+                          : !strcmp(type, "NFKD") ? TK_NORM_NFKD
+                                                  : TK_NORM_NONE;
+    if (form == TK_NORM_NONE) return BAD("%s: unsupported normalizer type \"%s\"", tok->name, type);
+    if (tok->n_normal_forms == 8) return BAD("%s: normalizer: too many steps", tok->name);
+    tok->normal_forms[tok->n_normal_forms++] = form;
+    return ES_OK;
+}
+
+/* ---- the BPE model ------------------------------------------------------------------- */
+
+static int set_id_text(es_tokenizer *tok, int32_t id, const char *text, size_t len) {
+    free(tok->id_text[id]);
+    tok->id_text[id] = malloc(len + 1);
+    if (!tok->id_text[id]) return -1;
+    memcpy(tok->id_text[id], text, len);
+    tok->id_text[id][len] = '\0';
+    tok->id_text_len[id] = (uint32_t)len;
+    return 0;
+}
+
+static int pair_put(es_tokenizer *tok, int32_t left, int32_t right, int32_t rank, int32_t merged) {
+    uint64_t key = (((uint64_t)(uint32_t)left << 32) | (uint32_t)right) + 1;
+    size_t mask = tok->n_pair_slots - 1;
+    for (size_t at = tk_hash(&key, sizeof key) & mask;; at = (at + 1) & mask) {
+        if (tok->pairs[at].key == 0 || tok->pairs[at].key == key) {
+            tok->pairs[at] = (tk_pair){key, rank, merged}; /* a repeated merge: the later rank wins */
+            return 0;
+        }
+    }
+}
+
+/* Decodes one merge side ("Ġt") to raw bytes and finds its id. */
+static int32_t merge_part_id(es_tokenizer *tok, const char *text, size_t len, char *scratch, long *scratch_len) {
+    *scratch_len = decode_byte_level(text, len, scratch);
+    return *scratch_len < 0 ? -1 : tk_strmap_get(&tok->vocab, scratch, (size_t)*scratch_len);
+}
+
+static int load_model(es_tokenizer *tok, const json_t *model, int32_t max_added_id, es_error *err) {
+    const char *type = type_of(model);
+    if (!model || !json_is_object(model)) return BAD("%s: missing \"model\"", tok->name);
+    if (!type || strcmp(type, "BPE")) return BAD("%s: unsupported model type \"%s\"", tok->name, type ? type : "(none)");
+    const json_t *vocab = json_object_get(model, "vocab"), *merges = json_object_get(model, "merges");
+    if (!json_is_object(vocab)) return BAD("%s: model: \"vocab\" is not an object", tok->name);
+    if (!json_is_array(merges)) return BAD("%s: model: \"merges\" is not a list", tok->name);
+    const json_t *dropout = json_object_get(model, "dropout");
+    if (json_is_number(dropout) && json_number_value(dropout) > 0)
+        return BAD("%s: model: BPE dropout is not supported", tok->name);
+    if (get_bool(model, "byte_fallback", 0)) return BAD("%s: model: byte_fallback is not supported", tok->name);
+    const char *affixes[] = {"continuing_subword_prefix", "end_of_word_suffix"};
+    for (int i = 0; i < 2; i++) {
+        const json_t *affix = json_object_get(model, affixes[i]);
+        if (json_is_string(affix) && json_string_length(affix) > 0)
+            return BAD("%s: model: %s is not supported", tok->name, affixes[i]);
+    }
+    tok->ignore_merges = get_bool(model, "ignore_merges", 0);
+
+    /* Ids: the largest of the vocabulary's and the added tokens'. */
+    int32_t max_id = max_added_id;
+    const char *key;
+    const json_t *value;
+    json_object_foreach((json_t *)vocab, key, value) {
+        if (!json_is_integer(value) || json_integer_value(value) < 0 || json_integer_value(value) > 100000000)
+            return BAD("%s: model: vocab entry \"%s\" has no valid id", tok->name, key);
+        if (json_integer_value(value) > max_id) max_id = (int32_t)json_integer_value(value);
+    }
+    tok->n_ids = max_id + 1;
+    tok->id_text = calloc((size_t)tok->n_ids, sizeof *tok->id_text);
+    tok->id_text_len = calloc((size_t)tok->n_ids, sizeof *tok->id_text_len);
+    if (!tok->id_text || !tok->id_text_len) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+
+    char *scratch = malloc(65536);
+    if (!scratch) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int rc = ES_OK;
+    for (int b = 0; b < 256; b++) tok->byte_token[b] = -1;
+    json_object_foreach((json_t *)vocab, key, value) {
+        size_t key_len = strlen(key);
+        int32_t id = (int32_t)json_integer_value(value);
+        long raw_len = key_len < 65536 ? decode_byte_level(key, key_len, scratch) : -1;
+        /* Tokens outside the byte-level alphabet (e.g. specials written plainly) can never
+         * come out of byte-level words; they are kept for decoding only. */
+        if (raw_len >= 0) {
+            if (tk_strmap_put(&tok->vocab, scratch, (size_t)raw_len, id) || set_id_text(tok, id, scratch, (size_t)raw_len)) {
+                rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+                break;
+            }
+            if (raw_len == 1) tok->byte_token[(unsigned char)scratch[0]] = id;
+        } else if (set_id_text(tok, id, key, key_len)) {
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            break;
+        }
+    }
+    size_t n_merges = json_array_size(merges);
+    tok->n_pair_slots = 1024;
+    while (tok->n_pair_slots < 2 * n_merges + 2) tok->n_pair_slots *= 2;
+    tok->pairs = calloc(tok->n_pair_slots, sizeof *tok->pairs);
+    if (!rc && !tok->pairs) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (size_t rank = 0; !rc && rank < n_merges; rank++) {
+        const json_t *merge = json_array_get(merges, rank);
+        const char *left, *right;
+        size_t left_len, right_len;
+        if (json_is_string(merge)) {
+            /* "a b": exactly one space, since byte-level tokens hold none */
+            left = json_string_value(merge);
+            const char *space = strchr(left, ' ');
+            if (!space || strchr(space + 1, ' ')) {
+                rc = BAD("%s: model: merge %zu (\"%s\") is not two tokens separated by a space", tok->name, rank, left);
+                break;
+            }
+            left_len = (size_t)(space - left), right = space + 1, right_len = strlen(right);
+        } else if (json_is_array(merge) && json_array_size(merge) == 2 && json_is_string(json_array_get(merge, 0)) &&
+                   json_is_string(json_array_get(merge, 1))) {
+            left = json_string_value(json_array_get(merge, 0)), left_len = json_string_length(json_array_get(merge, 0));
+            right = json_string_value(json_array_get(merge, 1)), right_len = json_string_length(json_array_get(merge, 1));
+        } else {
+            rc = BAD("%s: model: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", tok->name, rank);
+            break;
+        }
+        if (left_len + right_len >= 32768) {
+            rc = BAD("%s: model: merge %zu is too long", tok->name, rank);
+            break;
+        }
+        long left_raw, right_raw;
+        int32_t left_id = merge_part_id(tok, left, left_len, scratch, &left_raw);
+        int32_t right_id = left_id < 0 ? -1 : merge_part_id(tok, right, right_len, scratch + left_raw, &right_raw);
+        if (left_id < 0 || right_id < 0) {
+            rc = BAD("%s: model: merge %zu names a token not in the vocabulary: \"%.*s\"", tok->name, rank,
+                     (int)(left_id < 0 ? left_len : right_len), left_id < 0 ? left : right);
+            break;
+        }
+        /* scratch now holds left's bytes followed by right's: the merged token */
+        int32_t merged = tk_strmap_get(&tok->vocab, scratch, (size_t)(left_raw + right_raw));
+        if (merged < 0) {
+            rc = BAD("%s: model: merge %zu (\"%.*s\" + \"%.*s\") makes a token not in the vocabulary", tok->name, rank,
+                     (int)left_len, left, (int)right_len, right);
+            break;
+        }
+        pair_put(tok, left_id, right_id, (int32_t)rank, merged);
+    }
+    free(scratch);
+    return rc;
+}
+
+/* ---- added tokens ---------------------------------------------------------------------- */
+
+static int trie_node(tk_trie *trie, uint8_t byte) {
+    if (trie->n_nodes == trie->cap_nodes) {
+        size_t cap = trie->cap_nodes ? trie->cap_nodes * 2 : 256;
+        tk_trie_node *grown = realloc(trie->nodes, cap * sizeof *grown);
+        if (!grown) return -1;
+        trie->nodes = grown;
+        trie->cap_nodes = cap;
+    }
+    trie->nodes[trie->n_nodes] = (tk_trie_node){-1, -1, -1, byte};
+    return (int)trie->n_nodes++;
+}
+
+static int trie_insert(tk_trie *trie, const char *text, size_t len, int32_t added_index) {
+    if (len == 0) return 0;
+    if (!trie->n_nodes && trie_node(trie, 0) < 0) return -1; /* the root */
+    int32_t node = 0;
+    for (size_t i = 0; i < len; i++) {
+        uint8_t byte = (uint8_t)text[i];
+        int32_t child = trie->nodes[node].first_child;
+        while (child >= 0 && trie->nodes[child].byte != byte) child = trie->nodes[child].next_sibling;
+        if (child < 0) {
+            child = trie_node(trie, byte);
+            if (child < 0) return -1;
+            trie->nodes[child].next_sibling = trie->nodes[node].first_child;
+            trie->nodes[node].first_child = child;
+        }
+        node = child;
+    }
+    /* The same text twice: the first token keeps it (Hugging Face builds its matcher from
+     * specials first, then the others, and the first pattern wins). */
+    if (trie->nodes[node].added < 0) trie->nodes[node].added = added_index;
+    trie->can_start[(uint8_t)text[0]] = 1;
+    return 0;
+}
+
+static int load_added_tokens(es_tokenizer *tok, const json_t *list, es_error *err) {
+    if (!list || json_is_null(list)) return ES_OK;
+    if (!json_is_array(list)) return BAD("%s: \"added_tokens\" is not a list", tok->name);
+    tok->added = calloc(json_array_size(list) + 1, sizeof *tok->added);
+    if (!tok->added) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    size_t i;
+    const json_t *item;
+    json_array_foreach(list, i, item) {
+        const json_t *id = json_object_get(item, "id"), *content = json_object_get(item, "content");
+        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) > 100000000 ||
+            !json_is_string(content))
+            return BAD("%s: added_tokens[%zu]: needs an integer \"id\" and a string \"content\"", tok->name, i);
+        tk_added *added = &tok->added[tok->n_added++];
+        added->id = (int32_t)json_integer_value(id);
+        added->content = strdup(json_string_value(content));
+        if (!added->content) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        added->special = get_bool(item, "special", 0);
+        added->single_word = get_bool(item, "single_word", 0);
+        added->lstrip = get_bool(item, "lstrip", 0);
+        added->rstrip = get_bool(item, "rstrip", 0);
+        added->normalized = get_bool(item, "normalized", !added->special);
+    }
+    return ES_OK;
+}
+
+/* After the normalizer is known: the texts to match, and the two tries. */
+static int build_added_matchers(es_tokenizer *tok, es_error *err) {
+    tok->added_by_id = malloc((size_t)tok->n_ids * sizeof *tok->added_by_id);
+    if (!tok->added_by_id) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int32_t id = 0; id < tok->n_ids; id++) tok->added_by_id[id] = -1;
+    /* Specials go into the tries before the others, as Hugging Face orders its patterns. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < tok->n_added; i++) {
+            tk_added *added = &tok->added[i];
+            if (added->special != (pass == 0)) continue;
+            if (pass == 0 || tok->added_by_id[added->id] < 0) tok->added_by_id[added->id] = (int32_t)i;
+            if (!added->match) {
+                int rc = added->normalized ? tk_normalize_text(tok, added->content, strlen(added->content), &added->match,
+                                                               &added->match_len)
+                                           : 0;
+                if (!added->normalized) {
+                    added->match = strdup(added->content);
+                    added->match_len = strlen(added->content);
+                }
+                if (rc || !added->match) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            }
+            /* Decoding maps an added token through the byte-level alphabet when it can
+             * (as Hugging Face's ByteLevel decoder does), else keeps its text. */
+            size_t content_len = strlen(added->content);
+            char *decoded = malloc(content_len + 1);
+            long decoded_len = decoded ? decode_byte_level(added->content, content_len, decoded) : -1;
+            int failed = decoded_len >= 0 ? set_id_text(tok, added->id, decoded, (size_t)decoded_len)
+                                          : set_id_text(tok, added->id, added->content, content_len);
+            free(decoded);
+            if (failed ||
+                trie_insert(added->normalized ? &tok->normalized_trie : &tok->raw_trie, added->match, added->match_len,
+                            (int32_t)i))
+                return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        }
+    }
+    return ES_OK;
+}
+
+/* ---- post-processor ------------------------------------------------------------------- */
+
+static int add_template_item(es_tokenizer *tok, int is_sequence, const int32_t *ids, size_t n_ids, es_error *err) {
+    tk_template_item *grown = realloc(tok->template_items, (tok->n_template_items + 1) * sizeof *grown);
+    if (!grown) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    tok->template_items = grown;
+    tk_template_item *item = &tok->template_items[tok->n_template_items++];
+    item->is_sequence = is_sequence;
+    item->n_ids = n_ids;
+    item->ids = n_ids ? malloc(n_ids * sizeof *ids) : NULL;
+    if (n_ids && !item->ids) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (n_ids) memcpy(item->ids, ids, n_ids * sizeof *ids);
+    return ES_OK;
+}
+
+static void clear_template(es_tokenizer *tok) {
+    for (size_t i = 0; i < tok->n_template_items; i++) free(tok->template_items[i].ids);
+    free(tok->template_items);
+    tok->template_items = NULL;
+    tok->n_template_items = 0;
+}
+
+static int load_template(es_tokenizer *tok, const json_t *component, es_error *err) {
+    const json_t *single = json_object_get(component, "single"), *specials = json_object_get(component, "special_tokens");
+    if (!json_is_array(single)) return BAD("%s: post_processor TemplateProcessing: \"single\" is not a list", tok->name);
+    clear_template(tok);
+    size_t i;
+    const json_t *item;
+    json_array_foreach(single, i, item) {
+        const json_t *special = json_object_get(item, "SpecialToken");
+        if (json_object_get(item, "Sequence")) {
+            int rc = add_template_item(tok, 1, NULL, 0, err);
+            if (rc) return rc;
+            continue;
+        }
+        const json_t *name = json_object_get(special, "id");
+        const json_t *entry = json_is_string(name) ? json_object_get(specials, json_string_value(name)) : NULL;
+        const json_t *ids = json_object_get(entry, "ids");
+        if (!json_is_array(ids))
+            return BAD("%s: post_processor TemplateProcessing: item %zu names no special token with \"ids\"", tok->name, i);
+        int32_t values[16];
+        size_t n = json_array_size(ids);
+        if (n > 16) return BAD("%s: post_processor TemplateProcessing: too many ids in item %zu", tok->name, i);
+        for (size_t k = 0; k < n; k++) {
+            const json_t *id = json_array_get(ids, k);
+            if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= tok->n_ids)
+                return BAD("%s: post_processor TemplateProcessing: item %zu: id outside the vocabulary", tok->name, i);
+            values[k] = (int32_t)json_integer_value(id);
+        }
+        int rc = add_template_item(tok, 0, values, n, err);
+        if (rc) return rc;
+    }
+    return ES_OK;
+}
+
+static int load_post_processor(es_tokenizer *tok, const json_t *component, es_error *err) {
+    if (!component || json_is_null(component)) return ES_OK;
+    const char *type = type_of(component);
+    if (!type) return BAD("%s: post_processor: missing \"type\"", tok->name);
+    if (!strcmp(type, "Sequence")) {
+        const json_t *list = json_object_get(component, "processors");
+        if (!json_is_array(list)) return BAD("%s: post_processor Sequence: \"processors\" is not a list", tok->name);
+        size_t i;
+        const json_t *item;
+        json_array_foreach(list, i, item) {
+            int rc = load_post_processor(tok, item, err);
+            if (rc) return rc;
+        }
+        return ES_OK;
+    }
+    if (!strcmp(type, "ByteLevel")) {
+        tok->trim_offsets = get_bool(component, "trim_offsets", 0);
+        return ES_OK;
+    }
+    if (!strcmp(type, "TemplateProcessing")) return load_template(tok, component, err);
+    return BAD("%s: unsupported post_processor type \"%s\"", tok->name, type);
+}
+
+static int check_decoder(es_tokenizer *tok, const json_t *component, es_error *err) {
+    if (!component || json_is_null(component)) return ES_OK;
+    const char *type = type_of(component);
+    if (type && !strcmp(type, "ByteLevel")) return ES_OK;
+    return BAD("%s: unsupported decoder type \"%s\"", tok->name, type ? type : "(none)");
+}
+
+/* ---- tokenizer_config.json ------------------------------------------------------------- */
+
+static const char *token_text(const json_t *value) {
+    if (json_is_string(value)) return json_string_value(value);
+    const json_t *content = json_object_get(value, "content"); /* {"content": "<s>", ...} */
+    return json_is_string(content) ? json_string_value(content) : NULL;
+}
+
+/* transformers' LlamaTokenizerFast rebuilds the post-processor from add_bos_token (default
+ * true) and add_eos_token (default false): "[BOS] $A [EOS]". Other classes keep the file's. */
+static int apply_tokenizer_config(es_tokenizer *tok, const char *path, es_error *err) {
+    json_error_t json_error;
+    json_t *config = json_load_file(path, 0, &json_error);
+    if (!config) return BAD("%s:%d: invalid JSON: %s", path, json_error.line, json_error.text);
+    int rc = ES_OK;
+    const json_t *class_name = json_object_get(config, "tokenizer_class");
+    if (json_is_string(class_name) && !strcmp(json_string_value(class_name), "LlamaTokenizerFast")) {
+        int add_bos = get_bool(config, "add_bos_token", 1), add_eos = get_bool(config, "add_eos_token", 0);
+        const char *bos = token_text(json_object_get(config, "bos_token"));
+        const char *eos = token_text(json_object_get(config, "eos_token"));
+        int32_t bos_id = bos ? es_tokenizer_token_id(tok, bos) : -1, eos_id = eos ? es_tokenizer_token_id(tok, eos) : -1;
+        if (add_bos && bos_id < 0) rc = BAD("%s: add_bos_token, but bos_token is not a known token", path);
+        else if (add_eos && eos_id < 0) rc = BAD("%s: add_eos_token, but eos_token is not a known token", path);
+        else {
+            clear_template(tok);
+            if (add_bos) rc = add_template_item(tok, 0, &bos_id, 1, err);
+            if (!rc) rc = add_template_item(tok, 1, NULL, 0, err);
+            if (!rc && add_eos) rc = add_template_item(tok, 0, &eos_id, 1, err);
+        }
+    }
+    json_decref(config);
+    return rc;
+}
+
+/* ---- loading ------------------------------------------------------------------------- */
+
+static int load_components(es_tokenizer *tok, json_t *root, es_error *err) {
+    if (!json_is_object(root)) return BAD("%s: not a JSON object", tok->name);
+    const json_t *model = json_object_get(root, "model");
+    if (!model) return BAD("%s: missing \"model\"", tok->name);
+    int rc = load_added_tokens(tok, json_object_get(root, "added_tokens"), err);
+    int32_t max_added_id = -1;
+    for (size_t i = 0; i < tok->n_added; i++)
+        if (tok->added[i].id > max_added_id) max_added_id = tok->added[i].id;
+    if (!rc) rc = load_normalizer(tok, json_object_get(root, "normalizer"), err);
+    if (!rc) rc = load_pre_tokenizer(tok, json_object_get(root, "pre_tokenizer"), err);
+    if (!rc && !tok->byte_level)
+        rc = BAD("%s: pre_tokenizer: only byte-level BPE is supported (no ByteLevel pre-tokenizer found)", tok->name);
+    if (!rc) rc = load_model(tok, model, max_added_id, err);
+    if (!rc) rc = build_added_matchers(tok, err);
+    if (!rc) rc = load_post_processor(tok, json_object_get(root, "post_processor"), err);
+    if (!rc) rc = check_decoder(tok, json_object_get(root, "decoder"), err);
+    if (!rc)
+        for (int b = 0; b < 256 && !rc; b++)
+            if (tok->byte_token[b] < 0) rc = BAD("%s: model: byte-level vocabulary lacks the token for byte 0x%02x", tok->name, b);
+    return rc;
+}
+
+
+
+int es_tokenizer_load_json(const char *json, size_t len, const char *name, es_tokenizer **out, es_error *err) {
+    *out = NULL;
+    init_byte_alphabet();
+    es_tokenizer *tok = calloc(1, sizeof *tok);
+    if (!tok || !(tok->name = strdup(name))) {
+        free(tok);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    if (pthread_key_create(&tok->cache_key, tk_workspace_free) == 0) tok->has_cache_key = 1;
+    json_error_t json_error;
+    json_t *root = json_loadb(json, len, 0, &json_error);
+    int rc = root ? load_components(tok, root, err)
+                  : BAD("%s:%d:%d: invalid JSON: %s", name, json_error.line, json_error.column, json_error.text);
+    json_decref(root);
+    if (rc) {
+        es_tokenizer_free(tok);
+        return rc;
+    }
+    *out = tok;
+    return ES_OK;
+}
+
+static int read_file(const char *path, char **data, size_t *len, es_error *err) {
+    FILE *file = fopen(path, "rb");
+    if (!file) return es_fail(err, errno == ENOENT ? ES_ERR_USAGE : ES_ERR_RUNTIME, "%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(file), &st) != 0 || !(*data = malloc((size_t)st.st_size + 1))) {
+        fclose(file);
+        return es_fail(err, ES_ERR_RUNTIME, "%s: cannot read", path);
+    }
+    *len = fread(*data, 1, (size_t)st.st_size, file);
+    int failed = ferror(file);
+    fclose(file);
+    if (failed) {
+        free(*data);
+        return es_fail(err, ES_ERR_RUNTIME, "%s: read error", path);
+    }
+    return ES_OK;
+}
+
+int es_tokenizer_load(const char *path, es_tokenizer **out, es_error *err) {
+    *out = NULL;
+    struct stat st;
+    if (stat(path, &st) != 0) return es_fail(err, ES_ERR_USAGE, "%s: %s", path, strerror(errno));
+    int is_folder = S_ISDIR(st.st_mode);
+    char *file_path = NULL, *config_path = NULL;
+    if (is_folder && (asprintf(&file_path, "%s/tokenizer.json", path) < 0 ||
+                      asprintf(&config_path, "%s/tokenizer_config.json", path) < 0))
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    char *data = NULL;
+    size_t len = 0;
+    int rc = read_file(is_folder ? file_path : path, &data, &len, err);
+    if (!rc) rc = es_tokenizer_load_json(data, len, is_folder ? file_path : path, out, err);
+    if (!rc && is_folder && stat(config_path, &st) == 0) rc = apply_tokenizer_config(*out, config_path, err);
+    if (rc && *out) {
+        es_tokenizer_free(*out);
+        *out = NULL;
+    }
+    free(data), free(file_path), free(config_path);
+    return rc;
+}
+
+void es_tokenizer_free(es_tokenizer *tok) {
+    if (!tok) return;
+    for (int i = 0; i < tok->n_splits; i++) pcre2_code_free(tok->splits[i].regex);
+    free(tok->splits);
+    tk_strmap_free(&tok->vocab);
+    free(tok->pairs);
+    for (int32_t id = 0; tok->id_text && id < tok->n_ids; id++) free(tok->id_text[id]);
+    free(tok->id_text), free(tok->id_text_len);
+    for (size_t i = 0; i < tok->n_added; i++) free(tok->added[i].content), free(tok->added[i].match);
+    free(tok->added), free(tok->added_by_id);
+    free(tok->raw_trie.nodes), free(tok->normalized_trie.nodes);
+    clear_template(tok);
+    if (tok->has_cache_key) {
+        tk_workspace_free(pthread_getspecific(tok->cache_key)); /* this thread's; others freed at their exit */
+        pthread_setspecific(tok->cache_key, NULL);
+        pthread_key_delete(tok->cache_key);
+    }
+    free(tok->name);
+    free(tok);
+}
+
+int32_t es_tokenizer_vocab_size(const es_tokenizer *tok) { return tok->n_ids; }
+
+int32_t es_tokenizer_token_id(const es_tokenizer *tok, const char *token) {
+    for (size_t i = 0; i < tok->n_added; i++)
+        if (!strcmp(tok->added[i].content, token)) return tok->added[i].id;
+    char *raw = malloc(strlen(token) + 1);
+    long raw_len = raw ? decode_byte_level(token, strlen(token), raw) : -1;
+    int32_t id = raw_len >= 0 ? tk_strmap_get(&tok->vocab, raw, (size_t)raw_len) : -1;
+    free(raw);
+    return id;
+}
+
+size_t es_tokenizer_added_specials(const es_tokenizer *tok, int32_t *ids, size_t max) {
+    size_t n = 0;
+    for (size_t i = 0; i < tok->n_template_items; i++)
+        for (size_t k = 0; !tok->template_items[i].is_sequence && k < tok->template_items[i].n_ids; k++, n++)
+            if (n < max) ids[n] = tok->template_items[i].ids[k];
+    return n;
+}
