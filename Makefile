@@ -106,7 +106,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIB)
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
 	libjansson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
 	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox
-PY_PACKAGES := h5py hdf5plugin numpy
+PY_PACKAGES := h5py hdf5plugin numpy tokenizers
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -121,7 +121,7 @@ deps:
 	    echo "make deps: installing them needs root; run:  sudo apt-get install$$missing"; exit 1; \
 	  fi; \
 	fi
-	@if ! $(VENV)/bin/python -c 'import h5py, hdf5plugin, numpy' 2>/dev/null; then \
+	@if ! $(VENV)/bin/python -c 'import h5py, hdf5plugin, numpy, tokenizers' 2>/dev/null; then \
 	  echo "make deps: creating $(VENV) with $(PY_PACKAGES) (interoperability tests)"; \
 	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q $(PY_PACKAGES) || exit 1; \
 	fi

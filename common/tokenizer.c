@@ -47,6 +47,18 @@ static int strmap_grow(tk_strmap *map) {
     return 0;
 }
 
+int tk_strmap_reserve(tk_strmap *map, size_t n) {
+    while (map->n_slots < 2 * n + 2)
+        if (strmap_grow(map)) return -1;
+    if (n > map->cap_entries) {
+        void *grown = realloc(map->entries, n * sizeof *map->entries);
+        if (!grown) return -1;
+        map->entries = grown;
+        map->cap_entries = n;
+    }
+    return 0;
+}
+
 int32_t tk_strmap_get(const tk_strmap *map, const void *key, size_t len) {
     if (!map->n_slots) return -1;
     uint64_t hash = tk_hash(key, len);
@@ -342,13 +354,20 @@ static int load_normalizer(es_tokenizer *tok, const json_t *component, es_error 
 
 /* ---- the BPE model ------------------------------------------------------------------- */
 
+/* Id texts live in one arena: 150k small mallocs would cost more than the parsing. */
 static int set_id_text(es_tokenizer *tok, int32_t id, const char *text, size_t len) {
-    free(tok->id_text[id]);
-    tok->id_text[id] = malloc(len + 1);
-    if (!tok->id_text[id]) return -1;
-    memcpy(tok->id_text[id], text, len);
-    tok->id_text[id][len] = '\0';
+    if (tok->text_arena_len + len > tok->text_arena_cap) {
+        size_t cap = tok->text_arena_cap ? tok->text_arena_cap * 2 : 1 << 20;
+        while (cap < tok->text_arena_len + len) cap *= 2;
+        char *grown = realloc(tok->text_arena, cap);
+        if (!grown) return -1;
+        tok->text_arena = grown;
+        tok->text_arena_cap = cap;
+    }
+    memcpy(tok->text_arena + tok->text_arena_len, text, len);
+    tok->id_text_at[id] = (int64_t)tok->text_arena_len;
     tok->id_text_len[id] = (uint32_t)len;
+    tok->text_arena_len += len;
     return 0;
 }
 
@@ -369,7 +388,7 @@ static int32_t merge_part_id(es_tokenizer *tok, const char *text, size_t len, ch
     return *scratch_len < 0 ? -1 : tk_strmap_get(&tok->vocab, scratch, (size_t)*scratch_len);
 }
 
-static int load_model(es_tokenizer *tok, const json_t *model, int32_t max_added_id, es_error *err) {
+static int load_model(es_tokenizer *tok, const json_t *model, size_t n_added, es_error *err) {
     const char *type = type_of(model);
     if (!model || !json_is_object(model)) return BAD("%s: missing \"model\"", tok->name);
     if (!type || strcmp(type, "BPE")) return BAD("%s: unsupported model type \"%s\"", tok->name, type ? type : "(none)");
@@ -388,8 +407,8 @@ static int load_model(es_tokenizer *tok, const json_t *model, int32_t max_added_
     }
     tok->ignore_merges = get_bool(model, "ignore_merges", 0);
 
-    /* Ids: the largest of the vocabulary's and the added tokens'. */
-    int32_t max_id = max_added_id;
+    /* Ids: the vocabulary's, then room for added tokens numbered after it (assign_added_ids). */
+    int32_t max_id = -1;
     const char *key;
     const json_t *value;
     json_object_foreach((json_t *)vocab, key, value) {
@@ -397,10 +416,13 @@ static int load_model(es_tokenizer *tok, const json_t *model, int32_t max_added_
             return BAD("%s: model: vocab entry \"%s\" has no valid id", tok->name, key);
         if (json_integer_value(value) > max_id) max_id = (int32_t)json_integer_value(value);
     }
-    tok->n_ids = max_id + 1;
-    tok->id_text = calloc((size_t)tok->n_ids, sizeof *tok->id_text);
+    tok->vocab_count = (int32_t)json_object_size(vocab);
+    tok->n_ids = (max_id + 1 > tok->vocab_count ? max_id + 1 : tok->vocab_count) + (int32_t)n_added + 1;
+    tok->id_text_at = malloc((size_t)tok->n_ids * sizeof *tok->id_text_at);
     tok->id_text_len = calloc((size_t)tok->n_ids, sizeof *tok->id_text_len);
-    if (!tok->id_text || !tok->id_text_len) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (!tok->id_text_at || !tok->id_text_len) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int32_t id = 0; id < tok->n_ids; id++) tok->id_text_at[id] = -1;
+    if (tk_strmap_reserve(&tok->vocab, json_object_size(vocab))) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
 
     char *scratch = malloc(65536);
     if (!scratch) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
@@ -418,7 +440,7 @@ static int load_model(es_tokenizer *tok, const json_t *model, int32_t max_added_
                 break;
             }
             if (raw_len == 1) tok->byte_token[(unsigned char)scratch[0]] = id;
-        } else if (set_id_text(tok, id, key, key_len)) {
+        } else if (tk_strmap_put(&tok->plain_vocab, key, key_len, id) || set_id_text(tok, id, key, key_len)) {
             rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
             break;
         }
@@ -520,11 +542,10 @@ static int load_added_tokens(es_tokenizer *tok, const json_t *list, es_error *er
     const json_t *item;
     json_array_foreach(list, i, item) {
         const json_t *id = json_object_get(item, "id"), *content = json_object_get(item, "content");
-        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) > 100000000 ||
-            !json_is_string(content))
+        if (!json_is_integer(id) || !json_is_string(content))
             return BAD("%s: added_tokens[%zu]: needs an integer \"id\" and a string \"content\"", tok->name, i);
         tk_added *added = &tok->added[tok->n_added++];
-        added->id = (int32_t)json_integer_value(id);
+        added->id = -1; /* assigned by assign_added_ids, as Hugging Face assigns it */
         added->content = strdup(json_string_value(content));
         if (!added->content) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
         added->special = get_bool(item, "special", 0);
@@ -534,6 +555,50 @@ static int load_added_tokens(es_tokenizer *tok, const json_t *list, es_error *er
         added->normalized = get_bool(item, "normalized", !added->special);
     }
     return ES_OK;
+}
+
+static int same_added(const tk_added *a, const tk_added *b) {
+    return !strcmp(a->content, b->content) && a->special == b->special && a->single_word == b->single_word &&
+           a->lstrip == b->lstrip && a->rstrip == b->rstrip && a->normalized == b->normalized;
+}
+
+/* Hugging Face ignores the ids written in added_tokens: a token whose text is already known
+ * (an earlier added token, or the model vocabulary) takes that id; a new one the next id
+ * after the vocabulary (or after the largest added id past it). Repeats of an identical
+ * token are dropped; the last token given an id decides its flags. */
+static int assign_added_ids(es_tokenizer *tok, es_error *err) {
+    tk_strmap by_text = {0};
+    int32_t max_added = -1;
+    size_t kept = 0;
+    int rc = ES_OK;
+    for (size_t i = 0; i < tok->n_added && !rc; i++) {
+        tk_added token = tok->added[i];
+        int duplicate = !token.content[0];
+        for (size_t k = 0; k < kept && !duplicate; k++) duplicate = same_added(&tok->added[k], &token);
+        if (duplicate) {
+            free(token.content);
+            continue;
+        }
+        int32_t id = tk_strmap_get(&by_text, token.content, strlen(token.content));
+        if (id < 0) id = es_tokenizer_token_id(tok, token.content);
+        if (id < 0) id = max_added < 0 ? tok->vocab_count : max_added >= tok->vocab_count ? max_added + 1 : tok->vocab_count;
+        if (id >= tok->n_ids) rc = BAD("%s: added_tokens: too many tokens", tok->name);
+        else if (tk_strmap_put(&by_text, token.content, strlen(token.content), id)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        if (id > max_added) max_added = id;
+        token.id = id;
+        tok->added[kept++] = token;
+    }
+    for (size_t i = kept; i < tok->n_added; i++) tok->added[i].content = NULL;
+    tok->n_added = kept;
+    tk_strmap_free(&by_text);
+    /* Trim the id range to what is used. */
+    int32_t n_ids = 0;
+    for (int32_t id = 0; id < tok->n_ids; id++)
+        if (tok->id_text_at[id] >= 0) n_ids = id + 1;
+    for (size_t i = 0; i < tok->n_added; i++)
+        if (tok->added[i].id + 1 > n_ids) n_ids = tok->added[i].id + 1;
+    tok->n_ids = n_ids;
+    return rc;
 }
 
 /* After the normalizer is known: the texts to match, and the two tries. */
@@ -546,7 +611,7 @@ static int build_added_matchers(es_tokenizer *tok, es_error *err) {
         for (size_t i = 0; i < tok->n_added; i++) {
             tk_added *added = &tok->added[i];
             if (added->special != (pass == 0)) continue;
-            if (pass == 0 || tok->added_by_id[added->id] < 0) tok->added_by_id[added->id] = (int32_t)i;
+            tok->added_by_id[added->id] = (int32_t)i; /* each pass in file order: the last one wins */
             if (!added->match) {
                 int rc = added->normalized ? tk_normalize_text(tok, added->content, strlen(added->content), &added->match,
                                                                &added->match_len)
@@ -700,14 +765,12 @@ static int load_components(es_tokenizer *tok, json_t *root, es_error *err) {
     const json_t *model = json_object_get(root, "model");
     if (!model) return BAD("%s: missing \"model\"", tok->name);
     int rc = load_added_tokens(tok, json_object_get(root, "added_tokens"), err);
-    int32_t max_added_id = -1;
-    for (size_t i = 0; i < tok->n_added; i++)
-        if (tok->added[i].id > max_added_id) max_added_id = tok->added[i].id;
     if (!rc) rc = load_normalizer(tok, json_object_get(root, "normalizer"), err);
     if (!rc) rc = load_pre_tokenizer(tok, json_object_get(root, "pre_tokenizer"), err);
     if (!rc && !tok->byte_level)
         rc = BAD("%s: pre_tokenizer: only byte-level BPE is supported (no ByteLevel pre-tokenizer found)", tok->name);
-    if (!rc) rc = load_model(tok, model, max_added_id, err);
+    if (!rc) rc = load_model(tok, model, tok->n_added, err);
+    if (!rc) rc = assign_added_ids(tok, err);
     if (!rc) rc = build_added_matchers(tok, err);
     if (!rc) rc = load_post_processor(tok, json_object_get(root, "post_processor"), err);
     if (!rc) rc = check_decoder(tok, json_object_get(root, "decoder"), err);
@@ -786,9 +849,9 @@ void es_tokenizer_free(es_tokenizer *tok) {
     for (int i = 0; i < tok->n_splits; i++) pcre2_code_free(tok->splits[i].regex);
     free(tok->splits);
     tk_strmap_free(&tok->vocab);
+    tk_strmap_free(&tok->plain_vocab);
     free(tok->pairs);
-    for (int32_t id = 0; tok->id_text && id < tok->n_ids; id++) free(tok->id_text[id]);
-    free(tok->id_text), free(tok->id_text_len);
+    free(tok->id_text_at), free(tok->id_text_len), free(tok->text_arena);
     for (size_t i = 0; i < tok->n_added; i++) free(tok->added[i].content), free(tok->added[i].match);
     free(tok->added), free(tok->added_by_id);
     free(tok->raw_trie.nodes), free(tok->normalized_trie.nodes);
@@ -806,12 +869,13 @@ int32_t es_tokenizer_vocab_size(const es_tokenizer *tok) { return tok->n_ids; }
 
 int32_t es_tokenizer_token_id(const es_tokenizer *tok, const char *token) {
     for (size_t i = 0; i < tok->n_added; i++)
-        if (!strcmp(tok->added[i].content, token)) return tok->added[i].id;
-    char *raw = malloc(strlen(token) + 1);
-    long raw_len = raw ? decode_byte_level(token, strlen(token), raw) : -1;
+        if (tok->added[i].id >= 0 && !strcmp(tok->added[i].content, token)) return tok->added[i].id;
+    size_t len = strlen(token);
+    char *raw = malloc(len + 1);
+    long raw_len = raw ? decode_byte_level(token, len, raw) : -1;
     int32_t id = raw_len >= 0 ? tk_strmap_get(&tok->vocab, raw, (size_t)raw_len) : -1;
     free(raw);
-    return id;
+    return id >= 0 ? id : tk_strmap_get(&tok->plain_vocab, token, len);
 }
 
 size_t es_tokenizer_added_specials(const es_tokenizer *tok, int32_t *ids, size_t max) {

@@ -281,7 +281,8 @@ static int split_added(const es_tokenizer *tok, tk_workspace *ws, const tk_trie 
             pos++;
             continue;
         }
-        const tk_added *token = &tok->added[added];
+        /* The flags are those of the token last given this id (Hugging Face keeps one per id). */
+        const tk_added *token = &tok->added[tok->added_by_id[tok->added[added].id]];
         size_t start = pos, stop = match_end;
         pos = match_end; /* the next search starts after this match, whatever happens to it */
         if (token->single_word) {
@@ -548,8 +549,9 @@ static int encode_raw(const es_tokenizer *tok, tk_workspace *ws, void *ctx, size
 /* ByteLevel post-processor with trim_offsets: spans lose the spaces a token starts or ends with. */
 static void trim_offsets(const es_tokenizer *tok, es_encoding *out) {
     for (size_t i = 0; i < out->n; i++) {
-        const char *text = tok->id_text[out->ids[i]];
-        size_t len = tok->id_text_len[out->ids[i]], leading = 0, trailing = 0;
+        size_t len = 0, leading = 0, trailing = 0;
+        const char *text = tk_id_text(tok, out->ids[i], &len);
+        if (!text) continue;
         while (leading < len && text[leading] == ' ') leading++;
         while (trailing < len - leading && text[len - 1 - trailing] == ' ') trailing++;
         int32_t *span = out->spans[i];
@@ -625,9 +627,10 @@ static size_t utf8_prefix(const unsigned char *s, size_t n, int *complete) {
 int es_tokenizer_decode(const es_tokenizer *tok, const int32_t *ids, size_t n, char **text, size_t *len, es_error *err) {
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= tok->n_ids || !tok->id_text[ids[i]])
+        size_t len = 0;
+        if (!tk_id_text(tok, ids[i], &len))
             return es_fail(err, ES_ERR_DATA, "id %d (position %zu) is not in the vocabulary", ids[i], i);
-        total += tok->id_text_len[ids[i]];
+        total += len;
     }
     /* Invalid bytes become U+FFFD (3 bytes for each bad byte at worst). */
     unsigned char *bytes = malloc(total + 1);
@@ -638,8 +641,10 @@ int es_tokenizer_decode(const es_tokenizer *tok, const int32_t *ids, size_t n, c
     }
     size_t at = 0;
     for (size_t i = 0; i < n; i++) {
-        memcpy(bytes + at, tok->id_text[ids[i]], tok->id_text_len[ids[i]]);
-        at += tok->id_text_len[ids[i]];
+        size_t len = 0;
+        const char *text = tk_id_text(tok, ids[i], &len);
+        memcpy(bytes + at, text, len);
+        at += len;
     }
     size_t out = 0;
     for (size_t k = 0; k < total;) {

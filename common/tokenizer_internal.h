@@ -27,6 +27,7 @@ typedef struct tk_strmap {
 
 int tk_strmap_put(tk_strmap *map, const void *key, size_t len, int32_t value); /* 0, or -1: out of memory */
 int32_t tk_strmap_get(const tk_strmap *map, const void *key, size_t len);   /* -1 when absent */
+int tk_strmap_reserve(tk_strmap *map, size_t n); /* room for n entries without rehashing */
 void tk_strmap_free(tk_strmap *map);
 uint64_t tk_hash(const void *key, size_t len);
 
@@ -83,13 +84,17 @@ struct es_tokenizer {
     int byte_level;                  /* a ByteLevel pre-tokenizer is present */
     /* BPE model on raw bytes (byte-level alphabet decoded at load) */
     tk_strmap vocab;                 /* raw bytes -> id */
+    tk_strmap plain_vocab;           /* vocabulary entries outside the byte-level alphabet, as written */
+    int32_t vocab_count;             /* entries in the vocabulary (Hugging Face's vocab size) */
     int32_t byte_token[256];         /* id of each single byte, -1 when absent */
     tk_pair *pairs;
     size_t n_pair_slots;             /* power of two */
     int ignore_merges;
     /* id -> text: raw bytes for decoding (byte-level tokens decoded, others as written) */
-    char **id_text;
+    int64_t *id_text_at;             /* offset in text_arena, -1 = no such id */
     uint32_t *id_text_len;
+    char *text_arena;
+    size_t text_arena_len, text_arena_cap;
     int32_t n_ids;                   /* largest id + 1 */
     /* added tokens */
     tk_added *added;
@@ -104,6 +109,13 @@ struct es_tokenizer {
     pthread_key_t cache_key;
     int has_cache_key;
 };
+
+/* The text of an id (raw bytes), or NULL when the id has none. */
+static inline const char *tk_id_text(const es_tokenizer *tok, int32_t id, size_t *len) {
+    if (id < 0 || id >= tok->n_ids || tok->id_text_at[id] < 0) return NULL;
+    *len = tok->id_text_len[id];
+    return tok->text_arena + tok->id_text_at[id];
+}
 
 /* Applies the tokenizer's normalizer to a whole text (for added-token contents).
  * *out is malloc'd. Returns 0, or -1 when out of memory. */

@@ -17,13 +17,11 @@ static int nfc_unchanged(const char *text, size_t len) {
     return same;
 }
 
-static void check_goldens(const char *tl_name, const char *name) {
-    char tokenizer_path[900], goldens_path[900];
-    snprintf(tokenizer_path, sizeof tokenizer_path, "%s/tokenizers/%s.json", test_fixtures(), name);
+/* Checks the tokenizer at `tokenizer_path` (a file or a model folder) against the goldens
+ * of fixture `name`. */
+static void check_goldens_of(const char *tl_name, const char *tokenizer_path, const char *name) {
+    char goldens_path[900];
     snprintf(goldens_path, sizeof goldens_path, "%s/tokenizer-goldens/%s.jsonl", test_fixtures(), name);
-    FILE *probe = fopen(tokenizer_path, "r");
-    if (!probe) SKIP("%s not found (set ESSENCE_FIXTURES)", tokenizer_path);
-    fclose(probe);
     es_error err = {0};
     es_tokenizer *tok = NULL;
     REQUIRE(es_tokenizer_load(tokenizer_path, &tok, &err) == ES_OK);
@@ -92,6 +90,43 @@ static void check_goldens(const char *tl_name, const char *name) {
     es_tokenizer_free(tok);
 }
 
+static void check_goldens(const char *tl_name, const char *name) {
+    char tokenizer_path[900];
+    snprintf(tokenizer_path, sizeof tokenizer_path, "%s/tokenizers/%s.json", test_fixtures(), name);
+    FILE *probe = fopen(tokenizer_path, "r");
+    if (!probe) SKIP("%s not found (set ESSENCE_FIXTURES)", tokenizer_path);
+    fclose(probe);
+    check_goldens_of(tl_name, tokenizer_path, name);
+}
+
+/* A model folder: llama3.json (whose post-processor adds nothing) with the R1-Distill
+ * tokenizer_config.json flags must add the BOS as transformers does, which is exactly what
+ * the llama3_1 goldens hold. */
+TEST(model_folder_tokenizer_config_adds_bos) {
+    char source[900], folder[700], command[3000];
+    snprintf(source, sizeof source, "%s/tokenizers/llama3.json", test_fixtures());
+    FILE *probe = fopen(source, "r");
+    if (!probe) SKIP("%s not found (set ESSENCE_FIXTURES)", source);
+    fclose(probe);
+    snprintf(folder, sizeof folder, "%s/model", test_tmpdir());
+    snprintf(command, sizeof command, "mkdir -p '%s' && cp '%s' '%s/tokenizer.json'", folder, source, folder);
+    REQUIRE(system(command) == 0);
+    snprintf(command, sizeof command, "%s/tokenizer_config.json", folder);
+    FILE *config = fopen(command, "w");
+    REQUIRE(config);
+    fputs("{\"add_bos_token\": true, \"add_eos_token\": false, \"tokenizer_class\": \"LlamaTokenizerFast\",\n"
+          " \"bos_token\": {\"__type\": \"AddedToken\", \"content\": \"<|begin_of_text|>\"},\n"
+          " \"eos_token\": \"<|end_of_text|>\"}\n", config);
+    fclose(config);
+    es_error err = {0};
+    es_tokenizer *tok = NULL;
+    REQUIRE(es_tokenizer_load(folder, &tok, &err) == ES_OK);
+    int32_t specials[4];
+    CHECK(es_tokenizer_added_specials(tok, specials, 4) == 1 && specials[0] == 128000);
+    es_tokenizer_free(tok);
+    check_goldens_of(tl_name, folder, "llama3_1");
+}
+
 TEST(goldens_llama3) { check_goldens(tl_name, "llama3"); }
 TEST(goldens_llama3_1) { check_goldens(tl_name, "llama3_1"); }
 TEST(goldens_qwen3) { check_goldens(tl_name, "qwen3"); }
@@ -102,5 +137,6 @@ int main(void) {
     RUN(goldens_llama3_1);
     RUN(goldens_qwen3);
     RUN(goldens_deepseek_v3);
+    RUN(model_folder_tokenizer_config_adds_bos);
     return test_summary();
 }

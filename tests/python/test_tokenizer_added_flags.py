@@ -1,0 +1,115 @@
+"""Added tokens with every flag (lstrip, rstrip, single_word, normalized, special or not),
+split exactly as Hugging Face `tokenizers` splits them. The fixture tokenizers use none of
+the flags, so this test writes variants of qwen3.json (NFC normalizer) and compares
+`essence-inspect tokenize` with the `tokenizers` package on texts around the tokens."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unicodedata
+
+BUILD = os.environ.get("ESSENCE_BUILD", "build")
+INSPECT = os.path.join(BUILD, "essence-inspect")
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+failed = 0
+
+TEXTS = [
+    "a <think> b", "x<think>y", "  <think>\t\n", "<think>", "</think>word", "word </think> word",
+    "say </think>, then </think>_x and é</think>", "\u2000<think>\u3000end", "<think>  <think>  </think>",
+    "café and cafe\u0301 and CAFÉ café", "hello hellothere _hello hello_ (hello) hello",
+    "<tool_call>x</tool_call> <tool_call>", "<|im_start|>user\n hi <|im_end|>\n", "  <|im_end|>  x",
+    "mixed<think>hello</think>café<|im_start|>", "", " ", "emoji 🤗<think>🤗",
+    "café! cafe\u0301! a x b  x  x<think> x </think>", "e\u0301y \u0301y a\u0301y", "<think> </think>  x ",
+]
+
+
+def report(name, ok, why=""):
+    global failed
+    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
+    failed += 0 if ok else 1
+
+
+def variant(base, tmp, name, changes, extra):
+    """Copies tokenizer.json with flags changed on existing added tokens and new ones added."""
+    data = json.loads(json.dumps(base))
+    for token in data["added_tokens"]:
+        token.update(changes.get(token["content"], {}))
+    next_id = max(t["id"] for t in data["added_tokens"]) + 1
+    for content, flags in extra:
+        token = dict(id=next_id, content=content, single_word=False, lstrip=False, rstrip=False, normalized=True,
+                     special=False)
+        token.update(flags)
+        data["added_tokens"].append(token)
+        next_id += 1
+    path = os.path.join(tmp, f"{name}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    return path
+
+
+def byte_offsets(text, char_offsets):
+    starts = [0]
+    for ch in text:
+        starts.append(starts[-1] + len(ch.encode()))
+    return [[starts[s], starts[e]] for s, e in char_offsets]
+
+
+def main():
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        print("SKIP added_token_flags: the Python package `tokenizers` is not installed (make deps installs it)")
+        return
+    source = os.path.join(FIXTURES, "tokenizers", "qwen3.json")
+    if not os.path.exists(source):
+        print(f"SKIP added_token_flags: {source} not found (set ESSENCE_FIXTURES)")
+        return
+    base = json.load(open(source, encoding="utf-8"))
+    tmp = tempfile.mkdtemp()
+    variants = {
+        "strip": ({"<think>": dict(lstrip=True, rstrip=True), "</think>": dict(single_word=True),
+                   "<|im_end|>": dict(lstrip=True)}, []),
+        "normalized": ({"<tool_call>": dict(normalized=True), "</think>": dict(rstrip=True, single_word=True)},
+                       [("café", {}), ("hello", dict(single_word=True, normalized=False))]),
+        "nfc_and_spaces": ({"<think>": dict(rstrip=True), "</think>": dict(lstrip=True, normalized=True)},
+                           [("cafe\u0301!", dict(normalized=True)), (" x ", dict(lstrip=True, rstrip=True)),
+                            ("\u0301y", dict(single_word=True, normalized=False))]),
+        "special_flags": ({"<|im_start|>": dict(rstrip=True, single_word=True)},
+                          [("cafe\u0301", dict(special=True, normalized=False, lstrip=True)),
+                           ("hello", dict(normalized=True, lstrip=True, rstrip=True))]),
+    }
+    texts_path = os.path.join(tmp, "texts.jsonl")
+    with open(texts_path, "w", encoding="utf-8") as f:
+        for text in TEXTS:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    for name, (changes, extra) in variants.items():
+        path = variant(base, tmp, name, changes, extra)
+        reference = Tokenizer.from_file(path)
+        for add_special in (False, True):
+            args = [INSPECT, "tokenize", "--tokenizer", path, "--jsonl", texts_path]
+            if add_special:
+                args.append("--add-special-tokens")
+            run = subprocess.run(args, capture_output=True, text=True)
+            if run.returncode != 0:
+                report(f"{name}_special_{add_special}", False, run.stderr.strip())
+                continue
+            ours = [json.loads(line) for line in run.stdout.splitlines()]
+            bad = []
+            for i, text in enumerate(TEXTS):
+                want = reference.encode(text, add_special_tokens=add_special)
+                got = ours[i] if i < len(ours) else {"ids": None, "byte_offsets": None}
+                if got["ids"] != want.ids:
+                    bad.append(f"{text!r}: ids {got['ids']} != {want.ids}")
+                elif unicodedata.normalize("NFC", text) == text and got["byte_offsets"] != byte_offsets(text, want.offsets):
+                    bad.append(f"{text!r}: spans {got['byte_offsets']} != {byte_offsets(text, want.offsets)}")
+            report(f"{name}_special_{add_special}", not bad, "; ".join(bad[:3]))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:
+        failed += 1
+        print(f"FAIL test_tokenizer_added_flags: {type(exc).__name__}: {exc}")
+    sys.exit(1 if failed else 0)
