@@ -16,11 +16,12 @@ VENV ?= .venv
 
 HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
 HDF5_LIBS := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
+BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
-ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS)
-BASE_LIBS := $(HDF5_LIBS) -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lpthread -lm
+ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
+BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
 COMMON_SRC := $(wildcard common/*.c)
@@ -136,7 +137,7 @@ bench: deps
 	@$(MAKE) --no-print-directory all
 	@BUILD=$(BUILD) tests/bench/run.sh
 
-FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -pthread -Icommon $(HDF5_CFLAGS)
+FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 fuzzers: $(FUZZERS)
 $(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
 	@mkdir -p $(dir $@)

@@ -1,0 +1,72 @@
+/* A decoder-only transformer checkpoint in the Hugging Face layout: config.json (Llama or
+ * Qwen2) and safetensors weights, converted to fp32 into one arena with a table of named
+ * tensors (Hugging Face names) and per-layer pointers. */
+#ifndef ES_MODEL_H
+#define ES_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+
+typedef enum { ES_ARCH_LLAMA, ES_ARCH_QWEN2 } es_arch;
+
+typedef struct es_model_config {
+    es_arch arch;
+    int vocab_size, hidden_size, intermediate_size, n_layers, n_heads, n_kv_heads, head_dim;
+    int max_position_embeddings;
+    double rms_norm_eps, rope_theta;
+    int qkv_bias;   /* q/k/v projections have biases (Qwen2; Llama's attention_bias) */
+    int o_bias;     /* o_proj has a bias (Llama's attention_bias) */
+    int mlp_bias;   /* gate/up/down have biases (Llama's mlp_bias) */
+    int tie_word_embeddings;
+    /* "llama3" rope scaling (rope_scaling or rope_parameters) */
+    int rope_llama3;
+    double rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position;
+} es_model_config;
+
+/* Parses config.json (PATH: the file or the model folder). Unknown architectures or
+ * unsupported options are ES_ERR_DATA naming the key; *text (when not NULL) receives the
+ * file's text, malloc'd, for the record kept in output files. */
+int es_model_config_load(const char *path, es_model_config *config, char **text, es_error *err);
+
+/* RoPE inverse frequencies (head_dim / 2 of them), in double, with llama3 scaling applied. */
+void es_rope_inv_freq(const es_model_config *config, double *inv_freq);
+
+typedef struct es_layer_weights {
+    float *input_norm;                       /* (C) */
+    float *q, *k, *v, *o;                    /* (H*hd, C), (KV*hd, C), (KV*hd, C), (C, H*hd) */
+    float *q_bias, *k_bias, *v_bias, *o_bias; /* (H*hd), (KV*hd), (KV*hd), (C) or NULL */
+    float *post_norm;                        /* (C) */
+    float *gate, *up, *down;                 /* (I, C), (I, C), (C, I) */
+    float *gate_bias, *up_bias, *down_bias;  /* (I), (I), (C) or NULL */
+} es_layer_weights;
+
+typedef struct es_named_tensor {
+    char name[96];   /* the Hugging Face name */
+    float *data;     /* into the arena */
+    int ndim;
+    int64_t shape[2];
+} es_named_tensor;
+
+typedef struct es_model {
+    es_model_config config;
+    float *arena;                 /* every parameter, fp32 */
+    size_t arena_floats;
+    es_named_tensor *tensors;
+    int n_tensors;
+    float *embed;                 /* (V, C) */
+    es_layer_weights *layers;     /* [n_layers_loaded] */
+    int n_layers_loaded;          /* layers 1..n_layers_loaded are present */
+    float *final_norm;            /* (C), NULL unless loaded */
+    float *lm_head;               /* (V, C): the embedding when tied; NULL unless loaded */
+} es_model;
+
+/* Loads the first `n_layers` decoder layers (-1: all) and, with `with_head`, the final norm
+ * and lm_head. Missing or mis-shaped tensors are ES_ERR_DATA naming the tensor and file. */
+int es_model_load(const char *dir, int n_layers, int with_head, es_model *model, es_error *err);
+void es_model_free(es_model *model);
+const es_named_tensor *es_model_tensor(const es_model *model, const char *name);
+
+#endif
