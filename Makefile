@@ -43,7 +43,8 @@ endif
 
 # Each program: its folder's sources (DESIGN.md "Layout"). Stages not written yet are left out.
 INSPECT_SRC := $(wildcard pipelines/inspect*.c)
-PROGRAMS := $(BUILD)/essence-inspect
+EXTRACT_SRC := $(wildcard extract/*.c)
+PROGRAMS := $(BUILD)/essence-inspect $(if $(EXTRACT_SRC),$(BUILD)/essence-extract)
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 TEST_SRC := $(wildcard tests/unit/test_*.c)
@@ -78,6 +79,9 @@ $(LIB): $(LIB_OBJ) $(CU_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/essence-inspect: $(patsubst %.c,$(BUILD)/obj/%.o,$(INSPECT_SRC)) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/essence-extract: $(patsubst %.c,$(BUILD)/obj/%.o,$(EXTRACT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5

@@ -1,0 +1,332 @@
+/* essence-extract: runs the teacher over texts and writes chosen layers' hidden states to
+ * teacher.h5 (docs/teacher-h5.md).
+ *
+ * main() is the story: read the configuration, find this shard's samples, open (or resume)
+ * the output, load the teacher up to its deepest requested layer, then batch by a token
+ * budget: tokenise, forward, store, commit; finally record what produced the file. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cblas.h>
+
+#include "config.h"
+#include "fingerprint.h"
+#include "forward.h"
+#include "inputs.h"
+#include "log.h"
+#include "model.h"
+#include "progress.h"
+#include "teacher.h"
+
+#define TOOL_VERSION "essence 0.1"
+
+static const es_option options[] = {
+    {"model", ES_OPT_STRING, NULL, "teacher model folder (config.json, safetensors, tokenizer.json)"},
+    {"data", ES_OPT_STRING, NULL, "input samples, JSONL"},
+    {"layers", ES_OPT_STRING, NULL, "layers to store, e.g. 20,40,60,80 (0 = embedding output)"},
+    {"out", ES_OPT_STRING, NULL, "output teacher.h5"},
+    {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)"},
+    {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples"},
+    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
+    {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; longer ones are cut and flagged"},
+    {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)"},
+    {"shard", ES_OPT_STRING, "0/1", "I/N: this run takes the I-th of N contiguous ranges of samples"},
+    {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed sample"},
+    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
+    {"chunk-rows", ES_OPT_INT, "0", "latent rows per HDF5 chunk (0: about 1 MiB)"},
+    {"zstd-level", ES_OPT_INT, "3", "Zstandard level of the latent chunks"},
+    {NULL, 0, NULL, NULL},
+};
+
+static const char usage[] = "essence-extract --model DIR --data FILE.jsonl --layers 20,40 --out teacher.h5 [options]";
+
+/* Parses "20,40,60" into sorted unique layer indices within [0, n_layers]. */
+static int parse_layers(const char *text, int n_layers, int **layers, int *count, es_error *err) {
+    *layers = malloc((strlen(text) / 2 + 2) * sizeof **layers);
+    *count = 0;
+    if (!*layers) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (const char *p = text; *p;) {
+        char *end;
+        long layer = strtol(p, &end, 10);
+        if (end == p || (*end && *end != ',')) return es_fail(err, ES_ERR_USAGE, "--layers: \"%s\" is not a list of layer numbers", text);
+        if (layer < 0 || layer > n_layers)
+            return es_fail(err, ES_ERR_USAGE, "--layers: layer %ld is out of range (the model has layers 0..%d)", layer, n_layers);
+        int seen = 0;
+        for (int i = 0; i < *count; i++) seen |= (*layers)[i] == layer;
+        if (!seen) (*layers)[(*count)++] = (int)layer;
+        p = *end ? end + 1 : end;
+    }
+    if (!*count) return es_fail(err, ES_ERR_USAGE, "--layers: no layers given");
+    for (int i = 1; i < *count; i++) /* insertion sort: a handful of layers */
+        for (int j = i; j > 0 && (*layers)[j - 1] > (*layers)[j]; j--) {
+            int swap = (*layers)[j];
+            (*layers)[j] = (*layers)[j - 1], (*layers)[j - 1] = swap;
+        }
+    return ES_OK;
+}
+
+typedef struct batch {
+    extract_sample *samples;
+    int n, cap;
+    int tokens;
+} batch;
+
+/* Collects the rows of the stored layers as the forward pass produces them. */
+typedef struct collector {
+    const int *layers;
+    int n_layers, width;
+    float **rows; /* per stored layer: (T, width) */
+} collector;
+
+static int collect(void *ctx, int layer, const float *hidden, int T, es_error *err) {
+    (void)err;
+    collector *c = ctx;
+    for (int i = 0; i < c->n_layers; i++)
+        if (c->layers[i] == layer) memcpy(c->rows[i], hidden, (size_t)T * c->width * sizeof(float));
+    return ES_OK;
+}
+
+static int run_batch(const es_model *model, es_pool *pool, batch *b, teacher_writer *writer, collector *c, es_error *err) {
+    int32_t *ids = malloc((size_t)b->tokens * sizeof *ids), *seq_start = malloc((size_t)(b->n + 1) * sizeof *seq_start);
+    int rc = ids && seq_start ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int i = 0; !rc && i < c->n_layers; i++)
+        if (!(c->rows[i] = malloc((size_t)b->tokens * c->width * sizeof(float)))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int at = 0;
+    for (int s = 0; !rc && s < b->n; s++) {
+        seq_start[s] = at;
+        memcpy(ids + at, b->samples[s].ids, (size_t)b->samples[s].n_tokens * sizeof *ids);
+        at += b->samples[s].n_tokens;
+    }
+    if (!rc) seq_start[b->n] = at;
+    int deepest = c->layers[c->n_layers - 1];
+    if (!rc) rc = es_forward(model, pool, ids, seq_start, b->n, deepest, collect, c, NULL, err);
+    const float **sample_rows = malloc((size_t)c->n_layers * sizeof *sample_rows);
+    if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int s = 0; !rc && s < b->n; s++) {
+        const extract_sample *sample = &b->samples[s];
+        for (int i = 0; i < c->n_layers; i++) sample_rows[i] = c->rows[i] + (size_t)seq_start[s] * c->width;
+        rc = teacher_add(writer, sample->id, sample->text ? sample->text : "", sample->text ? sample->text_len : 0,
+                         sample->truncated, sample->add_special_tokens, sample->ids, (const int32_t(*)[2])sample->spans,
+                         sample->n_tokens, sample_rows, err);
+    }
+    if (!rc) rc = teacher_commit(writer, err);
+    free(sample_rows);
+    for (int i = 0; i < c->n_layers; i++) free(c->rows[i]), c->rows[i] = NULL;
+    for (int s = 0; s < b->n; s++) extract_sample_free(&b->samples[s]);
+    b->n = b->tokens = 0;
+    free(ids), free(seq_start);
+    return rc;
+}
+
+/* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
+ * name order: the weights' content, not their modification times. */
+static int model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error *err) {
+    char command[4200], listing[64 * 1024] = "";
+    snprintf(command, sizeof command, "%s", dir);
+    static const char *patterns[] = {"config.json", "model.safetensors.index.json", "model.safetensors"};
+    size_t n = 0;
+    for (size_t i = 0; i < 3; i++) {
+        char path[4200], hex[ES_FINGERPRINT_HEX];
+        snprintf(path, sizeof path, "%s/%s", dir, patterns[i]);
+        FILE *probe = fopen(path, "rb");
+        if (!probe) continue;
+        fclose(probe);
+        int rc = es_sha256_file(path, hex, err);
+        if (rc) return rc;
+        n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", patterns[i], hex);
+    }
+    /* Shards named by the index, in name order. */
+    char index_path[4200];
+    snprintf(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
+    json_t *index = json_load_file(index_path, 0, NULL);
+    const json_t *map = json_object_get(index, "weight_map");
+    const char *key;
+    const json_t *value;
+    char **shards = calloc(json_object_size(map) + 1, sizeof *shards);
+    size_t n_shards = 0;
+    json_object_foreach((json_t *)map, key, value) {
+        int seen = !json_is_string(value);
+        for (size_t k = 0; k < n_shards && !seen; k++) seen = !strcmp(shards[k], json_string_value(value));
+        if (!seen) shards[n_shards++] = (char *)json_string_value(value);
+    }
+    for (size_t i = 1; i < n_shards; i++)
+        for (size_t j = i; j > 0 && strcmp(shards[j - 1], shards[j]) > 0; j--) {
+            char *swap = shards[j];
+            shards[j] = shards[j - 1], shards[j - 1] = swap;
+        }
+    int rc = ES_OK;
+    for (size_t i = 0; !rc && i < n_shards; i++) {
+        char path[4200], hex[ES_FINGERPRINT_HEX];
+        snprintf(path, sizeof path, "%s/%s", dir, shards[i]);
+        rc = es_sha256_file(path, hex, err);
+        if (!rc) n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", shards[i], hex);
+    }
+    free(shards);
+    json_decref(index);
+    if (!rc) es_sha256_hex(listing, n, out);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    es_set_program("essence-extract");
+    es_config cfg;
+    es_error err = {0};
+    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
+    if (cfg.help) {
+        es_config_print_help(&cfg, usage, "Runs the teacher over texts and stores chosen layers' hidden states (bf16, zstd) in HDF5.");
+        return 0;
+    }
+    if (cfg.print_config) {
+        char *yaml = es_config_to_yaml(&cfg);
+        fputs(yaml ? yaml : "", stdout);
+        return 0;
+    }
+    const char *required[] = {"model", "data", "layers", "out"};
+    for (int i = 0; i < 4; i++)
+        if (!es_config_is_set(&cfg, required[i])) {
+            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
+            es_exit_error(&err);
+        }
+    if (cfg.n_positional) {
+        es_fail(&err, ES_ERR_USAGE, "unexpected argument \"%s\"", cfg.positional[0]);
+        es_exit_error(&err);
+    }
+    const char *model_dir = es_config_str(&cfg, "model"), *data = es_config_str(&cfg, "data"), *out = es_config_str(&cfg, "out");
+    if (strcmp(es_config_str(&cfg, "device"), "cpu")) {
+        es_fail(&err, ES_ERR_USAGE, "--device %s: this build runs the teacher on the cpu only", es_config_str(&cfg, "device"));
+        es_exit_error(&err);
+    }
+    int shard = 0, n_shards = 1;
+    if (sscanf(es_config_str(&cfg, "shard"), "%d/%d", &shard, &n_shards) != 2 || n_shards < 1 || shard < 0 || shard >= n_shards) {
+        es_fail(&err, ES_ERR_USAGE, "--shard %s: expected I/N with 0 <= I < N", es_config_str(&cfg, "shard"));
+        es_exit_error(&err);
+    }
+    int batch_tokens = (int)es_config_int(&cfg, "batch-tokens"), max_seq = (int)es_config_int(&cfg, "max-seq");
+    if (batch_tokens < 1 || max_seq < 1) {
+        es_fail(&err, ES_ERR_USAGE, "--batch-tokens and --max-seq must be positive");
+        es_exit_error(&err);
+    }
+
+    // 1. The teacher's shape and the layers to keep.
+    es_model_config model_config;
+    char *config_text = NULL;
+    int *layers = NULL, n_layers = 0;
+    if (es_model_config_load(model_dir, &model_config, &config_text, &err) ||
+        parse_layers(es_config_str(&cfg, "layers"), model_config.n_layers, &layers, &n_layers, &err))
+        es_exit_error(&err);
+
+    // 2. This shard's samples: a contiguous range.
+    int64_t total = 0;
+    if (extract_count_samples(data, &total, &err)) es_exit_error(&err);
+    int64_t first = total * shard / n_shards, end = total * (shard + 1) / n_shards;
+
+    // 3. The output, new or resumed.
+    int threads = (int)es_config_int(&cfg, "threads");
+    es_pool *pool = es_pool_create(threads);
+    if (!pool) {
+        es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
+        es_exit_error(&err);
+    }
+    openblas_set_num_threads(es_pool_threads(pool));
+    teacher_options writer_options = {layers, n_layers, model_config.hidden_size, es_config_int(&cfg, "chunk-rows"),
+                                      (int)es_config_int(&cfg, "zstd-level"), pool};
+    teacher_writer writer;
+    int64_t done = 0;
+    if (es_config_bool(&cfg, "resume")) {
+        if (teacher_resume(&writer, out, &writer_options, &done, &err)) {
+            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
+            es_error_clear(&err);
+            done = 0;
+            if (teacher_create(&writer, out, &writer_options, &err)) es_exit_error(&err);
+        } else {
+            es_log("resuming %s.partial after %lld samples", out, (long long)done);
+        }
+    } else if (teacher_create(&writer, out, &writer_options, &err)) {
+        es_exit_error(&err);
+    }
+
+    // 4. The teacher, up to its deepest requested layer.
+    es_model model;
+    extract_input input;
+    const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
+    int rc = es_model_load(model_dir, layers[n_layers - 1], 0, &model, &err);
+    if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
+                                     model_config.vocab_size, &err);
+    if (rc) {
+        teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
+        es_exit_error(&err);
+    }
+
+    // 5. Batches of whole samples under the token budget, committed one by one.
+    rc = extract_input_skip(&input, first + done, &err);
+    batch b = {0};
+    collector c = {layers, n_layers, model_config.hidden_size, calloc((size_t)n_layers, sizeof(float *))};
+    es_progress progress;
+    es_progress_start(&progress, "extract", "samples", end - first);
+    es_progress_add(&progress, done);
+    for (int64_t index = first + done; !rc && index < end; index++) {
+        extract_sample sample;
+        int got = extract_input_next(&input, &sample, &err);
+        if (got <= 0) {
+            rc = got < 0 ? got : es_fail(&err, ES_ERR_DATA, "%s: ended early", data);
+            break;
+        }
+        if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
+            int n = b.n;
+            rc = run_batch(&model, pool, &b, &writer, &c, &err);
+            es_progress_add(&progress, n);
+        }
+        if (b.n == b.cap) {
+            b.cap = b.cap ? 2 * b.cap : 64;
+            b.samples = realloc(b.samples, (size_t)b.cap * sizeof *b.samples);
+            if (!b.samples) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        }
+        if (rc) {
+            extract_sample_free(&sample);
+            break;
+        }
+        b.samples[b.n++] = sample;
+        b.tokens += sample.n_tokens;
+    }
+    if (!rc && b.n) {
+        int n = b.n;
+        rc = run_batch(&model, pool, &b, &writer, &c, &err);
+        es_progress_add(&progress, n);
+    }
+    es_progress_finish(&progress);
+
+    // 6. What made this file.
+    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", layers_text[1024] = "", hidden[32], created[64];
+    char *yaml = es_config_to_yaml(&cfg);
+    for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
+    snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
+    time_t now = time(NULL);
+    strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    if (!rc) rc = model_fingerprint(model_dir, model_fp, &err);
+    if (!rc && input.tokenizer) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/tokenizer.json", tokenizer_path);
+        FILE *probe = fopen(path, "rb");
+        if (probe) fclose(probe);
+        rc = es_sha256_file(probe ? path : tokenizer_path, tokenizer_fp, &err);
+    }
+    char fingerprint_input[8192];
+    int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml ? yaml : "", model_fp, tokenizer_fp, TOOL_VERSION);
+    char fingerprint[ES_FINGERPRINT_HEX];
+    es_sha256_hex(fingerprint_input, (size_t)(fp_len < (int)sizeof fingerprint_input ? fp_len : (int)sizeof fingerprint_input - 1), fingerprint);
+    const char *attributes[] = {"model_config", config_text, "model_fingerprint", model_fp, "tokenizer_fingerprint", tokenizer_fp,
+                                "layers", layers_text, "hidden_size", hidden, "config", yaml ? yaml : "",
+                                "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created};
+    if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
+    else teacher_abandon(&writer, 0);
+    if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)writer.tokens);
+    free(yaml), free(config_text), free(layers), free(c.rows), free(b.samples);
+    extract_input_close(&input);
+    es_model_free(&model);
+    es_pool_destroy(pool);
+    es_config_free(&cfg);
+    if (rc) es_exit_error(&err);
+    return 0;
+}

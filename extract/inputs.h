@@ -1,0 +1,50 @@
+/* essence-extract's input: JSONL samples in their three forms, rendered and tokenised.
+ *   {"id": ..., "text": "..."}                    encoded with add_special_tokens
+ *   {"id": ..., "prompt": "...", "response": "..."} rendered with the template, no specials added
+ *   {"id": ..., "ids": [1, 2, 3]}                 already tokenised (no text: project refuses it) */
+#ifndef ES_EXTRACT_INPUTS_H
+#define ES_EXTRACT_INPUTS_H
+
+#include <stdint.h>
+
+#include "error.h"
+#include "jsonl.h"
+#include "tokenizer.h"
+
+#define EXTRACT_DEFAULT_TEMPLATE "<\xef\xbd\x9c" "begin\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c><\xef\xbd\x9cUser\xef\xbd\x9c>{prompt}<\xef\xbd\x9c" "Assistant\xef\xbd\x9c>{response}"
+
+typedef struct extract_sample {
+    long line;                 /* in the JSONL file, for messages */
+    char *id;
+    char *text;                /* the rendered text (NULL for the ids form) */
+    size_t text_len;
+    int add_special_tokens;
+    int truncated;
+    int32_t *ids;              /* (n_tokens) */
+    int32_t (*spans)[2];       /* (n_tokens) byte spans in text; [0, 0] for the ids form */
+    int n_tokens;
+} extract_sample;
+
+typedef struct extract_input {
+    es_jsonl reader;
+    const char *path;
+    const char *template_text;
+    const char *tokenizer_path;  /* loaded at the first text sample */
+    es_tokenizer *tokenizer;
+    int max_seq;
+    int vocab_size;
+    es_encoding encoding;
+} extract_input;
+
+int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, const char *template_text,
+                       int max_seq, int vocab_size, es_error *err);
+/* 1 and the next sample, 0 at the end, or an error naming PATH:LINE. */
+int extract_input_next(extract_input *input, extract_sample *sample, es_error *err);
+/* Skips n samples without tokenising them (a shard's start, a resumed run's done samples). */
+int extract_input_skip(extract_input *input, int64_t n, es_error *err);
+void extract_sample_free(extract_sample *sample);
+void extract_input_close(extract_input *input);
+/* Counts the samples of a JSONL file (non-blank lines), for shards and progress. */
+int extract_count_samples(const char *path, int64_t *count, es_error *err);
+
+#endif
