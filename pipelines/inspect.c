@@ -3,6 +3,7 @@
  *   essence-inspect FILE.h5                  summary: format, samples, tokens, datasets, attributes
  *   essence-inspect FILE.safetensors | DIR   the tensors of a checkpoint (sharded or not)
  *   essence-inspect stats FILE.h5 [--layer L]
+ *   essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]
  */
 #include <stdio.h>
 #include <string.h>
@@ -15,17 +16,24 @@
 
 static const char usage[] =
     "essence-inspect FILE.h5 | FILE.safetensors | MODEL_DIR\n"
-    "       essence-inspect stats FILE.h5 [--layer L] [--threads N]";
+    "       essence-inspect stats FILE.h5 [--layer L] [--threads N]\n"
+    "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]";
 
 static const char description[] =
     "Shows what an essence file holds. FILE.h5: format, samples, tokens, every dataset's shape, type,\n"
     "chunking and compression ratio, and the attributes. A .safetensors file or a model folder: its tensors.\n"
     "stats: per latent layer, the distribution of row norms (percentiles), per-dimension mean and std\n"
-    "extremes, and the count of NaN/Inf values.";
+    "extremes, and the count of NaN/Inf values.\n"
+    "tokenize: JSONL {\"text\": ...} lines (or plain text lines on stdin) -> {\"ids\": [...], \"byte_offsets\": [[s, e], ...]};\n"
+    "with --decode, {\"ids\": [...]} -> {\"text\": ...}.";
 
 static const es_option options[] = {
     {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)"},
     {"threads", ES_OPT_INT, "0", "decompression threads (0: one per CPU)"},
+    {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
+    {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
+    {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)"},
+    {"decode", ES_OPT_BOOL, "false", "tokenize: read {\"ids\": [...]} lines and write {\"text\": ...}"},
     {NULL, 0, NULL, NULL},
 };
 
@@ -60,6 +68,9 @@ int main(int argc, char **argv) {
     } else if (strcmp(command, "stats") == 0) {
         rc = cfg.n_positional == 2 ? inspect_stats(cfg.positional[1], &cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect stats FILE.h5 [--layer L]");
+    } else if (strcmp(command, "tokenize") == 0) {
+        rc = cfg.n_positional == 1 ? inspect_tokenize(&cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "tokenize takes no file argument (use --jsonl FILE)");
     } else if (cfg.n_positional != 1) {
         rc = es_fail(&err, ES_ERR_USAGE, "unknown command \"%s\"\nusage: %s", command, usage);
     } else if (ends_with(command, ".safetensors") || is_directory(command)) {

@@ -7,5 +7,6 @@
 
 int inspect_summary(const char *path, es_error *err);
 int inspect_stats(const char *path, const es_config *cfg, es_error *err);
+int inspect_tokenize(const es_config *cfg, es_error *err);
 
 #endif

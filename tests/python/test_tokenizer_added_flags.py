@@ -94,7 +94,7 @@ def main():
             if run.returncode != 0:
                 report(f"{name}_special_{add_special}", False, run.stderr.strip())
                 continue
-            ours = [json.loads(line) for line in run.stdout.splitlines()]
+            ours = [json.loads(line) for line in run.stdout.split("\n") if line]
             bad = []
             for i, text in enumerate(TEXTS):
                 want = reference.encode(text, add_special_tokens=add_special)
