@@ -1,0 +1,94 @@
+"""Bad tokenizer.json files and bad texts: a clear error, exit code 3, naming the file (and
+the component or line). The tiny tokenizer itself must work and match Hugging Face."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+BUILD = os.environ.get("ESSENCE_BUILD", "build")
+INSPECT = os.path.join(BUILD, "essence-inspect")
+failed = 0
+
+
+def report(name, ok, why=""):
+    global failed
+    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
+    failed += 0 if ok else 1
+
+
+def tokenize(path, stdin):
+    return subprocess.run([INSPECT, "tokenize", "--tokenizer", path], input=stdin, capture_output=True)
+
+
+def main():
+    tmp = tempfile.mkdtemp()
+    good = tiny_tokenizer()
+    good_path = os.path.join(tmp, "good.json")
+    json.dump(good, open(good_path, "w"), ensure_ascii=False)
+    run = tokenize(good_path, "the cat and <think> in\n".encode())
+    report("tiny_tokenizer_works", run.returncode == 0 and b'"ids"' in run.stdout, run.stderr.decode())
+    try:
+        from tokenizers import Tokenizer
+        want = Tokenizer.from_file(good_path).encode("the cat and <think> in", add_special_tokens=False).ids
+        got = json.loads(run.stdout)["ids"] if run.returncode == 0 else None
+        report("tiny_tokenizer_matches_hf", got == want, f"{got} != {want}")
+    except ImportError:
+        print("SKIP tiny_tokenizer_matches_hf: the Python package `tokenizers` is not installed")
+
+    def broken(name, change, expect):
+        data = copy.deepcopy(good)
+        change(data)
+        path = os.path.join(tmp, f"{name}.json")
+        if isinstance(data, str):
+            open(path, "w").write(data)
+        else:
+            json.dump(data, open(path, "w"), ensure_ascii=False)
+        run = tokenize(path, b"hello\n")
+        err = run.stderr.decode()
+        report(f"bad_{name}_exit_3", run.returncode == 3 and f"{name}.json" in err and expect in err and not run.stdout,
+               f"exit {run.returncode}: {err.strip()}")
+
+    broken("missing_model", lambda d: d.pop("model"), "model")
+    broken("unknown_pre_tokenizer", lambda d: d["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Foo"}), "Foo")
+    broken("unknown_normalizer", lambda d: d.update(normalizer={"type": "Lowercase2"}), "Lowercase2")
+    broken("unknown_decoder", lambda d: d.update(decoder={"type": "WordPiece"}), "WordPiece")
+    broken("unknown_model", lambda d: d["model"].update(type="Unigram"), "Unigram")
+    broken("merge_unknown_token", lambda d: d["model"]["merges"].append("zz qq"), "zz")
+    broken("invalid_regex", lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex="(unclosed"), "(unclosed")
+    broken("added_token_without_id", lambda d: d["added_tokens"][0].pop("id"), "added_tokens[0]")
+
+    truncated = os.path.join(tmp, "truncated.json")
+    text = json.dumps(good, ensure_ascii=False)
+    open(truncated, "w").write(text[: len(text) // 2])
+    run = tokenize(truncated, b"x\n")
+    report("bad_truncated_exit_3", run.returncode == 3 and "truncated.json" in run.stderr.decode(), run.stderr.decode())
+    not_json = os.path.join(tmp, "not_json.json")
+    open(not_json, "wb").write(b"\x00\x01binary")
+    run = tokenize(not_json, b"x\n")
+    report("bad_not_json_exit_3", run.returncode == 3 and "not_json.json" in run.stderr.decode(), run.stderr.decode())
+    run = tokenize(os.path.join(tmp, "missing.json"), b"x\n")
+    report("missing_file_exit_2", run.returncode == 2 and "missing.json" in run.stderr.decode(), run.stderr.decode())
+
+    # Invalid UTF-8 text: an error naming the line (Hugging Face cannot take such text at all).
+    run = tokenize(good_path, b"fine\nbad \xff\xfe text\n")
+    err = run.stderr.decode()
+    report("invalid_utf8_names_line", run.returncode == 3 and "<stdin>:2" in err and "UTF-8" in err, err)
+    jsonl = os.path.join(tmp, "texts.jsonl")
+    open(jsonl, "w").write('{"text": "ok"}\n{"text": 5}\n')
+    run = subprocess.run([INSPECT, "tokenize", "--tokenizer", good_path, "--jsonl", jsonl], capture_output=True)
+    err = run.stderr.decode()
+    report("wrong_field_type_names_line", run.returncode == 3 and "texts.jsonl:2" in err and '"text"' in err, err)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:
+        failed += 1
+        print(f"FAIL test_tokenizer_errors: {type(exc).__name__}: {exc}")
+    sys.exit(1 if failed else 0)
