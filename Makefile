@@ -21,7 +21,7 @@ BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
 ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
-BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lpthread -lm
+BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lcjson -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
 COMMON_SRC := $(wildcard common/*.c)
@@ -109,7 +109,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIB)
 
 # ---- dependencies -------------------------------------------------------------------
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
-	libjansson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
+	libjansson-dev libcjson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
 	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox
 PY_PACKAGES := h5py hdf5plugin numpy tokenizers
 
@@ -141,7 +141,7 @@ bench: deps
 	@$(MAKE) --no-print-directory all
 	@BUILD=$(BUILD) tests/bench/run.sh
 
-FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
+FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 fuzzers: $(FUZZERS)
 $(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
 	@mkdir -p $(dir $@)

@@ -1,7 +1,7 @@
 /* Loading a Hugging Face tokenizer.json: components, vocabulary, merges, added tokens.
  * Encoding lives in tokenizer_encode.c. */
 #include <errno.h>
-#include <jansson.h>
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,14 +165,30 @@ static long decode_byte_level(const char *text, size_t len, char *out) {
 
 #define BAD(...) es_fail(err, ES_ERR_DATA, __VA_ARGS__)
 
-static const char *type_of(const json_t *component) {
-    const json_t *type = json_object_get(component, "type");
-    return json_is_string(type) ? json_string_value(type) : NULL;
+/* ---- reading the JSON tree (cJSON: it parses an 11 MB tokenizer.json several times
+ * faster than jansson, which decides the load time) ---------------------------------- */
+
+static const cJSON *get(const cJSON *object, const char *key) {
+    return cJSON_IsObject(object) ? cJSON_GetObjectItemCaseSensitive(object, key) : NULL;
+}
+static int is_integer(const cJSON *value) {
+    /* range first: converting a huge double to an integer type is undefined */
+    return cJSON_IsNumber(value) && value->valuedouble >= -9.0e15 && value->valuedouble <= 9.0e15 &&
+           value->valuedouble == (double)(long long)value->valuedouble;
+}
+static long long integer_value(const cJSON *value) { return (long long)value->valuedouble; }
+static double number_value(const cJSON *value) { return value->valuedouble; }
+static const char *string_value(const cJSON *value) { return value->valuestring; }
+static size_t string_length(const cJSON *value) { return strlen(value->valuestring); }
+
+static const char *type_of(const cJSON *component) {
+    const cJSON *type = get(component, "type");
+    return cJSON_IsString(type) ? string_value(type) : NULL;
 }
 
-static int get_bool(const json_t *object, const char *key, int fallback) {
-    const json_t *value = json_object_get(object, key);
-    return json_is_boolean(value) ? json_is_true(value) : fallback;
+static int get_bool(const cJSON *object, const char *key, int fallback) {
+    const cJSON *value = get(object, key);
+    return cJSON_IsBool(value) ? cJSON_IsTrue(value) : fallback;
 }
 
 /* ---- regexes: Rust's regex semantics on PCRE2 ------------------------------------------- */
@@ -289,31 +305,30 @@ static int add_split(es_tokenizer *tok, const char *pattern, int literal, const 
 /* GPT-2's split, which a ByteLevel pre-tokenizer with use_regex applies. */
 static const char gpt2_pattern[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-static int load_pre_tokenizer(es_tokenizer *tok, const json_t *component, es_error *err) {
-    if (json_is_null(component) || !component) return ES_OK;
+static int load_pre_tokenizer(es_tokenizer *tok, const cJSON *component, es_error *err) {
+    if (cJSON_IsNull(component) || !component) return ES_OK;
     const char *type = type_of(component);
     if (!type) return BAD("%s: pre_tokenizer: missing \"type\"", tok->name);
     if (tok->byte_level && strcmp(type, "Sequence"))
         return BAD("%s: pre_tokenizer: %s after ByteLevel is not supported", tok->name, type);
     if (!strcmp(type, "Sequence")) {
-        const json_t *list = json_object_get(component, "pretokenizers");
-        if (!json_is_array(list)) return BAD("%s: pre_tokenizer Sequence: \"pretokenizers\" is not a list", tok->name);
-        size_t i;
-        const json_t *item;
-        json_array_foreach(list, i, item) {
+        const cJSON *list = get(component, "pretokenizers");
+        if (!cJSON_IsArray(list)) return BAD("%s: pre_tokenizer Sequence: \"pretokenizers\" is not a list", tok->name);
+        const cJSON *item;
+        cJSON_ArrayForEach(item, list) {
             int rc = load_pre_tokenizer(tok, item, err);
             if (rc) return rc;
         }
         return ES_OK;
     }
     if (!strcmp(type, "Split")) {
-        const json_t *pattern = json_object_get(component, "pattern");
-        const json_t *regex = json_object_get(pattern, "Regex"), *literal = json_object_get(pattern, "String");
-        const json_t *behavior = json_object_get(component, "behavior");
+        const cJSON *pattern = get(component, "pattern");
+        const cJSON *regex = get(pattern, "Regex"), *literal = get(pattern, "String");
+        const cJSON *behavior = get(component, "behavior");
         if (get_bool(component, "invert", 0)) return BAD("%s: pre_tokenizer Split: invert=true is not supported", tok->name);
-        if (!json_is_string(behavior)) return BAD("%s: pre_tokenizer Split: \"behavior\" is not a string", tok->name);
-        if (json_is_string(regex)) return add_split(tok, json_string_value(regex), 0, json_string_value(behavior), err);
-        if (json_is_string(literal)) return add_split(tok, json_string_value(literal), 1, json_string_value(behavior), err);
+        if (!cJSON_IsString(behavior)) return BAD("%s: pre_tokenizer Split: \"behavior\" is not a string", tok->name);
+        if (cJSON_IsString(regex)) return add_split(tok, string_value(regex), 0, string_value(behavior), err);
+        if (cJSON_IsString(literal)) return add_split(tok, string_value(literal), 1, string_value(behavior), err);
         return BAD("%s: pre_tokenizer Split: \"pattern\" has neither a Regex nor a String", tok->name);
     }
     if (!strcmp(type, "ByteLevel")) {
@@ -326,16 +341,15 @@ static int load_pre_tokenizer(es_tokenizer *tok, const json_t *component, es_err
     return BAD("%s: unsupported pre_tokenizer type \"%s\"", tok->name, type);
 }
 
-static int load_normalizer(es_tokenizer *tok, const json_t *component, es_error *err) {
-    if (json_is_null(component) || !component) return ES_OK;
+static int load_normalizer(es_tokenizer *tok, const cJSON *component, es_error *err) {
+    if (cJSON_IsNull(component) || !component) return ES_OK;
     const char *type = type_of(component);
     if (!type) return BAD("%s: normalizer: missing \"type\"", tok->name);
     if (!strcmp(type, "Sequence")) {
-        const json_t *list = json_object_get(component, "normalizers");
-        if (!json_is_array(list)) return BAD("%s: normalizer Sequence: \"normalizers\" is not a list", tok->name);
-        size_t i;
-        const json_t *item;
-        json_array_foreach(list, i, item) {
+        const cJSON *list = get(component, "normalizers");
+        if (!cJSON_IsArray(list)) return BAD("%s: normalizer Sequence: \"normalizers\" is not a list", tok->name);
+        const cJSON *item;
+        cJSON_ArrayForEach(item, list) {
             int rc = load_normalizer(tok, item, err);
             if (rc) return rc;
         }
@@ -356,7 +370,7 @@ static int load_normalizer(es_tokenizer *tok, const json_t *component, es_error 
 
 /* Id texts live in one arena: 150k small mallocs would cost more than the parsing. */
 static int set_id_text(es_tokenizer *tok, int32_t id, const char *text, size_t len) {
-    if (tok->text_arena_len + len > tok->text_arena_cap) {
+    if (!tok->text_arena || tok->text_arena_len + len > tok->text_arena_cap) {
         size_t cap = tok->text_arena_cap ? tok->text_arena_cap * 2 : 1 << 20;
         while (cap < tok->text_arena_len + len) cap *= 2;
         char *grown = realloc(tok->text_arena, cap);
@@ -364,7 +378,7 @@ static int set_id_text(es_tokenizer *tok, int32_t id, const char *text, size_t l
         tok->text_arena = grown;
         tok->text_arena_cap = cap;
     }
-    memcpy(tok->text_arena + tok->text_arena_len, text, len);
+    if (len) memcpy(tok->text_arena + tok->text_arena_len, text, len);
     tok->id_text_at[id] = (int64_t)tok->text_arena_len;
     tok->id_text_len[id] = (uint32_t)len;
     tok->text_arena_len += len;
@@ -388,21 +402,21 @@ static int32_t merge_part_id(es_tokenizer *tok, const char *text, size_t len, ch
     return *scratch_len < 0 ? -1 : tk_strmap_get(&tok->vocab, scratch, (size_t)*scratch_len);
 }
 
-static int load_model(es_tokenizer *tok, const json_t *model, size_t n_added, es_error *err) {
+static int load_model(es_tokenizer *tok, const cJSON *model, size_t n_added, es_error *err) {
     const char *type = type_of(model);
-    if (!model || !json_is_object(model)) return BAD("%s: missing \"model\"", tok->name);
+    if (!model || !cJSON_IsObject(model)) return BAD("%s: missing \"model\"", tok->name);
     if (!type || strcmp(type, "BPE")) return BAD("%s: unsupported model type \"%s\"", tok->name, type ? type : "(none)");
-    const json_t *vocab = json_object_get(model, "vocab"), *merges = json_object_get(model, "merges");
-    if (!json_is_object(vocab)) return BAD("%s: model: \"vocab\" is not an object", tok->name);
-    if (!json_is_array(merges)) return BAD("%s: model: \"merges\" is not a list", tok->name);
-    const json_t *dropout = json_object_get(model, "dropout");
-    if (json_is_number(dropout) && json_number_value(dropout) > 0)
+    const cJSON *vocab = get(model, "vocab"), *merges = get(model, "merges");
+    if (!cJSON_IsObject(vocab)) return BAD("%s: model: \"vocab\" is not an object", tok->name);
+    if (!cJSON_IsArray(merges)) return BAD("%s: model: \"merges\" is not a list", tok->name);
+    const cJSON *dropout = get(model, "dropout");
+    if (cJSON_IsNumber(dropout) && number_value(dropout) > 0)
         return BAD("%s: model: BPE dropout is not supported", tok->name);
     if (get_bool(model, "byte_fallback", 0)) return BAD("%s: model: byte_fallback is not supported", tok->name);
     const char *affixes[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (int i = 0; i < 2; i++) {
-        const json_t *affix = json_object_get(model, affixes[i]);
-        if (json_is_string(affix) && json_string_length(affix) > 0)
+        const cJSON *affix = get(model, affixes[i]);
+        if (cJSON_IsString(affix) && string_length(affix) > 0)
             return BAD("%s: model: %s is not supported", tok->name, affixes[i]);
     }
     tok->ignore_merges = get_bool(model, "ignore_merges", 0);
@@ -410,27 +424,29 @@ static int load_model(es_tokenizer *tok, const json_t *model, size_t n_added, es
     /* Ids: the vocabulary's, then room for added tokens numbered after it (assign_added_ids). */
     int32_t max_id = -1;
     const char *key;
-    const json_t *value;
-    json_object_foreach((json_t *)vocab, key, value) {
-        if (!json_is_integer(value) || json_integer_value(value) < 0 || json_integer_value(value) > 100000000)
+    const cJSON *value;
+    cJSON_ArrayForEach(value, vocab) {
+        key = value->string;
+        if (!is_integer(value) || integer_value(value) < 0 || integer_value(value) > 100000000)
             return BAD("%s: model: vocab entry \"%s\" has no valid id", tok->name, key);
-        if (json_integer_value(value) > max_id) max_id = (int32_t)json_integer_value(value);
+        if (integer_value(value) > max_id) max_id = (int32_t)integer_value(value);
     }
-    tok->vocab_count = (int32_t)json_object_size(vocab);
+    tok->vocab_count = (int32_t)cJSON_GetArraySize(vocab);
     tok->n_ids = (max_id + 1 > tok->vocab_count ? max_id + 1 : tok->vocab_count) + (int32_t)n_added + 1;
     tok->id_text_at = malloc((size_t)tok->n_ids * sizeof *tok->id_text_at);
     tok->id_text_len = calloc((size_t)tok->n_ids, sizeof *tok->id_text_len);
     if (!tok->id_text_at || !tok->id_text_len) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int32_t id = 0; id < tok->n_ids; id++) tok->id_text_at[id] = -1;
-    if (tk_strmap_reserve(&tok->vocab, json_object_size(vocab))) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (tk_strmap_reserve(&tok->vocab, cJSON_GetArraySize(vocab))) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
 
     char *scratch = malloc(65536);
     if (!scratch) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     int rc = ES_OK;
     for (int b = 0; b < 256; b++) tok->byte_token[b] = -1;
-    json_object_foreach((json_t *)vocab, key, value) {
+    cJSON_ArrayForEach(value, vocab) {
+        key = value->string;
         size_t key_len = strlen(key);
-        int32_t id = (int32_t)json_integer_value(value);
+        int32_t id = (int32_t)integer_value(value);
         long raw_len = key_len < 65536 ? decode_byte_level(key, key_len, scratch) : -1;
         /* Tokens outside the byte-level alphabet (e.g. specials written plainly) can never
          * come out of byte-level words; they are kept for decoding only. */
@@ -445,28 +461,28 @@ static int load_model(es_tokenizer *tok, const json_t *model, size_t n_added, es
             break;
         }
     }
-    size_t n_merges = json_array_size(merges);
+    size_t n_merges = cJSON_GetArraySize(merges);
     tok->n_pair_slots = 1024;
     while (tok->n_pair_slots < 2 * n_merges + 2) tok->n_pair_slots *= 2;
     tok->pairs = calloc(tok->n_pair_slots, sizeof *tok->pairs);
     if (!rc && !tok->pairs) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    for (size_t rank = 0; !rc && rank < n_merges; rank++) {
-        const json_t *merge = json_array_get(merges, rank);
+    const cJSON *merge = merges->child;
+    for (size_t rank = 0; !rc && rank < n_merges; rank++, merge = merge->next) {
         const char *left, *right;
         size_t left_len, right_len;
-        if (json_is_string(merge)) {
+        if (cJSON_IsString(merge)) {
             /* "a b": exactly one space, since byte-level tokens hold none */
-            left = json_string_value(merge);
+            left = string_value(merge);
             const char *space = strchr(left, ' ');
             if (!space || strchr(space + 1, ' ')) {
                 rc = BAD("%s: model: merge %zu (\"%s\") is not two tokens separated by a space", tok->name, rank, left);
                 break;
             }
             left_len = (size_t)(space - left), right = space + 1, right_len = strlen(right);
-        } else if (json_is_array(merge) && json_array_size(merge) == 2 && json_is_string(json_array_get(merge, 0)) &&
-                   json_is_string(json_array_get(merge, 1))) {
-            left = json_string_value(json_array_get(merge, 0)), left_len = json_string_length(json_array_get(merge, 0));
-            right = json_string_value(json_array_get(merge, 1)), right_len = json_string_length(json_array_get(merge, 1));
+        } else if (cJSON_IsArray(merge) && cJSON_IsString(merge->child) && cJSON_IsString(merge->child->next) &&
+                   !merge->child->next->next) {
+            left = string_value(merge->child), left_len = string_length(merge->child);
+            right = string_value(merge->child->next), right_len = string_length(merge->child->next);
         } else {
             rc = BAD("%s: model: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", tok->name, rank);
             break;
@@ -533,20 +549,21 @@ static int trie_insert(tk_trie *trie, const char *text, size_t len, int32_t adde
     return 0;
 }
 
-static int load_added_tokens(es_tokenizer *tok, const json_t *list, es_error *err) {
-    if (!list || json_is_null(list)) return ES_OK;
-    if (!json_is_array(list)) return BAD("%s: \"added_tokens\" is not a list", tok->name);
-    tok->added = calloc(json_array_size(list) + 1, sizeof *tok->added);
+static int load_added_tokens(es_tokenizer *tok, const cJSON *list, es_error *err) {
+    if (!list || cJSON_IsNull(list)) return ES_OK;
+    if (!cJSON_IsArray(list)) return BAD("%s: \"added_tokens\" is not a list", tok->name);
+    tok->added = calloc(cJSON_GetArraySize(list) + 1, sizeof *tok->added);
     if (!tok->added) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    size_t i;
-    const json_t *item;
-    json_array_foreach(list, i, item) {
-        const json_t *id = json_object_get(item, "id"), *content = json_object_get(item, "content");
-        if (!json_is_integer(id) || !json_is_string(content))
+    size_t i = (size_t)-1;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list) {
+        i++;
+        const cJSON *id = get(item, "id"), *content = get(item, "content");
+        if (!is_integer(id) || !cJSON_IsString(content))
             return BAD("%s: added_tokens[%zu]: needs an integer \"id\" and a string \"content\"", tok->name, i);
         tk_added *added = &tok->added[tok->n_added++];
         added->id = -1; /* assigned by assign_added_ids, as Hugging Face assigns it */
-        added->content = strdup(json_string_value(content));
+        added->content = strdup(string_value(content));
         if (!added->content) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
         added->special = get_bool(item, "special", 0);
         added->single_word = get_bool(item, "single_word", 0);
@@ -661,32 +678,33 @@ static void clear_template(es_tokenizer *tok) {
     tok->n_template_items = 0;
 }
 
-static int load_template(es_tokenizer *tok, const json_t *component, es_error *err) {
-    const json_t *single = json_object_get(component, "single"), *specials = json_object_get(component, "special_tokens");
-    if (!json_is_array(single)) return BAD("%s: post_processor TemplateProcessing: \"single\" is not a list", tok->name);
+static int load_template(es_tokenizer *tok, const cJSON *component, es_error *err) {
+    const cJSON *single = get(component, "single"), *specials = get(component, "special_tokens");
+    if (!cJSON_IsArray(single)) return BAD("%s: post_processor TemplateProcessing: \"single\" is not a list", tok->name);
     clear_template(tok);
-    size_t i;
-    const json_t *item;
-    json_array_foreach(single, i, item) {
-        const json_t *special = json_object_get(item, "SpecialToken");
-        if (json_object_get(item, "Sequence")) {
+    size_t i = (size_t)-1;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, single) {
+        i++;
+        const cJSON *special = get(item, "SpecialToken");
+        if (get(item, "Sequence")) {
             int rc = add_template_item(tok, 1, NULL, 0, err);
             if (rc) return rc;
             continue;
         }
-        const json_t *name = json_object_get(special, "id");
-        const json_t *entry = json_is_string(name) ? json_object_get(specials, json_string_value(name)) : NULL;
-        const json_t *ids = json_object_get(entry, "ids");
-        if (!json_is_array(ids))
+        const cJSON *name = get(special, "id");
+        const cJSON *entry = cJSON_IsString(name) ? get(specials, string_value(name)) : NULL;
+        const cJSON *ids = get(entry, "ids");
+        if (!cJSON_IsArray(ids))
             return BAD("%s: post_processor TemplateProcessing: item %zu names no special token with \"ids\"", tok->name, i);
         int32_t values[16];
-        size_t n = json_array_size(ids);
+        size_t n = cJSON_GetArraySize(ids);
         if (n > 16) return BAD("%s: post_processor TemplateProcessing: too many ids in item %zu", tok->name, i);
-        for (size_t k = 0; k < n; k++) {
-            const json_t *id = json_array_get(ids, k);
-            if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= tok->n_ids)
+        size_t k = 0;
+        for (const cJSON *id = ids->child; id; id = id->next, k++) {
+            if (!is_integer(id) || integer_value(id) < 0 || integer_value(id) >= tok->n_ids)
                 return BAD("%s: post_processor TemplateProcessing: item %zu: id outside the vocabulary", tok->name, i);
-            values[k] = (int32_t)json_integer_value(id);
+            values[k] = (int32_t)integer_value(id);
         }
         int rc = add_template_item(tok, 0, values, n, err);
         if (rc) return rc;
@@ -694,16 +712,15 @@ static int load_template(es_tokenizer *tok, const json_t *component, es_error *e
     return ES_OK;
 }
 
-static int load_post_processor(es_tokenizer *tok, const json_t *component, es_error *err) {
-    if (!component || json_is_null(component)) return ES_OK;
+static int load_post_processor(es_tokenizer *tok, const cJSON *component, es_error *err) {
+    if (!component || cJSON_IsNull(component)) return ES_OK;
     const char *type = type_of(component);
     if (!type) return BAD("%s: post_processor: missing \"type\"", tok->name);
     if (!strcmp(type, "Sequence")) {
-        const json_t *list = json_object_get(component, "processors");
-        if (!json_is_array(list)) return BAD("%s: post_processor Sequence: \"processors\" is not a list", tok->name);
-        size_t i;
-        const json_t *item;
-        json_array_foreach(list, i, item) {
+        const cJSON *list = get(component, "processors");
+        if (!cJSON_IsArray(list)) return BAD("%s: post_processor Sequence: \"processors\" is not a list", tok->name);
+        const cJSON *item;
+        cJSON_ArrayForEach(item, list) {
             int rc = load_post_processor(tok, item, err);
             if (rc) return rc;
         }
@@ -717,33 +734,56 @@ static int load_post_processor(es_tokenizer *tok, const json_t *component, es_er
     return BAD("%s: unsupported post_processor type \"%s\"", tok->name, type);
 }
 
-static int check_decoder(es_tokenizer *tok, const json_t *component, es_error *err) {
-    if (!component || json_is_null(component)) return ES_OK;
+static int check_decoder(es_tokenizer *tok, const cJSON *component, es_error *err) {
+    if (!component || cJSON_IsNull(component)) return ES_OK;
     const char *type = type_of(component);
     if (type && !strcmp(type, "ByteLevel")) return ES_OK;
     return BAD("%s: unsupported decoder type \"%s\"", tok->name, type ? type : "(none)");
 }
 
+/* Parses JSON text; a syntax error names the file, line and column. */
+static cJSON *parse_json(const char *text, size_t len, const char *name, es_error *err) {
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    if (root) {
+        /* only white space may follow the value */
+        size_t at = (size_t)(end - text);
+        while (at < len && (text[at] == ' ' || text[at] == '\n' || text[at] == '\r' || text[at] == '\t')) at++;
+        if (at == len || text[at] == '\0') return root;
+        cJSON_Delete(root);
+    }
+    size_t at = end && end >= text && end <= text + len ? (size_t)(end - text) : len;
+    long line = 1, column = 1;
+    for (size_t k = 0; k < at; k++) line += text[k] == '\n', column = text[k] == '\n' ? 1 : column + 1;
+    es_fail(err, ES_ERR_DATA, "%s:%ld:%ld: invalid JSON%s", name, line, column, at >= len ? " (truncated?)" : "");
+    return NULL;
+}
+
+static int read_file(const char *path, char **data, size_t *len, es_error *err);
+
 /* ---- tokenizer_config.json ------------------------------------------------------------- */
 
-static const char *token_text(const json_t *value) {
-    if (json_is_string(value)) return json_string_value(value);
-    const json_t *content = json_object_get(value, "content"); /* {"content": "<s>", ...} */
-    return json_is_string(content) ? json_string_value(content) : NULL;
+static const char *token_text(const cJSON *value) {
+    if (cJSON_IsString(value)) return string_value(value);
+    const cJSON *content = get(value, "content"); /* {"content": "<s>", ...} */
+    return cJSON_IsString(content) ? string_value(content) : NULL;
 }
 
 /* transformers' LlamaTokenizerFast rebuilds the post-processor from add_bos_token (default
  * true) and add_eos_token (default false): "[BOS] $A [EOS]". Other classes keep the file's. */
 static int apply_tokenizer_config(es_tokenizer *tok, const char *path, es_error *err) {
-    json_error_t json_error;
-    json_t *config = json_load_file(path, 0, &json_error);
-    if (!config) return BAD("%s:%d: invalid JSON: %s", path, json_error.line, json_error.text);
-    int rc = ES_OK;
-    const json_t *class_name = json_object_get(config, "tokenizer_class");
-    if (json_is_string(class_name) && !strcmp(json_string_value(class_name), "LlamaTokenizerFast")) {
+    char *text = NULL;
+    size_t len = 0;
+    int rc = read_file(path, &text, &len, err);
+    if (rc) return rc;
+    cJSON *config = parse_json(text, len, path, err);
+    free(text);
+    if (!config) return err->code;
+    const cJSON *class_name = get(config, "tokenizer_class");
+    if (cJSON_IsString(class_name) && !strcmp(string_value(class_name), "LlamaTokenizerFast")) {
         int add_bos = get_bool(config, "add_bos_token", 1), add_eos = get_bool(config, "add_eos_token", 0);
-        const char *bos = token_text(json_object_get(config, "bos_token"));
-        const char *eos = token_text(json_object_get(config, "eos_token"));
+        const char *bos = token_text(get(config, "bos_token"));
+        const char *eos = token_text(get(config, "eos_token"));
         int32_t bos_id = bos ? es_tokenizer_token_id(tok, bos) : -1, eos_id = eos ? es_tokenizer_token_id(tok, eos) : -1;
         if (add_bos && bos_id < 0) rc = BAD("%s: add_bos_token, but bos_token is not a known token", path);
         else if (add_eos && eos_id < 0) rc = BAD("%s: add_eos_token, but eos_token is not a known token", path);
@@ -754,26 +794,26 @@ static int apply_tokenizer_config(es_tokenizer *tok, const char *path, es_error 
             if (!rc && add_eos) rc = add_template_item(tok, 0, &eos_id, 1, err);
         }
     }
-    json_decref(config);
+    cJSON_Delete(config);
     return rc;
 }
 
 /* ---- loading ------------------------------------------------------------------------- */
 
-static int load_components(es_tokenizer *tok, json_t *root, es_error *err) {
-    if (!json_is_object(root)) return BAD("%s: not a JSON object", tok->name);
-    const json_t *model = json_object_get(root, "model");
+static int load_components(es_tokenizer *tok, cJSON *root, es_error *err) {
+    if (!cJSON_IsObject(root)) return BAD("%s: not a JSON object", tok->name);
+    const cJSON *model = get(root, "model");
     if (!model) return BAD("%s: missing \"model\"", tok->name);
-    int rc = load_added_tokens(tok, json_object_get(root, "added_tokens"), err);
-    if (!rc) rc = load_normalizer(tok, json_object_get(root, "normalizer"), err);
-    if (!rc) rc = load_pre_tokenizer(tok, json_object_get(root, "pre_tokenizer"), err);
+    int rc = load_added_tokens(tok, get(root, "added_tokens"), err);
+    if (!rc) rc = load_normalizer(tok, get(root, "normalizer"), err);
+    if (!rc) rc = load_pre_tokenizer(tok, get(root, "pre_tokenizer"), err);
     if (!rc && !tok->byte_level)
         rc = BAD("%s: pre_tokenizer: only byte-level BPE is supported (no ByteLevel pre-tokenizer found)", tok->name);
     if (!rc) rc = load_model(tok, model, tok->n_added, err);
     if (!rc) rc = assign_added_ids(tok, err);
     if (!rc) rc = build_added_matchers(tok, err);
-    if (!rc) rc = load_post_processor(tok, json_object_get(root, "post_processor"), err);
-    if (!rc) rc = check_decoder(tok, json_object_get(root, "decoder"), err);
+    if (!rc) rc = load_post_processor(tok, get(root, "post_processor"), err);
+    if (!rc) rc = check_decoder(tok, get(root, "decoder"), err);
     if (!rc)
         for (int b = 0; b < 256 && !rc; b++)
             if (tok->byte_token[b] < 0) rc = BAD("%s: model: byte-level vocabulary lacks the token for byte 0x%02x", tok->name, b);
@@ -791,11 +831,9 @@ int es_tokenizer_load_json(const char *json, size_t len, const char *name, es_to
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
     if (pthread_key_create(&tok->cache_key, tk_workspace_free) == 0) tok->has_cache_key = 1;
-    json_error_t json_error;
-    json_t *root = json_loadb(json, len, 0, &json_error);
-    int rc = root ? load_components(tok, root, err)
-                  : BAD("%s:%d:%d: invalid JSON: %s", name, json_error.line, json_error.column, json_error.text);
-    json_decref(root);
+    cJSON *root = parse_json(json, len, name, err);
+    int rc = root ? load_components(tok, root, err) : err->code;
+    cJSON_Delete(root);
     if (rc) {
         es_tokenizer_free(tok);
         return rc;

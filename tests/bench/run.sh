@@ -3,8 +3,9 @@
 set -eu
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
-for b in "$BUILD"/bench/bench_*; do
-    [ -x "$b" ] || continue
-    echo "== $(basename "$b")"
-    "$b"
-done
+VENV=${VENV:-.venv}
+export ESSENCE_FIXTURES=${ESSENCE_FIXTURES:-$PWD/../shared/fixtures}
+echo "== bench_h5store"
+"$BUILD"/bench/bench_h5store
+echo "== bench_tokenizer"
+BUILD=$BUILD "$VENV"/bin/python tests/bench/bench_tokenizer.py
