@@ -55,9 +55,9 @@ int es_jsonl_next(es_jsonl *r, json_t **out, es_error *err) {
         if (got < 0) {
             if (ferror(r->file))
                 return es_fail(err, ES_ERR_RUNTIME, "%s:%ld: read error: %s", r->path, r->line + 1,
-                               strerror(errno ? errno : EIO));
+                               strerror(errno ? errno : EIO)), -1;
             if (errno == ENOMEM)
-                return es_fail(err, ES_ERR_RUNTIME, "%s:%ld: out of memory", r->path, r->line + 1);
+                return es_fail(err, ES_ERR_RUNTIME, "%s:%ld: out of memory", r->path, r->line + 1), -1;
             return 0;
         }
         r->line++;
@@ -81,13 +81,13 @@ int es_jsonl_next(es_jsonl *r, json_t **out, es_error *err) {
             clean_text(jerr.text);
             if (json_error_code(&jerr) == json_error_invalid_utf8)
                 return es_fail(err, ES_ERR_DATA, "%s:%ld: invalid UTF-8 (column %d)", r->path, r->line,
-                               jerr.column);
+                               jerr.column), -1;
             return es_fail(err, ES_ERR_DATA, "%s:%ld: invalid JSON: %s (column %d)", r->path, r->line,
-                           jerr.text, jerr.column);
+                           jerr.text, jerr.column), -1;
         }
         if (!json_is_object(v)) {
             json_decref(v);
-            return es_fail(err, ES_ERR_DATA, "%s:%ld: expected a JSON object", r->path, r->line);
+            return es_fail(err, ES_ERR_DATA, "%s:%ld: expected a JSON object", r->path, r->line), -1;
         }
         *out = v;
         return 1;

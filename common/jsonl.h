@@ -25,7 +25,7 @@ int es_jsonl_open_memory(es_jsonl *reader, const void *data, size_t len, const c
                          es_error *err);
 
 /* Next value: 1 and *out (a new reference; caller json_decref's it), 0 at end of file, or
- * an error code: ES_ERR_DATA for a malformed line ("FILE:LINE: invalid JSON: ... (column C)"),
+ * -1 with err set: ES_ERR_DATA for a malformed line ("FILE:LINE: invalid JSON: ... (column C)"),
  * invalid UTF-8, or a line whose value is not an object ("FILE:LINE: expected a JSON object");
  * ES_ERR_RUNTIME for a read error. */
 int es_jsonl_next(es_jsonl *reader, json_t **out, es_error *err);

@@ -270,7 +270,7 @@ int main(int argc, char **argv) {
         extract_sample sample;
         int got = extract_input_next(&input, &sample, &err);
         if (got <= 0) {
-            rc = got < 0 ? got : es_fail(&err, ES_ERR_DATA, "%s: ended early", data);
+            rc = got < 0 ? err.code : es_fail(&err, ES_ERR_DATA, "%s: ended early", data);
             break;
         }
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {

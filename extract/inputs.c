@@ -126,7 +126,7 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
     json_decref(object);
     if (rc) {
         extract_sample_free(sample);
-        return rc;
+        return -1;
     }
     return 1;
 }
@@ -135,7 +135,7 @@ int extract_input_skip(extract_input *input, int64_t n, es_error *err) {
     for (int64_t i = 0; i < n; i++) {
         json_t *object = NULL;
         int got = es_jsonl_next(&input->reader, &object, err);
-        if (got < 0) return got;
+        if (got < 0) return err->code;
         if (got == 0) return es_fail(err, ES_ERR_DATA, "%s: ended after %lld samples, expected more", input->path, (long long)i);
         json_decref(object);
     }

@@ -38,7 +38,7 @@ typedef struct extract_input {
 
 int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, const char *template_text,
                        int max_seq, int vocab_size, es_error *err);
-/* 1 and the next sample, 0 at the end, or an error naming PATH:LINE. */
+/* 1 and the next sample, 0 at the end, or -1 with err set (naming PATH:LINE). */
 int extract_input_next(extract_input *input, extract_sample *sample, es_error *err);
 /* Skips n samples without tokenising them (a shard's start, a resumed run's done samples). */
 int extract_input_skip(extract_input *input, int64_t n, es_error *err);

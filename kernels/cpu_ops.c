@@ -22,11 +22,33 @@ void es_rmsnorm_forward(float *out, const float *in, const float *weight, int T,
     }
 }
 
+/* Rows go through sgemm in blocks of exactly MATMUL_ROWS (the last one padded): OpenBLAS picks
+ * its kernels by the matrix sizes, so a token's result would otherwise depend on how many
+ * other tokens share its batch. Fixed blocks make outputs independent of batching. */
+enum { MATMUL_ROWS = 64 };
+
 void es_matmul_forward(float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
-    if (bias) {
-        for (int t = 0; t < T; t++) memcpy(out + (size_t)t * OC, bias, (size_t)OC * sizeof(float));
+    float *padded_in = NULL, *padded_out = NULL;
+    for (int first = 0; first < T; first += MATMUL_ROWS) {
+        int rows = T - first < MATMUL_ROWS ? T - first : MATMUL_ROWS;
+        const float *block_in = in + (size_t)first * C;
+        float *block_out = out + (size_t)first * OC;
+        if (rows < MATMUL_ROWS) {
+            if (!padded_in) {
+                padded_in = calloc((size_t)MATMUL_ROWS * C, sizeof *padded_in);
+                padded_out = malloc((size_t)MATMUL_ROWS * OC * sizeof *padded_out);
+            }
+            if (!padded_in || !padded_out) abort(); /* a few hundred kilobytes */
+            memcpy(padded_in, block_in, (size_t)rows * C * sizeof *padded_in);
+            block_in = padded_in, block_out = padded_out;
+        }
+        if (bias)
+            for (int t = 0; t < MATMUL_ROWS; t++) memcpy(block_out + (size_t)t * OC, bias, (size_t)OC * sizeof(float));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, MATMUL_ROWS, OC, C, 1.0f, block_in, C, weight, C,
+                    bias ? 1.0f : 0.0f, block_out, OC);
+        if (rows < MATMUL_ROWS) memcpy(out + (size_t)first * OC, padded_out, (size_t)rows * OC * sizeof *out);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, OC, C, 1.0f, in, C, weight, C, bias ? 1.0f : 0.0f, out, OC);
+    free(padded_in), free(padded_out);
 }
 
 void es_rope_forward(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {

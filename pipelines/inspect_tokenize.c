@@ -74,8 +74,8 @@ int inspect_tokenize(const es_config *cfg, es_error *err) {
         es_jsonl reader;
         rc = es_jsonl_open(&reader, path, err);
         json_t *object = NULL;
-        while (!rc && (rc = es_jsonl_next(&reader, &object, err)) == 1) {
-            rc = ES_OK;
+        int got = 0;
+        while (!rc && (got = es_jsonl_next(&reader, &object, err)) == 1) {
             if (decode) {
                 rc = decode_one(tok, reader.path, reader.line, object, err);
             } else {
@@ -85,7 +85,7 @@ int inspect_tokenize(const es_config *cfg, es_error *err) {
             }
             json_decref(object);
         }
-        if (rc == 0 || rc == 1) rc = ES_OK;
+        if (!rc && got < 0) rc = err->code;
         es_jsonl_close(&reader);
     } else {
         /* plain text on standard input: one text per line, without its newline */

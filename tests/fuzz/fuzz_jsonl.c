@@ -50,7 +50,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         char want[64];
         snprintf(want, sizeof want, "fuzz.jsonl:%ld: ", r.line);
-        if (rc != ES_ERR_DATA || v || strncmp(err.msg, want, strlen(want)) != 0) abort();
+        if (rc != -1 || err.code != ES_ERR_DATA || v || strncmp(err.msg, want, strlen(want)) != 0) abort();
     }
     es_jsonl_close(&r);
     free(buf);

@@ -24,7 +24,7 @@ static int read_all(const void *data, size_t len, es_error *err, long *last_line
     }
     if (last_line) *last_line = r.line;
     es_jsonl_close(&r);
-    return rc ? -rc : n;
+    return rc ? -err->code : n;
 }
 
 TEST(good_lines_blank_and_crlf) {
@@ -64,7 +64,7 @@ TEST(malformed_line_number) {
     json_decref(v);
     REQUIRE(es_jsonl_next(&r, &v, &err) == 1);
     json_decref(v);
-    CHECK(es_jsonl_next(&r, &v, &err) == ES_ERR_DATA && v == NULL);
+    CHECK(es_jsonl_next(&r, &v, &err) == -1 && err.code == ES_ERR_DATA && v == NULL);
     CHECKF(contains(err.msg, "data.jsonl:4: invalid JSON: ") && contains(err.msg, "(column "), "%s", err.msg);
     SHOW(err);
     /* The caller may go on after a bad line. */
@@ -195,7 +195,7 @@ TEST(files) {
     json_t *v;
     CHECK(es_jsonl_next(&r, &v, &err) == 1);
     json_decref(v);
-    CHECK(es_jsonl_next(&r, &v, &err) == ES_ERR_DATA);
+    CHECK(es_jsonl_next(&r, &v, &err) == -1 && err.code == ES_ERR_DATA);
     char want[1100];
     snprintf(want, sizeof want, "%s:3: expected a JSON object", path);
     CHECKF(contains(err.msg, want), "%s", err.msg);

@@ -1,0 +1,218 @@
+"""essence-extract end to end, checked with h5py against the Hugging Face goldens: ids input on
+both tiny models, real text tokenised with llama3.json, independence from batching and
+sharding, resume after SIGKILL, and bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the zstd filter)
+import numpy as np
+
+BUILD = os.environ.get("ESSENCE_BUILD", "build")
+EXTRACT = os.path.join(BUILD, "essence-extract")
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+sys.path.insert(0, os.path.join(FIXTURES, "..", "tools"))
+failed = 0
+
+
+def report(name, ok, why=""):
+    global failed
+    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
+    failed += 0 if ok else 1
+
+
+def extract(*args, check=True):
+    run = subprocess.run([EXTRACT, *args], capture_output=True, text=True)
+    if check and run.returncode != 0:
+        raise RuntimeError(f"essence-extract {' '.join(args)}: {run.stderr.strip()}")
+    return run
+
+
+def datasets(path):
+    """Every dataset of a file as numpy arrays (ids as bytes), for exact comparisons."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def same_datasets(a, b):
+    if sorted(a) != sorted(b):
+        return f"datasets {sorted(set(a) ^ set(b))} differ"
+    for name in a:
+        if a[name].shape != b[name].shape or not np.array_equal(a[name], b[name]):
+            return f"{name} differs"
+    return ""
+
+
+def golden_ids(tmp, model):
+    import st
+    goldens = st.load(os.path.join(FIXTURES, "models", model, "golden_hidden.safetensors"))
+    path = os.path.join(tmp, f"{model}-ids.jsonl")
+    with open(path, "w") as f:
+        for s in range(4):
+            f.write(json.dumps({"id": f"seq{s}", "ids": [int(x) for x in goldens[f"seq{s}/input_ids"]]}) + "\n")
+    return goldens, path
+
+
+def check_goldens(tmp, model):
+    goldens, data = golden_ids(tmp, model)
+    n_layers = json.load(open(os.path.join(FIXTURES, "models", model, "config.json")))["num_hidden_layers"]
+    out = os.path.join(tmp, f"{model}.h5")
+    extract("--model", os.path.join(FIXTURES, "models", model), "--data", data, "--out", out,
+            "--layers", ",".join(str(l) for l in range(n_layers + 1)), "--batch-tokens", "64")
+    worst = 0.0
+    with h5py.File(out, "r") as f:
+        starts = f["/samples/token_start"][...]
+        for s in range(4):
+            for layer in range(n_layers + 1):
+                want = goldens[f"seq{s}/embed" if layer == 0 else f"seq{s}/layer{layer:02d}"]
+                got = f[f"/latents/layer_{layer:03d}"][starts[s]:starts[s + 1]]
+                # bf16 keeps 8 significant bits: within half a unit in the last place, plus float noise
+                excess = np.abs(got - want) - (2.0 ** -8 * np.abs(want) + 1e-5 * np.abs(want).max())
+                worst = max(worst, float(excess.max()))
+        ids_ok = all(np.array_equal(f["/tokens/id"][starts[s]:starts[s + 1]], goldens[f"seq{s}/input_ids"]) for s in range(4))
+        names_ok = [x.decode() for x in f["/samples/id"][...]] == [f"seq{s}" for s in range(4)]
+        attrs_ok = f.attrs["format"] == "essence.teacher" and int(f.attrs["format_version"]) == 1
+    report(f"{model}_latents_equal_goldens_within_bf16", worst <= 0, f"exceeds bf16 rounding by {worst}")
+    report(f"{model}_ids_and_attributes", ids_ok and names_ok and attrs_ok, "ids, sample ids or attributes differ")
+
+
+def check_real_text(tmp):
+    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "tokenizer-goldens", "llama3_1.jsonl"), encoding="utf-8")]
+    rows = [r for r in rows if r["add_special_tokens"] and r["text"]][:300]
+    data = os.path.join(tmp, "texts.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"id": str(r["i"]), "text": r["text"]}, ensure_ascii=False) + "\n")
+    # A model folder with llama3.json and the R1-Distill tokenizer_config.json flags: BOS added.
+    folder = os.path.join(tmp, "teacher")
+    os.makedirs(folder)
+    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
+        os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(folder, name))
+    os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(folder, "tokenizer.json"))
+    json.dump({"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "bos_token": "<|begin_of_text|>"},
+              open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    out = os.path.join(tmp, "text.h5")
+    extract("--model", folder, "--data", data, "--out", out, "--layers", "1", "--max-seq", "100000")
+    bad = []
+    with h5py.File(out, "r") as f:
+        starts, ids = f["/samples/token_start"][...], f["/tokens/id"][...]
+        begin, end = f["/tokens/byte_start"][...], f["/tokens/byte_end"][...]
+        text_bytes, text_start = f["/samples/text_bytes"][...], f["/samples/text_start"][...]
+        for s, r in enumerate(rows):
+            span = slice(starts[s], starts[s + 1])
+            spans = np.stack([begin[span], end[span]], 1).tolist()
+            text = bytes(text_bytes[text_start[s]:text_start[s + 1]]).decode()
+            if ids[span].tolist() != r["ids"] or spans != r["byte_offsets"] or text != r["text"]:
+                bad.append(r["i"])
+    report("real_text_ids_and_spans_equal_goldens", not bad, f"samples {bad[:5]} differ")
+
+
+def check_batching_and_shards(tmp):
+    data = os.path.join(tmp, "many.jsonl")
+    rng = random.Random(5)
+    with open(data, "w") as f:
+        for s in range(40):
+            f.write(json.dumps({"id": f"s{s}", "ids": [rng.randrange(128256) for _ in range(rng.randint(1, 40))]}) + "\n")
+    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+    runs = {}
+    for label, extra in (("one_batch", ["--batch-tokens", "100000"]), ("small_batches", ["--batch-tokens", "37"])):
+        out = os.path.join(tmp, f"{label}.h5")
+        extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16", *extra)
+        runs[label] = datasets(out)
+    why = same_datasets(runs["one_batch"], runs["small_batches"])
+    report("output_independent_of_batch_size", not why, why)
+    parts = []
+    for shard in range(3):
+        out = os.path.join(tmp, f"shard{shard}.h5")
+        extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--shard", f"{shard}/3", "--chunk-rows", "16")
+        parts.append(datasets(out))
+    whole = runs["one_batch"]
+    ok = True
+    for name in ("latents/layer_004", "tokens/id", "samples/id", "tokens/byte_start"):
+        ok = ok and np.array_equal(np.concatenate([p[name] for p in parts]), whole[name])
+    counts = [p["samples/token_start"][-1] for p in parts]
+    report("shards_concatenated_equal_whole", ok and sum(counts) == whole["samples/token_start"][-1], "shard outputs differ")
+    return data, runs["one_batch"]
+
+
+def check_resume_after_kill(tmp, data, reference):
+    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+    out = os.path.join(tmp, "killed.h5")
+    args = ["--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16",
+            "--batch-tokens", "30", "--threads", "1"]
+    rng = random.Random(11)
+    problems, kills = [], 0
+    for trial in range(8):
+        for leftover in (out, out + ".partial"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        process = subprocess.Popen([EXTRACT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.35))  # the whole run takes about 0.4 s
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if process.returncode != -signal.SIGKILL:
+            continue  # it finished first: nothing to resume
+        kills += 1
+        if os.path.exists(out):
+            problems.append(f"trial {trial}: a killed run left {out}")
+        run = extract(*args, "--resume", check=False)
+        if run.returncode != 0:
+            problems.append(f"trial {trial}: resume failed: {run.stderr.strip()}")
+            continue
+        why = same_datasets(datasets(out), reference)
+        if why:
+            problems.append(f"trial {trial}: {why}")
+    if kills < 5:
+        problems.append(f"only {kills} of 8 runs were killed before finishing")
+    report("resume_after_sigkill_equals_uninterrupted", not problems, "; ".join(problems[:3]))
+
+
+def check_bad_input(tmp):
+    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+    cases = {
+        "malformed_line": ('{"text": "fine"}\n{"text": "oops"\n', ["--tokenizer", os.path.join(FIXTURES, "tokenizers", "llama3.json")], 3, ":2:"),
+        "wrong_type": ('{"text": 17}\n', [], 3, 'field "text" is not a string'),
+        "empty_text": ('{"text": ""}\n', ["--tokenizer", os.path.join(FIXTURES, "tokenizers", "llama3.json")], 3, "empty"),
+        "ids_beyond_vocabulary": ('{"ids": [1, 2, 999999]}\n', [], 3, "ids[2]"),
+        "layer_out_of_range": ('{"ids": [1]}\n', ["--layers", "9"], 2, "layer 9"),
+    }
+    for name, (text, extra, code, expect) in cases.items():
+        data = os.path.join(tmp, f"{name}.jsonl")
+        open(data, "w").write(text)
+        out = os.path.join(tmp, f"{name}.h5")
+        layers = [] if "--layers" in extra else ["--layers", "1"]
+        run = extract("--model", model, "--data", data, "--out", out, *layers, *extra, check=False)
+        ok = run.returncode == code and expect in run.stderr and not os.path.exists(out)
+        report(f"bad_{name}", ok, f"exit {run.returncode}: {run.stderr.strip()}")
+    run = extract("--model", os.path.join(tmp, "nowhere"), "--data", data, "--out", out, "--layers", "1", check=False)
+    report("bad_missing_model", run.returncode in (2, 3) and "nowhere" in run.stderr, run.stderr.strip())
+
+
+def main():
+    if not os.path.isdir(os.path.join(FIXTURES, "models")):
+        print(f"SKIP extract: fixtures not found at {FIXTURES}")
+        return
+    tmp = tempfile.mkdtemp()
+    check_goldens(tmp, "tiny-llama3")
+    check_goldens(tmp, "tiny-qwen2")
+    check_real_text(tmp)
+    data, reference = check_batching_and_shards(tmp)
+    check_resume_after_kill(tmp, data, reference)
+    check_bad_input(tmp)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:
+        failed += 1
+        print(f"FAIL test_extract: {type(exc).__name__}: {exc}")
+    sys.exit(1 if failed else 0)
