@@ -3,6 +3,8 @@
  *   essence-inspect FILE.h5                  summary: format, samples, tokens, datasets, attributes
  *   essence-inspect FILE.safetensors | DIR   the tensors of a checkpoint (sharded or not)
  *   essence-inspect stats FILE.h5 [--layer L]
+ *   essence-inspect sample FILE.h5 --index I
+ *   essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR
  *   essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]
  */
 #include <stdio.h>
@@ -17,6 +19,8 @@
 static const char usage[] =
     "essence-inspect FILE.h5 | FILE.safetensors | MODEL_DIR\n"
     "       essence-inspect stats FILE.h5 [--layer L] [--threads N]\n"
+    "       essence-inspect sample FILE.h5 --index I\n"
+    "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
     "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]";
 
 static const char description[] =
@@ -29,6 +33,12 @@ static const char description[] =
 
 static const es_option options[] = {
     {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)"},
+    {"index", ES_OPT_INT, NULL, "sample: the sample to show (0-based)"},
+    {"like", ES_OPT_STRING, NULL, "mkmodel: the config.json whose shape to copy"},
+    {"layers", ES_OPT_INT, NULL, "mkmodel: number of decoder layers (default: the config's)"},
+    {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)"},
+    {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights"},
+    {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write"},
     {"threads", ES_OPT_INT, "0", "decompression threads (0: one per CPU)"},
     {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
     {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
@@ -68,6 +78,11 @@ int main(int argc, char **argv) {
     } else if (strcmp(command, "stats") == 0) {
         rc = cfg.n_positional == 2 ? inspect_stats(cfg.positional[1], &cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect stats FILE.h5 [--layer L]");
+    } else if (strcmp(command, "sample") == 0) {
+        rc = cfg.n_positional == 2 ? inspect_sample(cfg.positional[1], &cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect sample FILE.h5 --index I");
+    } else if (strcmp(command, "mkmodel") == 0) {
+        rc = cfg.n_positional == 1 ? inspect_mkmodel(&cfg, &err) : es_fail(&err, ES_ERR_USAGE, "mkmodel takes no file argument");
     } else if (strcmp(command, "tokenize") == 0) {
         rc = cfg.n_positional == 1 ? inspect_tokenize(&cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "tokenize takes no file argument (use --jsonl FILE)");

@@ -143,6 +143,39 @@ def check_batching_and_shards(tmp):
     return data, runs["one_batch"]
 
 
+def check_threads(tmp, data):
+    """Across thread counts the latents agree within 1e-5 relative (sums may be ordered differently)."""
+    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+    results = []
+    for threads in ("1", "2"):
+        out = os.path.join(tmp, f"threads{threads}.h5")
+        extract("--model", model, "--data", data, "--out", out, "--layers", "4", "--threads", threads)
+        results.append(datasets(out)["latents/layer_004"].astype(np.float64))
+    relative = np.abs(results[0] - results[1]).max() / np.abs(results[0]).max()
+    print(f"  threads 1 vs 2: max relative difference {relative:.3g}")
+    report("threads_agree_within_1e-5", relative <= 1e-5, f"relative difference {relative}")
+
+
+def check_mkmodel_shapes(tmp):
+    """mkmodel makes a loadable checkpoint; a config.json that disagrees with it is named."""
+    inspect = os.path.join(BUILD, "essence-inspect")
+    folder = os.path.join(tmp, "random-model")
+    like = os.path.join(FIXTURES, "models", "tiny-qwen2", "config.json")
+    made = subprocess.run([inspect, "mkmodel", "--like", like, "--layers", "2", "--seed", "7", "--out", folder],
+                          capture_output=True, text=True)
+    data = os.path.join(tmp, "one-ids.jsonl")
+    open(data, "w").write('{"ids": [1, 2, 3, 4]}\n')
+    run = extract("--model", folder, "--data", data, "--out", os.path.join(tmp, "random.h5"), "--layers", "2", check=False)
+    report("mkmodel_checkpoint_extracts", made.returncode == 0 and run.returncode == 0, made.stderr + run.stderr)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config["intermediate_size"] += 8
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    out = os.path.join(tmp, "mismatch.h5")
+    run = extract("--model", folder, "--data", data, "--out", out, "--layers", "1", check=False)
+    report("bad_tensor_shape_names_tensor", run.returncode == 3 and "mlp.gate_proj.weight" in run.stderr and not os.path.exists(out),
+           f"exit {run.returncode}: {run.stderr.strip()}")
+
+
 def check_resume_after_kill(tmp, data, reference):
     model = os.path.join(FIXTURES, "models", "tiny-llama3")
     out = os.path.join(tmp, "killed.h5")
@@ -206,6 +239,8 @@ def main():
     check_real_text(tmp)
     data, reference = check_batching_and_shards(tmp)
     check_resume_after_kill(tmp, data, reference)
+    check_threads(tmp, data)
+    check_mkmodel_shapes(tmp)
     check_bad_input(tmp)
 
 
