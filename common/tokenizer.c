@@ -284,7 +284,7 @@ static int add_split(es_tokenizer *tok, const char *pattern, int literal, const 
     int code;
     PCRE2_SIZE offset;
     pcre2_code *regex = pcre2_compile((PCRE2_SPTR)translated, PCRE2_ZERO_TERMINATED,
-                                      PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0), &code, &offset, NULL);
+                                      PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP), &code, &offset, NULL);
     free(translated);
     if (!regex) {
         PCRE2_UCHAR message[256];
@@ -728,6 +728,7 @@ static int load_post_processor(es_tokenizer *tok, const cJSON *component, es_err
     }
     if (!strcmp(type, "ByteLevel")) {
         tok->trim_offsets = get_bool(component, "trim_offsets", 0);
+        tok->trim_prefix_space = get_bool(component, "add_prefix_space", 1);
         return ES_OK;
     }
     if (!strcmp(type, "TemplateProcessing")) return load_template(tok, component, err);
@@ -830,7 +831,8 @@ int es_tokenizer_load_json(const char *json, size_t len, const char *name, es_to
         free(tok);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
-    if (pthread_key_create(&tok->cache_key, tk_workspace_free) == 0) tok->has_cache_key = 1;
+    pthread_mutex_init(&tok->workspaces_lock, NULL);
+    if (pthread_key_create(&tok->cache_key, tk_workspace_release) == 0) tok->has_cache_key = 1;
     cJSON *root = parse_json(json, len, name, err);
     int rc = root ? load_components(tok, root, err) : err->code;
     cJSON_Delete(root);
@@ -895,10 +897,10 @@ void es_tokenizer_free(es_tokenizer *tok) {
     free(tok->raw_trie.nodes), free(tok->normalized_trie.nodes);
     clear_template(tok);
     if (tok->has_cache_key) {
-        tk_workspace_free(pthread_getspecific(tok->cache_key)); /* this thread's; others freed at their exit */
-        pthread_setspecific(tok->cache_key, NULL);
-        pthread_key_delete(tok->cache_key);
+        pthread_key_delete(tok->cache_key); /* no destructor runs after this */
+        tk_workspaces_free_all(tok);       /* every thread's, this one's included */
     }
+    pthread_mutex_destroy(&tok->workspaces_lock);
     free(tok->name);
     free(tok);
 }

@@ -18,6 +18,8 @@ typedef struct piece {
 
 /* Per-thread scratch and word cache: a loaded tokenizer stays read-only. */
 typedef struct tk_workspace {
+    es_tokenizer *owner;
+    struct tk_workspace *prev, *next; /* the owner's list */
     tk_strmap cache;          /* word bytes -> index into cache_tokens */
     int32_t *cache_tokens;    /* per word: count, then (id, end offset in the word) pairs */
     size_t cache_len, cache_cap;
@@ -33,9 +35,7 @@ typedef struct tk_workspace {
 
 enum { CACHE_MAX_WORDS = 1 << 18, CACHE_MAX_WORD_BYTES = 256 };
 
-void tk_workspace_free(void *p) {
-    tk_workspace *ws = p;
-    if (!ws) return;
+static void workspace_free(tk_workspace *ws) {
     tk_strmap_free(&ws->cache);
     free(ws->cache_tokens), free(ws->norm), free(ws->norm_span), free(ws->pieces), free(ws->next_pieces);
     pcre2_match_data_free(ws->match);
@@ -43,15 +43,44 @@ void tk_workspace_free(void *p) {
     free(ws);
 }
 
+void tk_workspace_release(void *p) {
+    tk_workspace *ws = p;
+    if (!ws) return;
+    es_tokenizer *tok = ws->owner;
+    pthread_mutex_lock(&tok->workspaces_lock);
+    if (ws->prev) ws->prev->next = ws->next;
+    else tok->workspaces = ws->next;
+    if (ws->next) ws->next->prev = ws->prev;
+    pthread_mutex_unlock(&tok->workspaces_lock);
+    workspace_free(ws);
+}
+
+void tk_workspaces_free_all(es_tokenizer *tok) {
+    for (tk_workspace *ws = tok->workspaces, *next; ws; ws = next) {
+        next = ws->next;
+        workspace_free(ws);
+    }
+    tok->workspaces = NULL;
+}
+
 static tk_workspace *workspace(const es_tokenizer *tok) {
     tk_workspace *ws = tok->has_cache_key ? pthread_getspecific(tok->cache_key) : NULL;
     if (ws) return ws;
+    if (!tok->has_cache_key) return NULL;
     ws = calloc(1, sizeof *ws);
     if (!ws || !(ws->match = pcre2_match_data_create(16, NULL))) {
         free(ws);
         return NULL;
     }
-    if (tok->has_cache_key) pthread_setspecific(tok->cache_key, ws);
+    /* The list is the one mutable part of a loaded tokenizer, behind its lock. */
+    es_tokenizer *owner = (es_tokenizer *)tok;
+    ws->owner = owner;
+    pthread_mutex_lock(&owner->workspaces_lock);
+    ws->next = owner->workspaces;
+    if (owner->workspaces) owner->workspaces->prev = ws;
+    owner->workspaces = ws;
+    pthread_mutex_unlock(&owner->workspaces_lock);
+    pthread_setspecific(tok->cache_key, ws);
     return ws;
 }
 
@@ -553,8 +582,9 @@ static void trim_offsets(const es_tokenizer *tok, es_encoding *out) {
         const char *text = tk_id_text(tok, out->ids[i], &len);
         if (!text) continue;
         while (leading < len && text[leading] == ' ') leading++;
-        while (trailing < len - leading && text[len - 1 - trailing] == ' ') trailing++;
+        while (trailing < len && text[len - 1 - trailing] == ' ') trailing++;
         int32_t *span = out->spans[i];
+        if (leading == 1 && tok->trim_prefix_space && (i == 0 || span[0] == 0)) leading = 0;
         if (leading) span[0] = span[0] + (int32_t)leading < span[1] ? span[0] + (int32_t)leading : span[1];
         if (trailing && span[1] >= (int32_t)trailing)
             span[1] = span[1] - (int32_t)trailing > span[0] ? span[1] - (int32_t)trailing : span[0];

@@ -105,9 +105,13 @@ struct es_tokenizer {
     tk_template_item *template_items;
     size_t n_template_items;
     int trim_offsets;                /* ByteLevel post-processor's trim_offsets */
-    /* per-thread word caches */
+    int trim_prefix_space;           /* its add_prefix_space: a first token keeps one leading space */
+    /* per-thread workspaces (word caches, buffers), all listed so that freeing the tokenizer
+     * frees those of threads still alive */
     pthread_key_t cache_key;
     int has_cache_key;
+    pthread_mutex_t workspaces_lock;
+    struct tk_workspace *workspaces;
 };
 
 /* The text of an id (raw bytes), or NULL when the id has none. */
@@ -121,8 +125,10 @@ static inline const char *tk_id_text(const es_tokenizer *tok, int32_t id, size_t
  * *out is malloc'd. Returns 0, or -1 when out of memory. */
 int tk_normalize_text(const es_tokenizer *tok, const char *text, size_t len, char **out, size_t *out_len);
 
-/* Frees a thread's encoding workspace (word cache, buffers): the cache key's destructor. */
-void tk_workspace_free(void *workspace);
+/* The cache key's destructor: a thread that ends frees its workspace. */
+void tk_workspace_release(void *workspace);
+/* Frees every workspace still listed (es_tokenizer_free, after deleting the key). */
+void tk_workspaces_free_all(es_tokenizer *tok);
 
 /* Unicode White_Space, as Rust's \s (not PCRE2's, which adds U+180E). */
 int tk_is_white_space(uint32_t codepoint);

@@ -25,7 +25,7 @@ void es_rmsnorm_forward(float *out, const float *in, const float *weight, int T,
 /* Rows go through sgemm in blocks of exactly MATMUL_ROWS (the last one padded): OpenBLAS picks
  * its kernels by the matrix sizes, so a token's result would otherwise depend on how many
  * other tokens share its batch. Fixed blocks make outputs independent of batching. */
-enum { MATMUL_ROWS = 64 };
+enum { MATMUL_ROWS = 256 };
 
 void es_matmul_forward(float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
     float *padded_in = NULL, *padded_out = NULL;

@@ -21,6 +21,7 @@ TEXTS = [
     "<tool_call>x</tool_call> <tool_call>", "<|im_start|>user\n hi <|im_end|>\n", "  <|im_end|>  x",
     "mixed<think>hello</think>café<|im_start|>", "", " ", "emoji 🤗<think>🤗",
     "café! cafe\u0301! a x b  x  x<think> x </think>", "e\u0301y \u0301y a\u0301y", "<think> </think>  x ",
+    " world", "  two  spaces  ", "line one\nline two\n\n three \n", " ",
 ]
 
 
@@ -30,9 +31,11 @@ def report(name, ok, why=""):
     failed += 0 if ok else 1
 
 
-def variant(base, tmp, name, changes, extra):
-    """Copies tokenizer.json with flags changed on existing added tokens and new ones added."""
+def variant(base, tmp, name, changes, extra, components=None):
+    """Copies tokenizer.json with flags changed on existing added tokens, new ones added and
+    components replaced."""
     data = json.loads(json.dumps(base))
+    data.update(components or {})
     for token in data["added_tokens"]:
         token.update(changes.get(token["content"], {}))
     next_id = max(t["id"] for t in data["added_tokens"]) + 1
@@ -83,8 +86,14 @@ def main():
     with open(texts_path, "w", encoding="utf-8") as f:
         for text in TEXTS:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    for name, (changes, extra) in variants.items():
-        path = variant(base, tmp, name, changes, extra)
+    # Components the fixture files do not use: a String split with another behaviour, and a
+    # ByteLevel post-processor that trims offsets (keeping a first token's prefix space).
+    pre = json.loads(json.dumps(base["pre_tokenizer"]))
+    pre["pretokenizers"].insert(0, {"type": "Split", "pattern": {"String": "\n"}, "behavior": "MergedWithPrevious", "invert": False})
+    trim = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}
+    variants["string_split_and_trimmed_offsets"] = ({}, [], {"pre_tokenizer": pre, "post_processor": trim})
+    for name, (changes, extra, *components) in variants.items():
+        path = variant(base, tmp, name, changes, extra, components[0] if components else None)
         reference = Tokenizer.from_file(path)
         for add_special in (False, True):
             args = [INSPECT, "tokenize", "--tokenizer", path, "--jsonl", texts_path]

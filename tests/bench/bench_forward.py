@@ -1,0 +1,60 @@
+"""CPU forward benchmark: essence against PyTorch (transformers, float32, eager attention) on
+the same weights, the same tokens and the same thread count, in the same run: tiny-llama3 and
+a 4-layer model of the real student's shape (random weights from essence-inspect mkmodel)."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+BUILD = os.environ.get("BUILD", "build")
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+THREADS = int(os.environ.get("ESSENCE_BENCH_THREADS", str(os.cpu_count() or 2)))
+SEQUENCES, TOKENS = 4, 256
+
+
+def torch_forward(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").model.eval()
+    generator = torch.Generator().manual_seed(42)
+    ids = torch.randint(0, model.config.vocab_size, (SEQUENCES, TOKENS), generator=generator)
+    best = 1e30
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            best = min(best, time.perf_counter() - start)
+    return SEQUENCES * TOKENS / best
+
+
+def ours(model_dir):
+    done = subprocess.run([os.path.join(BUILD, "bench", "bench_forward"), model_dir, str(SEQUENCES), str(TOKENS), str(THREADS)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)["tokens_per_s"]
+
+
+def main():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        print(f"bench_forward: skipped: {exc.name} is not installed in the benchmark venv (pip install torch transformers)")
+        return
+    tmp = tempfile.mkdtemp()
+    student = os.path.join(tmp, "student-4-layers")
+    subprocess.run([os.path.join(BUILD, "essence-inspect"), "mkmodel", "--like",
+                    os.path.join(FIXTURES, "configs", "deepseek-r1-distill-qwen-1.5b.config.json"), "--layers", "4",
+                    "--seed", "1", "--out", student], check=True, capture_output=True)
+    print(f"CPU forward, {SEQUENCES} sequences x {TOKENS} tokens, {THREADS} threads, fp32; PyTorch {torch.__version__}")
+    print(f"{'model':<34} {'essence tok/s':>14} {'PyTorch tok/s':>14} {'ratio':>7}")
+    for name, path in (("tiny-llama3", os.path.join(FIXTURES, "models", "tiny-llama3")),
+                       ("student shape, 4 layers (random)", student)):
+        a, b = ours(path), torch_forward(path)
+        print(f"{name:<34} {a:>14.0f} {b:>14.0f} {a / b:>6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
