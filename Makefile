@@ -137,9 +137,17 @@ test: deps
 	@$(MAKE) --no-print-directory all fuzzers
 	@BUILD=$(BUILD) VENV=$(VENV) TEST_FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) tests/run.sh
 
+# The baselines' own venv: PyTorch with transformers is several gigabytes, kept apart from
+# the test venv.
+BENCH_VENV ?= .venv-bench
+BENCH_PY_PACKAGES := torch transformers safetensors numpy
 bench: deps
 	@$(MAKE) --no-print-directory all
-	@BUILD=$(BUILD) tests/bench/run.sh
+	@if ! $(BENCH_VENV)/bin/python -c 'import torch, transformers' 2>/dev/null; then \
+	  echo "make bench: creating $(BENCH_VENV) with $(BENCH_PY_PACKAGES) (PyTorch baseline)"; \
+	  python3 -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q $(BENCH_PY_PACKAGES) || exit 1; \
+	fi
+	@BUILD=$(BUILD) VENV=$(VENV) BENCH_VENV=$(BENCH_VENV) tests/bench/run.sh
 
 FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 fuzzers: $(FUZZERS)

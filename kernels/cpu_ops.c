@@ -25,10 +25,17 @@ void es_rmsnorm_forward(float *out, const float *in, const float *weight, int T,
 /* Rows go through sgemm in blocks of exactly MATMUL_ROWS (the last one padded): OpenBLAS picks
  * its kernels by the matrix sizes, so a token's result would otherwise depend on how many
  * other tokens share its batch. Fixed blocks make outputs independent of batching. */
-enum { MATMUL_ROWS = 256 };
+enum { MATMUL_ROWS = 1024 };
+
+/* Below this many multiply-adds OpenBLAS's threads cost more in waking and yielding than
+ * they save: small products run on the calling thread (same arithmetic, same results). */
+#define SMALL_PRODUCT (1L << 24)
 
 void es_matmul_forward(float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
     float *padded_in = NULL, *padded_out = NULL;
+    const int threads = openblas_get_num_threads();
+    const int small = (long)MATMUL_ROWS * OC * C < SMALL_PRODUCT;
+    if (small && threads > 1) openblas_set_num_threads(1);
     for (int first = 0; first < T; first += MATMUL_ROWS) {
         int rows = T - first < MATMUL_ROWS ? T - first : MATMUL_ROWS;
         const float *block_in = in + (size_t)first * C;
@@ -48,6 +55,7 @@ void es_matmul_forward(float *out, const float *in, const float *weight, const f
                     bias ? 1.0f : 0.0f, block_out, OC);
         if (rows < MATMUL_ROWS) memcpy(out + (size_t)first * OC, padded_out, (size_t)rows * OC * sizeof *out);
     }
+    if (small && threads > 1) openblas_set_num_threads(threads);
     free(padded_in), free(padded_out);
 }
 
@@ -67,56 +75,66 @@ void es_rope_forward(float *x, const int32_t *positions, const double *inv_freq,
     }
 }
 
+/* Per sequence and query head, two matrix products: scores = Q K^T (the upper triangle is
+ * computed and then masked), a causal softmax per row, out = P V. K and V of the shared
+ * key/value head are read in place through the leading dimension. A sequence's result depends
+ * only on the sequence, not on what else is in the batch. Small problems run one (sequence,
+ * head) per worker with single-threaded products; large ones one at a time with OpenBLAS's
+ * threads. */
 typedef struct {
     float *out;
     const float *q, *k, *v;
     const int32_t *seq_start;
-    int n_seqs, H, KV, hd;
-    int32_t T;
-    float *scores; /* (workers, longest sequence) */
-    int longest;
+    int H, KV, hd, longest;
+    float *scores; /* (workers, longest, longest) */
 } attention_job;
 
-/* One (token, head) row of attention: softmax over the token's own sequence, up to itself. */
-static void attention_row(void *arg, size_t index, int worker) {
+static void attend(void *arg, size_t index, int worker) {
     attention_job *job = arg;
     const int H = job->H, KV = job->KV, hd = job->hd;
-    int t = (int)(index / (size_t)H), h = (int)(index % (size_t)H), kv = h / (H / KV);
-    int s = 0;
-    while (job->seq_start[s + 1] <= t) s++;
-    const int first = job->seq_start[s];
-    const float *query = job->q + ((size_t)t * H + h) * hd;
-    float *scores = job->scores + (size_t)worker * job->longest;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float max_score = -INFINITY;
-    for (int u = first; u <= t; u++) {
-        const float *key = job->k + ((size_t)u * KV + kv) * hd;
-        float dot = 0;
-        for (int d = 0; d < hd; d++) dot += query[d] * key[d];
-        scores[u - first] = dot * scale;
-        if (scores[u - first] > max_score) max_score = scores[u - first];
+    const int s = (int)(index / (size_t)H), h = (int)(index % (size_t)H), kv = h / (H / KV);
+    const int first = job->seq_start[s], L = job->seq_start[s + 1] - first;
+    if (L == 0) return;
+    float *scores = job->scores + (size_t)worker * job->longest * job->longest; // (L, L)
+    const float *q_h = job->q + ((size_t)first * H + h) * hd;    // (L, hd), row stride H*hd
+    const float *k_h = job->k + ((size_t)first * KV + kv) * hd;  // (L, hd), row stride KV*hd
+    const float *v_h = job->v + ((size_t)first * KV + kv) * hd;  // (L, hd), row stride KV*hd
+    float *out_h = job->out + ((size_t)first * H + h) * hd;      // (L, hd), row stride H*hd
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, 1.0f / sqrtf((float)hd), q_h, H * hd, k_h, KV * hd,
+                0.0f, scores, L);
+    for (int t = 0; t < L; t++) {
+        float *row = scores + (size_t)t * L;
+        float max_score = -INFINITY;
+        for (int u = 0; u <= t; u++)
+            if (row[u] > max_score) max_score = row[u];
+        double total = 0;
+        for (int u = 0; u <= t; u++) total += row[u] = expf(row[u] - max_score);
+        const float inverse = (float)(1.0 / total);
+        for (int u = 0; u <= t; u++) row[u] *= inverse;
+        for (int u = t + 1; u < L; u++) row[u] = 0.0f; /* causal */
     }
-    double total = 0;
-    for (int u = first; u <= t; u++) total += scores[u - first] = expf(scores[u - first] - max_score);
-    float *out = job->out + ((size_t)t * H + h) * hd;
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int u = first; u <= t; u++) {
-        const float weight = (float)(scores[u - first] / total);
-        const float *value = job->v + ((size_t)u * KV + kv) * hd;
-        for (int d = 0; d < hd; d++) out[d] += weight * value[d];
-    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, hd, L, 1.0f, scores, L, v_h, KV * hd, 0.0f, out_h, H * hd);
 }
 
 int es_attention_forward(es_pool *pool, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
-                          int n_seqs, int H, int KV, int hd) {
+                         int n_seqs, int H, int KV, int hd) {
     int longest = 0;
     for (int s = 0; s < n_seqs; s++)
         if (seq_start[s + 1] - seq_start[s] > longest) longest = seq_start[s + 1] - seq_start[s];
-    const int T = seq_start[n_seqs];
-    int workers = es_pool_threads(pool);
-    attention_job job = {out, q, k, v, seq_start, n_seqs, H, KV, hd, T, malloc((size_t)workers * (size_t)(longest ? longest : 1) * sizeof(float)), longest};
+    if (!longest) return 0;
+    const int threads = openblas_get_num_threads();
+    const int small = (long)longest * longest * hd < SMALL_PRODUCT;
+    const int workers = small ? es_pool_threads(pool) : 1;
+    attention_job job = {out, q, k, v, seq_start, H, KV, hd, longest,
+                         malloc((size_t)workers * longest * longest * sizeof(float))};
     if (!job.scores) return -1;
-    es_pool_for(pool, (size_t)T * (size_t)H, attention_row, &job);
+    if (small) {
+        if (threads > 1) openblas_set_num_threads(1);
+        es_pool_for(pool, (size_t)n_seqs * H, attend, &job);
+        if (threads > 1) openblas_set_num_threads(threads);
+    } else {
+        for (size_t index = 0; index < (size_t)n_seqs * H; index++) attend(&job, index, 0);
+    }
     free(job.scores);
     return 0;
 }

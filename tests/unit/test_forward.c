@@ -110,18 +110,19 @@ static void check_model(const char *tl_name, const char *name) {
         float *golden_logits = golden_f32(goldens, seq, "logits", &n_check);
         float *golden_argmax = golden_f32(goldens, seq, "logits_argmax", &n_check);
         float *golden_lse = golden_f32(goldens, seq, "logits_logsumexp", &n_check);
-        float *logits = malloc((size_t)V * sizeof *logits), *picked = malloc(T * n_cols * sizeof *picked);
+        float *logits = malloc(T * (size_t)V * sizeof *logits), *picked = malloc(T * n_cols * sizeof *picked);
         float *lse = malloc(T * sizeof *lse);
         int argmax_bad = 0;
+        es_matmul_forward(logits, final, model.lm_head, NULL, (int)T, C, V); /* (T, V) */
         for (size_t t = 0; t < T; t++) {
-            es_matmul_forward(logits, final + t * C, model.lm_head, NULL, 1, C, V);
+            const float *row = logits + t * V;
             double max_logit = -INFINITY, total = 0;
             int best = 0;
             for (int j = 0; j < V; j++)
-                if (logits[j] > max_logit) max_logit = logits[j], best = j;
-            for (int j = 0; j < V; j++) total += exp(logits[j] - max_logit);
+                if (row[j] > max_logit) max_logit = row[j], best = j;
+            for (int j = 0; j < V; j++) total += exp(row[j] - max_logit);
             lse[t] = (float)(max_logit + log(total));
-            for (size_t j = 0; j < n_cols; j++) picked[t * n_cols + j] = logits[(int)cols[j]];
+            for (size_t j = 0; j < n_cols; j++) picked[t * n_cols + j] = row[(int)cols[j]];
             argmax_bad += best != (int)golden_argmax[t];
         }
         note(&check, "logits", relative_error(picked, golden_logits, T * n_cols));
