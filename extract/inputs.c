@@ -1,5 +1,7 @@
 #include "inputs.h"
 
+#include "log.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,6 +122,8 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
                              sample->ids[i], input->vocab_size);
     }
     if (!rc && input->max_seq > 0 && sample->n_tokens > input->max_seq) {
+        es_warn("%s:%ld: sample \"%s\" has %d tokens; cut to --max-seq %d (flagged in /samples/truncated)", where, line,
+                sample->id, sample->n_tokens, input->max_seq);
         sample->n_tokens = input->max_seq;
         sample->truncated = 1;
     }

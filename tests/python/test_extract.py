@@ -227,6 +227,14 @@ def check_bad_input(tmp):
         report(f"bad_{name}", ok, f"exit {run.returncode}: {run.stderr.strip()}")
     run = extract("--model", os.path.join(tmp, "nowhere"), "--data", data, "--out", out, "--layers", "1", check=False)
     report("bad_missing_model", run.returncode in (2, 3) and "nowhere" in run.stderr, run.stderr.strip())
+    # A sample longer than --max-seq is cut, flagged, and named in a warning.
+    data = os.path.join(tmp, "long.jsonl")
+    open(data, "w").write('{"id": "long", "ids": [1, 2, 3, 4, 5, 6]}\n{"id": "short", "ids": [7, 8]}\n')
+    out = os.path.join(tmp, "long.h5")
+    run = extract("--model", model, "--data", data, "--out", out, "--layers", "1", "--max-seq", "4", check=False)
+    with h5py.File(out, "r") as f:
+        ok = f["/samples/truncated"][...].tolist() == [1, 0] and f["/tokens/id"][...].tolist() == [1, 2, 3, 4, 7, 8]
+    report("max_seq_cuts_and_flags", run.returncode == 0 and ok and '"long"' in run.stderr, run.stderr.strip())
 
 
 def main():

@@ -138,10 +138,61 @@ static void check_model(const char *tl_name, const char *name) {
     es_model_free(&model);
 }
 
+static int config_from(const char *text, es_model_config *config, es_error *err) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/config.json", test_tmpdir());
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+    es_error_clear(err);
+    return es_model_config_load(path, config, NULL, err);
+}
+
+#define LLAMA_HEAD "{\"model_type\": \"llama\", \"vocab_size\": 100, \"hidden_size\": 64, \"intermediate_size\": 160, " \
+                   "\"num_hidden_layers\": 2, \"num_attention_heads\": 8, \"num_key_value_heads\": 2, \"head_dim\": 8, "
+
+TEST(config_spellings_and_errors) {
+    es_error err = {0};
+    es_model_config old_spelling, new_spelling;
+    REQUIRE(config_from(LLAMA_HEAD "\"rope_theta\": 500000.0, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, "
+                        "\"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}, "
+                        "\"attention_bias\": true, \"mlp_bias\": true}", &old_spelling, &err) == ES_OK);
+    REQUIRE(config_from(LLAMA_HEAD "\"rope_parameters\": {\"rope_type\": \"llama3\", \"rope_theta\": 500000.0, \"factor\": 8.0, "
+                        "\"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}}",
+                        &new_spelling, &err) == ES_OK);
+    CHECK(old_spelling.rope_llama3 && new_spelling.rope_llama3 && new_spelling.rope_theta == 500000.0);
+    CHECK(old_spelling.qkv_bias && old_spelling.o_bias && old_spelling.mlp_bias && !new_spelling.qkv_bias);
+    double a[4], b[4], plain[4];
+    es_rope_inv_freq(&old_spelling, a);
+    es_rope_inv_freq(&new_spelling, b);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    new_spelling.rope_llama3 = 0;
+    es_rope_inv_freq(&new_spelling, plain);
+    /* llama3 scaling slows the long wavelengths (the last ones) by the factor, keeps the first */
+    CHECK(a[0] == plain[0] && fabs(a[3] - plain[3] / 8.0) < 1e-15 * plain[3]);
+    static const struct {
+        const char *json, *named;
+        int code;
+    } bad[] = {
+        {"{\"model_type\": \"mistral\", \"hidden_size\": 8}", "mistral", ES_ERR_DATA},
+        {LLAMA_HEAD "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", "rope_scaling.rope_type", ES_ERR_DATA},
+        {LLAMA_HEAD "\"hidden_act\": \"gelu\"}", "hidden_act", ES_ERR_DATA},
+        {"{\"model_type\": \"llama\", \"vocab_size\": 100}", "hidden_size", ES_ERR_DATA},
+        {LLAMA_HEAD "\"num_key_value_heads\": 3}", "num_key_value_heads", ES_ERR_DATA},
+        {"{not json", "invalid JSON", ES_ERR_DATA},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        es_model_config config;
+        int rc = config_from(bad[i].json, &config, &err);
+        CHECKF(rc == bad[i].code && strstr(err.msg, bad[i].named) && strstr(err.msg, "config.json"), "case %zu: %s", i, err.msg);
+    }
+}
+
 TEST(golden_tiny_llama3) { check_model(tl_name, "tiny-llama3"); }
 TEST(golden_tiny_qwen2) { check_model(tl_name, "tiny-qwen2"); }
 
 int main(void) {
+    RUN(config_spellings_and_errors);
     RUN(golden_tiny_llama3);
     RUN(golden_tiny_qwen2);
     return test_summary();
