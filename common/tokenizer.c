@@ -9,123 +9,7 @@
 #include <utf8proc.h>
 
 #include "tokenizer_internal.h"
-#include "unicode_new.h"
 #include "utf8.h"
-
-/* ---- byte strings -> int32 ---------------------------------------------------------- */
-
-uint64_t tk_hash(const void *key, size_t len) {
-    /* FNV-1a over 8-byte words then bytes, with a final avalanche: keys are short. */
-    const unsigned char *p = key;
-    uint64_t h = 0xcbf29ce484222325ull ^ (len * 0x9e3779b97f4a7c15ull);
-    while (len >= 8) {
-        uint64_t word;
-        memcpy(&word, p, 8);
-        h = (h ^ word) * 0x100000001b3ull;
-        h ^= h >> 29;
-        p += 8, len -= 8;
-    }
-    while (len--) h = (h ^ *p++) * 0x100000001b3ull;
-    h ^= h >> 32;
-    h *= 0xd6e8feb86659fd93ull;
-    h ^= h >> 32;
-    return h;
-}
-
-static int strmap_grow(tk_strmap *map) {
-    size_t n_slots = map->n_slots ? map->n_slots * 2 : 1024;
-    uint32_t *slots = calloc(n_slots, sizeof *slots);
-    if (!slots) return -1;
-    for (size_t i = 0; i < map->n_entries; i++) {
-        size_t at = map->entries[i].hash & (n_slots - 1);
-        while (slots[at]) at = (at + 1) & (n_slots - 1);
-        slots[at] = (uint32_t)i + 1;
-    }
-    free(map->slots);
-    map->slots = slots;
-    map->n_slots = n_slots;
-    return 0;
-}
-
-int tk_strmap_reserve(tk_strmap *map, size_t n) {
-    while (map->n_slots < 2 * n + 2)
-        if (strmap_grow(map)) return -1;
-    if (n > map->cap_entries) {
-        void *grown = realloc(map->entries, n * sizeof *map->entries);
-        if (!grown) return -1;
-        map->entries = grown;
-        map->cap_entries = n;
-    }
-    return 0;
-}
-
-int32_t tk_strmap_get(const tk_strmap *map, const void *key, size_t len) {
-    if (!map->n_slots) return -1;
-    uint64_t hash = tk_hash(key, len);
-    for (size_t at = hash & (map->n_slots - 1);; at = (at + 1) & (map->n_slots - 1)) {
-        uint32_t slot = map->slots[at];
-        if (!slot) return -1;
-        const struct tk_strmap_entry *entry = &map->entries[slot - 1];
-        if (entry->hash == hash && entry->length == len && memcmp(map->arena + entry->offset, key, len) == 0)
-            return entry->value;
-    }
-}
-
-int tk_strmap_put(tk_strmap *map, const void *key, size_t len, int32_t value) {
-    if ((map->n_entries + 1) * 2 > map->n_slots && strmap_grow(map)) return -1;
-    uint64_t hash = tk_hash(key, len);
-    size_t at = hash & (map->n_slots - 1);
-    for (; map->slots[at]; at = (at + 1) & (map->n_slots - 1)) {
-        struct tk_strmap_entry *entry = &map->entries[map->slots[at] - 1];
-        if (entry->hash == hash && entry->length == len && memcmp(map->arena + entry->offset, key, len) == 0) {
-            entry->value = value; /* a later entry wins, as in a Rust HashMap built in order */
-            return 0;
-        }
-    }
-    if (map->n_entries == map->cap_entries) {
-        size_t cap = map->cap_entries ? map->cap_entries * 2 : 1024;
-        void *grown = realloc(map->entries, cap * sizeof *map->entries);
-        if (!grown) return -1;
-        map->entries = grown;
-        map->cap_entries = cap;
-    }
-    if (map->arena_len + len + 1 > map->arena_cap) {
-        size_t cap = map->arena_cap ? map->arena_cap * 2 : 65536;
-        while (cap < map->arena_len + len + 1) cap *= 2;
-        char *grown = realloc(map->arena, cap);
-        if (!grown) return -1;
-        map->arena = grown;
-        map->arena_cap = cap;
-    }
-    memcpy(map->arena + map->arena_len, key, len);
-    map->entries[map->n_entries] = (struct tk_strmap_entry){(uint32_t)map->arena_len, (uint32_t)len, hash, value};
-    map->arena_len += len;
-    map->slots[at] = (uint32_t)++map->n_entries;
-    return 0;
-}
-
-void tk_strmap_free(tk_strmap *map) {
-    free(map->slots), free(map->entries), free(map->arena);
-    memset(map, 0, sizeof *map);
-}
-
-/* ---- Unicode classes that Rust's regex and Hugging Face use ------------------------- */
-
-int tk_is_white_space(uint32_t c) {
-    return (c >= 0x09 && c <= 0x0d) || c == 0x20 || c == 0x85 || c == 0xa0 || c == 0x1680 ||
-           (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
-}
-
-int tk_is_word_char(uint32_t c) {
-    if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
-    if (c == 0x200c || c == 0x200d) return 1;
-    switch (utf8proc_category((utf8proc_int32_t)c)) {
-    case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT: case UTF8PROC_CATEGORY_LM:
-    case UTF8PROC_CATEGORY_LO: case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_MC: case UTF8PROC_CATEGORY_ME:
-    case UTF8PROC_CATEGORY_ND: case UTF8PROC_CATEGORY_NL: case UTF8PROC_CATEGORY_PC: return 1;
-    default: return 0;
-    }
-}
 
 /* ---- the byte-level alphabet (GPT-2): every byte has a printable stand-in character --- */
 
@@ -191,87 +75,6 @@ static int get_bool(const cJSON *object, const char *key, int fallback) {
     return cJSON_IsBool(value) ? cJSON_IsTrue(value) : fallback;
 }
 
-/* ---- regexes: Rust's regex semantics on PCRE2 ------------------------------------------- */
-
-/* PCRE2 10.42 knows Unicode 14; Hugging Face's Rust regex a newer version, so letters and
- * symbols assigned since (e.g. U+1FACE, an emoji of Unicode 15) would fall outside \p{L},
- * \p{S}, ... Every \p{..} class gets the newer characters of its category added
- * (common/unicode_new.h, generated; a newer PCRE2 makes the additions redundant, not wrong). */
-static size_t append_new_chars(char *out, const char *name) {
-    size_t n = 0, name_len = strlen(name);
-    for (size_t i = 0; i < sizeof es_unicode_new / sizeof *es_unicode_new; i++) {
-        if (strncmp(es_unicode_new[i].category, name, name_len) != 0) continue;
-        n += (size_t)sprintf(out + n, "\\x{%x}-\\x{%x}", es_unicode_new[i].first, es_unicode_new[i].last);
-    }
-    return n;
-}
-
-static int is_general_category(const char *name) {
-    static const char *const categories[] = {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl",
-                                             "No", "P", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk",
-                                             "So", "Z", "Zs", "Zl", "Zp"};
-    for (size_t i = 0; i < sizeof categories / sizeof *categories; i++)
-        if (!strcmp(name, categories[i])) return 1;
-    return 0;
-}
-
-/* Rewrites a Rust regex for PCRE2: \s and \S as Unicode White_Space (PCRE2's \s adds
- * U+180E), and \p{..} general categories extended with newly assigned characters.
- * Returns a malloc'd pattern. */
-static char *translate_regex(const char *pattern) {
-    static const char white_space[] =
-        "\\t-\\r\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}";
-    size_t len = strlen(pattern), n = 0;
-    size_t n_new_chars = sizeof es_unicode_new / sizeof *es_unicode_new;
-    /* every byte may become a class; every \p{..} may gain all new characters */
-    char *out = malloc(len * (sizeof white_space + 4) + (len / 4 + 1) * (n_new_chars * 24 + 16) + 1);
-    if (!out) return NULL;
-    int in_class = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = pattern[i];
-        if (c == '\\' && i + 1 < len) {
-            char next = pattern[++i];
-            if (next == 's') n += (size_t)sprintf(out + n, in_class ? "%s" : "[%s]", white_space);
-            else if (next == 'S' && !in_class) n += (size_t)sprintf(out + n, "[^%s]", white_space);
-            else if ((next == 'p' || (next == 'P' && !in_class)) && i + 1 < len) {
-                char name[16] = {0};
-                size_t name_end = i + 1;
-                if (pattern[i + 1] == '{') {
-                    const char *close = strchr(pattern + i + 2, '}');
-                    if (close && close - (pattern + i + 2) < (long)sizeof name) {
-                        memcpy(name, pattern + i + 2, (size_t)(close - (pattern + i + 2)));
-                        name_end = (size_t)(close - pattern);
-                    }
-                } else {
-                    name[0] = pattern[i + 1];
-                }
-                if (!is_general_category(name)) {
-                    out[n++] = c, out[n++] = next;
-                    continue;
-                }
-                if (!in_class) n += (size_t)sprintf(out + n, next == 'P' ? "[^" : "[");
-                n += (size_t)sprintf(out + n, "\\p{%s}", name);
-                n += append_new_chars(out + n, name);
-                if (!in_class) out[n++] = ']';
-                i = name_end;
-            } else {
-                out[n++] = c, out[n++] = next;
-            }
-            continue;
-        }
-        out[n++] = c;
-        if (c == '[' && !in_class) {
-            in_class = 1;
-            if (i + 1 < len && pattern[i + 1] == '^') out[n++] = pattern[++i];
-            if (i + 1 < len && pattern[i + 1] == ']') out[n++] = pattern[++i]; /* a literal ] first */
-        } else if (c == ']' && in_class) {
-            in_class = 0;
-        }
-    }
-    out[n] = '\0';
-    return out;
-}
-
 static int add_split(es_tokenizer *tok, const char *pattern, int literal, const char *behavior, es_error *err) {
     tk_split_behavior kind;
     if (!strcmp(behavior, "Isolated")) kind = TK_SPLIT_ISOLATED;
@@ -279,7 +82,7 @@ static int add_split(es_tokenizer *tok, const char *pattern, int literal, const 
     else if (!strcmp(behavior, "MergedWithPrevious")) kind = TK_SPLIT_MERGED_PREVIOUS;
     else if (!strcmp(behavior, "MergedWithNext")) kind = TK_SPLIT_MERGED_NEXT;
     else return BAD("%s: pre_tokenizer Split: unsupported behavior \"%s\"", tok->name, behavior);
-    char *translated = literal ? strdup(pattern) : translate_regex(pattern);
+    char *translated = literal ? strdup(pattern) : tk_translate_regex(pattern);
     if (!translated) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     int code;
     PCRE2_SIZE offset;

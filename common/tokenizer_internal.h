@@ -130,6 +130,9 @@ void tk_workspace_release(void *workspace);
 /* Frees every workspace still listed (es_tokenizer_free, after deleting the key). */
 void tk_workspaces_free_all(es_tokenizer *tok);
 
+/* Rewrites a Rust regex for PCRE2 (\\s, \\S and \\p{..} classes as Rust reads them); malloc'd. */
+char *tk_translate_regex(const char *pattern);
+
 /* Unicode White_Space, as Rust's \s (not PCRE2's, which adds U+180E). */
 int tk_is_white_space(uint32_t codepoint);
 /* Rust's \w: alphabetic, marks, decimal digits, connector punctuation, join controls. */

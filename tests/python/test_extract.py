@@ -14,17 +14,13 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the zstd filter)
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 EXTRACT = os.path.join(BUILD, "essence-extract")
 FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
 sys.path.insert(0, os.path.join(FIXTURES, "..", "tools"))
-failed = 0
-
-
-def report(name, ok, why=""):
-    global failed
-    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
-    failed += 0 if ok else 1
 
 
 def extract(*args, check=True):
@@ -253,9 +249,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        failed += 1
-        print(f"FAIL test_extract: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    run_main(main, "test_extract")

@@ -9,19 +9,12 @@ import tempfile
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 PLUGINS = os.path.join(BUILD, "plugins")
 TOOL = os.path.join(BUILD, "tests", "tools", "write_latents")
-failed = 0
-
-
-def report(name, ok, why=""):
-    global failed
-    if ok:
-        print(f"PASS {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {why}")
 
 
 def run_child(code, env_extra):
@@ -95,9 +88,4 @@ def _dump_values(text, count, expected):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # a crash is a failure with its message
-        failed += 1
-        print(f"FAIL test_h5_interop: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    run_main(main, "test_h5_interop")

@@ -8,16 +8,12 @@ import sys
 import tempfile
 import unicodedata
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 INSPECT = os.path.join(BUILD, "essence-inspect")
 FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
-failed = 0
-
-
-def report(name, ok, why=""):
-    global failed
-    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
-    failed += 0 if ok else 1
 
 
 def run(args, stdin_path):
@@ -68,9 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        failed += 1
-        print(f"FAIL test_tokenize_cli: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    run_main(main, "test_tokenize_cli")

@@ -9,10 +9,12 @@ import sys
 import tempfile
 import unicodedata
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 INSPECT = os.path.join(BUILD, "essence-inspect")
 FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
-failed = 0
 
 TEXTS = [
     "a <think> b", "x<think>y", "  <think>\t\n", "<think>", "</think>word", "word </think> word",
@@ -23,12 +25,6 @@ TEXTS = [
     "café! cafe\u0301! a x b  x  x<think> x </think>", "e\u0301y \u0301y a\u0301y", "<think> </think>  x ",
     " world", "  two  spaces  ", "line one\nline two\n\n three \n", " ",
 ]
-
-
-def report(name, ok, why=""):
-    global failed
-    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
-    failed += 0 if ok else 1
 
 
 def variant(base, tmp, name, changes, extra, components=None):
@@ -116,9 +112,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        failed += 1
-        print(f"FAIL test_tokenizer_added_flags: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    run_main(main, "test_tokenizer_added_flags")

@@ -10,15 +10,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 INSPECT = os.path.join(BUILD, "essence-inspect")
-failed = 0
-
-
-def report(name, ok, why=""):
-    global failed
-    print(f"PASS {name}" if ok else f"FAIL {name}: {why}")
-    failed += 0 if ok else 1
 
 
 def tokenize(path, stdin):
@@ -86,9 +82,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        failed += 1
-        print(f"FAIL test_tokenizer_errors: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    run_main(main, "test_tokenizer_errors")
