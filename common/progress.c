@@ -34,16 +34,18 @@ static void format_duration(double seconds, char *buf, int size) {
 void es_progress_format(const es_progress *progress, double now, char *buf, int size) {
     double elapsed = now - progress->started;
     double rate = elapsed > 0 ? (double)progress->done / elapsed : 0;
-    char spent[32], eta[32] = "?";
+    char spent[32], eta[32] = "?", extra[64] = "";
     format_duration(elapsed, spent, sizeof spent);
+    if (progress->tokens > 0 && elapsed > 0)
+        snprintf(extra, sizeof extra, ", %.0f tokens/s", (double)progress->tokens / elapsed);
     if (progress->total > 0) {
         if (rate > 0) format_duration((double)(progress->total - progress->done) / rate, eta, sizeof eta);
-        snprintf(buf, (size_t)size, "%s: %lld/%lld %s (%.1f%%), %.0f %s/s, elapsed %s, ETA %s", progress->label,
+        snprintf(buf, (size_t)size, "%s: %lld/%lld %s (%.1f%%), %.0f %s/s%s, elapsed %s, ETA %s", progress->label,
                  (long long)progress->done, (long long)progress->total, progress->unit,
-                 100.0 * (double)progress->done / (double)progress->total, rate, progress->unit, spent, eta);
+                 100.0 * (double)progress->done / (double)progress->total, rate, progress->unit, extra, spent, eta);
     } else {
-        snprintf(buf, (size_t)size, "%s: %lld %s, %.0f %s/s, elapsed %s", progress->label, (long long)progress->done,
-                 progress->unit, rate, progress->unit, spent);
+        snprintf(buf, (size_t)size, "%s: %lld %s, %.0f %s/s%s, elapsed %s", progress->label, (long long)progress->done,
+                 progress->unit, rate, progress->unit, extra, spent);
     }
 }
 
@@ -69,6 +71,8 @@ void es_progress_add(es_progress *progress, int64_t amount) {
     double period = progress->terminal ? 0.2 : progress->interval;
     if (now - progress->last_shown >= period) show(progress, now, 0);
 }
+
+void es_progress_add_tokens(es_progress *progress, int64_t tokens) { progress->tokens += tokens; }
 
 void es_progress_finish(es_progress *progress) {
     /* Work shorter than a few seconds that never showed a line stays quiet. */

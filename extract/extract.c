@@ -123,8 +123,7 @@ static int run_batch(const es_model *model, es_pool *pool, batch *b, teacher_wri
 /* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
  * name order: the weights' content, not their modification times. */
 static int model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error *err) {
-    char command[4200], listing[64 * 1024] = "";
-    snprintf(command, sizeof command, "%s", dir);
+    char listing[64 * 1024] = "";
     static const char *patterns[] = {"config.json", "model.safetensors.index.json", "model.safetensors"};
     size_t n = 0;
     for (size_t i = 0; i < 3; i++) {
@@ -275,6 +274,7 @@ int main(int argc, char **argv) {
         }
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
             int n = b.n;
+            es_progress_add_tokens(&progress, b.tokens);
             rc = run_batch(&model, pool, &b, &writer, &c, &err);
             es_progress_add(&progress, n);
         }
@@ -292,6 +292,7 @@ int main(int argc, char **argv) {
     }
     if (!rc && b.n) {
         int n = b.n;
+        es_progress_add_tokens(&progress, b.tokens);
         rc = run_batch(&model, pool, &b, &writer, &c, &err);
         es_progress_add(&progress, n);
     }

@@ -38,6 +38,10 @@ TEST(progress_lines) {
     es_progress_format(&progress, 110.0, line, sizeof line); /* 25 tokens/s, 750 to go: 30 s */
     CHECKF(strstr(line, "250/1000 tokens (25.0%)") && strstr(line, "25 tokens/s") && strstr(line, "ETA 0:30"),
            "%s", line);
+    es_progress_add_tokens(&progress, 5000);
+    es_progress_format(&progress, 110.0, line, sizeof line);
+    CHECKF(strstr(line, "500 tokens/s"), "%s", line);
+    progress.tokens = 0;
     progress.total = 0; /* unknown total: no ETA */
     es_progress_format(&progress, 110.0, line, sizeof line);
     CHECKF(strstr(line, "250 tokens") && !strstr(line, "ETA"), "%s", line);
