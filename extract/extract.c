@@ -30,7 +30,8 @@ static const es_option options[] = {
     {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)"},
     {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples"},
     {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
-    {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; longer ones are cut and flagged"},
+    {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; a longer one is an error unless --truncate"},
+    {"truncate", ES_OPT_BOOL, "false", "cut samples longer than --max-seq (flagged in /samples/truncated)"},
     {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)"},
     {"shard", ES_OPT_STRING, "0/1", "I/N: this run takes the I-th of N contiguous ranges of samples"},
     {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed sample"},
@@ -252,7 +253,7 @@ int main(int argc, char **argv) {
     const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
     int rc = es_model_load(model_dir, layers[n_layers - 1], 0, &model, &err);
     if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
-                                     model_config.vocab_size, &err);
+                                     es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
     if (rc) {
         teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
         es_exit_error(&err);

@@ -7,12 +7,13 @@
 #include <string.h>
 
 int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, const char *template_text,
-                       int max_seq, int vocab_size, es_error *err) {
+                       int max_seq, int truncate, int vocab_size, es_error *err) {
     memset(input, 0, sizeof *input);
     input->path = path;
     input->tokenizer_path = tokenizer_path;
     input->template_text = template_text;
     input->max_seq = max_seq;
+    input->truncate = truncate;
     input->vocab_size = vocab_size;
     return es_jsonl_open(&input->reader, path, err);
 }
@@ -121,7 +122,10 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
                 rc = es_fail(err, ES_ERR_DATA, "%s:%ld: token id %d is outside the model's vocabulary (%d)", where, line,
                              sample->ids[i], input->vocab_size);
     }
-    if (!rc && input->max_seq > 0 && sample->n_tokens > input->max_seq) {
+    if (!rc && input->max_seq > 0 && sample->n_tokens > input->max_seq && !input->truncate) {
+        rc = es_fail(err, ES_ERR_DATA, "%s:%ld: sample \"%s\" has %d tokens, more than --max-seq %d (--truncate cuts it)", where,
+                     line, sample->id, sample->n_tokens, input->max_seq);
+    } else if (!rc && input->max_seq > 0 && sample->n_tokens > input->max_seq) {
         es_warn("%s:%ld: sample \"%s\" has %d tokens; cut to --max-seq %d (flagged in /samples/truncated)", where, line,
                 sample->id, sample->n_tokens, input->max_seq);
         sample->n_tokens = input->max_seq;

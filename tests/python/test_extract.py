@@ -109,6 +109,50 @@ def check_real_text(tmp):
             if ids[span].tolist() != r["ids"] or spans != r["byte_offsets"] or text != r["text"]:
                 bad.append(r["i"])
     report("real_text_ids_and_spans_equal_goldens", not bad, f"samples {bad[:5]} differ")
+    # essence-inspect sample shows the sample's tokens with their text pieces and latent norms
+    shown = subprocess.run([os.path.join(BUILD, "essence-inspect"), "sample", out, "--index", "3"], capture_output=True, text=True)
+    lines = [l for l in shown.stdout.splitlines()[2:] if l.strip()]
+    want = rows[3]
+    pieces_ok = len(lines) == len(want["ids"]) and all(
+        l.split()[1] == str(i) and f"[{b}, {e})" in l for l, i, (b, e) in zip(lines, want["ids"], want["byte_offsets"]))
+    norms_ok = all(float(l.split()[-1]) > 0 for l in lines)
+    report("inspect_sample_shows_tokens", shown.returncode == 0 and pieces_ok and norms_ok, shown.stdout[:300] + shown.stderr)
+
+
+def check_template(tmp):
+    """prompt/response samples: rendered with the default DeepSeek-R1 template, tokenised without
+    added specials (the template holds the BOS), the rendered text stored."""
+    # a random teacher with DeepSeek-V3's vocabulary size, so its special tokens are ids of the model
+    config = json.load(open(os.path.join(FIXTURES, "models", "tiny-llama3", "config.json")))
+    config["vocab_size"] = 129280
+    like = os.path.join(tmp, "deepseek-like.json")
+    json.dump(config, open(like, "w"))
+    folder = os.path.join(tmp, "teacher-deepseek")
+    subprocess.run([os.path.join(BUILD, "essence-inspect"), "mkmodel", "--like", like, "--layers", "1", "--out", folder],
+                   check=True, capture_output=True)
+    os.symlink(os.path.join(FIXTURES, "tokenizers", "deepseek_v3.json"), os.path.join(folder, "tokenizer.json"))
+    data = os.path.join(tmp, "chat.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "q1", "prompt": "What is 2+2?", "response": "<think>\nadd</think>\n4"}) + "\n")
+        f.write(json.dumps({"id": "t1", "text": "plain text"}) + "\n")
+    out = os.path.join(tmp, "chat.h5")
+    extract("--model", folder, "--data", data, "--out", out, "--layers", "1")
+    rendered = "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\nadd</think>\n4"
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        print("SKIP template_rendering: the Python package `tokenizers` is not installed")
+        return
+    reference = Tokenizer.from_file(os.path.join(FIXTURES, "tokenizers", "deepseek_v3.json"))
+    with h5py.File(out, "r") as f:
+        starts, text_start = f["/samples/token_start"][...], f["/samples/text_start"][...]
+        text = bytes(f["/samples/text_bytes"][text_start[0]:text_start[1]]).decode()
+        ids = f["/tokens/id"][starts[0]:starts[1]].tolist()
+        plain_ids = f["/tokens/id"][starts[1]:starts[2]].tolist()
+        flags = f["/samples/add_special_tokens"][...].tolist()
+    ok = text == rendered and ids == reference.encode(rendered, add_special_tokens=False).ids
+    ok = ok and plain_ids == reference.encode("plain text", add_special_tokens=True).ids and flags == [0, 1]
+    report("template_rendering", ok, f"text {text!r}, ids {ids[:8]}, flags {flags}")
 
 
 def check_batching_and_shards(tmp):
@@ -223,14 +267,17 @@ def check_bad_input(tmp):
         report(f"bad_{name}", ok, f"exit {run.returncode}: {run.stderr.strip()}")
     run = extract("--model", os.path.join(tmp, "nowhere"), "--data", data, "--out", out, "--layers", "1", check=False)
     report("bad_missing_model", run.returncode in (2, 3) and "nowhere" in run.stderr, run.stderr.strip())
-    # A sample longer than --max-seq is cut, flagged, and named in a warning.
+    # A sample longer than --max-seq is an error naming it; with --truncate it is cut, flagged and named.
     data = os.path.join(tmp, "long.jsonl")
-    open(data, "w").write('{"id": "long", "ids": [1, 2, 3, 4, 5, 6]}\n{"id": "short", "ids": [7, 8]}\n')
+    open(data, "w").write('{"id": "short", "ids": [7, 8]}\n{"id": "long", "ids": [1, 2, 3, 4, 5, 6]}\n')
     out = os.path.join(tmp, "long.h5")
     run = extract("--model", model, "--data", data, "--out", out, "--layers", "1", "--max-seq", "4", check=False)
+    report("bad_text_longer_than_max_seq", run.returncode == 3 and "long.jsonl:2" in run.stderr and '"long"' in run.stderr
+           and not os.path.exists(out), f"exit {run.returncode}: {run.stderr.strip()}")
+    run = extract("--model", model, "--data", data, "--out", out, "--layers", "1", "--max-seq", "4", "--truncate", check=False)
     with h5py.File(out, "r") as f:
-        ok = f["/samples/truncated"][...].tolist() == [1, 0] and f["/tokens/id"][...].tolist() == [1, 2, 3, 4, 7, 8]
-    report("max_seq_cuts_and_flags", run.returncode == 0 and ok and '"long"' in run.stderr, run.stderr.strip())
+        ok = f["/samples/truncated"][...].tolist() == [0, 1] and f["/tokens/id"][...].tolist() == [7, 8, 1, 2, 3, 4]
+    report("truncate_cuts_and_flags", run.returncode == 0 and ok and '"long"' in run.stderr, run.stderr.strip())
 
 
 def main():
@@ -241,6 +288,7 @@ def main():
     check_goldens(tmp, "tiny-llama3")
     check_goldens(tmp, "tiny-qwen2")
     check_real_text(tmp)
+    check_template(tmp)
     data, reference = check_batching_and_shards(tmp)
     check_resume_after_kill(tmp, data, reference)
     check_threads(tmp, data)
