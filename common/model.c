@@ -2,6 +2,7 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -161,19 +162,76 @@ void es_rope_inv_freq(const es_model_config *c, double *inv_freq) {
 
 /* ---- weights ----------------------------------------------------------------------------- */
 
-typedef struct wanted {
-    char name[96];
-    int ndim;
-    int64_t shape[2];
-    float **slot;
-} wanted;
+/* The decoder layer's tensors: one table for loading, checking and making checkpoints. */
+enum { DIM_NONE, DIM_C, DIM_I, DIM_Q, DIM_KV };
+enum { ALWAYS, IF_QKV_BIAS, IF_O_BIAS, IF_MLP_BIAS };
+static const struct {
+    const char *part;
+    size_t offset; /* of the pointer in es_layer_weights */
+    int rows, cols, condition;
+} layer_tensors[] = {
+    {"input_layernorm.weight", offsetof(es_layer_weights, input_norm), DIM_C, DIM_NONE, ALWAYS},
+    {"self_attn.q_proj.weight", offsetof(es_layer_weights, q), DIM_Q, DIM_C, ALWAYS},
+    {"self_attn.k_proj.weight", offsetof(es_layer_weights, k), DIM_KV, DIM_C, ALWAYS},
+    {"self_attn.v_proj.weight", offsetof(es_layer_weights, v), DIM_KV, DIM_C, ALWAYS},
+    {"self_attn.o_proj.weight", offsetof(es_layer_weights, o), DIM_C, DIM_Q, ALWAYS},
+    {"self_attn.q_proj.bias", offsetof(es_layer_weights, q_bias), DIM_Q, DIM_NONE, IF_QKV_BIAS},
+    {"self_attn.k_proj.bias", offsetof(es_layer_weights, k_bias), DIM_KV, DIM_NONE, IF_QKV_BIAS},
+    {"self_attn.v_proj.bias", offsetof(es_layer_weights, v_bias), DIM_KV, DIM_NONE, IF_QKV_BIAS},
+    {"self_attn.o_proj.bias", offsetof(es_layer_weights, o_bias), DIM_C, DIM_NONE, IF_O_BIAS},
+    {"post_attention_layernorm.weight", offsetof(es_layer_weights, post_norm), DIM_C, DIM_NONE, ALWAYS},
+    {"mlp.gate_proj.weight", offsetof(es_layer_weights, gate), DIM_I, DIM_C, ALWAYS},
+    {"mlp.up_proj.weight", offsetof(es_layer_weights, up), DIM_I, DIM_C, ALWAYS},
+    {"mlp.down_proj.weight", offsetof(es_layer_weights, down), DIM_C, DIM_I, ALWAYS},
+    {"mlp.gate_proj.bias", offsetof(es_layer_weights, gate_bias), DIM_I, DIM_NONE, IF_MLP_BIAS},
+    {"mlp.up_proj.bias", offsetof(es_layer_weights, up_bias), DIM_I, DIM_NONE, IF_MLP_BIAS},
+    {"mlp.down_proj.bias", offsetof(es_layer_weights, down_bias), DIM_C, DIM_NONE, IF_MLP_BIAS},
+};
+#define N_LAYER_TENSORS (int)(sizeof layer_tensors / sizeof *layer_tensors)
 
-static void want(wanted *list, int *n, float **slot, int64_t rows, int64_t cols, const char *fmt, int layer, const char *part) {
-    wanted *w = &list[(*n)++];
-    snprintf(w->name, sizeof w->name, fmt, layer, part);
-    w->ndim = cols ? 2 : 1;
-    w->shape[0] = rows, w->shape[1] = cols;
-    w->slot = slot;
+static int64_t dim(const es_model_config *c, int kind) {
+    switch (kind) {
+    case DIM_C: return c->hidden_size;
+    case DIM_I: return c->intermediate_size;
+    case DIM_Q: return (int64_t)c->n_heads * c->head_dim;
+    case DIM_KV: return (int64_t)c->n_kv_heads * c->head_dim;
+    default: return 0;
+    }
+}
+
+static void spec(es_tensor_spec *s, const char *name, int64_t rows, int64_t cols, int is_norm, int layer, int part) {
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->ndim = cols ? 2 : 1;
+    s->shape[0] = rows, s->shape[1] = cols;
+    s->is_norm = is_norm;
+    s->layer = layer, s->part = part;
+}
+
+int es_model_tensor_list(const es_model_config *c, int n_layers, int with_head, es_tensor_spec *list) {
+    int n = 0;
+    spec(&list[n++], "model.embed_tokens.weight", c->vocab_size, c->hidden_size, 0, -1, -1);
+    for (int l = 0; l < n_layers; l++)
+        for (int p = 0; p < N_LAYER_TENSORS; p++) {
+            int condition = layer_tensors[p].condition;
+            if ((condition == IF_QKV_BIAS && !c->qkv_bias) || (condition == IF_O_BIAS && !c->o_bias) ||
+                (condition == IF_MLP_BIAS && !c->mlp_bias))
+                continue;
+            char name[96];
+            snprintf(name, sizeof name, "model.layers.%d.%s", l, layer_tensors[p].part);
+            spec(&list[n++], name, dim(c, layer_tensors[p].rows), dim(c, layer_tensors[p].cols),
+                 strstr(layer_tensors[p].part, "layernorm") != NULL, l, p);
+        }
+    if (with_head) {
+        spec(&list[n++], "model.norm.weight", c->hidden_size, 0, 1, -1, -2);
+        if (!c->tie_word_embeddings) spec(&list[n++], "lm_head.weight", c->vocab_size, c->hidden_size, 0, -1, -3);
+    }
+    return n;
+}
+
+/* Where a listed tensor's data pointer goes in the model. */
+static float **slot_of(es_model *model, const es_tensor_spec *s) {
+    if (s->layer >= 0) return (float **)((char *)&model->layers[s->layer] + layer_tensors[s->part].offset);
+    return s->part == -1 ? &model->embed : s->part == -2 ? &model->final_norm : &model->lm_head;
 }
 
 int es_model_load(const char *dir, int n_layers, int with_head, es_model *model, es_error *err) {
@@ -185,44 +243,13 @@ int es_model_load(const char *dir, int n_layers, int with_head, es_model *model,
     if (n_layers < 0) return es_fail(err, ES_ERR_USAGE, "%s: the model has %d layers", dir, c->n_layers);
     model->n_layers_loaded = n_layers;
     model->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof *model->layers);
-    wanted *list = calloc((size_t)n_layers * 16 + 4, sizeof *list);
+    es_tensor_spec *list = calloc((size_t)es_model_max_tensors(n_layers), sizeof *list);
     if (!model->layers || !list) {
         free(list);
         es_model_free(model);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
-    const int64_t C = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
-    const int64_t q_rows = (int64_t)c->n_heads * c->head_dim, kv_rows = (int64_t)c->n_kv_heads * c->head_dim;
-    int n = 0;
-    want(list, &n, &model->embed, V, C, "model.embed_tokens.weight%.0d%s", 0, "");
-    for (int l = 0; l < n_layers; l++) {
-        es_layer_weights *w = &model->layers[l];
-        const char *fmt = "model.layers.%d.%s";
-        want(list, &n, &w->input_norm, C, 0, fmt, l, "input_layernorm.weight");
-        want(list, &n, &w->q, q_rows, C, fmt, l, "self_attn.q_proj.weight");
-        want(list, &n, &w->k, kv_rows, C, fmt, l, "self_attn.k_proj.weight");
-        want(list, &n, &w->v, kv_rows, C, fmt, l, "self_attn.v_proj.weight");
-        want(list, &n, &w->o, C, q_rows, fmt, l, "self_attn.o_proj.weight");
-        if (c->qkv_bias) {
-            want(list, &n, &w->q_bias, q_rows, 0, fmt, l, "self_attn.q_proj.bias");
-            want(list, &n, &w->k_bias, kv_rows, 0, fmt, l, "self_attn.k_proj.bias");
-            want(list, &n, &w->v_bias, kv_rows, 0, fmt, l, "self_attn.v_proj.bias");
-        }
-        if (c->o_bias) want(list, &n, &w->o_bias, C, 0, fmt, l, "self_attn.o_proj.bias");
-        want(list, &n, &w->post_norm, C, 0, fmt, l, "post_attention_layernorm.weight");
-        want(list, &n, &w->gate, I, C, fmt, l, "mlp.gate_proj.weight");
-        want(list, &n, &w->up, I, C, fmt, l, "mlp.up_proj.weight");
-        want(list, &n, &w->down, C, I, fmt, l, "mlp.down_proj.weight");
-        if (c->mlp_bias) {
-            want(list, &n, &w->gate_bias, I, 0, fmt, l, "mlp.gate_proj.bias");
-            want(list, &n, &w->up_bias, I, 0, fmt, l, "mlp.up_proj.bias");
-            want(list, &n, &w->down_bias, C, 0, fmt, l, "mlp.down_proj.bias");
-        }
-    }
-    if (with_head) {
-        want(list, &n, &model->final_norm, C, 0, "model.norm.weight%.0d%s", 0, "");
-        if (!c->tie_word_embeddings) want(list, &n, &model->lm_head, V, C, "lm_head.weight%.0d%s", 0, "");
-    }
+    int n = es_model_tensor_list(c, n_layers, with_head, list);
 
     es_weights *weights = NULL;
     rc = es_weights_open(dir, &weights, err);
@@ -261,7 +288,7 @@ int es_model_load(const char *dir, int n_layers, int with_head, es_model *model,
         float *data = model->arena + at;
         rc = es_tensor_to_f32(found[i], data, err);
         at += es_tensor_numel(found[i]);
-        *list[i].slot = data;
+        *slot_of(model, &list[i]) = data;
         es_named_tensor *named = &model->tensors[model->n_tensors++];
         snprintf(named->name, sizeof named->name, "%s", list[i].name);
         named->data = data, named->ndim = list[i].ndim;

@@ -63,6 +63,20 @@ typedef struct es_model {
     float *lm_head;               /* (V, C): the embedding when tied; NULL unless loaded */
 } es_model;
 
+/* A tensor a checkpoint holds: its Hugging Face name and shape (cols 0: a vector). */
+typedef struct es_tensor_spec {
+    char name[96];
+    int ndim;
+    int64_t shape[2];
+    int is_norm;     /* an RMSNorm weight (a random checkpoint sets these to 1) */
+    int layer, part; /* where it goes: a decoder layer's part, or -1 and the embedding/norm/head */
+} es_tensor_spec;
+
+/* The tensors of the first n_layers layers (and with the head, the final norm and lm_head
+ * unless tied) in checkpoint order; `list` holds es_model_max_tensors(n_layers). Returns the count. */
+int es_model_tensor_list(const es_model_config *config, int n_layers, int with_head, es_tensor_spec *list);
+static inline int es_model_max_tensors(int n_layers) { return 16 * n_layers + 4; }
+
 /* Loads the first `n_layers` decoder layers (-1: all) and, with `with_head`, the final norm
  * and lm_head. Missing or mis-shaped tensors are ES_ERR_DATA naming the tensor and file. */
 int es_model_load(const char *dir, int n_layers, int with_head, es_model *model, es_error *err);

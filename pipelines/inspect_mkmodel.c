@@ -79,38 +79,15 @@ int inspect_mkmodel(const es_config *cfg, es_error *err) {
     es_model_config c;
     if (!rc) rc = es_model_config_load(path, &c, NULL, err);
     if (rc) return rc;
-    const int64_t C = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-    const int64_t q_rows = (int64_t)c.n_heads * c.head_dim, kv_rows = (int64_t)c.n_kv_heads * c.head_dim;
-    builder b = {calloc((size_t)c.n_layers * 16 + 4, sizeof(es_tensor)), 0, (uint64_t)es_config_int(cfg, "seed"), 0};
-    if (!b.tensors) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    add(&b, "model.embed_tokens.weight", V, C, 0);
-    for (int l = 0; l < c.n_layers && !b.failed; l++) {
-        char name[128];
-#define LAYER(part, rows, cols, ones) (snprintf(name, sizeof name, "model.layers.%d.%s", l, part), add(&b, name, rows, cols, ones))
-        LAYER("input_layernorm.weight", C, 0, 1);
-        LAYER("self_attn.q_proj.weight", q_rows, C, 0);
-        LAYER("self_attn.k_proj.weight", kv_rows, C, 0);
-        LAYER("self_attn.v_proj.weight", kv_rows, C, 0);
-        LAYER("self_attn.o_proj.weight", C, q_rows, 0);
-        if (c.qkv_bias) {
-            LAYER("self_attn.q_proj.bias", q_rows, 0, 0);
-            LAYER("self_attn.k_proj.bias", kv_rows, 0, 0);
-            LAYER("self_attn.v_proj.bias", kv_rows, 0, 0);
-        }
-        if (c.o_bias) LAYER("self_attn.o_proj.bias", C, 0, 0);
-        LAYER("post_attention_layernorm.weight", C, 0, 1);
-        LAYER("mlp.gate_proj.weight", I, C, 0);
-        LAYER("mlp.up_proj.weight", I, C, 0);
-        LAYER("mlp.down_proj.weight", C, I, 0);
-        if (c.mlp_bias) {
-            LAYER("mlp.gate_proj.bias", I, 0, 0);
-            LAYER("mlp.up_proj.bias", I, 0, 0);
-            LAYER("mlp.down_proj.bias", C, 0, 0);
-        }
-#undef LAYER
+    es_tensor_spec *specs = calloc((size_t)es_model_max_tensors(c.n_layers), sizeof *specs);
+    builder b = {calloc((size_t)es_model_max_tensors(c.n_layers), sizeof(es_tensor)), 0, (uint64_t)es_config_int(cfg, "seed"), 0};
+    if (!specs || !b.tensors) {
+        free(specs), free(b.tensors);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
-    add(&b, "model.norm.weight", C, 0, 1);
-    if (!c.tie_word_embeddings) add(&b, "lm_head.weight", V, C, 0);
+    int n_specs = es_model_tensor_list(&c, c.n_layers, 1, specs);
+    for (int i = 0; i < n_specs && !b.failed; i++) add(&b, specs[i].name, specs[i].shape[0], specs[i].shape[1], specs[i].is_norm);
+    free(specs);
     snprintf(path, sizeof path, "%s/model.safetensors", out);
     es_meta_kv meta[] = {{"format", "pt"}};
     rc = b.failed ? es_fail(err, ES_ERR_RUNTIME, "out of memory") : es_safetensors_write(path, b.tensors, (size_t)b.n, meta, 1, err);
@@ -120,7 +97,7 @@ int inspect_mkmodel(const es_config *cfg, es_error *err) {
         free((void *)b.tensors[i].name), free((void *)b.tensors[i].data);
     }
     free(b.tensors);
-    if (!rc) printf("%s: %d layers, hidden %lld, %zu parameters (bf16, seed %lld)\n", out, c.n_layers, (long long)C, parameters,
+    if (!rc) printf("%s: %d layers, hidden %lld, %zu parameters (bf16, seed %lld)\n", out, c.n_layers, (long long)c.hidden_size, parameters,
                     (long long)es_config_int(cfg, "seed"));
     return rc;
 }
