@@ -28,15 +28,33 @@ void es_rmsnorm_forward(float *out, const float *in, const float *weight, int T,
 enum { MATMUL_ROWS = 1024 };
 
 /* Below this many multiply-adds OpenBLAS's threads cost more in waking and yielding than
- * they save: small products run on the calling thread (same arithmetic, same results). */
+ * they save: a small product's block is cut into one slice of rows per pool worker, each
+ * slice a single-threaded sgemm of fixed size. */
 #define SMALL_PRODUCT (1L << 24)
 
-void es_matmul_forward(float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
+typedef struct {
+    float *out;
+    const float *in, *weight;
+    int C, OC, rows_per_slice;
+    float beta;
+} matmul_slices;
+
+static void matmul_slice(void *arg, size_t index, int worker) {
+    (void)worker;
+    matmul_slices *job = arg;
+    size_t first = index * (size_t)job->rows_per_slice;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, job->rows_per_slice, job->OC, job->C, 1.0f,
+                job->in + first * job->C, job->C, job->weight, job->C, job->beta, job->out + first * job->OC, job->OC);
+}
+
+int es_matmul_forward(es_pool *pool, float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
     float *padded_in = NULL, *padded_out = NULL;
     const int threads = openblas_get_num_threads();
-    const int small = (long)MATMUL_ROWS * OC * C < SMALL_PRODUCT;
-    if (small && threads > 1) openblas_set_num_threads(1);
-    for (int first = 0; first < T; first += MATMUL_ROWS) {
+    int slices = (long)MATMUL_ROWS * OC * C < SMALL_PRODUCT && pool ? es_pool_threads(pool) : 1;
+    while (MATMUL_ROWS % slices) slices--; /* equal slices */
+    if (slices > 1 && threads > 1) openblas_set_num_threads(1);
+    int rc = 0;
+    for (int first = 0; first < T && !rc; first += MATMUL_ROWS) {
         int rows = T - first < MATMUL_ROWS ? T - first : MATMUL_ROWS;
         const float *block_in = in + (size_t)first * C;
         float *block_out = out + (size_t)first * OC;
@@ -45,18 +63,23 @@ void es_matmul_forward(float *out, const float *in, const float *weight, const f
                 padded_in = calloc((size_t)MATMUL_ROWS * C, sizeof *padded_in);
                 padded_out = malloc((size_t)MATMUL_ROWS * OC * sizeof *padded_out);
             }
-            if (!padded_in || !padded_out) abort(); /* a few hundred kilobytes */
+            if (!padded_in || !padded_out) {
+                rc = -1;
+                break;
+            }
             memcpy(padded_in, block_in, (size_t)rows * C * sizeof *padded_in);
             block_in = padded_in, block_out = padded_out;
         }
         if (bias)
             for (int t = 0; t < MATMUL_ROWS; t++) memcpy(block_out + (size_t)t * OC, bias, (size_t)OC * sizeof(float));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, MATMUL_ROWS, OC, C, 1.0f, block_in, C, weight, C,
-                    bias ? 1.0f : 0.0f, block_out, OC);
+        matmul_slices job = {block_out, block_in, weight, C, OC, MATMUL_ROWS / slices, bias ? 1.0f : 0.0f};
+        if (slices > 1) es_pool_for(pool, (size_t)slices, matmul_slice, &job);
+        else matmul_slice(&job, 0, 0);
         if (rows < MATMUL_ROWS) memcpy(out + (size_t)first * OC, padded_out, (size_t)rows * OC * sizeof *out);
     }
-    if (small && threads > 1) openblas_set_num_threads(threads);
+    if (slices > 1 && threads > 1) openblas_set_num_threads(threads);
     free(padded_in), free(padded_out);
+    return rc;
 }
 
 void es_rope_forward(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {

@@ -6,6 +6,15 @@
 
 #include "ops.h"
 
+/* Every product can fail only for memory; one message for all of them. */
+#define MATMUL(...)                                                                        \
+    do {                                                                                   \
+        if (es_matmul_forward(pool, __VA_ARGS__)) {                                        \
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory in a matrix product");        \
+            goto done;                                                                     \
+        }                                                                                  \
+    } while (0)
+
 int es_forward(const es_model *model, es_pool *pool, const int32_t *ids, const int32_t *seq_start, int n_seqs,
                int last_layer, es_layer_fn on_layer, void *ctx, float *final_norm, es_error *err) {
     const es_model_config *c = &model->config;
@@ -44,23 +53,23 @@ int es_forward(const es_model *model, es_pool *pool, const int32_t *ids, const i
         const es_layer_weights *w = &model->layers[l];
         // attention block
         es_rmsnorm_forward(normed, x, w->input_norm, T, C, eps);
-        es_matmul_forward(q, normed, w->q, w->q_bias, T, C, H * hd);
-        es_matmul_forward(k, normed, w->k, w->k_bias, T, C, KV * hd);
-        es_matmul_forward(v, normed, w->v, w->v_bias, T, C, KV * hd);
+        MATMUL(q, normed, w->q, w->q_bias, T, C, H * hd);
+        MATMUL(k, normed, w->k, w->k_bias, T, C, KV * hd);
+        MATMUL(v, normed, w->v, w->v_bias, T, C, KV * hd);
         es_rope_forward(q, positions, inv_freq, T, H, hd);
         es_rope_forward(k, positions, inv_freq, T, KV, hd);
         if (es_attention_forward(pool, att, q, k, v, seq_start, n_seqs, H, KV, hd)) {
             rc = es_fail(err, ES_ERR_RUNTIME, "out of memory in attention");
             goto done;
         }
-        es_matmul_forward(branch, att, w->o, w->o_bias, T, H * hd, C);
+        MATMUL(branch, att, w->o, w->o_bias, T, H * hd, C);
         es_residual_forward(x, branch, (long)T * C);
         // MLP block
         es_rmsnorm_forward(normed, x, w->post_norm, T, C, eps);
-        es_matmul_forward(gate, normed, w->gate, w->gate_bias, T, C, I);
-        es_matmul_forward(up, normed, w->up, w->up_bias, T, C, I);
+        MATMUL(gate, normed, w->gate, w->gate_bias, T, C, I);
+        MATMUL(up, normed, w->up, w->up_bias, T, C, I);
         es_swiglu_forward(gate, gate, up, (long)T * I);
-        es_matmul_forward(branch, gate, w->down, w->down_bias, T, I, C);
+        MATMUL(branch, gate, w->down, w->down_bias, T, I, C);
         es_residual_forward(x, branch, (long)T * C);
         if (on_layer && (rc = on_layer(ctx, l + 1, x, T, err))) goto done;
     }

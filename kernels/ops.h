@@ -19,8 +19,10 @@ void es_rmsnorm_forward(float *out,               // (T, C)
                         const float *weight,      // (C)
                         int T, int C, float eps);
 
-/* out = in @ weight^T + bias (OpenBLAS sgemm). */
-void es_matmul_forward(float *out,                // (T, OC)
+/* out = in @ weight^T + bias (OpenBLAS sgemm; small products split over the pool's workers,
+ * pool may be NULL). Returns 0, or -1 when out of memory. */
+int es_matmul_forward(es_pool *pool,
+                      float *out,                 // (T, OC)
                        const float *in,           // (T, C)
                        const float *weight,       // (OC, C)
                        const float *bias,         // (OC) or NULL

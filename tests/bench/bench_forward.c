@@ -1,6 +1,6 @@
 /* CPU forward benchmark, our side: bench_forward MODEL_DIR SEQUENCES TOKENS THREADS
- * runs every decoder layer over SEQUENCES sequences of TOKENS random ids (no head), three
- * times, and prints one JSON line with the best tokens/s. tests/bench/bench_forward.py runs
+ * runs every decoder layer over SEQUENCES sequences of TOKENS random ids (no head), REPEATS
+ * times ($ESSENCE_BENCH_REPEATS, default 10), and prints one JSON line with the best tokens/s. tests/bench/bench_forward.py runs
  * PyTorch (transformers) on the same weights and threads beside it. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,7 +33,9 @@ int main(int argc, char **argv) {
     }
     for (int s = 0; s <= sequences; s++) seq_start[s] = s * tokens;
     double best = 1e30;
-    for (int run = 0; run < 3; run++) {
+    const char *repeats_text = getenv("ESSENCE_BENCH_REPEATS");
+    int repeats = repeats_text && atoi(repeats_text) > 0 ? atoi(repeats_text) : 10;
+    for (int run = 0; run < repeats; run++) {
         double start = es_now();
         if (es_forward(&model, pool, ids, seq_start, sequences, model.config.n_layers, NULL, NULL, NULL, &err)) es_exit_error(&err);
         double seconds = es_now() - start;

@@ -113,7 +113,7 @@ static void check_model(const char *tl_name, const char *name) {
         float *logits = malloc(T * (size_t)V * sizeof *logits), *picked = malloc(T * n_cols * sizeof *picked);
         float *lse = malloc(T * sizeof *lse);
         int argmax_bad = 0;
-        es_matmul_forward(logits, final, model.lm_head, NULL, (int)T, C, V); /* (T, V) */
+        CHECK(es_matmul_forward(pool, logits, final, model.lm_head, NULL, (int)T, C, V) == 0); /* (T, V) */
         for (size_t t = 0; t < T; t++) {
             const float *row = logits + t * V;
             double max_logit = -INFINITY, total = 0;
