@@ -20,7 +20,7 @@ BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
-ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
+ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels -Iextract -Iproject $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lcjson -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
@@ -47,6 +47,9 @@ EXTRACT_SRC := $(wildcard extract/*.c)
 PROGRAMS := $(BUILD)/essence-inspect $(if $(EXTRACT_SRC),$(BUILD)/essence-extract)
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
+# The stages' own code that unit tests link (every stage source but the one with main()).
+STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c,$(wildcard extract/*.c project/*.c align/*.c))
+STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 TOOL_SRC := $(wildcard tests/tools/*.c)
@@ -90,7 +93,7 @@ $(PLUGIN): common/h5zstd.c common/h5zstd.h
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -DES_H5ZSTD_PLUGIN -fPIC -shared $(HDF5_CFLAGS) -o $@ $< -lzstd
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 

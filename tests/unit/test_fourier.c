@@ -1,0 +1,82 @@
+/* essence-project's math: Ω from its documented generator, the Fourier features against a
+ * double-precision recomputation, independence of each row from the others, and the two
+ * alignment rules on hand-made spans. */
+#include <math.h>
+#include <stdint.h>
+
+#include "../testlib.h"
+#include "fourier.h"
+
+TEST(omega_is_the_documented_sequence) {
+    float omega[32], again[32], other[32];
+    fourier_omega(omega, 4, 8, 1.5, 12345);
+    fourier_omega(again, 4, 8, 1.5, 12345);
+    fourier_omega(other, 4, 8, 1.5, 12346);
+    CHECK(memcmp(omega, again, sizeof omega) == 0 && memcmp(omega, other, sizeof omega) != 0);
+    /* The first values, computed independently with Python's integers and math module
+     * following docs/project.md's description (splitmix64, Box-Muller, σ/√d, fp32). */
+    static const uint32_t expected[6] = {0x3e98bf34, 0x3f82e065, 0x3efa914c, 0x3f7a3654, 0xbea4992b, 0x3f072f95};
+    for (int i = 0; i < 6; i++) {
+        uint32_t bits;
+        memcpy(&bits, &omega[i], 4);
+        CHECKF(bits == expected[i], "omega[%d] = %08x, expected %08x", i, bits, expected[i]);
+    }
+    /* and its distribution: N(0, σ²/d) */
+    enum { M = 64, D = 512 };
+    static float big[M * D];
+    fourier_omega(big, M, D, 2.0, 7);
+    double sum = 0, sum_sq = 0;
+    for (int i = 0; i < M * D; i++) sum += big[i], sum_sq += (double)big[i] * big[i];
+    double mean = sum / (M * D), std = sqrt(sum_sq / (M * D) - mean * mean), want = 2.0 / sqrt((double)D);
+    CHECKF(fabs(mean) < 0.02 * want && fabs(std / want - 1) < 0.02, "mean %g std %g (want %g)", mean, std, want);
+}
+
+TEST(features_match_double_precision) {
+    enum { T = 300, D = 96, M = 24 };
+    static float x[T * D], omega[M * D], targets[T * 2 * M], part[T * 2 * M];
+    uint64_t state = 99;
+    for (int i = 0; i < T * D; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)(((double)(state >> 11) / 9007199254740992.0 - 0.5) * 6.0);
+    }
+    fourier_omega(omega, M, D, 3.0, 1);
+    REQUIRE(fourier_features(targets, x, omega, T, D, M) == 0);
+    double worst = 0, norm_error = 0;
+    for (int t = 0; t < T; t++) {
+        double norm_sq = 0;
+        for (int k = 0; k < M; k++) {
+            double phase = 0;
+            for (int j = 0; j < D; j++) phase += (double)x[t * D + j] * omega[k * D + j];
+            double c = sqrt(2.0) * cos(phase), s = sqrt(2.0) * sin(phase);
+            worst = fmax(worst, fmax(fabs(targets[t * 2 * M + k] - c), fabs(targets[t * 2 * M + M + k] - s)));
+            norm_sq += (double)targets[t * 2 * M + k] * targets[t * 2 * M + k] +
+                       (double)targets[t * 2 * M + M + k] * targets[t * 2 * M + M + k];
+        }
+        norm_error = fmax(norm_error, fabs(norm_sq / (2 * M) - 1)); /* unit RMS by construction */
+    }
+    CHECKF(worst < 1e-5, "max |error| %g", worst);
+    CHECKF(norm_error < 1e-6, "RMS off by %g", norm_error);
+    /* rows do not depend on what else is computed with them */
+    REQUIRE(fourier_features(part, x + 100 * D, omega, T - 100, D, M) == 0);
+    CHECK(memcmp(part, targets + 100 * 2 * M, sizeof(float) * (T - 100) * 2 * M) == 0);
+}
+
+TEST(alignment_rules) {
+    /* text "<s>Hi 🤗!" : teacher [BOS][Hi][ 🤗 part][ 🤗 part][!]; student [BOS][H][i][ ][🤗][!] */
+    const int32_t teacher_start[] = {0, 0, 2, 2, 7}, teacher_end[] = {0, 2, 7, 7, 8};
+    const int32_t student_start[] = {0, 0, 1, 2, 3, 7}, student_end[] = {0, 1, 2, 3, 7, 8};
+    int64_t rows[6];
+    align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_EXACT);
+    const int64_t exact[] = {-1, -1, 1, -1, 3, 4};
+    CHECK(memcmp(rows, exact, sizeof rows) == 0);
+    align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_CAUSAL);
+    const int64_t causal[] = {0, 0, 1, 1, 3, 4};
+    CHECK(memcmp(rows, causal, sizeof rows) == 0);
+}
+
+int main(void) {
+    RUN(omega_is_the_documented_sequence);
+    RUN(features_match_double_precision);
+    RUN(alignment_rules);
+    return test_summary();
+}
