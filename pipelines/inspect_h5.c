@@ -184,17 +184,22 @@ int inspect_summary(const char *path, es_error *err) {
 
 /* ---- stats -------------------------------------------------------------------------- */
 
-typedef struct {
-    char names[256][64];
-    int count;
-} layer_list;
-
 static herr_t collect_layer(hid_t group, const char *name, const H5L_info_t *info, void *data) {
     (void)group, (void)info;
-    layer_list *layers = data;
-    if (strncmp(name, "layer_", 6) == 0 && layers->count < 256)
-        snprintf(layers->names[layers->count++], 64, "%s", name);
+    inspect_layers *layers = data;
+    if (strncmp(name, "layer_", 6) == 0 && layers->count < INSPECT_MAX_LAYERS)
+        snprintf(layers->names[layers->count++], sizeof layers->names[0], "%s", name);
     return 0;
+}
+
+int inspect_list_layers(hid_t file, const char *group_name, inspect_layers *layers) {
+    layers->count = 0;
+    if (H5Lexists(file, group_name, H5P_DEFAULT) <= 0) return 0;
+    hid_t group = H5Gopen2(file, group_name, H5P_DEFAULT);
+    if (group < 0) return 0;
+    H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, NULL, collect_layer, layers);
+    H5Gclose(group);
+    return layers->count;
 }
 
 static int compare_float(const void *a, const void *b) {
@@ -290,11 +295,8 @@ int inspect_stats(const char *path, const es_config *cfg, es_error *err) {
     static const char *groups[] = {"/latents", "/targets"};
     int found = 0;
     for (int g = 0; !rc && g < 2; g++) {
-        if (H5Lexists(file.id, groups[g], H5P_DEFAULT) <= 0) continue;
-        layer_list layers = {.count = 0};
-        hid_t group = H5Gopen2(file.id, groups[g], H5P_DEFAULT);
-        H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, NULL, collect_layer, &layers);
-        H5Gclose(group);
+        inspect_layers layers;
+        inspect_list_layers(file.id, groups[g], &layers);
         for (int i = 0; !rc && i < layers.count; i++) {
             if (es_config_is_set(cfg, "layer") && atoll(layers.names[i] + 6) != es_config_int(cfg, "layer")) continue;
             char dataset[160];

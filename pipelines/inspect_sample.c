@@ -17,18 +17,6 @@ static int read_range(hid_t file, const char *name, int64_t first, int64_t n, vo
     return rc;
 }
 
-typedef struct {
-    char names[64][80];
-    int count;
-} layer_names;
-
-static herr_t add_layer(hid_t group, const char *name, const H5L_info_t *info, void *data) {
-    (void)group, (void)info;
-    layer_names *layers = data;
-    if (!strncmp(name, "layer_", 6) && layers->count < 64) snprintf(layers->names[layers->count++], 80, "%s", name);
-    return 0;
-}
-
 /* Prints text as a quoted, escaped piece. */
 static void print_piece(const unsigned char *text, int64_t len) {
     putchar('"');
@@ -69,13 +57,9 @@ int inspect_sample(const char *path, const es_config *cfg, es_error *err) {
     if (!rc) rc = read_range(file.id, "/tokens/byte_end", bounds[0], n, end, err);
     if (!rc && text_len) rc = read_range(file.id, "/samples/text_bytes", text_bounds[0], text_len, text, err);
     /* the latent layers: /latents in a teacher file, /targets in a student file */
-    layer_names layers = {.count = 0};
+    inspect_layers layers = {.count = 0};
     const char *group_name = H5Lexists(file.id, "/latents", H5P_DEFAULT) > 0 ? "/latents" : "/targets";
-    if (!rc && H5Lexists(file.id, group_name, H5P_DEFAULT) > 0) {
-        hid_t group = H5Gopen2(file.id, group_name, H5P_DEFAULT);
-        H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, NULL, add_layer, &layers);
-        H5Gclose(group);
-    }
+    if (!rc) inspect_list_layers(file.id, group_name, &layers);
     float *norms = calloc((size_t)(layers.count ? layers.count : 1) * (size_t)(n + 1), sizeof *norms);
     for (int l = 0; !rc && l < layers.count; l++) {
         char name[160];

@@ -88,4 +88,13 @@ static inline const char *test_tmpdir(void) {
     return dir;
 }
 
+/* TMPDIR-scratch path for a file name (one of 8 rotating buffers: up to 8 in use at once). */
+static inline char *test_path(const char *name) {
+    static char paths[8][1024];
+    static int next;
+    char *path = paths[next++ % 8];
+    snprintf(path, sizeof paths[0], "%s/%s", test_tmpdir(), name);
+    return path;
+}
+
 #endif

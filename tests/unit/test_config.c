@@ -27,16 +27,8 @@ static const es_option OPTS[] = {
 
 static int contains(const char *msg, const char *sub) { return strstr(msg, sub) != NULL; }
 
-static char *tmp_path(const char *name) {
-    static char buf[8][1024];
-    static int next;
-    char *p = buf[next++ % 8];
-    snprintf(p, sizeof buf[0], "%s/%s", test_tmpdir(), name);
-    return p;
-}
-
 static char *write_file(const char *name, const char *text) {
-    char *path = tmp_path(name);
+    char *path = test_path(name);
     FILE *f = fopen(path, "wb");
     if (!f || fwrite(text, 1, strlen(text), f) != strlen(text) || fclose(f) != 0) {
         perror(path);
@@ -386,7 +378,7 @@ TEST(yaml_accepted_forms) {
 TEST(unreadable_config_file) {
     es_config cfg;
     es_error err = {0};
-    char *path = tmp_path("does-not-exist.yaml");
+    char *path = test_path("does-not-exist.yaml");
     CHECK(parse(&cfg, &err, "--config", path, NULL) == ES_ERR_USAGE);
     CHECK(contains(err.msg, path) && contains(err.msg, "cannot read"));
     SHOW(err);
@@ -431,7 +423,7 @@ TEST(double_dash) {
 /* Runs es_config_print_help with stdout sent to a file; returns the text (static). */
 static const char *capture_help(const es_config *cfg) {
     static char text[8192];
-    char *path = tmp_path("help.txt");
+    char *path = test_path("help.txt");
     fflush(stdout);
     int saved = dup(1);
     FILE *f = fopen(path, "w");

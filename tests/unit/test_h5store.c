@@ -26,14 +26,6 @@ static float rng_normal(void) {
     return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-static char *tmp_path(const char *name) {
-    static char paths[8][600];
-    static int next;
-    char *path = paths[next++ % 8];
-    snprintf(path, 600, "%s/%s", test_tmpdir(), name);
-    return path;
-}
-
 static int file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
@@ -83,7 +75,7 @@ TEST(bf16_rounding_matches_hdf5) {
 /* Writes rows of random bf16 in uneven appends, then checks every row read back three ways. */
 static void roundtrip(const char *tl_name, es_pool *pool, int64_t rows, int64_t width, int64_t chunk_rows) {
     es_error err = {0};
-    const char *path = tmp_path(pool ? "rows_pool.h5" : "rows_serial.h5");
+    const char *path = test_path(pool ? "rows_pool.h5" : "rows_serial.h5");
     char partial[700];
     snprintf(partial, sizeof partial, "%s.partial", path);
     float *values = malloc(sizeof(float) * (size_t)(rows * width));
@@ -146,7 +138,7 @@ TEST(rows_roundtrip_serial) { roundtrip(tl_name, NULL, 77, 5, 16); }
 
 TEST(rows_other_types) {
     es_error err = {0};
-    const char *path = tmp_path("types.h5");
+    const char *path = test_path("types.h5");
     es_h5file file;
     REQUIRE(es_h5_create(&file, path, &err) == ES_OK);
     int64_t ids[300];
@@ -182,7 +174,7 @@ TEST(rows_other_types) {
 
 TEST(resume_partial) {
     es_error err = {0};
-    const char *path = tmp_path("resume.h5");
+    const char *path = test_path("resume.h5");
     enum { W = 12, CHUNK = 10, ROWS = 95 };
     float values[ROWS * W];
     for (int i = 0; i < ROWS * W; i++) values[i] = es_bf16_to_f32(es_f32_to_bf16(rng_normal()));
@@ -224,7 +216,7 @@ TEST(resume_partial) {
 
 TEST(corrupt_chunk_is_reported) {
     es_error err = {0};
-    const char *path = tmp_path("corrupt.h5");
+    const char *path = test_path("corrupt.h5");
     enum { W = 64, ROWS = 256 };
     static float values[ROWS * W];
     for (int i = 0; i < ROWS * W; i++) values[i] = rng_normal();
@@ -267,9 +259,9 @@ TEST(corrupt_chunk_is_reported) {
 TEST(open_errors) {
     es_error err = {0};
     es_h5file file;
-    CHECK(es_h5_open(&file, tmp_path("missing.h5"), &err) == ES_ERR_USAGE);
+    CHECK(es_h5_open(&file, test_path("missing.h5"), &err) == ES_ERR_USAGE);
     CHECK(strstr(err.msg, "missing.h5") != NULL);
-    const char *junk = tmp_path("junk.h5");
+    const char *junk = test_path("junk.h5");
     FILE *f = fopen(junk, "w");
     fputs("this is not HDF5\n", f);
     fclose(f);
@@ -282,7 +274,7 @@ TEST(open_errors) {
 
 TEST(attributes) {
     es_error err = {0};
-    const char *path = tmp_path("attrs.h5");
+    const char *path = test_path("attrs.h5");
     es_h5file file;
     REQUIRE(es_h5_create(&file, path, &err) == ES_OK);
     CHECK(es_h5_attr_set_str(file.id, "format", "essence.teacher", &err) == ES_OK);
@@ -334,7 +326,7 @@ TEST(zstd_filter_frames) {
 /* A disk that fills up mid-write (a file size limit, as a full disk would): the write fails
  * with a runtime error naming the file, and nothing is left under the final name. */
 TEST(write_error_leaves_nothing_complete) {
-    const char *path = tmp_path("full.h5");
+    const char *path = test_path("full.h5");
     char partial[700];
     snprintf(partial, sizeof partial, "%s.partial", path);
     int pipe_fds[2];

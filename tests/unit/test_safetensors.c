@@ -12,14 +12,6 @@
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
-static char *tmp_path(const char *name) {
-    static char buf[8][1024];
-    static int next;
-    char *p = buf[next++ % 8];
-    snprintf(p, sizeof buf[0], "%s/%s", test_tmpdir(), name);
-    return p;
-}
-
 static int exists(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0;
@@ -42,7 +34,7 @@ static char *raw_file(const char *name, const char *header, long long hlen, size
     for (int i = 0; i < 8; i++) buf[i] = (unsigned char)(n >> (8 * i));
     memcpy(buf + 8, header, hl);
     for (size_t i = 0; i < data_len; i++) buf[8 + hl + i] = (unsigned char)i;
-    char *path = tmp_path(name);
+    char *path = test_path(name);
     write_bytes(path, buf, len);
     free(buf);
     return path;
@@ -257,11 +249,11 @@ TEST(roundtrip_all_dtypes) {
     };
     size_t n = sizeof in / sizeof in[0];
     es_meta_kv meta[] = {{"format", "pt"}, {"note", "quote \" and ü"}};
-    char *path = tmp_path("roundtrip.safetensors");
+    char *path = test_path("roundtrip.safetensors");
     es_error err = {0};
     int rc = es_safetensors_write(path, in, n, meta, 2, &err);
     REQUIRE(rc == ES_OK);
-    CHECK(!exists(tmp_path("roundtrip.safetensors.partial")));
+    CHECK(!exists(test_path("roundtrip.safetensors.partial")));
 
     /* Layout: header padded with spaces to a multiple of 8, data contiguous. */
     FILE *f = fopen(path, "rb");
@@ -331,7 +323,7 @@ TEST(roundtrip_all_dtypes) {
     es_safetensors_close(mem);
 
     /* No metadata, no tensors: still a valid (empty) file. */
-    char *p2 = tmp_path("empty.safetensors");
+    char *p2 = test_path("empty.safetensors");
     CHECK(es_safetensors_write(p2, NULL, 0, NULL, 0, &err) == ES_OK);
     CHECK(es_safetensors_open(p2, &st, &err) == ES_OK && st->n_tensors == 0 && st->n_meta == 0);
     es_safetensors_close(st);
@@ -344,11 +336,11 @@ static const char *GOOD = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offs
 TEST(bad_short_file) {
     es_error err = {0};
     es_safetensors *st = NULL;
-    char *p = tmp_path("short.safetensors");
+    char *p = test_path("short.safetensors");
     write_bytes(p, "\x10\0\0", 3);
     CHECK_DATA_ERR(es_safetensors_open(p, &st, &err), err, "short.safetensors", "too short");
     es_error err2 = {0};
-    p = tmp_path("zero.safetensors");
+    p = test_path("zero.safetensors");
     write_bytes(p, "", 0);
     CHECK_DATA_ERR(es_safetensors_open(p, &st, &err2), err2, "zero.safetensors", "0 bytes");
 }
@@ -481,7 +473,7 @@ TEST(bad_entries) {
 TEST(bad_not_a_file) {
     es_error err = {0}, e2 = {0};
     es_safetensors *st = NULL;
-    CHECK_DATA_ERR(es_safetensors_open(tmp_path("nonexistent.safetensors"), &st, &err), err, "nonexistent.safetensors",
+    CHECK_DATA_ERR(es_safetensors_open(test_path("nonexistent.safetensors"), &st, &err), err, "nonexistent.safetensors",
                    "");
     CHECK_DATA_ERR(es_safetensors_open(test_tmpdir(), &st, &e2), e2, test_tmpdir(), "not a regular file");
 }
@@ -489,7 +481,7 @@ TEST(bad_not_a_file) {
 /* ---- model folders ------------------------------------------------------------------- */
 
 static char *model_dir(const char *name) {
-    char *d = tmp_path(name);
+    char *d = test_path(name);
     mkdir(d, 0755);
     return d;
 }
@@ -598,11 +590,11 @@ TEST(index_tensor_in_two_shards) {
 
 TEST(index_malformed) {
     char *d = model_dir("idx_badjson");
-    write_bytes(tmp_path("idx_badjson/model.safetensors.index.json"), "{\"weight_map\": {", 16);
+    write_bytes(test_path("idx_badjson/model.safetensors.index.json"), "{\"weight_map\": {", 16);
     es_error err = {0};
     CHECK_DATA_ERR(open_dir(d, &err), err, "model.safetensors.index.json", "JSON");
     d = model_dir("idx_nomap");
-    write_bytes(tmp_path("idx_nomap/model.safetensors.index.json"), "{}", 2);
+    write_bytes(test_path("idx_nomap/model.safetensors.index.json"), "{}", 2);
     es_error e2 = {0};
     CHECK_DATA_ERR(open_dir(d, &e2), e2, "model.safetensors.index.json", "weight_map");
     d = model_dir("idx_nonstring");
@@ -616,10 +608,10 @@ TEST(weights_no_model) {
     es_error err = {0};
     CHECK_DATA_ERR(open_dir(d, &err), err, "empty_model", "no model.safetensors or model.safetensors.index.json in");
     es_error e2 = {0};
-    CHECK_DATA_ERR(open_dir(tmp_path("no_such_folder"), &e2), e2, "no_such_folder", "");
+    CHECK_DATA_ERR(open_dir(test_path("no_such_folder"), &e2), e2, "no_such_folder", "");
     /* A bad shard's own message comes through unchanged. */
     char *d3 = model_dir("single_bad");
-    write_bytes(tmp_path("single_bad/model.safetensors"), "abc", 3);
+    write_bytes(test_path("single_bad/model.safetensors"), "abc", 3);
     es_error e3 = {0};
     CHECK_DATA_ERR(open_dir(d3, &e3), e3, "single_bad/model.safetensors", "too short");
 }
@@ -632,16 +624,16 @@ TEST(write_failures_leave_nothing) {
     es_tensor t = tensor("w", ES_DT_F32, 1, s, v);
     es_error err = {0};
 
-    char *p = tmp_path("no_such_dir/out.safetensors");
+    char *p = test_path("no_such_dir/out.safetensors");
     CHECK(es_safetensors_write(p, &t, 1, NULL, 0, &err) == ES_ERR_RUNTIME);
     CHECK(contains(err.msg, "no_such_dir/out.safetensors.partial"));
     CHECK(!exists(p));
 
-    p = tmp_path("nulldata.safetensors");
+    p = test_path("nulldata.safetensors");
     es_tensor bad = tensor("w", ES_DT_F32, 1, s, NULL);
     es_error e2 = {0};
     CHECK_DATA_ERR(es_safetensors_write(p, &bad, 1, NULL, 0, &e2), e2, "nulldata.safetensors", "\"w\"");
-    CHECK(!exists(p) && !exists(tmp_path("nulldata.safetensors.partial")));
+    CHECK(!exists(p) && !exists(test_path("nulldata.safetensors.partial")));
 
     es_tensor wrong = tensor("w", ES_DT_F32, 1, s2, v);
     wrong.nbytes = 12;
@@ -657,7 +649,7 @@ TEST(write_failures_leave_nothing) {
 
     /* A failure in the middle of writing the data (file size limit): the .partial is
      * removed and a file already under PATH is left as it was. */
-    p = tmp_path("efbig.safetensors");
+    p = test_path("efbig.safetensors");
     write_bytes(p, "old", 3);
     size_t big_n = 1 << 18;
     float *big = calloc(big_n, sizeof *big);
@@ -673,7 +665,7 @@ TEST(write_failures_leave_nothing) {
         setrlimit(RLIMIT_FSIZE, &old);
         CHECKF(rc == ES_ERR_RUNTIME, "rc %d: %s", rc, e6.msg);
         CHECK(contains(e6.msg, "efbig.safetensors.partial") && contains(e6.msg, "write failed"));
-        CHECK(!exists(tmp_path("efbig.safetensors.partial")));
+        CHECK(!exists(test_path("efbig.safetensors.partial")));
         struct stat st;
         CHECK(stat(p, &st) == 0 && st.st_size == 3);
     }
