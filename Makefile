@@ -44,7 +44,8 @@ endif
 # Each program: its folder's sources (DESIGN.md "Layout"). Stages not written yet are left out.
 INSPECT_SRC := $(wildcard pipelines/inspect*.c)
 EXTRACT_SRC := $(wildcard extract/*.c)
-PROGRAMS := $(BUILD)/essence-inspect $(if $(EXTRACT_SRC),$(BUILD)/essence-extract)
+PROJECT_SRC := $(wildcard project/*.c)
+PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
@@ -85,6 +86,9 @@ $(BUILD)/essence-inspect: $(patsubst %.c,$(BUILD)/obj/%.o,$(INSPECT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/essence-extract: $(patsubst %.c,$(BUILD)/obj/%.o,$(EXTRACT_SRC)) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/essence-project: $(patsubst %.c,$(BUILD)/obj/%.o,$(PROJECT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5

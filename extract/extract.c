@@ -321,9 +321,10 @@ int main(int argc, char **argv) {
     const char *attributes[] = {"model_config", config_text, "model_fingerprint", model_fp, "tokenizer_fingerprint", tokenizer_fp,
                                 "layers", layers_text, "hidden_size", hidden, "config", yaml ? yaml : "",
                                 "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created};
+    int64_t tokens_written = writer.samples.tokens;
     if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
     else teacher_abandon(&writer, 0);
-    if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)writer.tokens);
+    if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     free(yaml), free(config_text), free(layers), free(c.rows), free(b.samples);
     extract_input_close(&input);
     es_model_free(&model);

@@ -12,6 +12,7 @@
 #include "error.h"
 #include "h5file.h"
 #include "h5rows.h"
+#include "h5samples.h"
 #include "threadpool.h"
 
 typedef struct teacher_stats {
@@ -25,14 +26,9 @@ typedef struct teacher_writer {
     int n_layers;
     int *layers;            /* the layer indices stored, ascending (0 = embedding output) */
     int width;              /* hidden size */
-    es_rows_writer text_bytes, text_start, token_start, truncated, add_special_tokens;
-    es_rows_writer token_id, byte_start, byte_end;
+    es_samples_writer samples; /* the sample and token datasets */
     es_rows_writer *latents; /* [n_layers] */
     teacher_stats *stats;    /* [n_layers] */
-    hid_t sample_ids;        /* /samples/id, vlen UTF-8 */
-    char **pending_ids;      /* ids added since the last commit */
-    int n_pending, cap_pending;
-    int64_t samples, tokens, text_total;
 } teacher_writer;
 
 typedef struct teacher_options {

@@ -153,6 +153,80 @@ static long long dataset_rows(hid_t file, const char *name) {
     return (long long)dims[0];
 }
 
+/* Sample s's id (malloc'd), or NULL. */
+static char *sample_id(hid_t file, long long s) {
+    hid_t dataset = H5Dopen2(file, "/samples/id", H5P_DEFAULT);
+    if (dataset < 0) return NULL;
+    hid_t space = H5Dget_space(dataset), type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, H5T_VARIABLE);
+    H5Tset_cset(type, H5T_CSET_UTF8);
+    hsize_t start = (hsize_t)s, one = 1;
+    hid_t memory = H5Screate_simple(1, &one, NULL);
+    char *raw = NULL, *copy = NULL;
+    if (H5Sselect_hyperslab(space, H5S_SELECT_SET, &start, NULL, &one, NULL) >= 0 &&
+        H5Dread(dataset, type, memory, space, H5P_DEFAULT, &raw) >= 0 && raw) {
+        copy = strdup(raw);
+        H5free_memory(raw);
+    }
+    H5Sclose(memory), H5Tclose(type), H5Sclose(space), H5Dclose(dataset);
+    return copy;
+}
+
+/* A student.h5's aligned fraction: overall, and the samples with the lowest and highest. */
+static int print_alignment(hid_t file, const char *path, es_error *err) {
+    es_rows_reader starts, rows;
+    int rc = es_rows_open(&starts, file, "/samples/token_start", NULL, err);
+    if (rc) return rc;
+    rc = es_rows_open(&rows, file, "/tokens/teacher_row", NULL, err);
+    if (rc) {
+        es_rows_close_reader(&starts);
+        return rc;
+    }
+    enum { BLOCK = 1 << 16 };
+    int64_t pointer[BLOCK + 1], *row = malloc(sizeof(int64_t) * BLOCK);
+    long long aligned = 0, total = 0, lowest_sample = -1, highest_sample = -1;
+    double lowest = 2, highest = -1;
+    int64_t row_block_first = -1, n_samples = starts.rows - 1;
+    if (!row) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int64_t first = 0; !rc && first < n_samples; first += BLOCK) {
+        int64_t n = n_samples - first < BLOCK ? n_samples - first : BLOCK;
+        rc = es_rows_read(&starts, first, n + 1, pointer, err);
+        for (int64_t s = 0; !rc && s < n; s++) {
+            if (pointer[s + 1] < pointer[s] || pointer[s + 1] > rows.rows) {
+                rc = es_fail(err, ES_ERR_DATA, "%s: /samples/token_start is inconsistent at sample %lld", path, (long long)(first + s));
+                break;
+            }
+            long long sample_aligned = 0;
+            for (int64_t t = pointer[s]; !rc && t < pointer[s + 1]; t++) {
+                if (row_block_first < 0 || t < row_block_first || t >= row_block_first + BLOCK) {
+                    row_block_first = t;
+                    rc = es_rows_read(&rows, t, rows.rows - t < BLOCK ? rows.rows - t : BLOCK, row, err);
+                }
+                if (!rc) sample_aligned += row[t - row_block_first] >= 0;
+            }
+            long long count = pointer[s + 1] - pointer[s];
+            aligned += sample_aligned, total += count;
+            if (!count) continue;
+            double fraction = (double)sample_aligned / (double)count;
+            if (fraction < lowest) lowest = fraction, lowest_sample = first + s;
+            if (fraction > highest) highest = fraction, highest_sample = first + s;
+        }
+    }
+    if (!rc) {
+        printf("aligned: %lld of %lld student tokens (%.1f%%)\n", aligned, total, total ? 100.0 * (double)aligned / (double)total : 0.0);
+        if (lowest_sample >= 0) {
+            char *low_id = sample_id(file, lowest_sample), *high_id = sample_id(file, highest_sample);
+            printf("aligned per sample: lowest %.1f%% (sample %lld \"%s\"), highest %.1f%% (sample %lld \"%s\")\n", 100 * lowest,
+                   lowest_sample, low_id ? low_id : "?", 100 * highest, highest_sample, high_id ? high_id : "?");
+            free(low_id), free(high_id);
+        }
+    }
+    free(row);
+    es_rows_close_reader(&starts);
+    es_rows_close_reader(&rows);
+    return rc;
+}
+
 int inspect_summary(const char *path, es_error *err) {
     es_h5file file;
     int rc = es_h5_open(&file, path, err);
@@ -173,6 +247,7 @@ int inspect_summary(const char *path, es_error *err) {
     long long tokens = dataset_rows(file.id, "/tokens/id");
     if (samples >= 0) printf("samples: %lld\n", samples);
     if (tokens >= 0) printf("tokens: %lld\n", tokens);
+    if (dataset_rows(file.id, "/tokens/teacher_row") >= 0 && token_start > 0) rc = print_alignment(file.id, path, err);
     printf("datasets:\n");
     if (H5Ovisit2(file.id, H5_INDEX_NAME, H5_ITER_INC, show_object, NULL, H5O_INFO_BASIC | H5O_INFO_NUM_ATTRS) < 0)
         rc = es_fail(err, ES_ERR_DATA, "%s: cannot list the file's objects: %s", path, es_h5_last_error());

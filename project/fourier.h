@@ -14,13 +14,20 @@
  * rounding to fp32). */
 void fourier_omega(float *omega, int m, int d, double sigma, uint64_t seed);
 
+/* Where the time of fourier_features goes (added to). */
+typedef struct fourier_timing {
+    double gemm_seconds, epilogue_seconds;
+    double gemm_flops; /* of the products run, padding rows included */
+} fourier_timing;
+
 /* targets = √2 · [cos φ, sin φ] with φ = x_hat Ωᵀ: phases by sgemm (fp32 accumulation), sin
  * and cos in double (exact range reduction), then rounded to fp32. Rows are computed in
- * fixed blocks, so a row's result does not depend on the others. Returns 0 or -1 (memory). */
+ * fixed blocks, so a row's result does not depend on the others. sin and cos run on `pool`
+ * (NULL: the calling thread); `timing` (or NULL) receives the time spent. Returns 0 or -1 (memory). */
 int fourier_features(float *targets,        // (T, 2m)
                      const float *x_hat,    // (T, d)
                      const float *omega,    // (m, d)
-                     int T, int d, int m);
+                     int T, int d, int m, es_pool *pool, fourier_timing *timing);
 
 typedef enum { ALIGN_EXACT, ALIGN_CAUSAL } align_rule;
 
@@ -29,8 +36,8 @@ typedef enum { ALIGN_EXACT, ALIGN_CAUSAL } align_rule;
  *   exact:  the last teacher token with byte_end == the student's byte_end, both spans non-empty;
  *   causal: the last teacher token with byte_end <= the student's byte_end (the teacher has
  *           read no more text than the student).
- * Token ends must be non-decreasing within each tokenisation (they are, for a text's tokens). */
-void align_tokens(int64_t *teacher_row,                       // (n_student)
+ * Returns 0, or -1 when out of memory. */
+int align_tokens(int64_t *teacher_row,                       // (n_student)
                   const int32_t *student_start, const int32_t *student_end, int n_student,
                   const int32_t *teacher_start, const int32_t *teacher_end, int n_teacher, align_rule rule);
 

@@ -40,7 +40,7 @@ TEST(features_match_double_precision) {
         x[i] = (float)(((double)(state >> 11) / 9007199254740992.0 - 0.5) * 6.0);
     }
     fourier_omega(omega, M, D, 3.0, 1);
-    REQUIRE(fourier_features(targets, x, omega, T, D, M) == 0);
+    REQUIRE(fourier_features(targets, x, omega, T, D, M, NULL, NULL) == 0);
     double worst = 0, norm_error = 0;
     for (int t = 0; t < T; t++) {
         double norm_sq = 0;
@@ -57,8 +57,16 @@ TEST(features_match_double_precision) {
     CHECKF(worst < 1e-5, "max |error| %g", worst);
     CHECKF(norm_error < 1e-6, "RMS off by %g", norm_error);
     /* rows do not depend on what else is computed with them */
-    REQUIRE(fourier_features(part, x + 100 * D, omega, T - 100, D, M) == 0);
+    REQUIRE(fourier_features(part, x + 100 * D, omega, T - 100, D, M, NULL, NULL) == 0);
     CHECK(memcmp(part, targets + 100 * 2 * M, sizeof(float) * (T - 100) * 2 * M) == 0);
+    /* nor on the threads that take sin and cos */
+    es_pool *pool = es_pool_create(3);
+    REQUIRE(pool);
+    fourier_timing timing = {0};
+    REQUIRE(fourier_features(part, x, omega, T, D, M, pool, &timing) == 0);
+    CHECK(memcmp(part, targets, sizeof(float) * T * 2 * M) == 0);
+    CHECK(timing.gemm_flops == 2.0 * 512 * M * D && timing.gemm_seconds > 0); /* two blocks of 256 rows */
+    es_pool_destroy(pool);
 }
 
 TEST(alignment_rules) {
@@ -66,17 +74,50 @@ TEST(alignment_rules) {
     const int32_t teacher_start[] = {0, 0, 2, 2, 7}, teacher_end[] = {0, 2, 7, 7, 8};
     const int32_t student_start[] = {0, 0, 1, 2, 3, 7}, student_end[] = {0, 1, 2, 3, 7, 8};
     int64_t rows[6];
-    align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_EXACT);
+    REQUIRE(align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_EXACT) == 0);
     const int64_t exact[] = {-1, -1, 1, -1, 3, 4};
     CHECK(memcmp(rows, exact, sizeof rows) == 0);
-    align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_CAUSAL);
+    REQUIRE(align_tokens(rows, student_start, student_end, 6, teacher_start, teacher_end, 5, ALIGN_CAUSAL) == 0);
     const int64_t causal[] = {0, 0, 1, 1, 3, 4};
     CHECK(memcmp(rows, causal, sizeof rows) == 0);
+}
+
+/* The rules are "the last teacher token with ...": checked against that sentence, written as
+ * a search over every pair, on random spans in any order (an appended EOS has [0, 0)). */
+TEST(alignment_is_the_literal_rule) {
+    uint64_t state = 5;
+    for (int round = 0; round < 300; round++) {
+        int32_t ts[40], te[40], ss[40], se[40];
+        int n_teacher = round % 40, n_student = (round * 7) % 40;
+        for (int j = 0; j < n_teacher; j++) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            ts[j] = (int32_t)((state >> 33) % 20);
+            te[j] = ts[j] + (int32_t)((state >> 50) % 4);
+        }
+        for (int i = 0; i < n_student; i++) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            ss[i] = (int32_t)((state >> 33) % 20);
+            se[i] = ss[i] + (int32_t)((state >> 50) % 4);
+        }
+        int64_t exact[40], causal[40];
+        REQUIRE(align_tokens(exact, ss, se, n_student, ts, te, n_teacher, ALIGN_EXACT) == 0);
+        REQUIRE(align_tokens(causal, ss, se, n_student, ts, te, n_teacher, ALIGN_CAUSAL) == 0);
+        for (int i = 0; i < n_student; i++) {
+            int64_t want_exact = -1, want_causal = -1;
+            for (int j = 0; j < n_teacher; j++) {
+                if (te[j] == se[i] && te[j] > ts[j] && se[i] > ss[i]) want_exact = j;
+                if (te[j] <= se[i]) want_causal = j;
+            }
+            CHECKF(exact[i] == want_exact && causal[i] == want_causal, "round %d token %d: exact %lld/%lld causal %lld/%lld", round, i,
+                   (long long)exact[i], (long long)want_exact, (long long)causal[i], (long long)want_causal);
+        }
+    }
 }
 
 int main(void) {
     RUN(omega_is_the_documented_sequence);
     RUN(features_match_double_precision);
     RUN(alignment_rules);
+    RUN(alignment_is_the_literal_rule);
     return test_summary();
 }

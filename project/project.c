@@ -1,0 +1,479 @@
+/* essence-project: maps teacher hidden states through a fixed random Fourier-feature map into
+ * the student's width and aligns them to the student's tokens (docs/project.md).
+ *
+ * main() is the story: read the configuration, check the precision against σ, open the
+ * student's config and tokenizer and the teacher files, resolve the layer map, take the
+ * standardisation from the teacher's statistics, draw Ω, then block by block of samples:
+ * tokenise with the student's tokenizer, align, project, store; finally record what made the
+ * file. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cblas.h>
+
+#include "config.h"
+#include "fingerprint.h"
+#include "fourier.h"
+#include "log.h"
+#include "model.h"
+#include "precision.h"
+#include "progress.h"
+#include "student.h"
+#include "teacher_set.h"
+#include "tokenizer.h"
+
+#define TOOL_VERSION "essence 0.1"
+
+static const es_option options[] = {
+    {"in", ES_OPT_STRING, NULL, "teacher.h5, or its shards in order: a.h5,b.h5,..."},
+    {"student", ES_OPT_STRING, NULL, "student model folder (config.json and tokenizer.json are enough)"},
+    {"out", ES_OPT_STRING, NULL, "output student.h5"},
+    {"layer-map", ES_OPT_STRING, NULL, "TEACHER:STUDENT layer pairs, e.g. 20:7,40:14"},
+    {"sigma", ES_OPT_FLOAT, "1.0", "phase standard deviation in radians (Ω_ij ~ N(0, σ²/d))"},
+    {"seed", ES_OPT_INT, "0", "seed of Ω (docs/project.md gives the generator)"},
+    {"input-norm", ES_OPT_STRING, "standardize", "standardize (the teacher's /stats) or rms (each vector by its RMS)"},
+    {"align", ES_OPT_STRING, "exact", "exact or causal token alignment"},
+    {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)"},
+    {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
+    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
+    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
+    {NULL, 0, NULL, NULL},
+};
+
+static const char usage[] = "essence-project --in teacher.h5[,shard2.h5,...] --student DIR --out student.h5 --layer-map 20:7,40:14 [options]";
+
+enum { BLOCK_TOKENS = 2048 }; /* teacher rows per block of whole samples */
+
+/* One entry of the layer map: teacher layer -> student layer, and how its inputs are scaled. */
+typedef struct layer_pair {
+    int teacher, student;
+    float *input_mean, *input_scale; /* (d) */
+} layer_pair;
+
+/* Parses "20:7,40:14" and checks it against the teacher file and the student's depth. */
+static int parse_layer_map(const char *text, const teacher_set *teacher, const char *teacher_paths, int student_layers,
+                           layer_pair **pairs, int *count, es_error *err) {
+    *count = 0;
+    *pairs = calloc(strlen(text) / 2 + 1, sizeof **pairs);
+    if (!*pairs) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (const char *p = text; *p;) {
+        char *colon, *end = NULL;
+        long from = strtol(p, &colon, 10), to = *colon == ':' ? strtol(colon + 1, &end, 10) : -1;
+        if (colon == p || *colon != ':' || end == colon + 1 || (*end && *end != ','))
+            return es_fail(err, ES_ERR_USAGE, "--layer-map: \"%s\" is not a list of TEACHER:STUDENT layer pairs", text);
+        if (!teacher_set_has_layer(teacher, (int)from)) {
+            char stored[512] = "";
+            for (int i = 0, n = 0; i < teacher->n_layers && n < (int)sizeof stored; i++)
+                n += snprintf(stored + n, sizeof stored - (size_t)n, "%s%d", i ? "," : "", teacher->layers[i]);
+            return es_fail(err, ES_ERR_DATA, "--layer-map: teacher layer %ld is not in %s (it stores layers %s)", from, teacher_paths,
+                           stored);
+        }
+        if (to < 1 || to > student_layers)
+            return es_fail(err, ES_ERR_USAGE, "--layer-map: student layer %ld is out of range (the student has layers 1..%d)", to,
+                           student_layers);
+        for (int i = 0; i < *count; i++)
+            if ((*pairs)[i].student == to) return es_fail(err, ES_ERR_USAGE, "--layer-map: student layer %ld appears twice", to);
+        (*pairs)[(*count)++] = (layer_pair){(int)from, (int)to, NULL, NULL};
+        p = *end ? end + 1 : end;
+    }
+    if (!*count) return es_fail(err, ES_ERR_USAGE, "--layer-map: no layer pairs given");
+    return ES_OK;
+}
+
+/* Everything a block needs, set up once. */
+typedef struct projector {
+    const teacher_set *teacher;
+    const es_tokenizer *tokenizer;
+    es_pool *pool;
+    layer_pair *pairs;
+    int n_pairs;
+    int d, m;                  /* teacher width, phases (student width D = 2m) */
+    const float *omega;        /* (m, d) as the GEMM sees it: rounded to --precision */
+    gemm_precision precision;
+    int rms;                   /* --input-norm rms */
+    align_rule rule;
+    student_writer *out;
+    es_encoding *encodings;    /* one per sample of the block */
+    int64_t student_tokens, aligned_tokens;
+    fourier_timing timing;
+    double io_seconds, tokenize_seconds;
+} projector;
+
+typedef struct tokenize_job {
+    projector *p;
+    const teacher_block *block;
+    es_error *errors;          /* per sample */
+} tokenize_job;
+
+static void tokenize_sample(void *arg, size_t i, int worker) {
+    (void)worker;
+    tokenize_job *job = arg;
+    const teacher_block *b = job->block;
+    const char *text = (const char *)b->text + b->text_offset[i];
+    size_t len = (size_t)(b->text_offset[i + 1] - b->text_offset[i]);
+    es_tokenizer_encode(job->p->tokenizer, text, len, b->add_special_tokens[i], &job->p->encodings[i], &job->errors[i]);
+}
+
+/* The block's student tokens: each sample's text through the student's tokenizer (in
+ * parallel; a sample's tokens do not depend on the others), the same add_special_tokens. */
+static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
+    for (int64_t i = 0; i < b->count; i++)
+        if (b->text_offset[i + 1] == b->text_offset[i])
+            return es_fail(err, ES_ERR_DATA,
+                           "%s: sample %lld (\"%s\") has no text: it was given as token ids, and project needs the text to align "
+                           "the student's tokens",
+                           b->shard->path, (long long)(b->first + i), b->ids[i]);
+    es_encoding *grown = realloc(p->encodings, (size_t)b->count * sizeof *grown);
+    es_error *errors = calloc((size_t)b->count, sizeof *errors);
+    if (!grown || !errors) {
+        if (grown) p->encodings = grown;
+        free(errors);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    p->encodings = grown;
+    memset(p->encodings, 0, (size_t)b->count * sizeof *p->encodings);
+    tokenize_job job = {p, b, errors};
+    es_pool_for(p->pool, (size_t)b->count, tokenize_sample, &job);
+    int rc = ES_OK;
+    for (int64_t i = 0; i < b->count && !rc; i++)
+        if (errors[i].code) {
+            *err = errors[i];
+            es_error_prefix(err, "%s: sample %lld (\"%s\")", b->shard->path, (long long)(b->first + i), b->ids[i]);
+            rc = err->code;
+        }
+    free(errors);
+    return rc;
+}
+
+/* x̂ for the referenced teacher rows, checked finite, then rounded to the GEMM precision. */
+static int standardise(const projector *p, const layer_pair *pair, const float *rows, const int64_t *ref_rows, int64_t n_ref,
+                       float *x_hat, const teacher_block *b, es_error *err) {
+    const int d = p->d;
+    for (int64_t r = 0; r < n_ref; r++) {
+        const float *x = rows + (size_t)ref_rows[r] * d;
+        float *out = x_hat + (size_t)r * d;
+        double sum_sq = 0;
+        int finite = 1;
+        for (int k = 0; k < d; k++) finite &= isfinite(x[k]), sum_sq += (double)x[k] * x[k];
+        if (!finite) {
+            int64_t sample = 0;
+            while (b->token_offset[sample + 1] <= ref_rows[r]) sample++;
+            return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path,
+                           pair->teacher, (long long)(b->shard->token_start[b->first] + ref_rows[r]), (long long)(b->first + sample),
+                           b->ids[sample]);
+        }
+        if (p->rms) {
+            double rms = sqrt(sum_sq / d);
+            rms = rms > 1e-6 ? rms : 1e-6;
+            for (int k = 0; k < d; k++) out[k] = (float)(x[k] / rms);
+        } else {
+            for (int k = 0; k < d; k++) out[k] = (x[k] - pair->input_mean[k]) / pair->input_scale[k];
+        }
+    }
+    precision_round(x_hat, (size_t)n_ref * d, p->precision);
+    return ES_OK;
+}
+
+/* One block: student tokens, alignment, then per layer pair the targets of the aligned
+ * tokens (features of each referenced teacher row computed once), zero rows elsewhere. */
+static int project_block(projector *p, const teacher_block *b, es_error *err) {
+    double start = es_now();
+    int rc = tokenize_block(p, b, err);
+    p->tokenize_seconds += es_now() - start;
+    if (rc) return rc;
+
+    // 1. Alignment: student token -> teacher row of the block (-1 when none).
+    int64_t n_student = 0;
+    for (int64_t i = 0; i < b->count; i++) n_student += (int64_t)p->encodings[i].n;
+    int64_t *local_row = malloc((size_t)(n_student + 1) * sizeof *local_row);   // (n_student)
+    int64_t *set_row = malloc((size_t)(n_student + 1) * sizeof *set_row);       // (n_student) rows of the teacher set
+    int64_t *slot = malloc((size_t)(b->tokens + 1) * sizeof *slot);             // (block rows) -> index in ref_rows
+    int64_t *ref_rows = malloc((size_t)(b->tokens + 1) * sizeof *ref_rows);     // (n_ref) referenced teacher rows
+    int64_t *sample_tokens = malloc((size_t)b->count * sizeof *sample_tokens);  // (count) student tokens kept
+    if (!local_row || !set_row || !slot || !ref_rows || !sample_tokens) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int64_t at = 0, n_ref = 0;
+    for (int64_t r = 0; !rc && r < b->tokens; r++) slot[r] = -1;
+    for (int64_t i = 0; !rc && i < b->count; i++) {
+        const es_encoding *e = &p->encodings[i];
+        int64_t t0 = b->token_offset[i], n_teacher = b->token_offset[i + 1] - t0, n = (int64_t)e->n;
+        if (b->truncated[i]) {
+            /* The teacher read only a prefix of the text: the student keeps the tokens that end within it. */
+            int32_t covered = 0;
+            for (int64_t t = 0; t < n_teacher; t++) covered = b->byte_end[t0 + t] > covered ? b->byte_end[t0 + t] : covered;
+            int64_t kept = 0;
+            while (kept < n && e->spans[kept][1] <= covered) kept++;
+            n = kept;
+        }
+        sample_tokens[i] = n;
+        int32_t *starts = malloc((size_t)(n + 1) * 2 * sizeof *starts), *ends = starts ? starts + n + 1 : NULL;
+        if (!starts) {
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            break;
+        }
+        for (int64_t t = 0; t < n; t++) starts[t] = e->spans[t][0], ends[t] = e->spans[t][1];
+        if (align_tokens(local_row + at, starts, ends, (int)n, b->byte_start + t0, b->byte_end + t0, (int)n_teacher, p->rule))
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        free(starts);
+        for (int64_t t = 0; !rc && t < n; t++) {
+            int64_t row = local_row[at + t];
+            if (row < 0) {
+                set_row[at + t] = -1;
+                continue;
+            }
+            local_row[at + t] = row += t0;
+            set_row[at + t] = b->first_row + row;
+            if (slot[row] < 0) slot[row] = n_ref, ref_rows[n_ref++] = row;
+            p->aligned_tokens++;
+        }
+        at += n;
+    }
+    n_student = at;
+    p->student_tokens += n_student;
+
+    // 2. The samples and student tokens.
+    start = es_now();
+    for (int64_t i = 0, first = 0; !rc && i < b->count; first += sample_tokens[i], i++)
+        rc = student_add_sample(p->out, b->ids[i], (const char *)b->text + b->text_offset[i],
+                                (size_t)(b->text_offset[i + 1] - b->text_offset[i]), b->truncated[i], b->add_special_tokens[i],
+                                p->encodings[i].ids, (const int32_t(*)[2])p->encodings[i].spans, set_row + first,
+                                (int)sample_tokens[i], err);
+    p->io_seconds += es_now() - start;
+
+    // 3. Targets, layer pair by layer pair.
+    const int d = p->d, D = 2 * p->m;
+    float *rows = rc ? NULL : malloc((size_t)(b->tokens + 1) * d * sizeof *rows);   // (block rows, d)
+    float *x_hat = rc ? NULL : malloc((size_t)(n_ref + 1) * d * sizeof *x_hat);     // (n_ref, d)
+    float *features = rc ? NULL : malloc((size_t)(n_ref + 1) * D * sizeof *features); // (n_ref, D)
+    float *targets = rc ? NULL : malloc((size_t)(n_student + 1) * D * sizeof *targets); // (n_student, D)
+    if (!rc && (!rows || !x_hat || !features || !targets)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int loaded_layer = -1;
+    for (int l = 0; !rc && l < p->n_pairs; l++) {
+        const layer_pair *pair = &p->pairs[l];
+        if (pair->teacher != loaded_layer) {
+            start = es_now();
+            rc = teacher_block_latents(p->teacher, b, pair->teacher, rows, err);
+            p->io_seconds += es_now() - start;
+            loaded_layer = pair->teacher;
+            if (!rc) rc = standardise(p, pair, rows, ref_rows, n_ref, x_hat, b, err);
+            if (!rc && fourier_features(features, x_hat, p->omega, (int)n_ref, d, p->m, p->pool, &p->timing))
+                rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        }
+        for (int64_t t = 0; !rc && t < n_student; t++) {
+            float *target = targets + (size_t)t * D;
+            if (local_row[t] < 0) memset(target, 0, (size_t)D * sizeof *target);
+            else memcpy(target, features + (size_t)slot[local_row[t]] * D, (size_t)D * sizeof *target);
+        }
+        start = es_now();
+        if (!rc) rc = student_add_targets(p->out, l, targets, n_student, err);
+        p->io_seconds += es_now() - start;
+    }
+    for (int64_t i = 0; i < b->count && p->encodings; i++) es_encoding_free(&p->encodings[i]);
+    free(local_row), free(set_row), free(slot), free(ref_rows), free(sample_tokens);
+    free(rows), free(x_hat), free(features), free(targets);
+    return rc;
+}
+
+static void fail_usage(es_error *err, const char *fmt, const char *value) {
+    es_fail(err, ES_ERR_USAGE, fmt, value);
+    es_exit_error(err);
+}
+
+int main(int argc, char **argv) {
+    es_set_program("essence-project");
+    es_config cfg;
+    es_error err = {0};
+    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
+    if (cfg.help) {
+        es_config_print_help(&cfg, usage,
+                             "Maps teacher hidden states through a seeded random Fourier-feature map into the student's width and "
+                             "aligns them to the student's tokens.");
+        return 0;
+    }
+    if (cfg.print_config) {
+        char *yaml = es_config_to_yaml(&cfg);
+        fputs(yaml ? yaml : "", stdout);
+        return 0;
+    }
+    const char *required[] = {"in", "student", "out", "layer-map"};
+    for (int i = 0; i < 4; i++)
+        if (!es_config_is_set(&cfg, required[i])) {
+            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
+            es_exit_error(&err);
+        }
+    if (cfg.n_positional) fail_usage(&err, "unexpected argument \"%s\"", cfg.positional[0]);
+    const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
+    if (strcmp(es_config_str(&cfg, "device"), "cpu"))
+        fail_usage(&err, "--device %s: this build projects on the cpu only", es_config_str(&cfg, "device"));
+    const char *input_norm = es_config_str(&cfg, "input-norm"), *align = es_config_str(&cfg, "align");
+    if (strcmp(input_norm, "standardize") && strcmp(input_norm, "rms"))
+        fail_usage(&err, "--input-norm %s: expected standardize or rms", input_norm);
+    if (strcmp(align, "exact") && strcmp(align, "causal")) fail_usage(&err, "--align %s: expected exact or causal", align);
+    double sigma = es_config_float(&cfg, "sigma");
+    if (!(sigma > 0) || !isfinite(sigma)) fail_usage(&err, "--sigma %s: expected a positive number", es_config_str(&cfg, "sigma"));
+
+    // 1. The GEMM precision must keep the features accurate at this σ (DESIGN.md's table).
+    gemm_precision precision;
+    if (precision_parse(es_config_str(&cfg, "precision"), &precision))
+        fail_usage(&err, "--precision %s: expected fp32, tf32, bf16 or fp8", es_config_str(&cfg, "precision"));
+    double predicted = precision_predicted_error(precision, sigma);
+    if (predicted > 0.01 && !es_config_bool(&cfg, "force-precision")) {
+        es_fail(&err, ES_ERR_USAGE,
+                "--precision %s at --sigma %g: the features' predicted relative error is %.3g, above 1%% (phases of size σ lose "
+                "precision in narrow GEMM inputs); use a wider precision, a smaller σ, or --force-precision",
+                precision_name(precision), sigma, predicted);
+        es_exit_error(&err);
+    }
+
+    // 2. The student: its width D = 2m and depth, and its tokenizer.
+    es_model_config student;
+    char *student_config_text = NULL;
+    es_tokenizer *tokenizer = NULL;
+    if (es_model_config_load(student_dir, &student, &student_config_text, &err)) es_exit_error(&err);
+    if (student.hidden_size % 2) {
+        es_fail(&err, ES_ERR_DATA, "%s/config.json: hidden_size %d is odd: the targets are cos/sin pairs, so D must be even",
+                student_dir, student.hidden_size);
+        es_exit_error(&err);
+    }
+    char student_tokenizer_path[4200];
+    snprintf(student_tokenizer_path, sizeof student_tokenizer_path, "%s/tokenizer.json", student_dir);
+    FILE *probe = fopen(student_tokenizer_path, "rb");
+    if (!probe) {
+        es_fail(&err, ES_ERR_USAGE, "%s: the student folder has no tokenizer.json (project tokenises the texts with it)", student_dir);
+        es_exit_error(&err);
+    }
+    fclose(probe);
+    if (es_tokenizer_load(student_dir, &tokenizer, &err)) es_exit_error(&err);
+
+    // 3. The teacher files, as one, and the layer map.
+    int threads = (int)es_config_int(&cfg, "threads");
+    es_pool *pool = es_pool_create(threads);
+    if (!pool) {
+        es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
+        es_exit_error(&err);
+    }
+    openblas_set_num_threads(es_pool_threads(pool));
+    teacher_set teacher;
+    if (teacher_set_open(&teacher, in, pool, &err)) es_exit_error(&err);
+    layer_pair *pairs = NULL;
+    int n_pairs = 0;
+    if (parse_layer_map(es_config_str(&cfg, "layer-map"), &teacher, in, student.n_layers, &pairs, &n_pairs, &err))
+        es_exit_error(&err);
+    const int d = teacher.width, m = student.hidden_size / 2;
+
+    // 4. The standardisation of each mapped teacher layer.
+    int rms = !strcmp(input_norm, "rms"), rc = ES_OK;
+    for (int l = 0; !rc && l < n_pairs; l++) {
+        pairs[l].input_mean = malloc((size_t)d * sizeof(float));
+        pairs[l].input_scale = malloc((size_t)d * sizeof(float));
+        if (!pairs[l].input_mean || !pairs[l].input_scale) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        else if (rms)
+            for (int k = 0; k < d; k++) pairs[l].input_mean[k] = 0, pairs[l].input_scale[k] = 1;
+        else rc = teacher_set_standardisation(&teacher, pairs[l].teacher, pairs[l].input_mean, pairs[l].input_scale, &err);
+    }
+    if (rc) es_exit_error(&err);
+
+    // 5. Ω, stored as drawn; the GEMM sees it rounded to --precision.
+    float *omega = malloc((size_t)m * d * sizeof *omega), *omega_gemm = malloc((size_t)m * d * sizeof *omega_gemm);
+    if (!omega || !omega_gemm) {
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        es_exit_error(&err);
+    }
+    uint64_t seed = (uint64_t)es_config_int(&cfg, "seed");
+    fourier_omega(omega, m, d, sigma, seed);
+    memcpy(omega_gemm, omega, (size_t)m * d * sizeof *omega);
+    precision_round(omega_gemm, (size_t)m * d, precision);
+
+    // 6. The output, then every sample of every shard in order, block by block.
+    int *student_layers = malloc((size_t)n_pairs * sizeof *student_layers), *teacher_layers = malloc((size_t)n_pairs * sizeof *teacher_layers);
+    const float **means = malloc((size_t)n_pairs * sizeof *means), **scales = malloc((size_t)n_pairs * sizeof *scales);
+    if (!student_layers || !teacher_layers || !means || !scales) {
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        es_exit_error(&err);
+    }
+    for (int l = 0; l < n_pairs; l++)
+        student_layers[l] = pairs[l].student, teacher_layers[l] = pairs[l].teacher, means[l] = pairs[l].input_mean,
+        scales[l] = pairs[l].input_scale;
+    student_writer writer;
+    rc = student_create(&writer, out, student_layers, n_pairs, student.hidden_size, pool, &err);
+    if (!rc) rc = student_write_projection(&writer, omega, m, d, teacher_layers, means, scales, n_pairs, &err);
+    if (rc) es_exit_error(&err);
+    projector p = {&teacher, tokenizer, pool, pairs, n_pairs, d, m, omega_gemm, precision, rms,
+                   strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, &writer, NULL, 0, 0, {0, 0, 0}, 0, 0};
+    es_progress progress;
+    es_progress_start(&progress, "project", "samples", teacher.samples);
+    for (int s = 0; !rc && s < teacher.n_shards; s++) {
+        const teacher_shard *shard = &teacher.shards[s];
+        for (int64_t first = 0; !rc && first < shard->samples;) {
+            int64_t count = 1;
+            while (first + count < shard->samples && shard->token_start[first + count + 1] - shard->token_start[first] <= BLOCK_TOKENS)
+                count++;
+            teacher_block block;
+            double start = es_now();
+            rc = teacher_block_read(&teacher, shard, first, count, &block, &err);
+            p.io_seconds += es_now() - start;
+            if (!rc) rc = project_block(&p, &block, &err);
+            es_progress_add_tokens(&progress, block.tokens);
+            es_progress_add(&progress, count);
+            teacher_block_free(&block);
+            first += count;
+        }
+    }
+    es_progress_finish(&progress);
+
+    // 7. What made this file.
+    char *yaml = es_config_to_yaml(&cfg);
+    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", config_path[4200], created[64];
+    snprintf(config_path, sizeof config_path, "%s/config.json", student_dir);
+    if (!rc) rc = es_sha256_file(config_path, model_fp, &err);
+    if (!rc) rc = es_sha256_file(student_tokenizer_path, tokenizer_fp, &err);
+    size_t fps_size = (size_t)teacher.n_shards * ES_FINGERPRINT_HEX + 1, text_size = fps_size + (yaml ? strlen(yaml) : 0) + 512;
+    char *teacher_fps = calloc(1, fps_size), *fingerprint_input = malloc(text_size);
+    char layer_map[1024] = "", layers_text[1024] = "", hidden[32], fingerprint[ES_FINGERPRINT_HEX];
+    for (int s = 0; teacher_fps && s < teacher.n_shards; s++)
+        strcat(strcat(teacher_fps, s ? "," : ""), teacher.shards[s].fingerprint ? teacher.shards[s].fingerprint : "");
+    for (int l = 0, n = 0, k = 0; l < n_pairs; l++) {
+        n += snprintf(layer_map + n, sizeof layer_map - (size_t)n, "%s%d:%d", l ? "," : "", pairs[l].teacher, pairs[l].student);
+        k += snprintf(layers_text + k, sizeof layers_text - (size_t)k, "%s%d", l ? "," : "", pairs[l].student);
+    }
+    snprintf(hidden, sizeof hidden, "%d", student.hidden_size);
+    time_t now = time(NULL);
+    strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    if (!rc && (!teacher_fps || !fingerprint_input)) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+    if (!rc) {
+        int n = snprintf(fingerprint_input, text_size, "%s\n%s\n%s\n%s\n%s", yaml ? yaml : "", teacher_fps, model_fp, tokenizer_fp, TOOL_VERSION);
+        es_sha256_hex(fingerprint_input, (size_t)n, fingerprint);
+        const student_attribute attributes[] = {
+            {"model_config", 's', student_config_text, 0, 0}, {"model_fingerprint", 's', model_fp, 0, 0},
+            {"tokenizer_fingerprint", 's', tokenizer_fp, 0, 0}, {"layers", 's', layers_text, 0, 0},
+            {"hidden_size", 's', hidden, 0, 0}, {"config", 's', yaml ? yaml : "", 0, 0},
+            {"fingerprint", 's', fingerprint, 0, 0}, {"tool_version", 's', TOOL_VERSION, 0, 0},
+            {"created", 's', created, 0, 0}, {"teacher_fingerprints", 's', teacher_fps, 0, 0},
+            {"layer_map", 's', layer_map, 0, 0}, {"sigma", 'f', NULL, sigma, 0},
+            {"seed", 'i', NULL, 0, (int64_t)seed}, {"input_norm", 's', input_norm, 0, 0},
+            {"align", 's', align, 0, 0}, {"precision", 's', precision_name(precision), 0, 0},
+        };
+        rc = student_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes), &err);
+    } else {
+        student_abandon(&writer);
+    }
+    if (!rc) {
+        double gemm_rate = p.timing.gemm_seconds > 0 ? p.timing.gemm_flops / p.timing.gemm_seconds / 1e9 : 0;
+        es_log("wrote %s: %lld samples, %lld student tokens, %lld aligned (%.1f%%)", out, (long long)teacher.samples,
+               (long long)p.student_tokens, (long long)p.aligned_tokens,
+               p.student_tokens ? 100.0 * (double)p.aligned_tokens / (double)p.student_tokens : 0.0);
+        es_log("time: gemm %.3f s (%.1f GFLOP/s), features %.3f s, hdf5+zstd %.3f s, tokenize %.3f s", p.timing.gemm_seconds,
+               gemm_rate, p.timing.epilogue_seconds, p.io_seconds, p.tokenize_seconds);
+    }
+    for (int l = 0; l < n_pairs; l++) free(pairs[l].input_mean), free(pairs[l].input_scale);
+    free(pairs), free(omega), free(omega_gemm), free(student_layers), free(teacher_layers), free(means), free(scales);
+    free(yaml), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);
+    teacher_set_close(&teacher);
+    es_tokenizer_free(tokenizer);
+    es_pool_destroy(pool);
+    es_config_free(&cfg);
+    if (rc) es_exit_error(&err);
+    return 0;
+}
