@@ -7,6 +7,7 @@
  * tokenise with the student's tokenizer, align, project, store; finally record what made the
  * file. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,7 +100,7 @@ typedef struct projector {
     es_encoding *encodings;    /* one per sample of the block */
     int64_t student_tokens, aligned_tokens;
     fourier_timing timing;
-    double io_seconds, tokenize_seconds;
+    double io_seconds, tokenize_seconds, standardise_seconds;
 } projector;
 
 typedef struct tokenize_job {
@@ -148,33 +149,59 @@ static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
     return rc;
 }
 
-/* x̂ for the referenced teacher rows, checked finite, then rounded to the GEMM precision. */
-static int standardise(const projector *p, const layer_pair *pair, const float *rows, const int64_t *ref_rows, int64_t n_ref,
-                       float *x_hat, const teacher_block *b, es_error *err) {
-    const int d = p->d;
-    for (int64_t r = 0; r < n_ref; r++) {
-        const float *x = rows + (size_t)ref_rows[r] * d;
-        float *out = x_hat + (size_t)r * d;
+/* x̂ for the referenced teacher rows, checked finite, then rounded to the GEMM precision;
+ * rows are independent, so they are spread over the pool. */
+typedef struct standardise_job {
+    const projector *p;
+    const layer_pair *pair;
+    const float *rows;          // (block rows, d)
+    const int64_t *ref_rows;    // (n_ref)
+    float *x_hat;               // (n_ref, d)
+    int64_t n_ref;
+    int64_t first_bad;          // the first referenced row that is not finite, or n_ref
+    pthread_mutex_t lock;
+} standardise_job;
+
+enum { STANDARDISE_ROWS = 64 };
+
+static void standardise_rows(void *arg, size_t part, int worker) {
+    (void)worker;
+    standardise_job *job = arg;
+    const int d = job->p->d;
+    int64_t begin = (int64_t)part * STANDARDISE_ROWS, end = begin + STANDARDISE_ROWS < job->n_ref ? begin + STANDARDISE_ROWS : job->n_ref;
+    for (int64_t r = begin; r < end; r++) {
+        const float *x = job->rows + (size_t)job->ref_rows[r] * d;
+        float *out = job->x_hat + (size_t)r * d;
         double sum_sq = 0;
         int finite = 1;
         for (int k = 0; k < d; k++) finite &= isfinite(x[k]), sum_sq += (double)x[k] * x[k];
         if (!finite) {
-            int64_t sample = 0;
-            while (b->token_offset[sample + 1] <= ref_rows[r]) sample++;
-            return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path,
-                           pair->teacher, (long long)(b->shard->token_start[b->first] + ref_rows[r]), (long long)(b->first + sample),
-                           b->ids[sample]);
+            pthread_mutex_lock(&job->lock);
+            if (r < job->first_bad) job->first_bad = r;
+            pthread_mutex_unlock(&job->lock);
+            continue;
         }
-        if (p->rms) {
+        if (job->p->rms) {
             double rms = sqrt(sum_sq / d);
             rms = rms > 1e-6 ? rms : 1e-6;
             for (int k = 0; k < d; k++) out[k] = (float)(x[k] / rms);
         } else {
-            for (int k = 0; k < d; k++) out[k] = (x[k] - pair->input_mean[k]) / pair->input_scale[k];
+            for (int k = 0; k < d; k++) out[k] = (x[k] - job->pair->input_mean[k]) / job->pair->input_scale[k];
         }
+        precision_round(out, (size_t)d, job->p->precision);
     }
-    precision_round(x_hat, (size_t)n_ref * d, p->precision);
-    return ES_OK;
+}
+
+static int standardise(const projector *p, const layer_pair *pair, const float *rows, const int64_t *ref_rows, int64_t n_ref,
+                       float *x_hat, const teacher_block *b, es_error *err) {
+    standardise_job job = {p, pair, rows, ref_rows, x_hat, n_ref, n_ref, PTHREAD_MUTEX_INITIALIZER};
+    es_pool_for(p->pool, (size_t)((n_ref + STANDARDISE_ROWS - 1) / STANDARDISE_ROWS), standardise_rows, &job);
+    pthread_mutex_destroy(&job.lock);
+    if (job.first_bad == n_ref) return ES_OK;
+    int64_t row = ref_rows[job.first_bad], sample = 0;
+    while (b->token_offset[sample + 1] <= row) sample++;
+    return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path, pair->teacher,
+                   (long long)(b->shard->token_start[b->first] + row), (long long)(b->first + sample), b->ids[sample]);
 }
 
 /* One block: student tokens, alignment, then per layer pair the targets of the aligned
@@ -257,7 +284,9 @@ static int project_block(projector *p, const teacher_block *b, es_error *err) {
             rc = teacher_block_latents(p->teacher, b, pair->teacher, rows, err);
             p->io_seconds += es_now() - start;
             loaded_layer = pair->teacher;
+            start = es_now();
             if (!rc) rc = standardise(p, pair, rows, ref_rows, n_ref, x_hat, b, err);
+            p->standardise_seconds += es_now() - start;
             if (!rc && fourier_features(features, x_hat, p->omega, (int)n_ref, d, p->m, p->pool, &p->timing))
                 rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         }
@@ -283,6 +312,7 @@ static void fail_usage(es_error *err, const char *fmt, const char *value) {
 
 int main(int argc, char **argv) {
     es_set_program("essence-project");
+    double started = es_now();
     es_config cfg;
     es_error err = {0};
     if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
@@ -401,7 +431,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = student_write_projection(&writer, omega, m, d, teacher_layers, means, scales, n_pairs, &err);
     if (rc) es_exit_error(&err);
     projector p = {&teacher, tokenizer, pool, pairs, n_pairs, d, m, omega_gemm, precision, rms,
-                   strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, &writer, NULL, 0, 0, {0, 0, 0}, 0, 0};
+                   strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, &writer, NULL, 0, 0, {0, 0, 0}, 0, 0, 0};
     es_progress progress;
     es_progress_start(&progress, "project", "samples", teacher.samples);
     for (int s = 0; !rc && s < teacher.n_shards; s++) {
@@ -464,8 +494,9 @@ int main(int argc, char **argv) {
         es_log("wrote %s: %lld samples, %lld student tokens, %lld aligned (%.1f%%)", out, (long long)teacher.samples,
                (long long)p.student_tokens, (long long)p.aligned_tokens,
                p.student_tokens ? 100.0 * (double)p.aligned_tokens / (double)p.student_tokens : 0.0);
-        es_log("time: gemm %.3f s (%.1f GFLOP/s), features %.3f s, hdf5+zstd %.3f s, tokenize %.3f s", p.timing.gemm_seconds,
-               gemm_rate, p.timing.epilogue_seconds, p.io_seconds, p.tokenize_seconds);
+        es_log("time: gemm %.3f s (%.1f GFLOP/s), standardise %.3f s, features %.3f s, hdf5+zstd %.3f s, tokenize %.3f s, total %.3f s",
+               p.timing.gemm_seconds, gemm_rate, p.standardise_seconds, p.timing.epilogue_seconds, p.io_seconds, p.tokenize_seconds,
+               es_now() - started);
     }
     for (int l = 0; l < n_pairs; l++) free(pairs[l].input_mean), free(pairs[l].input_scale);
     free(pairs), free(omega), free(omega_gemm), free(student_layers), free(teacher_layers), free(means), free(scales);

@@ -347,6 +347,38 @@ def test_bad_input(tmp, teacher_dir, student):
         report(f"bad_{name}", ok, f"exit {result.returncode} (want {code}), leftover {leftover}: {result.stderr.strip()}")
 
 
+def test_corrupted_teacher(tmp, student):
+    """Random bytes overwritten anywhere in teacher.h5: an error or a result, never a crash or a hang."""
+    teacher = os.path.join(tmp, "t.h5")
+    with open(teacher, "rb") as f:
+        blob = f.read()
+    rng = np.random.default_rng(2026)
+    crashes, outcomes = [], {}
+    for trial in range(40):
+        data = bytearray(blob)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(data) - 16))
+            data[at:at + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+        path = os.path.join(tmp, "corrupt.h5")
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        out = os.path.join(tmp, "s-corrupt.h5")
+        try:
+            result = subprocess.run([os.path.join(BUILD, "essence-project"), "--in", path, "--student", student, "--out", out,
+                                     "--layer-map", LAYER_MAP], capture_output=True, text=True, timeout=60)
+            code = result.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        outcomes[code] = outcomes.get(code, 0) + 1
+        if code not in (0, 1, 3) or (code != 0 and os.path.exists(out)):
+            crashes.append(f"trial {trial}: {code}")
+        for leftover in (out, out + ".partial"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    print(f"  corrupted teacher files: exit codes {outcomes}")
+    report("corrupted_teacher_never_crashes", not crashes, "; ".join(crashes))
+
+
 def main():
     try:
         import tokenizers  # noqa: F401
@@ -359,6 +391,7 @@ def main():
         test_threads(tmp, student)
         test_precision(tmp, student)
         test_bad_input(tmp, teacher_dir, student)
+        test_corrupted_teacher(tmp, student)
 
 
 if __name__ == "__main__":
