@@ -20,7 +20,7 @@ BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
-ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels -Iextract -Iproject $(HDF5_CFLAGS) $(BLAS_CFLAGS)
+ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels -Iextract -Iproject -Ialign $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lcjson -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
@@ -45,7 +45,8 @@ endif
 INSPECT_SRC := $(wildcard pipelines/inspect*.c)
 EXTRACT_SRC := $(wildcard extract/*.c)
 PROJECT_SRC := $(wildcard project/*.c)
-PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project
+ALIGN_SRC := $(wildcard align/*.c)
+PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project $(if $(wildcard align/align.c),$(BUILD)/essence-align)
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
@@ -89,6 +90,9 @@ $(BUILD)/essence-extract: $(patsubst %.c,$(BUILD)/obj/%.o,$(EXTRACT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/essence-project: $(patsubst %.c,$(BUILD)/obj/%.o,$(PROJECT_SRC)) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
