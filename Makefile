@@ -41,6 +41,15 @@ ALL_CFLAGS += -DES_HAVE_CUDA -I$(CUDA_HOME)/include
 LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
 endif
 
+# MPI (data-parallel essence-align on the CPU): used when mpicc is found. Only align/comm.c
+# includes it and only essence-align links it.
+MPICC := $(shell command -v mpicc 2>/dev/null)
+ifneq ($(MPICC),)
+MPI_CFLAGS := -DES_HAVE_MPI $(shell mpicc --showme:compile 2>/dev/null)
+MPI_LIBS := $(shell mpicc --showme:link 2>/dev/null)
+endif
+$(BUILD)/obj/align/comm.o: ALL_CFLAGS += $(MPI_CFLAGS)
+
 # Each program: its folder's sources (DESIGN.md "Layout"). Stages not written yet are left out.
 INSPECT_SRC := $(wildcard pipelines/inspect*.c)
 EXTRACT_SRC := $(wildcard extract/*.c)
@@ -50,7 +59,7 @@ PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-p
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
-STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c,$(wildcard extract/*.c project/*.c align/*.c))
+STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c align/comm.c,$(wildcard extract/*.c project/*.c align/*.c))
 STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
@@ -93,7 +102,7 @@ $(BUILD)/essence-project: $(patsubst %.c,$(BUILD)/obj/%.o,$(PROJECT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) $(MPI_LIBS)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
 # function, so it loads into any HDF5 1.10+ whatever version the reader was built with.
@@ -105,7 +114,7 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(LIB)
+$(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
@@ -121,7 +130,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(STAGE_OBJ) $(LIB)
 # ---- dependencies -------------------------------------------------------------------
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
 	libjansson-dev libcjson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
-	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox
+	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin
 PY_PACKAGES := h5py hdf5plugin numpy tokenizers
 
 deps:

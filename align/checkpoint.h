@@ -15,7 +15,11 @@
  * A checkpoint is written as OUT/checkpoint-STEP.partial/, every file fsync'd, then renamed; only
  * then are older checkpoints beyond `keep` removed and the top-level files replaced (each by
  * its own write-then-rename). A failure at any point (a full disk) leaves the previous
- * checkpoint valid and no .partial folder behind, and is ES_ERR_RUNTIME naming the file. */
+ * checkpoint valid and no .partial folder behind, and is ES_ERR_RUNTIME naming the file.
+ * Saving a step that already has a checkpoint (a resumed run) replaces it: the old folder is
+ * removed only once the new one is in place. The top-level model.safetensors and
+ * student_head.safetensors are hard links to the checkpoint's (copies where the file system
+ * has no links), so they cost no extra space. */
 #ifndef ES_ALIGN_CHECKPOINT_H
 #define ES_ALIGN_CHECKPOINT_H
 
@@ -44,10 +48,13 @@ typedef struct checkpoint_content {
     const char *state_json;           /* the caller's JSON object (step, data position, ...) */
 } checkpoint_content;
 
+/* keep: how many checkpoint-N folders to leave (the newest by N, and always the one just
+ * saved); keep <= 0 removes none. OUT is created when missing (not its parents). */
 int checkpoint_save(const char *out_dir, int64_t step, const checkpoint_content *content, int keep, es_error *err);
 
-/* The newest complete OUT/checkpoint-STEP/ (one with essence-state/state.json), or *path NULL
- * and ES_OK when there is none. *path is malloc'd. */
+/* The newest complete OUT/checkpoint-STEP/ (one with essence-state/state.json; STEP plain
+ * decimal digits without leading zeros), or *path NULL and ES_OK when there is none (also when
+ * OUT does not exist). .partial folders and other names are ignored. *path is malloc'd. */
 int checkpoint_find_latest(const char *out_dir, char **path, int64_t *step, es_error *err);
 
 /* Reads essence-state/ of a checkpoint back into the caller's buffers: each "master/NAME",

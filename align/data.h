@@ -12,7 +12,10 @@
  * (aligned tokens, next-token labels) are known without communication.
  *
  * A prefetch thread reads the next batch while the current one trains; memory stays bounded by
- * two batches plus the per-sample index (token_start, 8 bytes a sample) whatever the file size. */
+ * two batches plus the per-sample index (token_start, 8 bytes a sample, and the epoch's order,
+ * 8 bytes a training sample) whatever the file size. align/data.c states the exact rules (the
+ * seeded choices, the rank cut); with fewer pieces than ranks a rank gets an empty batch (T = 0),
+ * which still carries the global counts. */
 #ifndef ES_ALIGN_DATA_H
 #define ES_ALIGN_DATA_H
 
@@ -65,14 +68,20 @@ int align_data_next_train(align_data *data, align_batch *batch, es_error *err);
 
 /* Where training stands in the data, for checkpoints: the epoch and the next sample position
  * in that epoch's order (and the piece within it). Restoring it makes the following batches
- * exactly those an uninterrupted run would have seen. */
+ * exactly those an uninterrupted run would have seen, given the same file, seed, shuffle,
+ * eval_fraction, seq_len and world · batch_tokens. get_position is the position after the batch
+ * last returned; set_position drops any prefetched batch, and a position this data cannot have
+ * (past the training samples, or a piece past its sample's end) is ES_ERR_DATA. */
 typedef struct align_data_position {
     int64_t epoch, index, piece;
 } align_data_position;
 align_data_position align_data_get_position(const align_data *data);
 int align_data_set_position(align_data *data, align_data_position position, es_error *err);
 
-/* Eval: the eval samples in file order, in batches like training ones (this rank's share). */
+/* Eval: the eval samples in file order, in batches like training ones (this rank's share).
+ * eval_begin stops the prefetcher (the training position is kept; the next training call reads
+ * its batch again) and eval batches are read on the caller's thread. The last training batch
+ * stays valid during eval. */
 int align_data_eval_begin(align_data *data, es_error *err);
 /* 1 and a batch, 0 at the end, -1 on error. The batch stays valid until the next call. */
 int align_data_eval_next(align_data *data, align_batch *batch, es_error *err);

@@ -432,6 +432,7 @@ static void classify_layout(es_rows_reader *reader, hid_t file_type) {
 int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err) {
     memset(reader, 0, sizeof *reader);
     reader->dataset = -1;
+    for (int i = 0; i < 4; i++) reader->cache_chunk[i] = -1;
     reader->pool = pool;
     int rc = es_h5_init(err);
     if (rc) return rc;
@@ -511,6 +512,30 @@ int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es
 
     const size_t row_bytes = (size_t)reader->width * reader->elem_size;
     const int64_t first_chunk = first / reader->chunk_rows, last_chunk = (first + n - 1) / reader->chunk_rows;
+    if (first_chunk == last_chunk && !reader->filling) {
+        const int64_t chunk_first = first_chunk * reader->chunk_rows;
+        int slot = 0;
+        for (int i = 0; i < 4; i++) {
+            if (reader->cache_chunk[i] == first_chunk) {
+                slot = i;
+                break;
+            }
+            if (reader->cache_used[i] < reader->cache_used[slot]) slot = i;
+        }
+        if (reader->cache_chunk[slot] != first_chunk) {
+            const int64_t chunk_rows = reader->rows - chunk_first < reader->chunk_rows ? reader->rows - chunk_first : reader->chunk_rows;
+            if (!reader->cache[slot] && !(reader->cache[slot] = malloc((size_t)reader->chunk_rows * row_bytes)))
+                return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            reader->filling = 1, reader->cache_chunk[slot] = -1;
+            int rc = es_rows_read(reader, chunk_first, chunk_rows, reader->cache[slot], err);
+            reader->filling = 0;
+            if (rc) return rc;
+            reader->cache_chunk[slot] = first_chunk;
+        }
+        reader->cache_used[slot] = ++reader->cache_clock;
+        memcpy(out, reader->cache[slot] + (size_t)(first - chunk_first) * row_bytes, (size_t)n * row_bytes);
+        return ES_OK;
+    }
     int head = 0, count = 0, rc = ES_OK;
     /* The calling thread reads compressed chunks in order while workers decode earlier ones. */
     for (int64_t chunk = first_chunk; chunk <= last_chunk && !rc; chunk++) {
@@ -579,6 +604,7 @@ int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *ou
 void es_rows_close_reader(es_rows_reader *reader) {
     slots_free(reader->slots, reader->n_slots);
     reader->slots = NULL;
+    for (int i = 0; i < 4; i++) free(reader->cache[i]), reader->cache[i] = NULL, reader->cache_chunk[i] = -1;
     if (reader->dataset >= 0) H5Dclose(reader->dataset);
     reader->dataset = -1;
     free(reader->name);

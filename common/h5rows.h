@@ -72,6 +72,11 @@ typedef struct es_rows_reader {
     es_pool *pool;
     es_chunk_slot *slots;
     int n_slots;
+    uint8_t *cache[4];       /* the last chunks reads within one chunk decoded, whole */
+    int64_t cache_chunk[4];  /* their indices, -1 when none */
+    uint64_t cache_used[4];  /* when each was last used (least recently used goes first) */
+    uint64_t cache_clock;
+    int filling;             /* the cache is being filled (no recursion) */
 } es_rows_reader;
 
 /* Opens a 1-D or 2-D dataset of a supported element type. Any layout and filter pipeline
@@ -79,7 +84,9 @@ typedef struct es_rows_reader {
  * [shuffle,] zstd. */
 int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err);
 /* Reads rows [first, first + n) in the stored element type. A corrupted chunk is
- * ES_ERR_DATA naming the file, dataset and rows. */
+ * ES_ERR_DATA naming the file, dataset and rows. A read within one chunk keeps that chunk
+ * decoded, so reading a sample at a time (shuffled training) decodes each chunk once while
+ * it is being read, not once per sample. */
 int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err);
 /* The same into fp32 (bf16 and float32 datasets only). */
 int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *out, es_error *err);

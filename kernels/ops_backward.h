@@ -5,7 +5,11 @@
  * Conventions: a gradient named d<x> for an activation input is WRITTEN (overwritten) unless the
  * comment says "accumulated"; gradients of parameters (weights, biases, tables) are always
  * ACCUMULATED (+=), so micro-batches and layers can add into one gradient arena. Every function
- * that allocates returns 0, or -1 when out of memory. */
+ * that allocates returns 0, or -1 when out of memory.
+ *
+ * The results are the same bits whatever the pool's size or OpenBLAS's thread count: the
+ * products run single-threaded on fixed tiles, side by side on the pool (pool may be NULL:
+ * then on the calling thread alone, slowly). */
 #ifndef ES_KERNELS_OPS_BACKWARD_H
 #define ES_KERNELS_OPS_BACKWARD_H
 

@@ -6,8 +6,10 @@
  *   essence-inspect sample FILE.h5 --index I
  *   essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR
  *   essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]
+ *   essence-inspect plot METRICS.jsonl -o OUT.png
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -21,7 +23,8 @@ static const char usage[] =
     "       essence-inspect stats FILE.h5 [--layer L] [--threads N]\n"
     "       essence-inspect sample FILE.h5 --index I\n"
     "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
-    "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]";
+    "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]\n"
+    "       essence-inspect plot METRICS.jsonl -o OUT.png";
 
 static const char description[] =
     "Shows what an essence file holds. FILE.h5: format, samples, tokens, every dataset's shape, type,\n"
@@ -29,7 +32,8 @@ static const char description[] =
     "stats: per latent layer, the distribution of row norms (percentiles), per-dimension mean and std\n"
     "extremes, and the count of NaN/Inf values.\n"
     "tokenize: JSONL {\"text\": ...} lines (or plain text lines on stdin) -> {\"ids\": [...], \"byte_offsets\": [[s, e], ...]};\n"
-    "with --decode, {\"ids\": [...]} -> {\"text\": ...}.";
+    "with --decode, {\"ids\": [...]} -> {\"text\": ...}.\n"
+    "plot: essence-align's metrics.jsonl as a PNG (loss terms and eval MSEs; learning rate), drawn by gnuplot.";
 
 static const es_option options[] = {
     {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)"},
@@ -38,7 +42,7 @@ static const es_option options[] = {
     {"layers", ES_OPT_INT, NULL, "mkmodel: number of decoder layers (default: the config's)"},
     {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)"},
     {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights"},
-    {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write"},
+    {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write; plot: the PNG to write (-o for short)"},
     {"threads", ES_OPT_INT, "0", "decompression threads (0: one per CPU)"},
     {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
     {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
@@ -57,18 +61,42 @@ static int ends_with(const char *text, const char *suffix) {
     return n >= m && strcmp(text + n - m, suffix) == 0;
 }
 
+/* DESIGN.md spells plot's output "-o OUT.png"; the option parser knows long flags only, so
+ * "-o" (before any "--") becomes "--out". Returns a new argv, or NULL when out of memory. */
+static char **expand_short_out(int argc, char **argv) {
+    static char long_out[] = "--out";
+    char **args = malloc(((size_t)argc + 1) * sizeof *args);
+    if (!args) return NULL;
+    int options_end = 0;
+    for (int k = 0; k < argc; k++) {
+        if (!strcmp(argv[k], "--")) options_end = 1;
+        args[k] = k > 0 && !options_end && !strcmp(argv[k], "-o") ? long_out : argv[k];
+    }
+    args[argc] = NULL;
+    return args;
+}
+
 int main(int argc, char **argv) {
     es_set_program("essence-inspect");
     es_config cfg;
     es_error err = {0};
-    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
+    char **args = expand_short_out(argc, argv);
+    if (!args) {
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        es_exit_error(&err);
+    }
+    if (es_config_parse(&cfg, options, argc, args, &err)) es_exit_error(&err);
+    free(args);
     if (cfg.help) {
         es_config_print_help(&cfg, usage, description);
+        es_config_free(&cfg);
         return 0;
     }
     if (cfg.print_config) {
         char *yaml = es_config_to_yaml(&cfg);
         fputs(yaml ? yaml : "", stdout);
+        free(yaml);
+        es_config_free(&cfg);
         return 0;
     }
     int rc;
@@ -86,6 +114,9 @@ int main(int argc, char **argv) {
     } else if (strcmp(command, "tokenize") == 0) {
         rc = cfg.n_positional == 1 ? inspect_tokenize(&cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "tokenize takes no file argument (use --jsonl FILE)");
+    } else if (strcmp(command, "plot") == 0) {
+        rc = cfg.n_positional == 2 ? inspect_plot(cfg.positional[1], &cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect plot METRICS.jsonl -o OUT.png");
     } else if (cfg.n_positional != 1) {
         rc = es_fail(&err, ES_ERR_USAGE, "unknown command \"%s\"\nusage: %s", command, usage);
     } else if (ends_with(command, ".safetensors") || is_directory(command)) {

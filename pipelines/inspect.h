@@ -20,5 +20,7 @@ int inspect_stats(const char *path, const es_config *cfg, es_error *err);
 int inspect_tokenize(const es_config *cfg, es_error *err);
 int inspect_sample(const char *path, const es_config *cfg, es_error *err);
 int inspect_mkmodel(const es_config *cfg, es_error *err);
+/* plot METRICS.jsonl --out OUT.png (-o): essence-align's curves as a PNG, drawn by gnuplot. */
+int inspect_plot(const char *metrics, const es_config *cfg, es_error *err);
 
 #endif

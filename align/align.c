@@ -1,0 +1,497 @@
+/* essence-align: fine-tunes the student to match the projected teacher latents (docs/align.md).
+ *
+ * main() is the story: read the configuration, join the other ranks, open student.h5 and the
+ * student, resume from the newest checkpoint if asked, then step by step: accumulate gradients
+ * over micro-batches, sum them over ranks, clip, update with AdamW; log a metrics line, evaluate
+ * and save checkpoints as configured; finally plot the metrics. */
+#include <errno.h>
+#include <math.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cblas.h>
+#include <jansson.h>
+
+#include "adamw.h"
+#include "checkpoint.h"
+#include "comm.h"
+#include "config.h"
+#include "data.h"
+#include "log.h"
+#include "progress.h"
+#include "safetensors.h"
+#include "train.h"
+
+extern char **environ;
+
+static const es_option options[] = {
+    {"model", ES_OPT_STRING, NULL, "student model folder (config.json, safetensors, tokenizer files)"},
+    {"data", ES_OPT_STRING, NULL, "student.h5 written by essence-project"},
+    {"out", ES_OPT_STRING, NULL, "output folder: checkpoint-STEP/ folders, the final model, metrics.jsonl, loss.png"},
+    {"steps", ES_OPT_INT, "500", "optimizer steps"},
+    {"lr", ES_OPT_FLOAT, "1e-4", "peak learning rate"},
+    {"warmup", ES_OPT_INT, "20", "steps of linear warmup before the cosine decay"},
+    {"batch-tokens", ES_OPT_INT, "8192", "tokens per micro-batch and rank"},
+    {"seq-len", ES_OPT_INT, "2048", "longest attention sequence: longer samples are cut into pieces"},
+    {"grad-accum", ES_OPT_INT, "1", "micro-batches per optimizer step"},
+    {"latent-weight", ES_OPT_FLOAT, "1.0", "weight of the latent MSE (mean over mapped layers)"},
+    {"ce-weight", ES_OPT_FLOAT, "0.0", "weight of the next-token cross entropy (0: only layers up to the deepest mapped one run)"},
+    {"student-head", ES_OPT_STRING, "none", "none, or linear: a learned D×D map per mapped layer (identity at start)"},
+    {"weight-decay", ES_OPT_FLOAT, "0.1", "AdamW decoupled weight decay"},
+    {"beta1", ES_OPT_FLOAT, "0.9", "AdamW β1"},
+    {"beta2", ES_OPT_FLOAT, "0.95", "AdamW β2"},
+    {"adam-eps", ES_OPT_FLOAT, "1e-8", "AdamW ε"},
+    {"grad-clip", ES_OPT_FLOAT, "1.0", "global gradient norm limit (0: no clipping)"},
+    {"save-every", ES_OPT_INT, "500", "steps between checkpoints (a checkpoint is also written at the end)"},
+    {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept"},
+    {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out"},
+    {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)"},
+    {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation"},
+    {"no-shuffle", ES_OPT_BOOL, "false", "train in file order"},
+    {"seed", ES_OPT_INT, "0", "seed of the eval split and the shuffling"},
+    {"dump-step", ES_OPT_STRING, NULL, "after the first step's backward, write loss terms and gradients (fp32) to FILE.safetensors"},
+    {"threads", ES_OPT_INT, "0", "CPU threads per rank (0: one per CPU)"},
+    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
+    {NULL, 0, NULL, NULL},
+};
+
+static const char usage[] = "essence-align --model DIR --data student.h5 --out DIR [options]";
+
+/* Everything the optimizer owns: fp32 master weights are the model's arena (and the heads). */
+typedef struct optimizer {
+    float *m, *v;               /* (arena_floats) */
+    float *head_m, *head_v;     /* (n_mapped, C, C) or NULL */
+    adamw_config config;
+} optimizer;
+
+/* A parameter tensor trains when the forward of a training step reaches it. With --ce-weight 0
+ * the layers above the deepest mapped one, the final norm and the head never get a gradient:
+ * the optimizer, the gradient norm, the all-reduce and the zeroing skip them. */
+static int tensor_trains(const train_model *tm, const char *name) {
+    int layer;
+    if (sscanf(name, "model.layers.%d.", &layer) == 1) return layer < tm->run_layers;
+    if (!strncmp(name, "model.embed_tokens", 18)) return 1;
+    return tm->with_ce; /* the final norm and the head */
+}
+
+/* The checkpoint's tensors: the model's (bf16 in the file), the heads, and the optimizer state
+ * under the same names. Arrays malloc'd by the caller's sizes. */
+typedef struct saved_tensors {
+    checkpoint_tensor *weights, *head, *master, *m, *v;
+    checkpoint_buffer *load_master, *load_m, *load_v;
+    char (*head_names)[64];
+    int n_weights, n_head, n_state;
+} saved_tensors;
+
+static int build_saved(saved_tensors *s, const train_model *tm, const optimizer *opt, es_error *err) {
+    const es_model *model = &tm->model;
+    const int C = model->config.hidden_size;
+    s->n_weights = model->n_tensors, s->n_head = tm->heads ? tm->n_mapped : 0, s->n_state = s->n_weights + s->n_head;
+    s->weights = calloc((size_t)s->n_weights + 1, sizeof *s->weights);
+    s->head = calloc((size_t)s->n_head + 1, sizeof *s->head);
+    s->head_names = calloc((size_t)s->n_head + 1, sizeof *s->head_names);
+    s->master = calloc((size_t)s->n_state, sizeof *s->master), s->m = calloc((size_t)s->n_state, sizeof *s->m);
+    s->v = calloc((size_t)s->n_state, sizeof *s->v);
+    s->load_master = calloc((size_t)s->n_state, sizeof *s->load_master);
+    s->load_m = calloc((size_t)s->n_state, sizeof *s->load_m), s->load_v = calloc((size_t)s->n_state, sizeof *s->load_v);
+    if (!s->weights || !s->head || !s->head_names || !s->master || !s->m || !s->v || !s->load_master || !s->load_m || !s->load_v)
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int i = 0; i < s->n_state; i++) {
+        checkpoint_tensor t;
+        float *data, *m, *v;
+        if (i < s->n_weights) {
+            const es_named_tensor *named = &model->tensors[i];
+            t = (checkpoint_tensor){named->name, named->data, named->ndim, {named->shape[0], named->shape[1]}};
+            data = named->data, m = opt->m + (named->data - model->arena), v = opt->v + (named->data - model->arena);
+            s->weights[i] = t;
+        } else {
+            int h = i - s->n_weights;
+            snprintf(s->head_names[h], sizeof s->head_names[h], "student_head.layer_%03d.weight", tm->mapped[h]);
+            data = tm->heads + (size_t)h * C * C, m = opt->head_m + (size_t)h * C * C, v = opt->head_v + (size_t)h * C * C;
+            t = (checkpoint_tensor){s->head_names[h], data, 2, {C, C}};
+            s->head[h] = t;
+        }
+        int64_t numel = t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0];
+        s->master[i] = t, s->m[i] = t, s->v[i] = t;
+        s->m[i].data = m, s->v[i].data = v;
+        s->load_master[i] = (checkpoint_buffer){t.name, data, numel};
+        s->load_m[i] = (checkpoint_buffer){t.name, m, numel};
+        s->load_v[i] = (checkpoint_buffer){t.name, v, numel};
+    }
+    return ES_OK;
+}
+
+static void free_saved(saved_tensors *s) {
+    free(s->weights), free(s->head), free(s->head_names), free(s->master), free(s->m), free(s->v);
+    free(s->load_master), free(s->load_m), free(s->load_v);
+}
+
+/* The metrics of one evaluation over the held-out samples (every rank takes its share). */
+typedef struct eval_result {
+    double latent_mse, cosine, ce, const_mse, r2;
+    int64_t aligned, labelled;
+} eval_result;
+
+static int evaluate(train_model *tm, es_pool *pool, align_data *data, align_comm *comm, eval_result *out, es_error *err) {
+    const int C = tm->model.config.hidden_size, n = tm->n_mapped;
+    /* per layer: Σ latent, Σ cosine, Σ‖t‖², Σ t (C values); then Σ ce, aligned, labelled */
+    const size_t per_layer = 3 + (size_t)C, total = (size_t)n * per_layer + 3;
+    double *acc = calloc(total, sizeof *acc);
+    if (!acc) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int rc = align_data_eval_begin(data, err);
+    align_batch batch;
+    int got;
+    while (!rc && (got = align_data_eval_next(data, &batch, err)) == 1) {
+        train_sums sums;
+        rc = train_forward_backward(tm, pool, &batch, 0, 1.0f, &sums, err);
+        for (int i = 0; !rc && i < n; i++) {
+            double *layer = acc + (size_t)i * per_layer;
+            layer[0] += sums.latent[i], layer[1] += sums.cosine[i];
+            for (int t = 0; t < batch.T; t++) {
+                if (!batch.mask[t]) continue;
+                const float *target = batch.targets[i] + (size_t)t * C;
+                for (int k = 0; k < C; k++) layer[2] += (double)target[k] * target[k], layer[3 + k] += target[k];
+            }
+        }
+        acc[total - 3] += sums.ce, acc[total - 2] += (double)sums.aligned, acc[total - 1] += (double)sums.labelled;
+    }
+    if (!rc && got < 0) rc = err->code;
+    if (!rc) rc = comm_allreduce_f64(comm, acc, total, err);
+    if (!rc) {
+        double aligned = acc[total - 2], labelled = acc[total - 1];
+        memset(out, 0, sizeof *out);
+        out->aligned = (int64_t)aligned, out->labelled = (int64_t)labelled;
+        for (int i = 0; i < n && aligned > 0; i++) {
+            const double *layer = acc + (size_t)i * per_layer;
+            double mean_norm_sq = 0;
+            for (int k = 0; k < C; k++) mean_norm_sq += (layer[3 + k] / aligned) * (layer[3 + k] / aligned);
+            /* the best input-independent answer: one direction of norm √D (DESIGN.md) */
+            double const_mse = 1.0 + layer[2] / aligned / C - 2.0 * sqrt(mean_norm_sq) / sqrt((double)C);
+            out->latent_mse += layer[0] / aligned / n, out->cosine += layer[1] / aligned / n, out->const_mse += const_mse / n;
+        }
+        out->ce = labelled > 0 ? acc[total - 3] / labelled : 0;
+        out->r2 = out->const_mse > 0 ? 1.0 - out->latent_mse / out->const_mse : 0;
+    }
+    free(acc);
+    return rc;
+}
+
+/* --dump-step: the loss terms and every gradient (fp32, Hugging Face names) of the first step. */
+static int dump_step(const char *path, const train_model *tm, double loss, double latent, double ce, es_error *err) {
+    const es_model *model = &tm->model;
+    int n = model->n_tensors + (tm->heads ? tm->n_mapped : 0) + 3;
+    es_tensor *entries = calloc((size_t)n, sizeof *entries);
+    char (*names)[128] = calloc((size_t)n, sizeof *names);
+    float scalars[3] = {(float)loss, (float)latent, (float)ce};
+    if (!entries || !names) {
+        free(entries), free(names);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    const char *scalar_names[3] = {"loss", "latent_mse", "ce"};
+    int k = 0;
+    for (int i = 0; i < 3; i++, k++)
+        entries[k] = (es_tensor){.name = scalar_names[i], .dtype = ES_DT_F32, .ndim = 1, .shape = {1}, .data = &scalars[i], .nbytes = 4};
+    for (int i = 0; i < model->n_tensors; i++, k++) {
+        const es_named_tensor *t = &model->tensors[i];
+        snprintf(names[k], sizeof names[k], "grad/%s", t->name);
+        size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+        entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = t->ndim, .shape = {t->shape[0], t->shape[1]},
+                                 .data = train_grad_of(tm, t->data), .nbytes = numel * 4};
+    }
+    const int C = model->config.hidden_size;
+    for (int i = 0; tm->heads && i < tm->n_mapped; i++, k++) {
+        snprintf(names[k], sizeof names[k], "grad/student_head.layer_%03d.weight", tm->mapped[i]);
+        entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = 2, .shape = {C, C},
+                                 .data = tm->head_grads + (size_t)i * C * C, .nbytes = (size_t)C * C * 4};
+    }
+    int rc = es_safetensors_write(path, entries, (size_t)k, NULL, 0, err);
+    free(entries), free(names);
+    return rc;
+}
+
+/* loss.png beside metrics.jsonl, drawn by essence-inspect (next to this program) with gnuplot. */
+static void plot_metrics(const char *out_dir) {
+    char self[4096], inspect[4200], metrics[4200], png[4200];
+    ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (len <= 0) return;
+    self[len] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash) *slash = '\0';
+    snprintf(inspect, sizeof inspect, "%s/essence-inspect", self);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", out_dir);
+    snprintf(png, sizeof png, "%s/loss.png", out_dir);
+    char *args[] = {inspect, "plot", metrics, "-o", png, NULL};
+    pid_t pid;
+    int status = 0;
+    if (posix_spawn(&pid, inspect, NULL, NULL, args, environ) != 0 || waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) ||
+        WEXITSTATUS(status) != 0)
+        es_warn("%s was not drawn (essence-inspect plot failed; see above)", png);
+    else
+        es_log("plotted %s", png);
+}
+
+/* On resume, metrics.jsonl keeps only the lines of steps the checkpoint had done. */
+static int trim_metrics(const char *path, int64_t done, es_error *err) {
+    FILE *in = fopen(path, "r");
+    if (!in) return ES_OK;
+    char tmp[4300];
+    snprintf(tmp, sizeof tmp, "%s.partial", path);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        fclose(in);
+        return es_fail(err, ES_ERR_RUNTIME, "%s: %s", tmp, strerror(errno));
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, in) > 0) {
+        long long step = -1;
+        const char *at = strstr(line, "\"step\":");
+        if (at) step = atoll(at + 7);
+        if (step >= 0 && step <= done) fputs(line, out);
+    }
+    free(line);
+    fclose(in);
+    if (fclose(out) || rename(tmp, path)) return es_fail(err, ES_ERR_RUNTIME, "%s: %s", path, strerror(errno));
+    return ES_OK;
+}
+
+static _Noreturn void fail(align_comm *comm, const es_error *err) {
+    fprintf(stderr, "%s: %s\n", es_program(), err->msg);
+    comm_abort(comm, err->code ? err->code : 1);
+    exit(err->code ? err->code : 1);
+}
+
+int main(int argc, char **argv) {
+    es_set_program("essence-align");
+    align_comm comm;
+    es_error err = {0};
+    if (comm_init(&comm, &argc, &argv, &err)) es_exit_error(&err);
+    es_config cfg;
+    if (es_config_parse(&cfg, options, argc, argv, &err)) fail(&comm, &err);
+    if (cfg.help) {
+        es_config_print_help(&cfg, usage, "Fine-tunes the student to match the projected teacher latents (latent MSE, optionally + next-token CE).");
+        comm_finalize(&comm);
+        return 0;
+    }
+    if (cfg.print_config) {
+        char *yaml = es_config_to_yaml(&cfg);
+        fputs(yaml ? yaml : "", stdout);
+        comm_finalize(&comm);
+        return 0;
+    }
+    const char *required[] = {"model", "data", "out"};
+    for (int i = 0; i < 3; i++)
+        if (!es_config_is_set(&cfg, required[i])) {
+            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
+            fail(&comm, &err);
+        }
+    if (cfg.n_positional) es_fail(&err, ES_ERR_USAGE, "unexpected argument \"%s\"", cfg.positional[0]), fail(&comm, &err);
+    if (strcmp(es_config_str(&cfg, "device"), "cpu"))
+        es_fail(&err, ES_ERR_USAGE, "--device %s: this build trains on the cpu only", es_config_str(&cfg, "device")), fail(&comm, &err);
+    const char *head_kind = es_config_str(&cfg, "student-head");
+    if (strcmp(head_kind, "none") && strcmp(head_kind, "linear"))
+        es_fail(&err, ES_ERR_USAGE, "--student-head %s: expected none or linear", head_kind), fail(&comm, &err);
+    const char *model_dir = es_config_str(&cfg, "model"), *out_dir = es_config_str(&cfg, "out");
+    const int64_t steps = es_config_int(&cfg, "steps"), warmup = es_config_int(&cfg, "warmup");
+    const int accum = (int)es_config_int(&cfg, "grad-accum"), save_every = (int)es_config_int(&cfg, "save-every");
+    const int eval_every = (int)es_config_int(&cfg, "eval-every");
+    const double eval_fraction = es_config_float(&cfg, "eval-fraction"), clip = es_config_float(&cfg, "grad-clip");
+    const double lr = es_config_float(&cfg, "lr");
+    if (steps < 1 || warmup < 0 || accum < 1 || es_config_int(&cfg, "batch-tokens") < 1 || es_config_int(&cfg, "seq-len") < 2 ||
+        !(eval_fraction >= 0 && eval_fraction < 1) || !(lr > 0) || clip < 0 || save_every < 0 || eval_every < 0)
+        es_fail(&err, ES_ERR_USAGE, "--steps, --grad-accum, --batch-tokens must be >= 1, --seq-len >= 2, --lr > 0, "
+                                    "--eval-fraction in [0, 1), --warmup, --grad-clip, --save-every, --eval-every >= 0"),
+            fail(&comm, &err);
+
+    // 1. The data: its target layers decide which student layers run.
+    es_model_config student;
+    if (es_model_config_load(model_dir, &student, NULL, &err)) fail(&comm, &err);
+    es_pool *pool = es_pool_create((int)es_config_int(&cfg, "threads"));
+    if (!pool) es_fail(&err, ES_ERR_RUNTIME, "cannot start threads"), fail(&comm, &err);
+    openblas_set_num_threads(es_pool_threads(pool));
+    align_data_options data_options = {es_config_str(&cfg, "data"), student.hidden_size, student.n_layers, student.vocab_size,
+                                       eval_fraction, (uint64_t)es_config_int(&cfg, "seed"), !es_config_bool(&cfg, "no-shuffle"),
+                                       (int)es_config_int(&cfg, "seq-len"), (int)es_config_int(&cfg, "batch-tokens"),
+                                       comm.rank, comm.world};
+    align_data *data;
+    if (align_data_open(&data, &data_options, &err)) fail(&comm, &err);
+    const int *mapped;
+    int n_mapped = align_data_target_layers(data, &mapped);
+
+    // 2. The student and the optimizer's state.
+    train_model tm;
+    if (train_model_init(&tm, model_dir, mapped, n_mapped, (float)es_config_float(&cfg, "latent-weight"),
+                         (float)es_config_float(&cfg, "ce-weight"), !strcmp(head_kind, "linear"), &err))
+        fail(&comm, &err);
+    const int C = student.hidden_size;
+    const size_t n_params = tm.model.arena_floats, n_head = tm.heads ? (size_t)n_mapped * C * C : 0;
+    optimizer opt = {calloc(n_params, sizeof(float)), calloc(n_params, sizeof(float)), n_head ? calloc(n_head, sizeof(float)) : NULL,
+                     n_head ? calloc(n_head, sizeof(float)) : NULL,
+                     {lr, es_config_float(&cfg, "beta1"), es_config_float(&cfg, "beta2"), es_config_float(&cfg, "adam-eps"),
+                      es_config_float(&cfg, "weight-decay")}};
+    saved_tensors saved;
+    if (!opt.m || !opt.v || (n_head && (!opt.head_m || !opt.head_v)))
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory for the optimizer state"), fail(&comm, &err);
+    if (build_saved(&saved, &tm, &opt, &err)) fail(&comm, &err);
+    es_log("rank %d/%d: %lld train and %lld eval samples; target layers %d..%d; %d of %d layers run", comm.rank, comm.world,
+           (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data), mapped[0], mapped[n_mapped - 1],
+           tm.run_layers, student.n_layers);
+
+    // 3. Resume: weights, moments, step and data position from the newest checkpoint.
+    int64_t step = 0;
+    char metrics_path[4200];
+    snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", out_dir);
+    if (comm.rank == 0 && mkdir(out_dir, 0777) && errno != EEXIST)
+        es_fail(&err, ES_ERR_RUNTIME, "%s: %s", out_dir, strerror(errno)), fail(&comm, &err);
+    if (es_config_bool(&cfg, "resume")) {
+        char *checkpoint = NULL, *state = NULL;
+        int64_t saved_step = 0;
+        if (checkpoint_find_latest(out_dir, &checkpoint, &saved_step, &err)) fail(&comm, &err);
+        if (!checkpoint) {
+            es_log("--resume: no checkpoint in %s yet: starting from the model", out_dir);
+        } else {
+            if (checkpoint_load_state(checkpoint, saved.load_master, saved.load_m, saved.load_v, saved.n_state, &state, &err))
+                fail(&comm, &err);
+            json_t *root = json_loads(state, 0, NULL);
+            align_data_position position = {json_integer_value(json_object_get(root, "epoch")),
+                                             json_integer_value(json_object_get(root, "index")),
+                                             json_integer_value(json_object_get(root, "piece"))};
+            step = json_integer_value(json_object_get(root, "step"));
+            json_decref(root);
+            if (step != saved_step || align_data_set_position(data, position, &err)) {
+                if (!err.code) es_fail(&err, ES_ERR_DATA, "%s: essence-state/state.json disagrees with the folder name", checkpoint);
+                fail(&comm, &err);
+            }
+            if (comm.rank == 0 && trim_metrics(metrics_path, step, &err)) fail(&comm, &err);
+            es_log("resumed from %s at step %lld", checkpoint, (long long)step);
+        }
+        free(checkpoint), free(state);
+    } else if (comm.rank == 0) {
+        remove(metrics_path);
+    }
+    FILE *metrics = comm.rank == 0 ? fopen(metrics_path, "a") : NULL;
+    if (comm.rank == 0 && !metrics) es_fail(&err, ES_ERR_RUNTIME, "%s: %s", metrics_path, strerror(errno)), fail(&comm, &err);
+
+    // 4. The steps, over the trained tensors' ranges of the arena (merged where adjacent).
+    struct range {
+        size_t offset, n;
+    } *ranges = calloc((size_t)tm.model.n_tensors + 1, sizeof *ranges);
+    int n_ranges = 0;
+    if (!ranges) es_fail(&err, ES_ERR_RUNTIME, "out of memory"), fail(&comm, &err);
+    for (int i = 0; i < tm.model.n_tensors; i++) {
+        const es_named_tensor *t = &tm.model.tensors[i];
+        if (!tensor_trains(&tm, t->name)) continue;
+        size_t offset = (size_t)(t->data - tm.model.arena), numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+        int merged = 0; /* a tied head is the embedding: the same range once */
+        for (int r = 0; r < n_ranges && !merged; r++)
+            if (ranges[r].offset == offset) merged = 1;
+            else if (ranges[r].offset + ranges[r].n == offset) ranges[r].n += numel, merged = 1;
+        if (!merged) ranges[n_ranges++] = (struct range){offset, numel};
+    }
+    es_progress progress;
+    es_progress_start(&progress, "align", "steps", steps);
+    es_progress_add(&progress, step);
+    const char *dump = es_config_str(&cfg, "dump-step");
+    int rc = ES_OK;
+    while (!rc && step < steps) {
+        double started = es_now();
+        double totals[3 + TRAIN_MAX_MAPPED] = {0}; /* Σ ce, tokens, labelled, Σ latent per layer */
+        int64_t aligned = 0;
+        for (int micro = 0; !rc && micro < accum; micro++) {
+            align_batch batch;
+            train_sums sums;
+            rc = align_data_next_train(data, &batch, &err);
+            if (!rc) rc = train_forward_backward(&tm, pool, &batch, 1, 1.0f / (float)accum, &sums, &err);
+            if (rc) break;
+            totals[0] += sums.ce / (double)(batch.global_labels ? batch.global_labels : 1) / accum;
+            totals[1] += (double)batch.T, totals[2] += (double)batch.global_tokens;
+            for (int i = 0; i < n_mapped; i++)
+                totals[3 + i] += sums.latent[i] / (double)(batch.global_aligned ? batch.global_aligned : 1) / accum;
+            aligned += batch.global_aligned;
+        }
+        // sum over ranks: gradients and the loss terms (each already divided by global counts)
+        for (int r = 0; !rc && r < n_ranges; r++) rc = comm_allreduce_f32(&comm, tm.grads + ranges[r].offset, ranges[r].n, &err);
+        if (!rc && n_head) rc = comm_allreduce_f32(&comm, tm.head_grads, n_head, &err);
+        if (!rc) rc = comm_allreduce_f64(&comm, totals, 3 + (size_t)n_mapped, &err);
+        if (rc) break;
+        double latent = 0, ce = totals[0];
+        for (int i = 0; i < n_mapped; i++) latent += totals[3 + i] / n_mapped;
+        double loss = tm.latent_weight * latent + tm.ce_weight * ce;
+        if (!isfinite(loss)) {
+            rc = es_fail(&err, ES_ERR_DATA, "step %lld: the loss is not finite (%g): lower --lr or check the data", (long long)step + 1, loss);
+            break;
+        }
+        if (dump && step == 0 && comm.rank == 0) {
+            rc = dump_step(dump, &tm, loss, latent, ce, &err);
+            if (rc) break;
+            es_log("wrote the first step's loss and gradients to %s", dump);
+        }
+        // clip, then update what trains
+        double sum_squares = n_head ? grad_sum_squares(pool, tm.head_grads, n_head) : 0;
+        for (int r = 0; r < n_ranges; r++) sum_squares += grad_sum_squares(pool, tm.grads + ranges[r].offset, ranges[r].n);
+        double norm = sqrt(sum_squares);
+        float clip_scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+        double step_lr = lr_at(step, warmup, steps, lr);
+        for (int r = 0; r < n_ranges; r++) {
+            float *grads = tm.grads + ranges[r].offset;
+            if (clip_scale != 1.0f) scale_values(pool, grads, ranges[r].n, clip_scale);
+            adamw_update(pool, tm.model.arena + ranges[r].offset, grads, opt.m + ranges[r].offset, opt.v + ranges[r].offset,
+                         ranges[r].n, step + 1, step_lr, &opt.config);
+            scale_values(pool, grads, ranges[r].n, 0.0f);
+        }
+        if (n_head) {
+            if (clip_scale != 1.0f) scale_values(pool, tm.head_grads, n_head, clip_scale);
+            adamw_update(pool, tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head, step + 1, step_lr, &opt.config);
+            scale_values(pool, tm.head_grads, n_head, 0.0f);
+        }
+        step++;
+        double seconds = es_now() - started;
+        if (metrics) {
+            fprintf(metrics, "{\"step\":%lld,\"loss\":%.9g,\"latent_mse\":%.9g,\"ce\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens_per_s\":%.6g}\n",
+                    (long long)step, loss, latent, ce, step_lr, norm, totals[2] / accum * accum / (seconds > 0 ? seconds : 1e-9));
+            fflush(metrics);
+        }
+        es_progress_add_tokens(&progress, (int64_t)totals[2]);
+        es_progress_add(&progress, 1);
+        // eval and checkpoints
+        if ((eval_every && step % eval_every == 0) || step == steps) {
+            eval_result result;
+            if (align_data_eval_samples(data) > 0 && !(rc = evaluate(&tm, pool, data, &comm, &result, &err)) && metrics) {
+                fprintf(metrics, "{\"step\":%lld,\"eval_latent_mse\":%.9g,\"eval_cosine\":%.9g,\"eval_ce\":%.9g,\"eval_const_mse\":%.9g,\"eval_r2\":%.9g}\n",
+                        (long long)step, result.latent_mse, result.cosine, result.ce, result.const_mse, result.r2);
+                fflush(metrics);
+                es_log("step %lld: eval latent MSE %.5f (constant baseline %.5f, R² %.4f), cosine %.4f, CE %.4f", (long long)step,
+                       result.latent_mse, result.const_mse, result.r2, result.cosine, result.ce);
+            }
+        }
+        if (!rc && ((save_every && step % save_every == 0) || step == steps)) {
+            align_data_position position = align_data_get_position(data);
+            char state[512];
+            snprintf(state, sizeof state, "{\"step\": %lld, \"epoch\": %lld, \"index\": %lld, \"piece\": %lld, \"world\": %d}",
+                     (long long)step, (long long)position.epoch, (long long)position.index, (long long)position.piece, comm.world);
+            checkpoint_content content = {model_dir, saved.weights, saved.n_weights, saved.head, saved.n_head,
+                                          saved.master, saved.m, saved.v, saved.n_state, state};
+            int failed = comm.rank == 0 ? checkpoint_save(out_dir, step, &content, (int)es_config_int(&cfg, "keep-checkpoints"), &err) : 0;
+            failed = comm_max_int(&comm, failed);
+            if (failed) rc = comm.rank == 0 ? failed : es_fail(&err, failed, "rank 0 could not write the checkpoint");
+        }
+    }
+    es_progress_finish(&progress);
+    if (metrics) fclose(metrics);
+    if (rc) fail(&comm, &err);
+    if (comm.rank == 0) plot_metrics(out_dir);
+    free_saved(&saved);
+    free(ranges);
+    free(opt.m), free(opt.v), free(opt.head_m), free(opt.head_v);
+    train_model_free(&tm);
+    align_data_close(data);
+    es_pool_destroy(pool);
+    es_config_free(&cfg);
+    comm_finalize(&comm);
+    return 0;
+}

@@ -1,0 +1,280 @@
+"""essence-align end to end: the golden training step through the command line (--dump-step),
+the tiny teacher → project → student run lowering the held-out latent MSE, bit-identical resume
+after SIGKILL, data parallelism over MPI, bounded memory, and bad input."""
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import report, run_main  # noqa: E402
+
+BUILD = os.environ.get("ESSENCE_BUILD", "build")
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+sys.path.insert(0, os.path.join(FIXTURES, "..", "tools"))
+STUDENT = os.path.join(FIXTURES, "models", "tiny-qwen2")
+GOLDEN = os.path.join(STUDENT, "golden_train_step.safetensors")
+GOLDEN_FLAGS = ["--steps", "1", "--seq-len", "24", "--batch-tokens", "48", "--no-shuffle", "--eval-fraction", "0",
+                "--latent-weight", "1", "--ce-weight", "0.5"]
+
+
+def program(name):
+    return os.path.join(BUILD, name)
+
+
+def run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, **kw)
+
+
+def must(args):
+    result = run(args)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {result.stderr.strip()[-2000:]}")
+    return result
+
+
+def golden_student(tmp, copies=1, extra=()):
+    path = os.path.join(tmp, f"golden-{copies}{''.join(extra)}.h5")
+    must([program("tests/tools/golden_student"), GOLDEN, path, str(copies), *extra])
+    return path
+
+
+def state_tensors(folder):
+    import st
+    return st.load(os.path.join(folder, "essence-state", "state.safetensors"))
+
+
+def latest_checkpoint(out):
+    steps = [int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def test_golden_cli(tmp):
+    import st
+    golden = st.load(GOLDEN)
+    data = golden_student(tmp)
+    dump = os.path.join(tmp, "dump.safetensors")
+    out = os.path.join(tmp, "golden-out")
+    must([program("essence-align"), "--model", STUDENT, "--data", data, "--out", out, *GOLDEN_FLAGS, "--dump-step", dump])
+    got = st.load(dump)
+    # the targets went through bf16 in student.h5: the loss moves by that rounding only
+    terms = {k: (float(got[k][0]), float(golden[k][0])) for k in ("loss", "latent_mse", "ce")}
+    terms_ok = all(abs(a / b - 1) < 1e-3 for a, b in terms.values()) and abs(terms["ce"][0] / terms["ce"][1] - 1) < 1e-5
+    worst, worst_name = 0.0, ""
+    for name, want in golden.items():
+        if not name.startswith("grad/"):
+            continue
+        grad = got[name]
+        base = name[5:]
+        if base in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows = golden["embed_rows" if "embed" in base else "lm_head_rows"]
+            grad = grad[rows]
+        error = float(np.max(np.abs(grad - want)) / np.max(np.abs(want)))
+        if error > worst:
+            worst, worst_name = error, name
+    print(f"  CLI golden step: loss {terms['loss'][0]:.7f} (HF {terms['loss'][1]:.7f}), latent {terms['latent_mse'][0]:.7f} "
+          f"(HF {terms['latent_mse'][1]:.7f}), ce {terms['ce'][0]:.7f} (HF {terms['ce'][1]:.7f}); worst gradient {worst:.2e} ({worst_name})")
+    report("golden_step_through_cli", terms_ok and worst < 5e-3, f"{terms}, worst gradient {worst:.3g} at {worst_name}")
+
+
+def make_pipeline_data(tmp, n_texts=300):
+    """teacher tiny-llama3 (llama3 tokenizer) -> essence-project -> student tiny-qwen2 (qwen3 tokenizer)."""
+    teacher = os.path.join(tmp, "teacher")
+    os.makedirs(teacher, exist_ok=True)
+    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
+        if not os.path.exists(os.path.join(teacher, name)):
+            os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(teacher, name))
+    if not os.path.exists(os.path.join(teacher, "tokenizer.json")):
+        os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(teacher, "tokenizer.json"))
+    student = os.path.join(tmp, "student")
+    if not os.path.exists(student):
+        os.makedirs(student)
+        for name in os.listdir(STUDENT):
+            if not name.startswith("golden"):
+                os.symlink(os.path.join(STUDENT, name), os.path.join(student, name))
+        os.symlink(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(student, "tokenizer.json"))
+    rng = random.Random(7)
+    words = ("we check whether the sum of two odd numbers is even so let n equal 2k plus 1 and m equal 2j plus 1 then n plus m "
+             "equals 2 times k plus j plus 1 which is even therefore the claim holds wait let me verify with 3 and 5 giving 8").split()
+    data = os.path.join(tmp, "texts.jsonl")
+    with open(data, "w") as f:
+        for i in range(n_texts):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+            f.write(json.dumps({"id": f"t{i}", "prompt": f"Question {i}: is {rng.randint(1, 99)} odd?", "response": text}) + "\n")
+    teacher_h5, student_h5 = os.path.join(tmp, "teacher.h5"), os.path.join(tmp, "student.h5")
+    must([program("essence-extract"), "--model", teacher, "--data", data, "--layers", "2,4", "--out", teacher_h5])
+    must([program("essence-project"), "--in", teacher_h5, "--student", student, "--out", student_h5, "--layer-map", "2:1,4:2"])
+    return student, student_h5
+
+
+def metrics(out):
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    return [l for l in lines if "loss" in l], [l for l in lines if "eval_latent_mse" in l]
+
+
+def test_end_to_end(tmp):
+    student, data = make_pipeline_data(tmp)
+    out = os.path.join(tmp, "e2e")
+    started = time.time()
+    result = run([program("essence-align"), "--model", student, "--data", data, "--out", out])
+    seconds = time.time() - started
+    if result.returncode != 0:
+        report("end_to_end_lowers_eval_latent_mse", False, result.stderr[-2000:])
+        return student, data
+    train, evals = metrics(out)
+    first, last = evals[0], evals[-1]
+    # the first eval line is after eval-every steps: the untrained baseline comes from a 0-step run
+    base_out = os.path.join(tmp, "e2e-base")
+    must([program("essence-align"), "--model", student, "--data", data, "--out", base_out, "--steps", "1", "--lr", "1e-12"])
+    base = metrics(base_out)[1][-1]["eval_latent_mse"]
+    drop = 1 - last["eval_latent_mse"] / base
+    print(f"  end to end: {len(train)} steps in {seconds:.1f} s; eval latent MSE {base:.4f} -> {last['eval_latent_mse']:.4f} "
+          f"({100 * drop:.1f}% lower; constant baseline {last['eval_const_mse']:.4f}, R² {last['eval_r2']:.3f}, cosine {last['eval_cosine']:.3f})")
+    png = os.path.join(out, "loss.png")
+    png_ok = os.path.exists(png) and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    hf_ok = all(os.path.exists(os.path.join(out, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
+    report("end_to_end_lowers_eval_latent_mse", drop >= 0.30 and seconds < 180,
+           f"drop {100 * drop:.1f}% in {seconds:.0f} s (first eval {first['eval_latent_mse']:.4f})")
+    report("end_to_end_writes_loss_png_and_hf_folder", png_ok and hf_ok, f"png {png_ok}, HF files {hf_ok}")
+    keys_ok = all(set(l) >= {"step", "loss", "latent_mse", "ce", "lr", "grad_norm", "tokens_per_s"} for l in train) and \
+        all(set(l) >= {"eval_latent_mse", "eval_cosine", "eval_ce", "eval_const_mse", "eval_r2"} for l in evals)
+    default_steps = int(next(l.split(":")[1] for l in must([program("essence-align"), "--print-config"]).stdout.splitlines()
+                             if l.startswith("steps:")))
+    report("metrics_lines_complete", keys_ok and len(train) == default_steps, f"{len(train)} train lines, {default_steps} steps")
+    return student, data
+
+
+def test_resume(tmp, student, data):
+    flags = ["--model", student, "--data", data, "--steps", "40", "--save-every", "5", "--eval-every", "10", "--threads", "2"]
+    full = os.path.join(tmp, "full")
+    must([program("essence-align"), *flags, "--out", full])
+    killed = os.path.join(tmp, "killed")
+    identical, attempts = False, 0
+    for attempts in range(1, 4):
+        shutil.rmtree(killed, ignore_errors=True)
+        proc = subprocess.Popen([program("essence-align"), *flags, "--out", killed], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # kill once a checkpoint exists and before the end
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(killed) and any(d.startswith("checkpoint-") and not d.endswith(".partial") for d in os.listdir(killed)):
+                time.sleep(random.Random(attempts).uniform(0.0, 0.5))
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            continue  # finished before the kill: try again
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        must([program("essence-align"), *flags, "--out", killed, "--resume"])
+        a, b = state_tensors(latest_checkpoint(full)), state_tensors(latest_checkpoint(killed))
+        identical = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+        with open(os.path.join(full, "model.safetensors"), "rb") as f1, open(os.path.join(killed, "model.safetensors"), "rb") as f2:
+            identical = identical and f1.read() == f2.read()
+        break
+    report("resume_after_sigkill_bit_identical", identical, f"after {attempts} attempt(s)")
+
+
+def test_mpi(tmp, student, data):
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        print("SKIP mpi_two_ranks_equal_one: mpirun not found (apt-get install openmpi-bin)")
+        return
+    flags = ["--model", student, "--data", data, "--steps", "8", "--eval-every", "0", "--save-every", "0", "--threads", "1"]
+    one, two = os.path.join(tmp, "np1"), os.path.join(tmp, "np2")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    r1 = run([mpirun, "-np", "1", program("essence-align"), *flags, "--batch-tokens", "2048", "--out", one], env=env)
+    r2 = run([mpirun, "-np", "2", program("essence-align"), *flags, "--batch-tokens", "1024", "--out", two], env=env)
+    if r1.returncode or r2.returncode:
+        report("mpi_two_ranks_equal_one", False, (r1.stderr + r2.stderr)[-2000:])
+        return
+    a, b = state_tensors(latest_checkpoint(one)), state_tensors(latest_checkpoint(two))
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
+    print(f"  mpirun -np 2 (batch b) vs -np 1 (batch 2b), 8 steps: max |Δ weight| {worst:.2e}")
+    report("mpi_two_ranks_equal_one", worst <= 1e-5, f"max difference {worst:.3g}")
+
+
+def peak_rss_kb(args):
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss, proc.returncode
+
+
+def test_memory(tmp):
+    small, large = golden_student(tmp, 200), golden_student(tmp, 2000)
+    flags = ["--model", STUDENT, "--steps", "30", "--seq-len", "24", "--batch-tokens", "96", "--eval-every", "0", "--save-every", "0"]
+    rss_small, rc1 = peak_rss_kb([program("essence-align"), *flags, "--data", small, "--out", os.path.join(tmp, "rss-small")])
+    rss_large, rc2 = peak_rss_kb([program("essence-align"), *flags, "--data", large, "--out", os.path.join(tmp, "rss-large")])
+    print(f"  peak RSS: {rss_small / 1024:.1f} MB with {os.path.getsize(small) / 1e6:.2f} MB of data, "
+          f"{rss_large / 1024:.1f} MB with {os.path.getsize(large) / 1e6:.2f} MB (10x)")
+    report("peak_rss_bounded_whatever_the_data_size", rc1 == 0 and rc2 == 0 and rss_large <= 1.10 * rss_small,
+           f"{rss_small} kB vs {rss_large} kB (exit {rc1}, {rc2})")
+
+
+def test_bad_input(tmp):
+    golden = golden_student(tmp)
+    cases = {}
+    # target width != hidden size: the golden file (48 wide) for tiny-llama3 (64)
+    cases["target_width"] = (["--model", os.path.join(FIXTURES, "models", "tiny-llama3"), "--data", golden], 3, ["48", "64"])
+    # a mapped layer beyond the model: a one-layer student
+    one_layer = os.path.join(tmp, "one-layer")
+    must([program("essence-inspect"), "mkmodel", "--like", os.path.join(STUDENT, "config.json"), "--layers", "1", "--out", one_layer])
+    cases["layer_beyond_model"] = (["--model", one_layer, "--data", golden], 3, ["layer", "2"])
+    cases["empty_dataset"] = (["--model", STUDENT, "--data", golden_student(tmp, 0)], 3, ["no samples"])
+    cases["nan_target"] = (["--model", STUDENT, "--data", golden_student(tmp, 1, ["nan"])], 3, ["sample 1", "seq1"])
+    cases["missing_data"] = (["--model", STUDENT, "--data", os.path.join(tmp, "nope.h5")], 2, ["nope.h5"])
+    for name, (args, code, words) in cases.items():
+        out = os.path.join(tmp, f"bad-{name}")
+        result = run([program("essence-align"), *args, "--out", out, "--steps", "2", "--seq-len", "24", "--batch-tokens", "48",
+                      "--eval-fraction", "0"])
+        no_checkpoint = not os.path.isdir(out) or not any(d.startswith("checkpoint-") for d in os.listdir(out))
+        ok = result.returncode == code and all(w in result.stderr for w in words) and no_checkpoint
+        report(f"bad_{name}", ok, f"exit {result.returncode} (want {code}): {result.stderr.strip()[-500:]}")
+
+
+def test_disk_full(tmp):
+    """A tmpfs that holds one checkpoint but not two: the second fails cleanly, the first stays valid."""
+    if os.geteuid() != 0:
+        print("SKIP checkpoint_disk_full: mounting a small tmpfs needs root")
+        return
+    mount = os.path.join(tmp, "small-disk")
+    os.makedirs(mount)
+    if run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", mount]).returncode != 0:
+        print("SKIP checkpoint_disk_full: this machine does not allow mounting a tmpfs")
+        return
+    try:
+        out = os.path.join(mount, "out")
+        result = run([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp, 4), "--out", out, "--steps", "4",
+                      "--save-every", "2", "--keep-checkpoints", "5", "--seq-len", "24", "--batch-tokens", "48", "--eval-fraction", "0"])
+        folders = sorted(os.listdir(out)) if os.path.isdir(out) else []
+        valid = os.path.join(out, "checkpoint-2")
+        intact = os.path.isdir(valid) and not any(f.endswith(".partial") for f in folders)
+        if intact:
+            state = state_tensors(valid)
+            intact = len(state) > 0 and all(np.all(np.isfinite(v)) for v in state.values())
+        report("checkpoint_disk_full", result.returncode == 1 and "No space left" in result.stderr and intact,
+               f"exit {result.returncode}, folders {folders}: {result.stderr.strip()[-400:]}")
+    finally:
+        run(["umount", mount])
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="essence-align-") as tmp:
+        test_golden_cli(tmp)
+        test_bad_input(tmp)
+        test_memory(tmp)
+        test_disk_full(tmp)
+        student, data = test_end_to_end(tmp)
+        test_resume(tmp, student, data)
+        test_mpi(tmp, student, data)
+
+
+if __name__ == "__main__":
+    run_main(main, "test_align")

@@ -1,0 +1,142 @@
+/* The golden training step of tiny-qwen2 (Hugging Face transformers + torch, fixtures README):
+ * loss = 1.0 · latent_mse(rmsnorm(h₂), target over masked tokens) + 0.5 · CE over 2 × 23
+ * positions. Checks the loss terms (1e-5 relative), every gradient (max |Δ| / max |ref| ≤ 1e-4,
+ * embedding and head on the stored rows plus their full norms) and the parameters after two
+ * AdamW steps on the same gradients (1e-6). */
+#include <math.h>
+#include <stdint.h>
+
+#include "../testlib.h"
+#include "adamw.h"
+#include "safetensors.h"
+#include "train.h"
+
+static const char *fixtures(void) { return getenv("ESSENCE_FIXTURES") ? getenv("ESSENCE_FIXTURES") : "../shared/fixtures"; }
+
+static const float *f32(const es_safetensors *st, const char *name) {
+    const es_tensor *t = es_safetensors_find(st, name);
+    return t && t->dtype == ES_DT_F32 ? (const float *)t->data : NULL;
+}
+
+/* max |a − b| / max |b| over n values */
+static double normalised_error(const float *a, const float *b, size_t n) {
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) worst = fmax(worst, fabs((double)a[i] - b[i])), scale = fmax(scale, fabs((double)b[i]));
+    return scale > 0 ? worst / scale : worst;
+}
+
+TEST(golden_train_step) {
+    char model_dir[4096], golden_path[4200];
+    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-qwen2", fixtures());
+    snprintf(golden_path, sizeof golden_path, "%s/golden_train_step.safetensors", model_dir);
+    es_safetensors *golden = NULL;
+    es_error err = {0};
+    if (es_safetensors_open(golden_path, &golden, &err)) SKIP("no golden fixture (%s)", err.msg);
+    train_model tm;
+    const int mapped[1] = {2};
+    REQUIRE(train_model_init(&tm, model_dir, mapped, 1, 1.0f, 0.5f, 0, &err) == 0);
+    enum { B = 2, L = 24, T = B * L, C = 48 };
+    const es_tensor *ids_tensor = es_safetensors_find(golden, "input_ids");
+    REQUIRE(ids_tensor && ids_tensor->dtype == ES_DT_I64 && es_tensor_numel(ids_tensor) == T);
+    const int64_t *ids64 = ids_tensor->data;
+    const float *mask_f = f32(golden, "mask"), *target = f32(golden, "target");
+    REQUIRE(mask_f && target);
+    int32_t ids[T], labels[T], seq_start[B + 1] = {0, L, 2 * L};
+    uint8_t mask[T];
+    int64_t aligned = 0;
+    for (int t = 0; t < T; t++) {
+        ids[t] = (int32_t)ids64[t];
+        labels[t] = t % L == L - 1 ? -1 : (int32_t)ids64[t + 1];
+        mask[t] = mask_f[t] != 0;
+        aligned += mask[t];
+    }
+    float *targets[1] = {(float *)target};
+    align_batch batch = {T, B, seq_start, ids, labels, mask, targets, T, aligned, B * (L - 1), NULL};
+    es_pool *pool = es_pool_create(2);
+    train_sums sums;
+    REQUIRE(train_forward_backward(&tm, pool, &batch, 1, 1.0f, &sums, &err) == 0);
+    double latent = sums.latent[0] / (double)aligned, ce = sums.ce / (B * (L - 1)), loss = latent + 0.5 * ce;
+    const float *want_loss = f32(golden, "loss"), *want_latent = f32(golden, "latent_mse"), *want_ce = f32(golden, "ce");
+    REQUIRE(want_loss && want_latent && want_ce);
+    CHECKF(fabs(loss / want_loss[0] - 1) < 1e-5, "loss %.9g vs %.9g", loss, want_loss[0]);
+    CHECKF(fabs(latent / want_latent[0] - 1) < 1e-5, "latent %.9g vs %.9g", latent, want_latent[0]);
+    CHECKF(fabs(ce / want_ce[0] - 1) < 1e-5, "ce %.9g vs %.9g", ce, want_ce[0]);
+
+    // every gradient
+    double worst = 0;
+    const es_model *m = &tm.model;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const es_named_tensor *t = &m->tensors[i];
+        char name[160];
+        snprintf(name, sizeof name, "grad/%s", t->name);
+        const es_tensor *want = es_safetensors_find(golden, name);
+        CHECKF(want != NULL, "%s missing in the golden", name);
+        if (!want) continue;
+        const float *grad = train_grad_of(&tm, t->data);
+        const int cols = t->ndim == 2 ? (int)t->shape[1] : 1;
+        double error;
+        const char *rows_name = !strcmp(t->name, "model.embed_tokens.weight") ? "embed_rows"
+                                : !strcmp(t->name, "lm_head.weight")          ? "lm_head_rows"
+                                                                              : NULL;
+        if (rows_name) {
+            const es_tensor *rows = es_safetensors_find(golden, rows_name);
+            REQUIRE(rows && rows->dtype == ES_DT_I64);
+            size_t n_rows = es_tensor_numel(rows);
+            float *picked = malloc(n_rows * cols * sizeof *picked);
+            for (size_t r = 0; r < n_rows; r++)
+                memcpy(picked + r * cols, grad + ((const int64_t *)rows->data)[r] * cols, cols * sizeof *picked);
+            error = normalised_error(picked, want->data, n_rows * cols);
+            free(picked);
+            double norm = sqrt(grad_sum_squares(NULL, grad, (size_t)t->shape[0] * cols));
+            snprintf(name, sizeof name, "gradnorm/%s", t->name);
+            const float *want_norm = f32(golden, name);
+            CHECKF(want_norm && fabs(norm / want_norm[0] - 1) < 1e-4, "%s: norm %.7g vs %.7g", t->name, norm, want_norm ? want_norm[0] : 0);
+        } else {
+            error = normalised_error(grad, want->data, es_tensor_numel(want));
+        }
+        CHECKF(error <= 1e-4, "%s: normalised gradient error %.3g", t->name, error);
+        worst = fmax(worst, error);
+    }
+    printf("  golden step: loss %.8f (HF %.8f), worst normalised gradient error %.2e\n", loss, want_loss[0], worst);
+
+    /* Two AdamW steps on the same gradients, every parameter decayed (one torch param group).
+     * On the golden's own gradients, so the optimizer is checked alone: Adam divides by |g|, and
+     * where |g| is near eps a 1e-6 gradient difference moves the update by percents of lr. */
+    float *mom = calloc(m->arena_floats, sizeof *mom), *vel = calloc(m->arena_floats, sizeof *vel);
+    float *initial = malloc(m->arena_floats * sizeof *initial);
+    memcpy(initial, m->arena, m->arena_floats * sizeof *initial);
+    adamw_config config = {1e-3, 0.9, 0.95, 1e-8, 0.1};
+    double worst_param = 0, worst_ours = 0;
+    for (int pass = 0; pass < 2; pass++) { /* 0: the golden's gradients, 1: ours */
+        memcpy(m->arena, initial, m->arena_floats * sizeof *initial);
+        memset(mom, 0, m->arena_floats * sizeof *mom), memset(vel, 0, m->arena_floats * sizeof *vel);
+        for (int i = 0; i < m->n_tensors; i++) {
+            const es_named_tensor *t = &m->tensors[i];
+            char name[160];
+            snprintf(name, sizeof name, "adamw2/%s", t->name);
+            const es_tensor *want = es_safetensors_find(golden, name);
+            if (!want) continue; /* embedding and head are not stored */
+            snprintf(name, sizeof name, "grad/%s", t->name);
+            const float *grad = pass == 0 ? f32(golden, name) : train_grad_of(&tm, t->data);
+            size_t n = es_tensor_numel(want), offset = (size_t)(t->data - m->arena);
+            for (int step = 1; step <= 2; step++) adamw_update(NULL, t->data, grad, mom + offset, vel + offset, n, step, 1e-3, &config);
+            const float *want_values = want->data;
+            for (size_t k = 0; k < n; k++) {
+                double delta = fabs((double)t->data[k] - want_values[k]);
+                if (pass == 0) worst_param = fmax(worst_param, delta);
+                else worst_ours = fmax(worst_ours, delta);
+            }
+        }
+    }
+    CHECKF(worst_param <= 1e-6, "parameters after two AdamW steps differ by %.3g", worst_param);
+    printf("  after two AdamW steps: max |Δ| %.2e on the golden's gradients, %.2e on ours\n", worst_param, worst_ours);
+    free(mom), free(vel), free(initial);
+    es_pool_destroy(pool);
+    train_model_free(&tm);
+    es_safetensors_close(golden);
+}
+
+int main(void) {
+    RUN(golden_train_step);
+    return test_summary();
+}
