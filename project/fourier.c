@@ -30,60 +30,72 @@ void fourier_omega(float *omega, int m, int d, double sigma, uint64_t seed) {
 
 enum { FEATURE_ROWS = 256 }; /* fixed sgemm blocks: see es_matmul_forward */
 
-typedef struct epilogue {
+/* Each block of FEATURE_ROWS rows is one task: a single-threaded sgemm for its phases, then its
+ * sin and cos. OpenBLAS's own threads would split the inner dimension differently by thread
+ * count (it does for d > 320 not a multiple of 32), so a row's bits would depend on --threads. */
+typedef struct feature_job {
     float *targets;
-    const float *phases;
-    int first, rows, m;
-} epilogue;
+    const float *x_hat, *omega;
+    int T, d, m;
+    float *scratch;                  /* per worker: phases (FEATURE_ROWS, m), padded (FEATURE_ROWS, d) */
+    double *gemm_seconds, *epilogue_seconds; /* per worker */
+} feature_job;
 
-enum { EPILOGUE_ROWS = 16 };
-
-static void epilogue_rows(void *arg, size_t part, int worker) {
-    (void)worker;
-    const epilogue *e = arg;
+static void feature_block(void *arg, size_t block, int worker) {
+    feature_job *job = arg;
+    const int d = job->d, m = job->m, first = (int)block * FEATURE_ROWS;
+    const int rows = job->T - first < FEATURE_ROWS ? job->T - first : FEATURE_ROWS;
+    float *phases = job->scratch + (size_t)worker * FEATURE_ROWS * (m + d); // (FEATURE_ROWS, m)
+    float *padded = phases + (size_t)FEATURE_ROWS * m;                     // (FEATURE_ROWS, d)
+    const float *x = job->x_hat + (size_t)first * d;
+    if (rows < FEATURE_ROWS) {
+        memcpy(padded, x, (size_t)rows * d * sizeof *padded);
+        memset(padded + (size_t)rows * d, 0, (size_t)(FEATURE_ROWS - rows) * d * sizeof *padded);
+        x = padded;
+    }
+    double start = es_now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, FEATURE_ROWS, m, d, 1.0f, x, d, job->omega, d, 0.0f, phases, m);
+    double middle = es_now();
     const double root2 = sqrt(2.0);
-    int begin = (int)part * EPILOGUE_ROWS, end = begin + EPILOGUE_ROWS < e->rows ? begin + EPILOGUE_ROWS : e->rows;
-    for (int t = begin; t < end; t++) {
-        float *out = e->targets + (size_t)(e->first + t) * 2 * e->m;
-        const float *phase = e->phases + (size_t)t * e->m;
-        for (int k = 0; k < e->m; k++) {
+    for (int t = 0; t < rows; t++) {
+        float *out = job->targets + (size_t)(first + t) * 2 * m;
+        const float *phase = phases + (size_t)t * m;
+        for (int k = 0; k < m; k++) {
             out[k] = (float)(root2 * cos((double)phase[k]));
-            out[e->m + k] = (float)(root2 * sin((double)phase[k]));
+            out[m + k] = (float)(root2 * sin((double)phase[k]));
         }
     }
+    job->gemm_seconds[worker] += middle - start;
+    job->epilogue_seconds[worker] += es_now() - middle;
 }
 
 int fourier_features(float *targets, const float *x_hat, const float *omega, int T, int d, int m, es_pool *pool,
                      fourier_timing *timing) {
-    float *phases = malloc((size_t)FEATURE_ROWS * m * sizeof *phases);   // (FEATURE_ROWS, m)
-    float *padded = calloc((size_t)FEATURE_ROWS * d, sizeof *padded);    // (FEATURE_ROWS, d)
-    if (!phases || !padded) {
-        free(phases), free(padded);
+    const int workers = pool ? es_pool_threads(pool) : 1;
+    float *scratch = malloc((size_t)workers * FEATURE_ROWS * (m + d) * sizeof *scratch);
+    double *seconds = calloc(2 * (size_t)workers, sizeof *seconds);
+    if (!scratch || !seconds) {
+        free(scratch), free(seconds);
         return -1;
     }
-    for (int first = 0; first < T; first += FEATURE_ROWS) {
-        int rows = T - first < FEATURE_ROWS ? T - first : FEATURE_ROWS;
-        const float *block = x_hat + (size_t)first * d;
-        if (rows < FEATURE_ROWS) {
-            memcpy(padded, block, (size_t)rows * d * sizeof *padded);
-            block = padded;
-        }
-        double start = es_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, FEATURE_ROWS, m, d, 1.0f, block, d, omega, d, 0.0f, phases, m);
-        double middle = es_now();
-        /* sin and cos cost about as much as the product's share of a row: spread them out. */
-        epilogue e = {targets, phases, first, rows, m};
-        size_t parts = (size_t)(rows + EPILOGUE_ROWS - 1) / EPILOGUE_ROWS;
-        if (pool) es_pool_for(pool, parts, epilogue_rows, &e);
-        else
-            for (size_t part = 0; part < parts; part++) epilogue_rows(&e, part, 0);
-        if (timing) {
-            timing->gemm_seconds += middle - start;
-            timing->epilogue_seconds += es_now() - middle;
-            timing->gemm_flops += 2.0 * FEATURE_ROWS * m * (double)d;
-        }
+    feature_job job = {targets, x_hat, omega, T, d, m, scratch, seconds, seconds + workers};
+    const size_t blocks = (size_t)(T + FEATURE_ROWS - 1) / FEATURE_ROWS;
+    const double start = es_now();
+    const int blas_threads = openblas_get_num_threads();
+    if (blas_threads > 1) openblas_set_num_threads(1);
+    if (pool) es_pool_for(pool, blocks, feature_block, &job);
+    else
+        for (size_t b = 0; b < blocks; b++) feature_block(&job, b, 0);
+    if (blas_threads > 1) openblas_set_num_threads(blas_threads);
+    if (timing) { /* the wall time, shared between the two phases as the workers spent it */
+        double gemm = 0, epilogue = 0, wall = es_now() - start;
+        for (int w = 0; w < workers; w++) gemm += seconds[w], epilogue += seconds[workers + w];
+        double share = gemm + epilogue > 0 ? gemm / (gemm + epilogue) : 1;
+        timing->gemm_seconds += wall * share;
+        timing->epilogue_seconds += wall * (1 - share);
+        timing->gemm_flops += 2.0 * FEATURE_ROWS * (double)blocks * m * (double)d;
     }
-    free(phases), free(padded);
+    free(scratch), free(seconds);
     return 0;
 }
 

@@ -22,8 +22,9 @@ typedef struct fourier_timing {
 
 /* targets = √2 · [cos φ, sin φ] with φ = x_hat Ωᵀ: phases by sgemm (fp32 accumulation), sin
  * and cos in double (exact range reduction), then rounded to fp32. Rows are computed in
- * fixed blocks, so a row's result does not depend on the others. sin and cos run on `pool`
- * (NULL: the calling thread); `timing` (or NULL) receives the time spent. Returns 0 or -1 (memory). */
+ * fixed blocks, each a single-threaded product on one of `pool`'s workers (NULL: the calling
+ * thread), so a row's result depends neither on the other rows nor on the thread count.
+ * `timing` (or NULL) receives the time spent. Returns 0 or -1 (memory). */
 int fourier_features(float *targets,        // (T, 2m)
                      const float *x_hat,    // (T, d)
                      const float *omega,    // (m, d)

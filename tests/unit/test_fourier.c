@@ -7,6 +7,8 @@
 #include "../testlib.h"
 #include "fourier.h"
 
+#include <cblas.h>
+
 TEST(omega_is_the_documented_sequence) {
     float omega[32], again[32], other[32];
     fourier_omega(omega, 4, 8, 1.5, 12345);
@@ -69,6 +71,27 @@ TEST(features_match_double_precision) {
     es_pool_destroy(pool);
 }
 
+/* OpenBLAS's threaded sgemm splits the inner dimension by thread count when it is over 320 and
+ * not a multiple of 32: the features must not follow it. */
+TEST(features_independent_of_threads) {
+    enum { T = 300, D = 333, M = 40 };
+    static float x[T * D], omega[M * D], one[T * 2 * M], many[T * 2 * M];
+    uint64_t state = 3;
+    for (int i = 0; i < T * D; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)((double)(state >> 11) / 9007199254740992.0 - 0.5) * 4.0f;
+    }
+    fourier_omega(omega, M, D, 1.0, 9);
+    openblas_set_num_threads(1);
+    REQUIRE(fourier_features(one, x, omega, T, D, M, NULL, NULL) == 0);
+    openblas_set_num_threads(2);
+    es_pool *pool = es_pool_create(2);
+    REQUIRE(pool);
+    REQUIRE(fourier_features(many, x, omega, T, D, M, pool, NULL) == 0);
+    es_pool_destroy(pool);
+    CHECK(memcmp(one, many, sizeof one) == 0);
+}
+
 TEST(alignment_rules) {
     /* text "<s>Hi 🤗!" : teacher [BOS][Hi][ 🤗 part][ 🤗 part][!]; student [BOS][H][i][ ][🤗][!] */
     const int32_t teacher_start[] = {0, 0, 2, 2, 7}, teacher_end[] = {0, 2, 7, 7, 8};
@@ -117,6 +140,7 @@ TEST(alignment_is_the_literal_rule) {
 int main(void) {
     RUN(omega_is_the_documented_sequence);
     RUN(features_match_double_precision);
+    RUN(features_independent_of_threads);
     RUN(alignment_rules);
     RUN(alignment_is_the_literal_rule);
     return test_summary();
