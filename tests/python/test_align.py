@@ -85,6 +85,23 @@ def test_golden_cli(tmp):
     report("golden_step_through_cli", terms_ok and worst < 5e-3, f"{terms}, worst gradient {worst:.3g} at {worst_name}")
 
 
+def test_student_head(tmp):
+    import st
+    out, dump = os.path.join(tmp, "head-out"), os.path.join(tmp, "head-dump.safetensors")
+    must([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp), "--out", out, "--steps", "3", "--seq-len", "24",
+          "--batch-tokens", "48", "--eval-fraction", "0", "--student-head", "linear", "--lr", "1e-2", "--dump-step", dump])
+    head = st.load(os.path.join(out, "student_head.safetensors")).get("student_head.layer_002.weight")
+    grad = st.load(dump).get("grad/student_head.layer_002.weight")
+    ok = head is not None and head.shape == (48, 48) and not np.allclose(head, np.eye(48)) and grad is not None and np.any(grad != 0)
+    # the head starts as the identity: the first step's model gradients equal those without a head
+    plain = os.path.join(tmp, "plain-dump.safetensors")
+    must([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp), "--out", os.path.join(tmp, "plain-out"),
+          "--steps", "1", "--seq-len", "24", "--batch-tokens", "48", "--eval-fraction", "0", "--dump-step", plain])
+    a, b = st.load(dump), st.load(plain)
+    same = all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-9) for k in b if k.startswith("grad/model."))
+    report("student_head_linear_trains_and_saves", ok and same, f"head saved {head is not None}, grads equal at identity {same}")
+
+
 def make_pipeline_data(tmp, n_texts=300):
     """teacher tiny-llama3 (llama3 tokenizer) -> essence-project -> student tiny-qwen2 (qwen3 tokenizer)."""
     teacher = os.path.join(tmp, "teacher")
@@ -208,7 +225,7 @@ def peak_rss_kb(args):
 
 
 def test_memory(tmp):
-    small, large = golden_student(tmp, 200), golden_student(tmp, 2000)
+    small, large = golden_student(tmp, 200), golden_student(tmp, 2500)  # the file about 10x larger
     flags = ["--model", STUDENT, "--steps", "30", "--seq-len", "24", "--batch-tokens", "96", "--eval-every", "0", "--save-every", "0"]
     rss_small, rc1 = peak_rss_kb([program("essence-align"), *flags, "--data", small, "--out", os.path.join(tmp, "rss-small")])
     rss_large, rc2 = peak_rss_kb([program("essence-align"), *flags, "--data", large, "--out", os.path.join(tmp, "rss-large")])
@@ -268,6 +285,7 @@ def test_disk_full(tmp):
 def main():
     with tempfile.TemporaryDirectory(prefix="essence-align-") as tmp:
         test_golden_cli(tmp)
+        test_student_head(tmp)
         test_bad_input(tmp)
         test_memory(tmp)
         test_disk_full(tmp)
