@@ -102,6 +102,20 @@ def test_student_head(tmp):
     report("student_head_linear_trains_and_saves", ok and same, f"head saved {head is not None}, grads equal at identity {same}")
 
 
+def test_grad_accum(tmp):
+    """Two micro-batches of b equal one batch of 2b when each holds as many aligned tokens (the
+    golden samples repeated: the same masks)."""
+    data = golden_student(tmp, 2)
+    flags = ["--model", STUDENT, "--data", data, "--steps", "3", "--seq-len", "24", "--eval-fraction", "0", "--no-shuffle",
+             "--ce-weight", "0.5", "--save-every", "0", "--eval-every", "0"]
+    one, two = os.path.join(tmp, "accum1"), os.path.join(tmp, "accum2")
+    must([program("essence-align"), *flags, "--batch-tokens", "96", "--out", one])
+    must([program("essence-align"), *flags, "--batch-tokens", "48", "--grad-accum", "2", "--out", two])
+    a, b = state_tensors(latest_checkpoint(one)), state_tensors(latest_checkpoint(two))
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
+    report("grad_accum_equals_bigger_batch", worst <= 1e-5, f"max difference {worst:.3g}")
+
+
 def make_pipeline_data(tmp, n_texts=300):
     """teacher tiny-llama3 (llama3 tokenizer) -> essence-project -> student tiny-qwen2 (qwen3 tokenizer)."""
     teacher = os.path.join(tmp, "teacher")
@@ -286,6 +300,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="essence-align-") as tmp:
         test_golden_cli(tmp)
         test_student_head(tmp)
+        test_grad_accum(tmp)
         test_bad_input(tmp)
         test_memory(tmp)
         test_disk_full(tmp)
