@@ -55,7 +55,8 @@ INSPECT_SRC := $(wildcard pipelines/inspect*.c)
 EXTRACT_SRC := $(wildcard extract/*.c)
 PROJECT_SRC := $(wildcard project/*.c)
 ALIGN_SRC := $(wildcard align/*.c)
-PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project $(if $(wildcard align/align.c),$(BUILD)/essence-align)
+RUN_SRC := $(wildcard pipelines/run*.c)
+PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project $(BUILD)/essence-align $(if $(wildcard pipelines/run.c),$(BUILD)/essence-run)
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
@@ -99,6 +100,9 @@ $(BUILD)/essence-extract: $(patsubst %.c,$(BUILD)/obj/%.o,$(EXTRACT_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/essence-project: $(patsubst %.c,$(BUILD)/obj/%.o,$(PROJECT_SRC)) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/essence-run: $(patsubst %.c,$(BUILD)/obj/%.o,$(RUN_SRC)) $(LIB)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)

@@ -1,0 +1,65 @@
+/* essence-run (docs/run.md): a pipeline file becomes a plan, a list of stages in dependency order
+ * with their command lines and fingerprints, and an executor carries the plan out (run_local.c
+ * here and now; run_slurm.c through sbatch). The truth of "done" is in the outputs: a complete
+ * output storing the stage's fingerprint (HDF5 root attribute `fingerprint`, or the file
+ * OUT/fingerprint of a folder output). essence.lock records what ran and caches file hashes. */
+#ifndef ES_PIPELINES_RUN_H
+#define ES_PIPELINES_RUN_H
+
+#include "error.h"
+#include "fingerprint.h"
+
+typedef struct run_slurm {
+    char partition[64], account[64], time[32], mem[32]; /* "" when not set */
+    int gpus, cpus, nodes;                              /* 0 when not set */
+} run_slurm;
+
+typedef struct run_arg {
+    char *flag;   /* without "--" */
+    char *value;  /* absolute paths for inputs and outputs */
+} run_arg;
+
+typedef struct run_stage {
+    char *name;
+    int line;                  /* where the stage starts in the pipeline file */
+    char *program;             /* absolute path of the program */
+    int shards;                /* 1: not sharded */
+    run_arg *args;             /* params and inputs, in file order */
+    int n_args;
+    run_arg *outputs;          /* declared outputs (absolute; a sharded stage's unsharded name) */
+    int n_outputs;
+    char fingerprint[ES_FINGERPRINT_HEX];
+    int will_run;              /* after planning */
+    char *reason;              /* why it will run ("" when up to date) */
+    int *shards_to_run;        /* the shard indices that will run (all of them unless some are done) */
+    int n_shards_to_run;
+    int *deps;                 /* indices (in plan order) of the stages it reads from */
+    int n_deps;
+    run_slurm slurm;           /* the pipeline's slurm: block with the stage's overrides */
+} run_stage;
+
+typedef struct run_plan {
+    char *pipeline_path;       /* absolute */
+    char *dir;                 /* its folder: relative paths start here */
+    run_stage *stages;         /* in dependency order */
+    int n_stages;
+} run_plan;
+
+/* The path shard `shard` of `n` writes for a declared output: work/teacher.h5 ->
+ * work/teacher-00000-of-00002.h5 (malloc'd). */
+char *run_shard_path(const char *path, int shard, int n);
+
+/* The command line of a stage (shard = -1 when not sharded): program, the args, the outputs
+ * (shard paths for a sharded stage), --shard I/N, --fingerprint FP. A NULL-terminated argv,
+ * every string malloc'd; free with run_free_argv. */
+char **run_stage_argv(const run_stage *stage, int shard);
+void run_free_argv(char **argv);
+
+/* The Slurm executor: submits every stage that will run, in plan order, with sbatch (job arrays
+ * over the shards to run, --dependency=afterok on the jobs of the stages it reads from); prints
+ * the job ids. With `wait`, polls until every job has ended and returns ES_ERR_RUNTIME naming the
+ * stages and shards that failed. With `dry_run`, prints the scripts instead of submitting.
+ * `templates` is the folder of the sbatch templates (pipelines/slurm). */
+int run_slurm_execute(const run_plan *plan, const char *templates, int wait, int dry_run, es_error *err);
+
+#endif
