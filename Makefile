@@ -118,6 +118,11 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
+# The Slurm executor's unit test also links essence-run's plan code (all of pipelines/run*.c but main).
+$(BUILD)/tests/test_run_slurm: $(BUILD)/obj/tests/unit/test_run_slurm.o $(patsubst %.c,$(BUILD)/obj/%.o,$(filter-out pipelines/run.c,$(RUN_SRC))) $(STAGE_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
 $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
@@ -134,7 +139,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(STAGE_OBJ) $(LIB)
 # ---- dependencies -------------------------------------------------------------------
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
 	libjansson-dev libcjson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
-	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin
+	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin slurm-wlm munge
 PY_PACKAGES := h5py hdf5plugin numpy tokenizers
 
 deps:
@@ -188,13 +193,21 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/hdf5/plugin
 	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
 	install -m 755 $(PLUGIN) $(DESTDIR)$(PREFIX)/lib/hdf5/plugin/
+	install -d $(DESTDIR)$(PREFIX)/share/essence/slurm
+	install -m 644 $(wildcard pipelines/slurm/*) $(DESTDIR)$(PREFIX)/share/essence/slurm/
 	@echo "installed; for h5dump and plain h5py: export HDF5_PLUGIN_PATH=$(PREFIX)/lib/hdf5/plugin"
 
+# The demo: tiny random teacher and student, a generated corpus (pipelines/demo/prepare.sh, which
+# skips what is already made), then the three stages of pipelines/demo.yaml through essence-run,
+# which re-runs only what changed: a second `make demo` runs nothing.
 demo: deps
 	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) sh pipelines/demo/prepare.sh
 	@missing=""; for p in essence-extract essence-project essence-align essence-run; do \
 	  [ -x $(BUILD)/$$p ] || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "make demo: not built yet:$$missing (the demo needs all three stages and essence-run)"; exit 1; fi
+	$(BUILD)/essence-run pipelines/demo.yaml run
+	@BUILD=$(BUILD) sh pipelines/demo/summary.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -22,6 +22,7 @@
 #include "comm.h"
 #include "config.h"
 #include "data.h"
+#include "fingerprint.h"
 #include "log.h"
 #include "progress.h"
 #include "safetensors.h"
@@ -56,6 +57,7 @@ static const es_option options[] = {
     {"seed", ES_OPT_INT, "0", "seed of the eval split and the shuffling"},
     {"dump-step", ES_OPT_STRING, NULL, "after the first step's backward, write loss terms and gradients (fp32) to FILE.safetensors"},
     {"threads", ES_OPT_INT, "0", "CPU threads per rank (0: one per CPU)"},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint, written to OUT/fingerprint at the end (set by essence-run; default: computed)"},
     {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
     {NULL, 0, NULL, NULL},
 };
@@ -260,6 +262,27 @@ static int trim_metrics(const char *path, int64_t done, es_error *err) {
     return ES_OK;
 }
 
+/* OUT/fingerprint: the stage's (given by essence-run) or the SHA-256 of the effective
+ * configuration; written last, through a rename, so it marks a complete output. */
+static int write_fingerprint(const char *path, const es_config *cfg, es_error *err) {
+    char fingerprint[ES_FINGERPRINT_HEX], tmp[4400];
+    if (es_config_is_set(cfg, "fingerprint")) {
+        snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(cfg, "fingerprint"));
+    } else {
+        char *yaml = es_config_to_yaml(cfg);
+        es_sha256_hex(yaml ? yaml : "", yaml ? strlen(yaml) : 0, fingerprint);
+        free(yaml);
+    }
+    snprintf(tmp, sizeof tmp, "%s.partial", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f || fprintf(f, "%s\n", fingerprint) < 0 || fflush(f) || fsync(fileno(f)) || fclose(f) || rename(tmp, path)) {
+        int saved = errno;
+        unlink(tmp);
+        return es_fail(err, ES_ERR_RUNTIME, "%s: %s", path, strerror(saved));
+    }
+    return ES_OK;
+}
+
 static _Noreturn void fail(align_comm *comm, const es_error *err) {
     fprintf(stderr, "%s: %s\n", es_program(), err->msg);
     comm_abort(comm, err->code ? err->code : 1);
@@ -348,6 +371,13 @@ int main(int argc, char **argv) {
     snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", out_dir);
     if (comm.rank == 0 && mkdir(out_dir, 0777) && errno != EEXIST)
         es_fail(&err, ES_ERR_RUNTIME, "%s: %s", out_dir, strerror(errno)), fail(&comm, &err);
+    /* OUT/fingerprint marks a finished run: gone until this one finishes. */
+    char fingerprint_path[4300];
+    snprintf(fingerprint_path, sizeof fingerprint_path, "%s/fingerprint", out_dir);
+    if (comm.rank == 0) unlink(fingerprint_path);
+    if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint")))
+        es_fail(&err, ES_ERR_USAGE, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint")),
+            fail(&comm, &err);
     if (es_config_bool(&cfg, "resume")) {
         char *checkpoint = NULL, *state = NULL;
         int64_t saved_step = 0;
@@ -484,7 +514,10 @@ int main(int argc, char **argv) {
     es_progress_finish(&progress);
     if (metrics) fclose(metrics);
     if (rc) fail(&comm, &err);
-    if (comm.rank == 0) plot_metrics(out_dir);
+    if (comm.rank == 0) {
+        plot_metrics(out_dir);
+        if (write_fingerprint(fingerprint_path, &cfg, &err)) fail(&comm, &err);
+    }
     free_saved(&saved);
     free(ranges);
     free(opt.m), free(opt.v), free(opt.head_m), free(opt.head_v);

@@ -224,3 +224,10 @@ int es_fingerprint_params(const json_t *params, char out[ES_FINGERPRINT_HEX], es
     free(text);
     return ES_OK;
 }
+
+int es_fingerprint_valid(const char *text) {
+    size_t n = 0;
+    for (; text[n]; n++)
+        if (!((text[n] >= '0' && text[n] <= '9') || (text[n] >= 'a' && text[n] <= 'f'))) return 0;
+    return n == ES_FINGERPRINT_HEX - 1;
+}

@@ -10,6 +10,8 @@
 #define ES_FINGERPRINT_HEX 65
 
 void es_sha256_hex(const void *data, size_t len, char out[ES_FINGERPRINT_HEX]);
+/* 1 when text is 64 lowercase hexadecimal digits. */
+int es_fingerprint_valid(const char *text);
 /* Streams the whole file. ES_ERR_RUNTIME (naming the file) when it cannot be read. */
 int es_sha256_file(const char *path, char out[ES_FINGERPRINT_HEX], es_error *err);
 /* A canonical parameter set: a JSON object serialised with sorted keys, no white space,

@@ -38,6 +38,7 @@ static const es_option options[] = {
     {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
     {"chunk-rows", ES_OPT_INT, "0", "latent rows per HDF5 chunk (0: about 1 MiB)"},
     {"zstd-level", ES_OPT_INT, "3", "Zstandard level of the latent chunks"},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
     {NULL, 0, NULL, NULL},
 };
 
@@ -203,6 +204,10 @@ int main(int argc, char **argv) {
         es_fail(&err, ES_ERR_USAGE, "--shard %s: expected I/N with 0 <= I < N", es_config_str(&cfg, "shard"));
         es_exit_error(&err);
     }
+    if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint"))) {
+        es_fail(&err, ES_ERR_USAGE, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
+        es_exit_error(&err);
+    }
     int batch_tokens = (int)es_config_int(&cfg, "batch-tokens"), max_seq = (int)es_config_int(&cfg, "max-seq");
     if (batch_tokens < 1 || max_seq < 1) {
         es_fail(&err, ES_ERR_USAGE, "--batch-tokens and --max-seq must be positive");
@@ -318,6 +323,7 @@ int main(int argc, char **argv) {
     int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml ? yaml : "", model_fp, tokenizer_fp, TOOL_VERSION);
     char fingerprint[ES_FINGERPRINT_HEX];
     es_sha256_hex(fingerprint_input, (size_t)(fp_len < (int)sizeof fingerprint_input ? fp_len : (int)sizeof fingerprint_input - 1), fingerprint);
+    if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
     const char *attributes[] = {"model_config", config_text, "model_fingerprint", model_fp, "tokenizer_fingerprint", tokenizer_fp,
                                 "layers", layers_text, "hidden_size", hidden, "config", yaml ? yaml : "",
                                 "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created};

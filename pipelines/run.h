@@ -14,9 +14,16 @@ typedef struct run_slurm {
     int gpus, cpus, nodes;                              /* 0 when not set */
 } run_slurm;
 
+typedef enum { RUN_PARAM, RUN_INPUT, RUN_OUTPUT } run_arg_kind;
+
 typedef struct run_arg {
     char *flag;   /* without "--" */
-    char *value;  /* absolute paths for inputs and outputs */
+    char *value;  /* absolute paths for inputs and outputs; NULL: a bare flag (a true boolean) */
+    run_arg_kind kind;
+    int line;     /* in the pipeline file */
+    int ref_stage;     /* an input another stage writes: that stage's index in plan order, else -1 */
+    char *ref_output;  /* and which of its outputs (its flag) */
+    char *text;        /* the value as written (outputs: the path relative to the pipeline) */
 } run_arg;
 
 typedef struct run_stage {
@@ -36,6 +43,7 @@ typedef struct run_stage {
     int *deps;                 /* indices (in plan order) of the stages it reads from */
     int n_deps;
     run_slurm slurm;           /* the pipeline's slurm: block with the stage's overrides */
+    void *params;              /* json_t object: the params as YAML typed them (for the fingerprint) */
 } run_stage;
 
 typedef struct run_plan {
@@ -44,6 +52,31 @@ typedef struct run_plan {
     run_stage *stages;         /* in dependency order */
     int n_stages;
 } run_plan;
+
+/* Reads and checks PIPELINE (docs/run.md): errors name FILE:LINE (ES_ERR_USAGE). `sets` are
+ * --set STAGE.KEY=VALUE texts applied to the stages' params (or shards, or an input's path). */
+int run_plan_load(run_plan *plan, const char *path, char *const *sets, int n_sets, es_error *err);
+void run_plan_free(run_plan *plan);
+
+/* essence.lock beside the pipeline: the record of what ran and a cache of file hashes. */
+typedef struct run_lock run_lock;
+int run_lock_open(run_lock **lock, const run_plan *plan, es_error *err);
+int run_lock_save(run_lock *lock, es_error *err);
+void run_lock_free(run_lock *lock);
+/* Records a stage whose outputs are complete with its fingerprint. */
+int run_lock_record(run_lock *lock, const run_plan *plan, int stage, es_error *err);
+
+/* Fingerprints every stage (inputs by content, through the lock's cache) and decides what will
+ * run and why; `force` names stages to run anyway. Stages found complete are recorded. */
+int run_plan_status(run_plan *plan, run_lock *lock, char *const *force, int n_force, es_error *err);
+/* The fingerprint stored in an output (HDF5 root attribute, or OUT/fingerprint of a folder):
+ * 1 and *fingerprint, 0 when missing or incomplete (*why says which), -1 on error. */
+int run_output_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX], const char **why);
+
+/* The local executor: runs every stage that will run, shard after shard, and records it. */
+int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err);
+/* argv as one line a shell would read back (every argument quoted where needed); malloc'd. */
+char *run_quote_argv(char *const *argv);
 
 /* The path shard `shard` of `n` writes for a declared output: work/teacher.h5 ->
  * work/teacher-00000-of-00002.h5 (malloc'd). */

@@ -41,6 +41,7 @@ static const es_option options[] = {
     {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
     {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
     {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
     {NULL, 0, NULL, NULL},
 };
 
@@ -341,6 +342,8 @@ int main(int argc, char **argv) {
     if (strcmp(input_norm, "standardize") && strcmp(input_norm, "rms"))
         fail_usage(&err, "--input-norm %s: expected standardize or rms", input_norm);
     if (strcmp(align, "exact") && strcmp(align, "causal")) fail_usage(&err, "--align %s: expected exact or causal", align);
+    if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint")))
+        fail_usage(&err, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
     double sigma = es_config_float(&cfg, "sigma");
     if (!(sigma > 0) || !isfinite(sigma)) fail_usage(&err, "--sigma %s: expected a positive number", es_config_str(&cfg, "sigma"));
 
@@ -475,6 +478,7 @@ int main(int argc, char **argv) {
     if (!rc) {
         int n = snprintf(fingerprint_input, text_size, "%s\n%s\n%s\n%s\n%s", yaml ? yaml : "", teacher_fps, model_fp, tokenizer_fp, TOOL_VERSION);
         es_sha256_hex(fingerprint_input, (size_t)n, fingerprint);
+        if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
         const student_attribute attributes[] = {
             {"model_config", 's', student_config_text, 0, 0}, {"model_fingerprint", 's', model_fp, 0, 0},
             {"tokenizer_fingerprint", 's', tokenizer_fp, 0, 0}, {"layers", 's', layers_text, 0, 0},
