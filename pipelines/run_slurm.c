@@ -6,9 +6,11 @@
  * patterns, and every argument of a command line is single-quoted. sbatch, squeue and scancel
  * are started with posix_spawnp, without a shell.
  *
- * --wait decides success from the outputs, as the local executor does: once a stage's jobs have
- * left the queue, each shard succeeded when its outputs are complete and carry the stage's
- * fingerprint. sacct is not used: a small Slurm often has no accounting storage. */
+ * --wait polls squeue until no job of this call is pending or running, then judges each shard
+ * as the local executor does, by its outputs: complete and carrying the stage's fingerprint. A
+ * task squeue saw end in another state than COMPLETED failed whatever its outputs; a job squeue
+ * has forgotten is judged by its outputs alone. sacct is not used: a small Slurm often has no
+ * accounting storage. A stage that can never start because one before it failed is cancelled. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -195,6 +197,9 @@ static int stage_parts(const run_plan *plan, const run_stage *stage, const long 
     if (s->gpus > 0) sb_add(lines, "#SBATCH --gres=gpu:%d\n", s->gpus);
     if (s->cpus > 0) sb_add(lines, "#SBATCH --cpus-per-task=%d\n", s->cpus);
     if (s->mem[0]) sb_add(lines, "#SBATCH --mem=%s\n", s->mem);
+    /* The pipeline's folder as the working folder: the same on every node, wherever
+     * essence-run was started (the command lines hold absolute paths anyway). */
+    sb_add(lines, "#SBATCH --chdir=%s\n", plan->dir);
     sb_add(lines, "#SBATCH --output=%s/slurm-logs/%s-%s.out\n", plan->dir, stage->name, array ? "%A_%a" : "%j");
     if (array) {
         sb_add(lines, "#SBATCH --array=");
@@ -567,7 +572,9 @@ static int wait_jobs(const run_plan *plan, const long *job_of, es_error *err) {
             es_fail(err, ES_ERR_RUNTIME, "stage %s %s (job %ld)", plan->stages[s].name, jobs[s].state == JOB_FAILED ? "failed" : "was not run", job_of[s]);
     if (failures) {
         size_t len = strlen(err->msg);
-        snprintf(err->msg + len, sizeof err->msg - len, "%s; the lines above name the logs", failures > 1 ? " with others" : "");
+        if (failures > 1) snprintf(err->msg + len, sizeof err->msg - len, ", and %d other stage%s failed or did not run", failures - 1, failures > 2 ? "s" : "");
+        len = strlen(err->msg);
+        snprintf(err->msg + len, sizeof err->msg - len, "; the lines above name the logs");
         rc = ES_ERR_RUNTIME;
     }
     for (int s = 0; s < n; s++) free(jobs[s].final);

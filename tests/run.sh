@@ -43,6 +43,12 @@ for t in tests/cli/test_*.sh; do
     [ -f "$t" ] || continue
     run_one "$(basename "$t")" timeout 600 bash "$t"
 done
+# essence-run --executor slurm on a one-node Slurm the test starts (root, slurm-wlm and munge;
+# otherwise it prints SKIP).
+for t in tests/slurm/test_*.sh; do
+    [ -f "$t" ] || continue
+    run_one "$(basename "$t")" timeout 600 bash "$t"
+done
 for t in tests/python/test_*.py; do
     [ -f "$t" ] || continue
     if [ -x "$ESSENCE_PYTHON" ]; then

@@ -58,9 +58,9 @@ static const char fake_sbatch[] =
  * Slurm has forgotten every job. */
 static const char fake_squeue[] =
     "#!/bin/bash\n"
-    "[ \"$1 $2 $3 $4 $5 $7\" = '-h -t all -j -o' ] || { echo \"fake squeue: bad arguments: $*\" >&2; exit 2; }\n"
+    "[ \"$1 $2 $3 $4 $6\" = '-h -t all -j -o' ] || { echo \"fake squeue: bad arguments: $*\" >&2; exit 2; }\n"
     "[ -e \"$FAKE_SLURM/forget\" ] && { echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1; }\n"
-    "for id in ${6//,/ }; do grep \"^$id|\" \"$FAKE_SLURM/queue\"; done\n"
+    "for id in ${5//,/ }; do grep \"^$id|\" \"$FAKE_SLURM/queue\"; done\n"
     "exit 0\n";
 
 static const char fake_scancel[] =
@@ -181,11 +181,11 @@ TEST(dry_run_prints_the_scripts) {
                            "#SBATCH --time=04:00:00\n", "#SBATCH --gres=gpu:1\n", "#SBATCH --cpus-per-task=4\n", "#SBATCH --mem=120G\n",
                            "#SBATCH --array=1,3\n", "#SBATCH --job-name=essence-project\n", "#SBATCH --time=1-00:00:00\n",
                            "#SBATCH --dependency=afterok:<job of extract>\n", "case \"${SLURM_ARRAY_TASK_ID-}\" in\n1)\n    exec '",
-                           "'--shard' '1/4' '--fingerprint' '" FP_EXTRACT "'\n    ;;\n3)\n", "'--flag' '--empty' ''"};
+                           "'--shard' '1/4' '--fingerprint' '" FP_EXTRACT "'\n    ;;\n3)\n", "'--empty' '' '--flag' '--out'"};
     for (size_t i = 0; i < sizeof lines / sizeof *lines; i++) CHECKF(strstr(out, lines[i]), "no \"%s\" in:\n%s", lines[i], out);
     snprintf(want, sizeof want, "#SBATCH --output=%s/slurm-logs/extract-%%A_%%a.out\n", dir);
     CHECKF(strstr(out, want), "no %s", want);
-    snprintf(want, sizeof want, "#SBATCH --output=%s/slurm-logs/project-%%j.out\n", dir);
+    snprintf(want, sizeof want, "#SBATCH --chdir=%s\n#SBATCH --output=%s/slurm-logs/project-%%j.out\n", dir, dir);
     CHECKF(strstr(out, want), "no %s", want);
     CHECK(!strstr(out, "--shard' '0/4'") && !strstr(out, "--shard' '2/4'")); /* only the shards to run */
     CHECK(!strstr(out, "##") && !strstr(out, "@COMMAND@") && !strstr(out, "@SBATCH_LINES@"));
@@ -325,7 +325,7 @@ TEST(failed_shard_then_rerun_alone) {
     es_error err;
     char *out = NULL, want[2048];
     int rc = execute(&plan, templates, 1, 0, &err, &out);
-    CHECKF(rc == ES_ERR_RUNTIME && strstr(err.msg, "stage extract failed (job 101)") && strstr(err.msg, "with others"), "rc %d: %s", rc, err.msg);
+    CHECKF(rc == ES_ERR_RUNTIME && strstr(err.msg, "stage extract failed (job 101), and 1 other stage failed or did not run"), "rc %d: %s", rc, err.msg);
     snprintf(want, sizeof want, "extract shard 2 failed (squeue state F): see %s/slurm-logs/extract-101_2.out\n", dir);
     CHECKF(strstr(out, want), "no \"%s\" in\n%s", want, out);
     CHECK(!strstr(out, "shard 0 failed") && !strstr(out, "shard 1 failed") && !strstr(out, "shard 3 failed"));
