@@ -295,25 +295,15 @@ int main(int argc, char **argv) {
     es_error err = {0};
     if (comm_init(&comm, &argc, &argv, &err)) es_exit_error(&err);
     es_config cfg;
-    if (es_config_parse(&cfg, options, argc, argv, &err)) fail(&comm, &err);
-    if (cfg.help) {
-        es_config_print_help(&cfg, usage, "Fine-tunes the student to match the projected teacher latents (latent MSE, optionally + next-token CE).");
+    static const char *const required[] = {"model", "data", "out", NULL};
+    int begun = es_config_start(&cfg, options, argc, argv, usage,
+                                "Fine-tunes the student to match the projected teacher latents (latent MSE, optionally + next-token CE).",
+                                required, &err);
+    if (begun > 0) fail(&comm, &err);
+    if (begun == ES_CONFIG_DONE) {
         comm_finalize(&comm);
         return 0;
     }
-    if (cfg.print_config) {
-        char *yaml = es_config_to_yaml(&cfg);
-        fputs(yaml ? yaml : "", stdout);
-        comm_finalize(&comm);
-        return 0;
-    }
-    const char *required[] = {"model", "data", "out"};
-    for (int i = 0; i < 3; i++)
-        if (!es_config_is_set(&cfg, required[i])) {
-            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
-            fail(&comm, &err);
-        }
-    if (cfg.n_positional) es_fail(&err, ES_ERR_USAGE, "unexpected argument \"%s\"", cfg.positional[0]), fail(&comm, &err);
     if (strcmp(es_config_str(&cfg, "device"), "cpu"))
         es_fail(&err, ES_ERR_USAGE, "--device %s: this build trains on the cpu only", es_config_str(&cfg, "device")), fail(&comm, &err);
     const char *head_kind = es_config_str(&cfg, "student-head");

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+
+#include "files.h"
 #include "dtype.h"
 #include "safetensors.h"
 
@@ -41,30 +43,7 @@ static int out_of_memory(const char *where, es_error *err) {
     return es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", where);
 }
 
-static int fsync_dir(const char *dir, es_error *err) {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return es_fail(err, ES_ERR_RUNTIME, "%s: cannot open folder: %s", dir, strerror(errno));
-    int rc = ES_OK;
-    /* Some file systems cannot fsync a folder (EINVAL); the rename is all they offer. */
-    if (fsync(fd) != 0 && errno != EINVAL)
-        rc = es_fail(err, ES_ERR_RUNTIME, "%s: fsync failed: %s", dir, strerror(errno));
-    close(fd);
-    return rc;
-}
 
-static int write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n > (1u << 30) ? (1u << 30) : n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
 /* Finishes a file written through fd: fsync and close, either failure naming path. */
 static int finish_file(int fd, const char *path, int rc, es_error *err) {
@@ -76,7 +55,7 @@ static int finish_file(int fd, const char *path, int rc, es_error *err) {
 static int write_file(const char *path, const void *data, size_t n, es_error *err) {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) return es_fail(err, ES_ERR_RUNTIME, "%s: cannot create: %s", path, strerror(errno));
-    int rc = write_all(fd, data, n) ? es_fail(err, ES_ERR_RUNTIME, "%s: write failed: %s", path, strerror(errno)) : ES_OK;
+    int rc = es_write_all(fd, data, n) ? es_fail(err, ES_ERR_RUNTIME, "%s: write failed: %s", path, strerror(errno)) : ES_OK;
     return finish_file(fd, path, rc, err);
 }
 
@@ -103,7 +82,7 @@ static int copy_file(const char *src, const char *dst, int missing_ok, int *copi
         if (got < 0 && errno == EINTR) continue;
         if (got < 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: read failed: %s", src, strerror(errno));
         else if (got == 0) break;
-        else if (write_all(out, buf, (size_t)got))
+        else if (es_write_all(out, buf, (size_t)got))
             rc = es_fail(err, ES_ERR_RUNTIME, "%s: write failed: %s", dst, strerror(errno));
     }
     free(buf);
@@ -342,8 +321,8 @@ static int write_checkpoint_files(const char *dir, const checkpoint_content *c, 
         dst = path_printf("%s/state.json", state_dir);
         rc = dst ? write_file(dst, c->state_json, strlen(c->state_json), err) : out_of_memory(dir, err);
     }
-    if (rc == ES_OK) rc = fsync_dir(state_dir, err);
-    if (rc == ES_OK) rc = fsync_dir(dir, err);
+    if (rc == ES_OK) rc = es_fsync_folder(state_dir, err);
+    if (rc == ES_OK) rc = es_fsync_folder(dir, err);
     free(src);
     free(dst);
     free(state_dir);
@@ -356,14 +335,14 @@ static int write_checkpoint_files(const char *dir, const checkpoint_content *c, 
  * only once the new one is in place. */
 static int install_checkpoint(const char *partial, const char *final, const char *out_dir, es_error *err) {
     if (renameat2(AT_FDCWD, partial, AT_FDCWD, final, RENAME_EXCHANGE) == 0) {
-        int rc = fsync_dir(out_dir, err);
+        int rc = es_fsync_folder(out_dir, err);
         int removed = remove_tree(partial, err); /* the old one, now under the partial name */
         return rc ? rc : removed;
     }
     if (errno == ENOENT) { /* no checkpoint of this step yet */
         if (rename(partial, final) != 0)
             return es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", partial, final, strerror(errno));
-        return fsync_dir(out_dir, err);
+        return es_fsync_folder(out_dir, err);
     }
     if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP)
         return es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", partial, final, strerror(errno));
@@ -380,7 +359,7 @@ static int install_checkpoint(const char *partial, const char *final, const char
             rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s (the previous checkpoint is left at %s)",
                          partial, final, strerror(saved), old);
     }
-    if (rc == ES_OK) rc = fsync_dir(out_dir, err);
+    if (rc == ES_OK) rc = es_fsync_folder(out_dir, err);
     if (rc == ES_OK) rc = remove_tree(old, err);
     free(old);
     return rc;
@@ -435,7 +414,7 @@ static int publish_top_level(const char *out_dir, const char *checkpoint, es_err
         rc = publish_file(out_dir, checkpoint, tokenizer_files[i], 0, err);
     if (rc == ES_OK) rc = publish_file(out_dir, checkpoint, "model.safetensors", 1, err);
     if (rc == ES_OK) rc = publish_file(out_dir, checkpoint, "student_head.safetensors", 1, err);
-    if (rc == ES_OK) rc = fsync_dir(out_dir, err);
+    if (rc == ES_OK) rc = es_fsync_folder(out_dir, err);
     return rc;
 }
 

@@ -466,3 +466,23 @@ void es_config_print_help(const es_config *cfg, const char *usage, const char *d
     printf("  %-*s   %s\n", width, "--print-config", "print the effective configuration as YAML and exit");
     printf("  %-*s   %s\n", width, "--help", "show this help and exit");
 }
+
+int es_config_start(es_config *cfg, const es_option *options, int argc, char **argv, const char *usage,
+                    const char *description, const char *const *required, es_error *err) {
+    int rc = es_config_parse(cfg, options, argc, argv, err);
+    if (rc) return rc;
+    if (cfg->help) {
+        es_config_print_help(cfg, usage, description);
+        return ES_CONFIG_DONE;
+    }
+    if (cfg->print_config) {
+        char *yaml = es_config_to_yaml(cfg);
+        fputs(yaml ? yaml : "", stdout);
+        free(yaml);
+        return ES_CONFIG_DONE;
+    }
+    for (int i = 0; required && required[i]; i++)
+        if (!es_config_is_set(cfg, required[i])) return es_fail(err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
+    if (cfg->n_positional) return es_fail(err, ES_ERR_USAGE, "unexpected argument \"%s\"", cfg->positional[0]);
+    return ES_OK;
+}

@@ -76,6 +76,13 @@ int es_config_set(es_config *cfg, const char *name, const char *value, es_error 
  * strings quoted when YAML would misread them). Caller frees. Stored in every output file. */
 char *es_config_to_yaml(const es_config *cfg);
 
+/* The start every stage program's main() shares: parses the flags; with --help or --print-config
+ * prints it and returns ES_CONFIG_DONE (the program exits 0); checks that every option named in
+ * `required` (NULL-terminated) is set and that no positional argument is left (ES_ERR_USAGE).
+ * ES_OK: go on; otherwise an error code with err set. */
+#define ES_CONFIG_DONE (-1)
+int es_config_start(es_config *cfg, const es_option *options, int argc, char **argv, const char *usage,
+                    const char *description, const char *const *required, es_error *err);
 /* Prints "usage: USAGE" then one line per option with its default and help. */
 void es_config_print_help(const es_config *cfg, const char *usage, const char *description);
 

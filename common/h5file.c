@@ -1,5 +1,7 @@
 #include "h5file.h"
 
+#include "files.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -143,8 +145,8 @@ int es_h5_flush(es_h5file *file, es_error *err) {
     return ES_OK;
 }
 
-static int fsync_path(const char *path, int directory, es_error *err) {
-    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+static int fsync_file(const char *path, es_error *err) {
+    int fd = open(path, O_RDONLY);
     if (fd < 0) return es_fail(err, ES_ERR_RUNTIME, "%s: %s", path, strerror(errno));
     int rc = fsync(fd);
     int saved = errno;
@@ -166,7 +168,7 @@ int es_h5_commit(es_h5file *file, es_error *err) {
     if (H5Fclose(file->id) < 0 && !rc)
         rc = es_fail(err, ES_ERR_RUNTIME, "%s: close failed: %s", file->open_path, es_h5_last_error());
     file->id = -1;
-    if (!rc) rc = fsync_path(file->open_path, 0, err);
+    if (!rc) rc = fsync_file(file->open_path, err);
     if (!rc && rename(file->open_path, file->path) != 0)
         rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", file->open_path, file->path,
                      strerror(errno));
@@ -174,7 +176,7 @@ int es_h5_commit(es_h5file *file, es_error *err) {
         char *copy = strdup(file->path);
         if (!copy) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         else {
-            rc = fsync_path(dirname(copy), 1, err);
+            rc = es_fsync_folder(dirname(copy), err);
             free(copy);
         }
     }

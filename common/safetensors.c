@@ -1,5 +1,7 @@
 #include "safetensors.h"
 
+#include "files.h"
+
 #include "utf8.h"
 
 #include <errno.h>
@@ -643,35 +645,7 @@ static char *build_header(const char *path, const es_tensor *e, size_t n, const 
     return out;
 }
 
-static int write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n > (1u << 30) ? (1u << 30) : n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
-static int fsync_parent(const char *path, es_error *err) {
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
-    if (!dir) return es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", path);
-    int rc = ES_OK;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot open folder: %s", dir, strerror(errno));
-    /* Some file systems cannot fsync a folder (EINVAL); the rename is all they offer. */
-    else if (fsync(fd) != 0 && errno != EINVAL)
-        rc = es_fail(err, ES_ERR_RUNTIME, "%s: fsync failed: %s", dir, strerror(errno));
-    if (fd >= 0 && close(fd) != 0 && rc == ES_OK)
-        rc = es_fail(err, ES_ERR_RUNTIME, "%s: close failed: %s", dir, strerror(errno));
-    free(dir);
-    return rc;
-}
 
 int es_safetensors_write(const char *path, const es_tensor *entries, size_t n,
                          const es_meta_kv *meta, size_t n_meta, es_error *err) {
@@ -694,9 +668,9 @@ int es_safetensors_write(const char *path, const es_tensor *entries, size_t n,
     }
     unsigned char lenbuf[8];
     for (int i = 0; i < 8; i++) lenbuf[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
-    int bad = write_all(fd, lenbuf, 8) || write_all(fd, header, hlen);
+    int bad = es_write_all(fd, lenbuf, 8) || es_write_all(fd, header, hlen);
     for (size_t i = 0; i < n && !bad; i++)
-        if (entries[i].nbytes) bad = write_all(fd, entries[i].data, entries[i].nbytes);
+        if (entries[i].nbytes) bad = es_write_all(fd, entries[i].data, entries[i].nbytes);
     if (bad) rc = es_fail(err, ES_ERR_RUNTIME, "%s: write failed: %s", partial, strerror(errno));
     else if (fsync(fd) != 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: fsync failed: %s", partial, strerror(errno));
     if (close(fd) != 0 && rc == ES_OK)
@@ -704,7 +678,7 @@ int es_safetensors_write(const char *path, const es_tensor *entries, size_t n,
     if (rc == ES_OK && rename(partial, path) != 0)
         rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", partial, path, strerror(errno));
     if (rc) unlink(partial);
-    else rc = fsync_parent(path, err);
+    else rc = es_fsync_parent(path, err);
 done:
     free(partial);
     free(header);

@@ -174,26 +174,11 @@ int main(int argc, char **argv) {
     es_set_program("essence-extract");
     es_config cfg;
     es_error err = {0};
-    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
-    if (cfg.help) {
-        es_config_print_help(&cfg, usage, "Runs the teacher over texts and stores chosen layers' hidden states (bf16, zstd) in HDF5.");
-        return 0;
-    }
-    if (cfg.print_config) {
-        char *yaml = es_config_to_yaml(&cfg);
-        fputs(yaml ? yaml : "", stdout);
-        return 0;
-    }
-    const char *required[] = {"model", "data", "layers", "out"};
-    for (int i = 0; i < 4; i++)
-        if (!es_config_is_set(&cfg, required[i])) {
-            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
-            es_exit_error(&err);
-        }
-    if (cfg.n_positional) {
-        es_fail(&err, ES_ERR_USAGE, "unexpected argument \"%s\"", cfg.positional[0]);
-        es_exit_error(&err);
-    }
+    static const char *const required[] = {"model", "data", "layers", "out", NULL};
+    int begun = es_config_start(&cfg, options, argc, argv, usage,
+                                "Runs the teacher over texts and stores chosen layers' hidden states (bf16, zstd) in HDF5.", required, &err);
+    if (begun > 0) es_exit_error(&err);
+    if (begun == ES_CONFIG_DONE) return 0;
     const char *model_dir = es_config_str(&cfg, "model"), *data = es_config_str(&cfg, "data"), *out = es_config_str(&cfg, "out");
     if (strcmp(es_config_str(&cfg, "device"), "cpu")) {
         es_fail(&err, ES_ERR_USAGE, "--device %s: this build runs the teacher on the cpu only", es_config_str(&cfg, "device"));

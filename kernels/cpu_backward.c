@@ -13,6 +13,7 @@
 
 #include <cblas.h>
 
+#include "ops.h"
 #include "ops_backward.h"
 
 /* es_pool_for without a pool: the same items in order on the calling thread. */
@@ -132,19 +133,7 @@ int es_matmul_backward(es_pool *pool, float *din, float *dweight, float *dbias, 
 /* The forward rotates each pair (a, b) = (x[i], x[i + hd/2]) by +angle; the transpose of a
  * rotation is the rotation by −angle. cos and sin are rounded to fp32 as in the forward. */
 void es_rope_backward(float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
-    const int half = hd / 2;
-    for (int t = 0; t < T; t++) {
-        for (int i = 0; i < half; i++) {
-            double angle = (double)positions[t] * inv_freq[i];
-            float cos_a = (float)cos(angle), sin_a = (float)sin(angle);
-            for (int h = 0; h < n_heads; h++) {
-                float *head = dx + ((size_t)t * n_heads + h) * hd;
-                float first = head[i], second = head[i + half];
-                head[i] = first * cos_a + second * sin_a;
-                head[i + half] = second * cos_a - first * sin_a;
-            }
-        }
-    }
+    es_rope_rotate(dx, positions, inv_freq, T, n_heads, hd, 1);
 }
 
 /* ---- attention ----------------------------------------------------------------------- */

@@ -83,11 +83,16 @@ int es_matmul_forward(es_pool *pool, float *out, const float *in, const float *w
 }
 
 void es_rope_forward(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
+    es_rope_rotate(x, positions, inv_freq, T, n_heads, hd, 0);
+}
+
+void es_rope_rotate(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd, int inverse) {
     const int half = hd / 2;
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
             double angle = (double)positions[t] * inv_freq[i];
-            float cos_a = (float)cos(angle), sin_a = (float)sin(angle);
+            /* the inverse rotation negates the (fp32-rounded) sine: the same bits as the forward's */
+            float cos_a = (float)cos(angle), sin_a = inverse ? -(float)sin(angle) : (float)sin(angle);
             for (int h = 0; h < n_heads; h++) {
                 float *head = x + ((size_t)t * n_heads + h) * hd;
                 float first = head[i], second = head[i + half];

@@ -34,6 +34,9 @@ void es_rope_forward(float *x,                    // (T, n_heads, hd)
                      const double *inv_freq,      // (hd / 2)
                      int T, int n_heads, int hd);
 
+/* The rotation itself; `inverse` rotates by the opposite angles (the backward of the forward). */
+void es_rope_rotate(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd, int inverse);
+
 /* Causal attention within each sequence (tokens [seq_start[s], seq_start[s+1]) see only
  * their own sequence); query head h reads key/value head h / (H / KV) in place. */
 int es_attention_forward(es_pool *pool,            /* 0, or -1 when out of memory */

@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "inspect.h"
 #include "jsonl.h"
 
@@ -232,15 +233,6 @@ static char *build_script(const char *metrics, const char *partial, const scratc
     return text;
 }
 
-static int write_all(int fd, const char *data, size_t n) {
-    while (n > 0) {
-        ssize_t w = write(fd, data, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) return -1;
-        data += w, n -= (size_t)w;
-    }
-    return 0;
-}
 
 /* The end of gnuplot's messages, for the error (gnuplot names the line that failed). */
 static void last_messages(const char *log, char *buf, size_t size) {
@@ -284,7 +276,7 @@ static int run_gnuplot(const char *script, const char *log, es_error *err) {
     struct sigaction ignore = {.sa_handler = SIG_IGN}, old;
     sigemptyset(&ignore.sa_mask);
     sigaction(SIGPIPE, &ignore, &old);
-    int write_failed = write_all(fds[1], script, strlen(script)) ? errno : 0;
+    int write_failed = es_write_all(fds[1], script, strlen(script)) ? errno : 0;
     close(fds[1]);
     sigaction(SIGPIPE, &old, NULL);
     int status;

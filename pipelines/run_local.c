@@ -8,26 +8,11 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include "files.h"
 #include "run.h"
 
 extern char **environ;
 
-/* mkdir -p of the folder holding `path`. */
-static int make_parent(const char *path) {
-    char *copy = strdup(path);
-    if (!copy) return -1;
-    char *slash = strrchr(copy, '/');
-    if (slash) *slash = '\0';
-    for (char *p = copy + 1; slash && *p; p++)
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(copy, 0777) && errno != EEXIST) return free(copy), -1;
-            *p = '/';
-        }
-    int rc = slash && mkdir(copy, 0777) && errno != EEXIST ? -1 : 0;
-    free(copy);
-    return rc;
-}
 
 int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err) {
     int rc = ES_OK;
@@ -35,7 +20,7 @@ int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err
         run_stage *stage = &plan->stages[s];
         if (!stage->will_run) continue;
         for (int o = 0; o < stage->n_outputs; o++)
-            if (!dry_run && make_parent(stage->outputs[o].value))
+            if (!dry_run && es_make_parent_dirs(stage->outputs[o].value))
                 return es_fail(err, ES_ERR_RUNTIME, "%s: cannot create its folder: %s", stage->outputs[o].value, strerror(errno));
         for (int k = 0; !rc && k < stage->n_shards_to_run; k++) {
             int shard = stage->shards > 1 ? stage->shards_to_run[k] : -1;

@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "run.h"
 
 extern char **environ;
@@ -268,30 +269,7 @@ static int render(const char *template, const run_plan *plan, const run_stage *s
 
 /* ---- files and child processes ------------------------------------------------------------ */
 
-/* mkdir -p `dir` (its last component too). */
-static int make_dirs(const char *dir) {
-    char *copy = strdup(dir);
-    if (!copy) return -1;
-    for (char *p = copy + 1; *p; p++)
-        if (*p == '/') {
-            *p = '\0';
-            if (mkdir(copy, 0777) && errno != EEXIST) return free(copy), -1;
-            *p = '/';
-        }
-    int rc = mkdir(copy, 0777) && errno != EEXIST ? -1 : 0;
-    free(copy);
-    return rc;
-}
 
-static int make_parent(const char *path) {
-    char *copy = strdup(path);
-    if (!copy) return -1;
-    char *slash = strrchr(copy, '/');
-    int rc = 0;
-    if (slash && slash != copy) *slash = '\0', rc = make_dirs(copy);
-    free(copy);
-    return rc;
-}
 
 /* Written under a temporary name and renamed: a script is there whole or not at all. */
 static int write_file(const char *path, const char *text, es_error *err) {
@@ -595,7 +573,7 @@ int run_slurm_execute(const run_plan *plan, const char *templates, int wait, int
     if (!rc && (asprintf(&logs, "%s/slurm-logs", plan->dir) < 0 || asprintf(&scripts, "%s/slurm-scripts", plan->dir) < 0))
         rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     /* Slurm does not create the log folder: a job whose --output cannot be opened fails unseen. */
-    if (!rc && !dry_run && (make_dirs(logs) || make_dirs(scripts)))
+    if (!rc && !dry_run && (es_make_dirs(logs) || es_make_dirs(scripts)))
         rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot create %s and %s: %s", plan->pipeline_path, logs, scripts, strerror(errno));
     int submitted = 0;
     for (int s = 0; !rc && s < plan->n_stages; s++) {
@@ -615,7 +593,7 @@ int run_slurm_execute(const run_plan *plan, const char *templates, int wait, int
             continue;
         }
         for (int o = 0; !rc && o < stage->n_outputs; o++)
-            if (make_parent(stage->outputs[o].value))
+            if (es_make_parent_dirs(stage->outputs[o].value))
                 rc = es_fail(err, ES_ERR_RUNTIME, "stage %s: %s: cannot create its folder: %s", stage->name, stage->outputs[o].value, strerror(errno));
         if (!rc) rc = write_file(path, text.s, err);
         free(text.s);

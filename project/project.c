@@ -316,25 +316,13 @@ int main(int argc, char **argv) {
     double started = es_now();
     es_config cfg;
     es_error err = {0};
-    if (es_config_parse(&cfg, options, argc, argv, &err)) es_exit_error(&err);
-    if (cfg.help) {
-        es_config_print_help(&cfg, usage,
-                             "Maps teacher hidden states through a seeded random Fourier-feature map into the student's width and "
-                             "aligns them to the student's tokens.");
-        return 0;
-    }
-    if (cfg.print_config) {
-        char *yaml = es_config_to_yaml(&cfg);
-        fputs(yaml ? yaml : "", stdout);
-        return 0;
-    }
-    const char *required[] = {"in", "student", "out", "layer-map"};
-    for (int i = 0; i < 4; i++)
-        if (!es_config_is_set(&cfg, required[i])) {
-            es_fail(&err, ES_ERR_USAGE, "--%s is required\nusage: %s", required[i], usage);
-            es_exit_error(&err);
-        }
-    if (cfg.n_positional) fail_usage(&err, "unexpected argument \"%s\"", cfg.positional[0]);
+    static const char *const required[] = {"in", "student", "out", "layer-map", NULL};
+    int begun = es_config_start(&cfg, options, argc, argv, usage,
+                                "Maps teacher hidden states through a seeded random Fourier-feature map into the student's width and "
+                                "aligns them to the student's tokens.",
+                                required, &err);
+    if (begun > 0) es_exit_error(&err);
+    if (begun == ES_CONFIG_DONE) return 0;
     const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
     if (strcmp(es_config_str(&cfg, "device"), "cpu"))
         fail_usage(&err, "--device %s: this build projects on the cpu only", es_config_str(&cfg, "device"));
