@@ -25,7 +25,7 @@ BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc
 LDLIBS := $(BASE_LIBS)
 
 COMMON_SRC := $(wildcard common/*.c)
-KERNEL_SRC := $(wildcard kernels/*.c)
+KERNEL_SRC := $(wildcard kernels/*.c kernels/cpu/*.c)
 LIB_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(COMMON_SRC) $(KERNEL_SRC))
 LIB := $(BUILD)/libessence.a
 

@@ -14,16 +14,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cblas.h>
 #include <jansson.h>
 
-#include "adamw.h"
+#include "backend.h"
 #include "checkpoint.h"
 #include "comm.h"
 #include "config.h"
 #include "data.h"
 #include "fingerprint.h"
 #include "log.h"
+#include "optimizer.h"
 #include "progress.h"
 #include "safetensors.h"
 #include "train.h"
@@ -56,19 +56,19 @@ static const es_option options[] = {
     {"no-shuffle", ES_OPT_BOOL, "false", "train in file order"},
     {"seed", ES_OPT_INT, "0", "seed of the eval split and the shuffling"},
     {"dump-step", ES_OPT_STRING, NULL, "after the first step's backward, write loss terms and gradients (fp32) to FILE.safetensors"},
-    {"threads", ES_OPT_INT, "0", "CPU threads per rank (0: one per CPU)"},
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint, written to OUT/fingerprint at the end (set by essence-run; default: computed)"},
-    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
+    ES_DEVICE_OPTIONS,
     {NULL, 0, NULL, NULL},
 };
 
 static const char usage[] = "essence-align --model DIR --data student.h5 --out DIR [options]";
 
-/* Everything the optimizer owns: fp32 master weights are the model's arena (and the heads). */
+/* Everything the optimizer owns (device memory): the AdamW moments of the master weights (the
+ * parameter arena's layout) and of the heads. */
 typedef struct optimizer {
-    float *m, *v;               /* (arena_floats) */
-    float *head_m, *head_v;     /* (n_mapped, C, C) or NULL */
-    adamw_config config;
+    es_params m, v;
+    float *head_m, *head_v;     // (n_mapped, C, C) or NULL
+    es_adamw_config config;
 } optimizer;
 
 /* A parameter tensor trains when the forward of a training step reaches it. With --ce-weight 0
@@ -91,7 +91,7 @@ typedef struct saved_tensors {
 } saved_tensors;
 
 static int build_saved(saved_tensors *s, const train_model *tm, const optimizer *opt, es_error *err) {
-    const es_model *model = &tm->model;
+    const es_params *model = &tm->params;
     const int C = model->config.hidden_size;
     s->n_weights = model->n_tensors, s->n_head = tm->heads ? tm->n_mapped : 0, s->n_state = s->n_weights + s->n_head;
     s->weights = calloc((size_t)s->n_weights + 1, sizeof *s->weights);
@@ -109,7 +109,7 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
         if (i < s->n_weights) {
             const es_named_tensor *named = &model->tensors[i];
             t = (checkpoint_tensor){named->name, named->data, named->ndim, {named->shape[0], named->shape[1]}};
-            data = named->data, m = opt->m + (named->data - model->arena), v = opt->v + (named->data - model->arena);
+            data = named->data, m = es_params_at(model, &opt->m, data), v = es_params_at(model, &opt->v, data);
             s->weights[i] = t;
         } else {
             int h = i - s->n_weights;
@@ -139,8 +139,8 @@ typedef struct eval_result {
     int64_t aligned, labelled;
 } eval_result;
 
-static int evaluate(train_model *tm, es_pool *pool, align_data *data, align_comm *comm, eval_result *out, es_error *err) {
-    const int C = tm->model.config.hidden_size, n = tm->n_mapped;
+static int evaluate(train_model *tm, align_data *data, align_comm *comm, eval_result *out, es_error *err) {
+    const int C = tm->params.config.hidden_size, n = tm->n_mapped;
     /* per layer: Σ latent, Σ cosine, Σ‖t‖², Σ t (C values); then Σ ce, aligned, labelled */
     const size_t per_layer = 3 + (size_t)C, total = (size_t)n * per_layer + 3;
     double *acc = calloc(total, sizeof *acc);
@@ -150,7 +150,7 @@ static int evaluate(train_model *tm, es_pool *pool, align_data *data, align_comm
     int got;
     while (!rc && (got = align_data_eval_next(data, &batch, err)) == 1) {
         train_sums sums;
-        rc = train_forward_backward(tm, pool, &batch, 0, 1.0f, &sums, err);
+        rc = train_forward_backward(tm, &batch, 0, 1.0f, &sums, err);
         for (int i = 0; !rc && i < n; i++) {
             double *layer = acc + (size_t)i * per_layer;
             layer[0] += sums.latent[i], layer[1] += sums.cosine[i];
@@ -185,7 +185,7 @@ static int evaluate(train_model *tm, es_pool *pool, align_data *data, align_comm
 
 /* --dump-step: the loss terms and every gradient (fp32, Hugging Face names) of the first step. */
 static int dump_step(const char *path, const train_model *tm, double loss, double latent, double ce, es_error *err) {
-    const es_model *model = &tm->model;
+    const es_params *model = &tm->params;
     int n = model->n_tensors + (tm->heads ? tm->n_mapped : 0) + 3;
     es_tensor *entries = calloc((size_t)n, sizeof *entries);
     char (*names)[128] = calloc((size_t)n, sizeof *names);
@@ -291,6 +291,7 @@ static _Noreturn void fail(align_comm *comm, const es_error *err) {
 
 int main(int argc, char **argv) {
     es_set_program("essence-align");
+    es_device_prepare(argv); /* before MPI starts: it may run the program again */
     align_comm comm;
     es_error err = {0};
     if (comm_init(&comm, &argc, &argv, &err)) es_exit_error(&err);
@@ -304,8 +305,8 @@ int main(int argc, char **argv) {
         comm_finalize(&comm);
         return 0;
     }
-    if (strcmp(es_config_str(&cfg, "device"), "cpu"))
-        es_fail(&err, ES_ERR_USAGE, "--device %s: this build trains on the cpu only", es_config_str(&cfg, "device")), fail(&comm, &err);
+    es_device_options device_options;
+    if (es_device_options_from_config(&cfg, &device_options, &err)) fail(&comm, &err);
     const char *head_kind = es_config_str(&cfg, "student-head");
     if (strcmp(head_kind, "none") && strcmp(head_kind, "linear"))
         es_fail(&err, ES_ERR_USAGE, "--student-head %s: expected none or linear", head_kind), fail(&comm, &err);
@@ -324,9 +325,6 @@ int main(int argc, char **argv) {
     // 1. The data: its target layers decide which student layers run.
     es_model_config student;
     if (es_model_config_load(model_dir, &student, NULL, &err)) fail(&comm, &err);
-    es_pool *pool = es_pool_create((int)es_config_int(&cfg, "threads"));
-    if (!pool) es_fail(&err, ES_ERR_RUNTIME, "cannot start threads"), fail(&comm, &err);
-    openblas_set_num_threads(es_pool_threads(pool));
     align_data_options data_options = {es_config_str(&cfg, "data"), student.hidden_size, student.n_layers, student.vocab_size,
                                        eval_fraction, (uint64_t)es_config_int(&cfg, "seed"), !es_config_bool(&cfg, "no-shuffle"),
                                        (int)es_config_int(&cfg, "seq-len"), (int)es_config_int(&cfg, "batch-tokens"),
@@ -336,20 +334,31 @@ int main(int argc, char **argv) {
     const int *mapped;
     int n_mapped = align_data_target_layers(data, &mapped);
 
-    // 2. The student and the optimizer's state.
+    // 2. The student on its device, and the optimizer's state.
+    es_device *dev;
+    if (es_device_open(&dev, &device_options, &err)) fail(&comm, &err);
+    es_device_log(dev);
+    /* Checkpoints, the all-reduce and --dump-step read the master weights and gradients in place. */
+    if (!dev->host_memory) es_fail(&err, ES_ERR_USAGE, "%s: essence-align needs a device whose memory is the host's", dev->name), fail(&comm, &err);
+    const int seq_len = (int)es_config_int(&cfg, "seq-len"), batch_tokens = (int)es_config_int(&cfg, "batch-tokens");
+    /* a rank's micro-batch: the token budget, one piece more when the global batch is cut over ranks */
+    const int max_tokens = comm.world == 1 ? (batch_tokens > seq_len ? batch_tokens : seq_len) : batch_tokens + seq_len;
     train_model tm;
-    if (train_model_init(&tm, model_dir, mapped, n_mapped, (float)es_config_float(&cfg, "latent-weight"),
-                         (float)es_config_float(&cfg, "ce-weight"), !strcmp(head_kind, "linear"), &err))
+    if (train_model_init(&tm, dev, model_dir, mapped, n_mapped, (float)es_config_float(&cfg, "latent-weight"),
+                         (float)es_config_float(&cfg, "ce-weight"), !strcmp(head_kind, "linear"), max_tokens, seq_len, &err))
         fail(&comm, &err);
     const int C = student.hidden_size;
-    const size_t n_params = tm.model.arena_floats, n_head = tm.heads ? (size_t)n_mapped * C * C : 0;
-    optimizer opt = {calloc(n_params, sizeof(float)), calloc(n_params, sizeof(float)), n_head ? calloc(n_head, sizeof(float)) : NULL,
-                     n_head ? calloc(n_head, sizeof(float)) : NULL,
-                     {lr, es_config_float(&cfg, "beta1"), es_config_float(&cfg, "beta2"), es_config_float(&cfg, "adam-eps"),
-                      es_config_float(&cfg, "weight-decay")}};
+    const size_t n_head = tm.heads ? (size_t)n_mapped * C * C : 0;
+    optimizer opt = {.config = {lr, es_config_float(&cfg, "beta1"), es_config_float(&cfg, "beta2"), es_config_float(&cfg, "adam-eps"),
+                                es_config_float(&cfg, "weight-decay")}};
+    if (es_params_alloc_like(dev, &tm.params, "AdamW's first moments", &opt.m, &err) ||
+        es_params_alloc_like(dev, &tm.params, "AdamW's second moments", &opt.v, &err) ||
+        (n_head && (es_device_alloc(dev, n_head * sizeof(float), (void **)&opt.head_m, "the heads' AdamW moments", &err) ||
+                    es_device_alloc(dev, n_head * sizeof(float), (void **)&opt.head_v, "the heads' AdamW moments", &err) ||
+                    es_device_zero(dev, opt.head_m, n_head * sizeof(float), &err) ||
+                    es_device_zero(dev, opt.head_v, n_head * sizeof(float), &err))))
+        fail(&comm, &err);
     saved_tensors saved;
-    if (!opt.m || !opt.v || (n_head && (!opt.head_m || !opt.head_v)))
-        es_fail(&err, ES_ERR_RUNTIME, "out of memory for the optimizer state"), fail(&comm, &err);
     if (build_saved(&saved, &tm, &opt, &err)) fail(&comm, &err);
     es_log("rank %d/%d: %lld train and %lld eval samples; target layers %d..%d; %d of %d layers run", comm.rank, comm.world,
            (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data), mapped[0], mapped[n_mapped - 1],
@@ -397,21 +406,22 @@ int main(int argc, char **argv) {
     FILE *metrics = comm.rank == 0 ? fopen(metrics_path, "a") : NULL;
     if (comm.rank == 0 && !metrics) es_fail(&err, ES_ERR_RUNTIME, "%s: %s", metrics_path, strerror(errno)), fail(&comm, &err);
 
-    // 4. The steps, over the trained tensors' ranges of the arena (merged where adjacent).
-    struct range {
-        size_t offset, n;
-    } *ranges = calloc((size_t)tm.model.n_tensors + 1, sizeof *ranges);
-    int n_ranges = 0;
-    if (!ranges) es_fail(&err, ES_ERR_RUNTIME, "out of memory"), fail(&comm, &err);
-    for (int i = 0; i < tm.model.n_tensors; i++) {
-        const es_named_tensor *t = &tm.model.tensors[i];
+    // 4. The steps, over the trained tensors' ranges of the arena (merged where adjacent), the heads first.
+    es_param_group *groups = calloc((size_t)tm.params.n_tensors + 2, sizeof *groups);
+    int n_groups = 0;
+    if (!groups) es_fail(&err, ES_ERR_RUNTIME, "out of memory"), fail(&comm, &err);
+    if (n_head) groups[n_groups++] = (es_param_group){tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head};
+    for (int i = 0; i < tm.params.n_tensors; i++) {
+        const es_named_tensor *t = &tm.params.tensors[i];
         if (!tensor_trains(&tm, t->name)) continue;
-        size_t offset = (size_t)(t->data - tm.model.arena), numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+        const size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
         int merged = 0; /* a tied head is the embedding: the same range once */
-        for (int r = 0; r < n_ranges && !merged; r++)
-            if (ranges[r].offset == offset) merged = 1;
-            else if (ranges[r].offset + ranges[r].n == offset) ranges[r].n += numel, merged = 1;
-        if (!merged) ranges[n_ranges++] = (struct range){offset, numel};
+        for (int g = n_head ? 1 : 0; g < n_groups && !merged; g++)
+            if (groups[g].params == t->data) merged = 1;
+            else if (groups[g].params + groups[g].n == t->data) groups[g].n += numel, merged = 1;
+        if (!merged)
+            groups[n_groups++] = (es_param_group){t->data, train_grad_of(&tm, t->data), es_params_at(&tm.params, &opt.m, t->data),
+                                                  es_params_at(&tm.params, &opt.v, t->data), numel};
     }
     es_progress progress;
     es_progress_start(&progress, "align", "steps", steps);
@@ -426,7 +436,7 @@ int main(int argc, char **argv) {
             align_batch batch;
             train_sums sums;
             rc = align_data_next_train(data, &batch, &err);
-            if (!rc) rc = train_forward_backward(&tm, pool, &batch, 1, 1.0f / (float)accum, &sums, &err);
+            if (!rc) rc = train_forward_backward(&tm, &batch, 1, 1.0f / (float)accum, &sums, &err);
             if (rc) break;
             totals[0] += sums.ce / (double)(batch.global_labels ? batch.global_labels : 1) / accum;
             totals[1] += (double)batch.T, totals[2] += (double)batch.global_tokens;
@@ -435,8 +445,7 @@ int main(int argc, char **argv) {
             aligned += batch.global_aligned;
         }
         // sum over ranks: gradients and the loss terms (each already divided by global counts)
-        for (int r = 0; !rc && r < n_ranges; r++) rc = comm_allreduce_f32(&comm, tm.grads + ranges[r].offset, ranges[r].n, &err);
-        if (!rc && n_head) rc = comm_allreduce_f32(&comm, tm.head_grads, n_head, &err);
+        for (int g = 0; !rc && g < n_groups; g++) rc = comm_allreduce_f32(&comm, groups[g].grads, groups[g].n, &err);
         if (!rc) rc = comm_allreduce_f64(&comm, totals, 3 + (size_t)n_mapped, &err);
         if (rc) break;
         double latent = 0, ce = totals[0];
@@ -452,23 +461,11 @@ int main(int argc, char **argv) {
             es_log("wrote the first step's loss and gradients to %s", dump);
         }
         // clip, then update what trains
-        double sum_squares = n_head ? grad_sum_squares(pool, tm.head_grads, n_head) : 0;
-        for (int r = 0; r < n_ranges; r++) sum_squares += grad_sum_squares(pool, tm.grads + ranges[r].offset, ranges[r].n);
-        double norm = sqrt(sum_squares);
-        float clip_scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
-        double step_lr = lr_at(step, warmup, steps, lr);
-        for (int r = 0; r < n_ranges; r++) {
-            float *grads = tm.grads + ranges[r].offset;
-            if (clip_scale != 1.0f) scale_values(pool, grads, ranges[r].n, clip_scale);
-            adamw_update(pool, tm.model.arena + ranges[r].offset, grads, opt.m + ranges[r].offset, opt.v + ranges[r].offset,
-                         ranges[r].n, step + 1, step_lr, &opt.config);
-            scale_values(pool, grads, ranges[r].n, 0.0f);
-        }
-        if (n_head) {
-            if (clip_scale != 1.0f) scale_values(pool, tm.head_grads, n_head, clip_scale);
-            adamw_update(pool, tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head, step + 1, step_lr, &opt.config);
-            scale_values(pool, tm.head_grads, n_head, 0.0f);
-        }
+        double norm = 0;
+        if ((rc = es_grad_norm(dev, groups, n_groups, &norm, &err))) break;
+        const float clip_scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+        const double step_lr = es_lr_at(step, warmup, steps, lr);
+        if ((rc = es_adamw_step(dev, groups, n_groups, clip_scale, step + 1, step_lr, &opt.config, &err))) break;
         step++;
         double seconds = es_now() - started;
         if (metrics) {
@@ -481,7 +478,7 @@ int main(int argc, char **argv) {
         // eval and checkpoints
         if ((eval_every && step % eval_every == 0) || step == steps) {
             eval_result result;
-            if (align_data_eval_samples(data) > 0 && !(rc = evaluate(&tm, pool, data, &comm, &result, &err)) && metrics) {
+            if (align_data_eval_samples(data) > 0 && !(rc = evaluate(&tm, data, &comm, &result, &err)) && metrics) {
                 fprintf(metrics, "{\"step\":%lld,\"eval_latent_mse\":%.9g,\"eval_cosine\":%.9g,\"eval_ce\":%.9g,\"eval_const_mse\":%.9g,\"eval_r2\":%.9g}\n",
                         (long long)step, result.latent_mse, result.cosine, result.ce, result.const_mse, result.r2);
                 fflush(metrics);
@@ -509,11 +506,12 @@ int main(int argc, char **argv) {
         if (write_fingerprint(fingerprint_path, &cfg, &err)) fail(&comm, &err);
     }
     free_saved(&saved);
-    free(ranges);
-    free(opt.m), free(opt.v), free(opt.head_m), free(opt.head_v);
+    free(groups);
+    es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
+    es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));
     train_model_free(&tm);
+    es_device_close(dev);
     align_data_close(data);
-    es_pool_destroy(pool);
     es_config_free(&cfg);
     comm_finalize(&comm);
     return 0;

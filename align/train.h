@@ -1,40 +1,56 @@
-/* The student under training: fp32 master weights, a gradient arena of the same layout, the
- * optional student heads, and one micro-batch's forward and backward (DESIGN.md "Training
- * objective"). CPU backend, composed from kernels/ops.h and kernels/ops_backward.h. */
+/* The student under training on a device: fp32 master weights and their gradients (one arena
+ * each), the optional student heads, the decoder's activations, the loss terms' buffers, and one
+ * micro-batch's forward and backward (DESIGN.md "Training objective"), composed from
+ * kernels/decoder.h and the loss ops. */
 #ifndef ES_ALIGN_TRAIN_H
 #define ES_ALIGN_TRAIN_H
 
 #include <stdint.h>
 
+#include "backend.h"
 #include "data.h"
+#include "decoder.h"
 #include "error.h"
 #include "model.h"
-#include "threadpool.h"
+#include "weights.h"
 
 enum { TRAIN_MAX_MAPPED = 64 };
 
 typedef struct train_model {
-    es_model model;          /* every layer, the final norm and the head: fp32 master weights */
-    float *grads;            /* (model.arena_floats): gradient of each parameter at the same offset */
+    es_device *dev;
+    es_model_store store;
+    es_params params;        /* every layer, the final norm and the head: fp32 master weights */
+    es_params grads;         /* the gradient of each parameter, same layout */
     int n_mapped;
     int mapped[TRAIN_MAX_MAPPED]; /* student layers with targets, ascending (1-based) */
-    int run_layers;          /* layers the forward and backward go through */
+    int run_layers;          /* layers the training forward and backward go through */
     int with_ce;             /* the CE term is on: the final norm and the head run and train */
-    float *heads;            /* (n_mapped, C, C) the student heads (identity at start), or NULL */
-    float *head_grads;       /* (n_mapped, C, C) or NULL */
+    float *heads;            // (n_mapped, C, C) the student heads (identity at start), or NULL
+    float *head_grads;       // (n_mapped, C, C) or NULL
     float latent_weight, ce_weight;
-    struct train_buffers *buffers; /* activations, sized for the largest batch so far */
+    int max_tokens;          /* tokens per micro-batch the buffers hold */
+    es_decoder *decoder;     /* training: keeps run_layers layers' activations */
+    es_decoder *eval_decoder; /* inference through every layer, for eval */
+    es_layer_stream *layers; /* the master weights, resident */
+    /* the loss terms' buffers (device) */
+    float *targets;          // (n_mapped, max_tokens, C)
+    float *dh;               // (n_mapped, max_tokens, C) gradients of the mapped layers' states
+    float *dnormed;          // (max_tokens, C) gradient of the final norm's output
+    uint8_t *mask;           // (max_tokens)
+    int32_t *labels;         // (max_tokens)
+    const float **dhidden;   /* [run_layers + 1] host: the loss gradient at each layer's output, or NULL */
 } train_model;
 
-/* Loads the model and sets what runs: with ce_weight 0 only layers up to the deepest mapped
- * one run and train. head_linear adds one D×D head per mapped layer. */
-int train_model_init(train_model *tm, const char *model_dir, const int *mapped, int n_mapped, float latent_weight,
-                     float ce_weight, int head_linear, es_error *err);
+/* Opens the model on the device and sets what runs: with ce_weight 0 only layers up to the
+ * deepest mapped one run and train. head_linear adds one D×D head per mapped layer. Buffers hold
+ * micro-batches of up to max_tokens tokens in sequences of up to max_seq. */
+int train_model_init(train_model *tm, es_device *dev, const char *model_dir, const int *mapped, int n_mapped,
+                     float latent_weight, float ce_weight, int head_linear, int max_tokens, int max_seq, es_error *err);
 void train_model_free(train_model *tm);
 
-/* The gradient of a parameter (a pointer into model.arena). */
+/* The gradient of a parameter (a pointer into params.arena). */
 static inline float *train_grad_of(const train_model *tm, const float *param) {
-    return tm->grads + (param - tm->model.arena);
+    return es_params_at(&tm->params, &tm->grads, param);
 }
 
 /* Sums over one micro-batch (this rank's share): each term is a sum over tokens. */
@@ -48,9 +64,8 @@ typedef struct train_sums {
 /* Forward on one batch, and with `backward` the gradients, ACCUMULATED into tm->grads and
  * tm->head_grads: loss = latent_weight · mean over mapped layers of (Σ latent / global_aligned)
  * + ce_weight · Σ ce / global_labels, times `scale` (1/N for N accumulated micro-batches).
- * Without backward, the CE term is computed through every layer whenever the head exists
- * (for eval). */
-int train_forward_backward(train_model *tm, es_pool *pool, const align_batch *batch, int backward, float scale,
-                           train_sums *sums, es_error *err);
+ * Without backward (eval), every layer runs and the CE term is computed too. */
+int train_forward_backward(train_model *tm, const align_batch *batch, int backward, float scale, train_sums *sums,
+                           es_error *err);
 
 #endif

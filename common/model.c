@@ -228,88 +228,62 @@ int es_model_tensor_list(const es_model_config *c, int n_layers, int with_head, 
     return n;
 }
 
-/* Where a listed tensor's data pointer goes in the model. */
-static float **slot_of(es_model *model, const es_tensor_spec *s) {
-    if (s->layer >= 0) return (float **)((char *)&model->layers[s->layer] + layer_tensors[s->part].offset);
-    return s->part == -1 ? &model->embed : s->part == -2 ? &model->final_norm : &model->lm_head;
-}
+float **es_layer_slot(es_layer_weights *w, int part) { return (float **)((char *)w + layer_tensors[part].offset); }
 
-int es_model_load(const char *dir, int n_layers, int with_head, es_model *model, es_error *err) {
-    memset(model, 0, sizeof *model);
-    int rc = es_model_config_load(dir, &model->config, NULL, err);
+int es_model_open(const char *dir, int n_layers, int with_head, es_model_store *store, es_error *err) {
+    memset(store, 0, sizeof *store);
+    int rc = es_model_config_load(dir, &store->config, NULL, err);
     if (rc) return rc;
-    const es_model_config *c = &model->config;
+    const es_model_config *c = &store->config;
     if (n_layers < 0 || n_layers > c->n_layers) n_layers = n_layers < 0 ? c->n_layers : -1;
     if (n_layers < 0) return es_fail(err, ES_ERR_USAGE, "%s: the model has %d layers", dir, c->n_layers);
-    model->n_layers_loaded = n_layers;
-    model->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof *model->layers);
-    es_tensor_spec *list = calloc((size_t)es_model_max_tensors(n_layers), sizeof *list);
-    if (!model->layers || !list) {
-        free(list);
-        es_model_free(model);
+    store->n_layers = n_layers;
+    store->dir = strdup(dir);
+    store->layers = calloc((size_t)(n_layers ? n_layers : 1), sizeof *store->layers);
+    store->specs = calloc((size_t)es_model_max_tensors(n_layers), sizeof *store->specs);
+    if (!store->dir || !store->layers || !store->specs) {
+        es_model_close(store);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
-    int n = es_model_tensor_list(c, n_layers, with_head, list);
-
-    es_weights *weights = NULL;
-    rc = es_weights_open(dir, &weights, err);
-    const es_tensor **found = calloc((size_t)n, sizeof *found);
-    if (!rc && !found) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    size_t total = 0;
+    const int n = es_model_tensor_list(c, n_layers, with_head, store->specs);
+    store->n_specs = n;
+    store->found = calloc((size_t)n, sizeof *store->found);
+    rc = store->found ? es_weights_open(dir, &store->weights, err) : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < n; i++) {
-        found[i] = es_weights_find(weights, list[i].name);
-        if (!found[i]) {
-            rc = BAD("%s: tensor \"%s\" is missing", dir, list[i].name);
+        const es_tensor_spec *want = &store->specs[i];
+        const es_tensor *t = es_weights_find(store->weights, want->name);
+        if (!t) {
+            rc = BAD("%s: tensor \"%s\" is missing", dir, want->name);
             break;
         }
-        const es_tensor *t = found[i];
-        int same = t->ndim == list[i].ndim && t->shape[0] == list[i].shape[0] && (t->ndim == 1 || t->shape[1] == list[i].shape[1]);
+        int same = t->ndim == want->ndim && t->shape[0] == want->shape[0] && (t->ndim == 1 || t->shape[1] == want->shape[1]);
         if (!same) {
             char shape[64], expected[64];
-            if (list[i].ndim == 2) snprintf(expected, sizeof expected, "[%lld, %lld]", (long long)list[i].shape[0], (long long)list[i].shape[1]);
-            else snprintf(expected, sizeof expected, "[%lld]", (long long)list[i].shape[0]);
-            rc = BAD("%s: tensor \"%s\" has shape %s, config.json implies %s", t->file, list[i].name,
+            if (want->ndim == 2) snprintf(expected, sizeof expected, "[%lld, %lld]", (long long)want->shape[0], (long long)want->shape[1]);
+            else snprintf(expected, sizeof expected, "[%lld]", (long long)want->shape[0]);
+            rc = BAD("%s: tensor \"%s\" has shape %s, config.json implies %s", t->file, want->name,
                      es_tensor_shape_str(t, shape, sizeof shape), expected);
             break;
         }
         if (!es_dtype_is_float(t->dtype)) {
-            rc = BAD("%s: tensor \"%s\" has integer dtype %s", t->file, list[i].name, es_dtype_name(t->dtype));
+            rc = BAD("%s: tensor \"%s\" has integer dtype %s", t->file, want->name, es_dtype_name(t->dtype));
             break;
         }
-        total += es_tensor_numel(t);
+        store->found[i] = t;
+        if (want->layer >= 0) {
+            store->layers[want->layer].part[want->part] = t;
+            store->layers[want->layer].numel += es_tensor_numel(t);
+        } else if (want->part == -1) store->embed = t;
+        else if (want->part == -2) store->final_norm = t;
+        else store->lm_head = t;
     }
-    if (!rc) {
-        model->arena = malloc(total * sizeof(float));
-        model->tensors = calloc((size_t)n, sizeof *model->tensors);
-        if (!model->arena || !model->tensors) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory (%zu parameters)", total);
-    }
-    size_t at = 0;
-    for (int i = 0; !rc && i < n; i++) {
-        float *data = model->arena + at;
-        rc = es_tensor_to_f32(found[i], data, err);
-        at += es_tensor_numel(found[i]);
-        *slot_of(model, &list[i]) = data;
-        es_named_tensor *named = &model->tensors[model->n_tensors++];
-        snprintf(named->name, sizeof named->name, "%s", list[i].name);
-        named->data = data, named->ndim = list[i].ndim;
-        named->shape[0] = list[i].shape[0], named->shape[1] = list[i].shape[1];
-    }
-    model->arena_floats = total;
-    if (!rc && with_head && c->tie_word_embeddings) model->lm_head = model->embed;
-    free(found);
-    free(list);
-    es_weights_close(weights);
-    if (rc) es_model_free(model);
+    if (!rc && with_head && c->tie_word_embeddings) store->lm_head = store->embed;
+    if (rc) es_model_close(store);
     return rc;
 }
 
-void es_model_free(es_model *model) {
-    free(model->arena), free(model->tensors), free(model->layers);
-    memset(model, 0, sizeof *model);
-}
-
-const es_named_tensor *es_model_tensor(const es_model *model, const char *name) {
-    for (int i = 0; i < model->n_tensors; i++)
-        if (!strcmp(model->tensors[i].name, name)) return &model->tensors[i];
-    return NULL;
+void es_model_close(es_model_store *store) {
+    es_weights_close(store->weights);
+    free(store->dir), free(store->layers), free(store->specs), free(store->found);
+    memset(store, 0, sizeof *store);
 }

@@ -1,6 +1,5 @@
 /* A decoder-only transformer checkpoint in the Hugging Face layout: config.json (Llama or
- * Qwen2) and safetensors weights, converted to fp32 into one arena with a table of named
- * tensors (Hugging Face names) and per-layer pointers. */
+ * Qwen2) and safetensors weights, read in place (mapped) with per-layer views. */
 #ifndef ES_MODEL_H
 #define ES_MODEL_H
 
@@ -8,6 +7,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "safetensors.h"
 
 typedef enum { ES_ARCH_LLAMA, ES_ARCH_QWEN2 } es_arch;
 
@@ -34,6 +34,8 @@ int es_model_config_load(const char *path, es_model_config *config, char **text,
 /* RoPE inverse frequencies (head_dim / 2 of them), in double, with llama3 scaling applied. */
 void es_rope_inv_freq(const es_model_config *config, double *inv_freq);
 
+/* One decoder layer's weights in device memory, in the backend's weight format (the CPU's is
+ * fp32). The parts are also numbered (ES_PART_*), in the order of the layer's tensor table. */
 typedef struct es_layer_weights {
     float *input_norm;                       /* (C) */
     float *q, *k, *v, *o;                    /* (H*hd, C), (KV*hd, C), (KV*hd, C), (C, H*hd) */
@@ -43,25 +45,9 @@ typedef struct es_layer_weights {
     float *gate_bias, *up_bias, *down_bias;  /* (I), (I), (C) or NULL */
 } es_layer_weights;
 
-typedef struct es_named_tensor {
-    char name[96];   /* the Hugging Face name */
-    float *data;     /* into the arena */
-    int ndim;
-    int64_t shape[2];
-} es_named_tensor;
-
-typedef struct es_model {
-    es_model_config config;
-    float *arena;                 /* every parameter, fp32 */
-    size_t arena_floats;
-    es_named_tensor *tensors;
-    int n_tensors;
-    float *embed;                 /* (V, C) */
-    es_layer_weights *layers;     /* [n_layers_loaded] */
-    int n_layers_loaded;          /* layers 1..n_layers_loaded are present */
-    float *final_norm;            /* (C), NULL unless loaded */
-    float *lm_head;               /* (V, C): the embedding when tied; NULL unless loaded */
-} es_model;
+enum { ES_LAYER_PARTS = 16 };
+/* The slot of part p (0 <= p < ES_LAYER_PARTS) in w. */
+float **es_layer_slot(es_layer_weights *w, int part);
 
 /* A tensor a checkpoint holds: its Hugging Face name and shape (cols 0: a vector). */
 typedef struct es_tensor_spec {
@@ -77,10 +63,31 @@ typedef struct es_tensor_spec {
 int es_model_tensor_list(const es_model_config *config, int n_layers, int with_head, es_tensor_spec *list);
 static inline int es_model_max_tensors(int n_layers) { return 16 * n_layers + 4; }
 
-/* Loads the first `n_layers` decoder layers (-1: all) and, with `with_head`, the final norm
- * and lm_head. Missing or mis-shaped tensors are ES_ERR_DATA naming the tensor and file. */
-int es_model_load(const char *dir, int n_layers, int with_head, es_model *model, es_error *err);
-void es_model_free(es_model *model);
-const es_named_tensor *es_model_tensor(const es_model *model, const char *name);
+/* A checkpoint opened for reading: its tensors stay in their file dtype, mapped from the
+ * safetensors files (the page cache's memory, not the process's), with per-layer views; a
+ * backend brings in what it needs (kernels/stream.h, kernels/weights.h). Every tensor the
+ * opened layers and head need is checked (present, shape, float dtype) at open. */
+typedef struct es_layer_view {
+    const es_tensor *part[ES_LAYER_PARTS];   /* NULL where the layer has no such tensor (biases) */
+    size_t numel;                            /* elements of all its tensors */
+} es_layer_view;
+
+typedef struct es_model_store {
+    es_model_config config;
+    char *dir;
+    es_weights *weights;
+    const es_tensor *embed;                  /* (V, C) */
+    es_layer_view *layers;                   /* [n_layers]: layers 1..n_layers */
+    int n_layers;
+    const es_tensor *final_norm, *lm_head;   /* NULL unless opened with the head; lm_head is embed when tied */
+    es_tensor_spec *specs;                   /* [n_specs] every opened tensor, checkpoint order */
+    const es_tensor **found;                 /* [n_specs] its tensor in the files */
+    int n_specs;
+} es_model_store;
+
+/* Opens the first `n_layers` decoder layers (-1: all) and, with `with_head`, the final norm and
+ * lm_head. Missing or mis-shaped tensors are ES_ERR_DATA naming the tensor and file. */
+int es_model_open(const char *dir, int n_layers, int with_head, es_model_store *store, es_error *err);
+void es_model_close(es_model_store *store);
 
 #endif

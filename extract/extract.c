@@ -9,15 +9,15 @@
 #include <string.h>
 #include <time.h>
 
-#include <cblas.h>
-
+#include "backend.h"
 #include "config.h"
+#include "decoder.h"
 #include "fingerprint.h"
-#include "forward.h"
 #include "inputs.h"
 #include "log.h"
 #include "model.h"
 #include "progress.h"
+#include "stream.h"
 #include "teacher.h"
 
 #define TOOL_VERSION "essence 0.1"
@@ -29,13 +29,12 @@ static const es_option options[] = {
     {"out", ES_OPT_STRING, NULL, "output teacher.h5"},
     {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)"},
     {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples"},
-    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
     {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; a longer one is an error unless --truncate"},
     {"truncate", ES_OPT_BOOL, "false", "cut samples longer than --max-seq (flagged in /samples/truncated)"},
     {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)"},
     {"shard", ES_OPT_STRING, "0/1", "I/N: this run takes the I-th of N contiguous ranges of samples"},
     {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed sample"},
-    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
+    ES_DEVICE_OPTIONS,
     {"chunk-rows", ES_OPT_INT, "0", "latent rows per HDF5 chunk (0: about 1 MiB)"},
     {"zstd-level", ES_OPT_INT, "3", "Zstandard level of the latent chunks"},
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
@@ -75,22 +74,34 @@ typedef struct batch {
     int tokens;
 } batch;
 
+/* The teacher on its device: the checkpoint, the decoder's activations and the layer stream. */
+typedef struct teacher_model {
+    es_device *dev;
+    es_model_store store;
+    es_decoder *decoder;
+    es_layer_stream *layers;
+    int deepest;
+} teacher_model;
+
 /* Collects the rows of the stored layers as the forward pass produces them. */
 typedef struct collector {
+    es_device *dev;
     const int *layers;
     int n_layers, width;
-    float **rows; /* per stored layer: (T, width) */
+    float **rows; /* per stored layer: (T, width) host */
 } collector;
 
 static int collect(void *ctx, int layer, const float *hidden, int T, es_error *err) {
-    (void)err;
     collector *c = ctx;
     for (int i = 0; i < c->n_layers; i++)
-        if (c->layers[i] == layer) memcpy(c->rows[i], hidden, (size_t)T * c->width * sizeof(float));
+        if (c->layers[i] == layer) {
+            int rc = es_device_download(c->dev, c->rows[i], hidden, (size_t)T * c->width * sizeof(float), err);
+            if (rc) return rc;
+        }
     return ES_OK;
 }
 
-static int run_batch(const es_model *model, es_pool *pool, batch *b, teacher_writer *writer, collector *c, es_error *err) {
+static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, es_error *err) {
     int32_t *ids = malloc((size_t)b->tokens * sizeof *ids), *seq_start = malloc((size_t)(b->n + 1) * sizeof *seq_start);
     int rc = ids && seq_start ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < c->n_layers; i++)
@@ -102,8 +113,10 @@ static int run_batch(const es_model *model, es_pool *pool, batch *b, teacher_wri
         at += b->samples[s].n_tokens;
     }
     if (!rc) seq_start[b->n] = at;
-    int deepest = c->layers[c->n_layers - 1];
-    if (!rc) rc = es_forward(model, pool, ids, seq_start, b->n, deepest, collect, c, NULL, err);
+    const es_decoder_batch tokens = {ids, seq_start, b->n};
+    const es_tensor *embed = teacher->store.embed;
+    if (!rc) rc = es_decoder_forward(teacher->decoder, &tokens, embed->data, embed->dtype, teacher->layers, teacher->deepest, NULL,
+                                     collect, c, err);
     const float **sample_rows = malloc((size_t)c->n_layers * sizeof *sample_rows);
     if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int s = 0; !rc && s < b->n; s++) {
@@ -120,6 +133,27 @@ static int run_batch(const es_model *model, es_pool *pool, batch *b, teacher_wri
     b->n = b->tokens = 0;
     free(ids), free(seq_start);
     return rc;
+}
+
+/* The checkpoint up to the deepest stored layer, activations for the largest batch (the token
+ * budget, or one sample of --max-seq), the workspace, then the layers in what memory is left. */
+static int teacher_open(teacher_model *t, es_device *dev, const char *dir, int deepest, int batch_tokens, int max_seq,
+                        es_error *err) {
+    memset(t, 0, sizeof *t);
+    t->dev = dev, t->deepest = deepest;
+    int rc = es_model_open(dir, deepest, 0, &t->store, err);
+    const int capacity = batch_tokens > max_seq ? batch_tokens : max_seq;
+    if (!rc) rc = es_decoder_create(&t->decoder, dev, &t->store.config, capacity, max_seq, 0, err);
+    es_workspace_plan plan = {0};
+    if (!rc) es_decoder_plan(t->decoder, &plan), rc = es_device_reserve(dev, &plan, err);
+    if (!rc) rc = es_stream_open(&t->layers, dev, &t->store, deepest, err);
+    return rc;
+}
+
+static void teacher_close(teacher_model *t) {
+    es_stream_close(t->layers);
+    es_decoder_free(t->decoder);
+    es_model_close(&t->store);
 }
 
 /* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
@@ -172,6 +206,7 @@ static int model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_e
 
 int main(int argc, char **argv) {
     es_set_program("essence-extract");
+    es_device_prepare(argv);
     es_config cfg;
     es_error err = {0};
     static const char *const required[] = {"model", "data", "layers", "out", NULL};
@@ -180,10 +215,8 @@ int main(int argc, char **argv) {
     if (begun > 0) es_exit_error(&err);
     if (begun == ES_CONFIG_DONE) return 0;
     const char *model_dir = es_config_str(&cfg, "model"), *data = es_config_str(&cfg, "data"), *out = es_config_str(&cfg, "out");
-    if (strcmp(es_config_str(&cfg, "device"), "cpu")) {
-        es_fail(&err, ES_ERR_USAGE, "--device %s: this build runs the teacher on the cpu only", es_config_str(&cfg, "device"));
-        es_exit_error(&err);
-    }
+    es_device_options device_options;
+    if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
     int shard = 0, n_shards = 1;
     if (sscanf(es_config_str(&cfg, "shard"), "%d/%d", &shard, &n_shards) != 2 || n_shards < 1 || shard < 0 || shard >= n_shards) {
         es_fail(&err, ES_ERR_USAGE, "--shard %s: expected I/N with 0 <= I < N", es_config_str(&cfg, "shard"));
@@ -212,14 +245,16 @@ int main(int argc, char **argv) {
     if (extract_count_samples(data, &total, &err)) es_exit_error(&err);
     int64_t first = total * shard / n_shards, end = total * (shard + 1) / n_shards;
 
-    // 3. The output, new or resumed.
-    int threads = (int)es_config_int(&cfg, "threads");
-    es_pool *pool = es_pool_create(threads);
+    // 3. The device, and the output, new or resumed.
+    es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
         es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
         es_exit_error(&err);
     }
-    openblas_set_num_threads(es_pool_threads(pool));
+    device_options.pool = pool;
+    es_device *dev;
+    if (es_device_open(&dev, &device_options, &err)) es_exit_error(&err);
+    es_device_log(dev);
     teacher_options writer_options = {layers, n_layers, model_config.hidden_size, es_config_int(&cfg, "chunk-rows"),
                                       (int)es_config_int(&cfg, "zstd-level"), pool};
     teacher_writer writer;
@@ -237,11 +272,11 @@ int main(int argc, char **argv) {
         es_exit_error(&err);
     }
 
-    // 4. The teacher, up to its deepest requested layer.
-    es_model model;
+    // 4. The teacher on the device, up to its deepest requested layer.
+    teacher_model teacher;
     extract_input input;
     const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
-    int rc = es_model_load(model_dir, layers[n_layers - 1], 0, &model, &err);
+    int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
     if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
                                      es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
     if (rc) {
@@ -252,7 +287,7 @@ int main(int argc, char **argv) {
     // 5. Batches of whole samples under the token budget, committed one by one.
     rc = extract_input_skip(&input, first + done, &err);
     batch b = {0};
-    collector c = {layers, n_layers, model_config.hidden_size, calloc((size_t)n_layers, sizeof(float *))};
+    collector c = {dev, layers, n_layers, model_config.hidden_size, calloc((size_t)n_layers, sizeof(float *))};
     es_progress progress;
     es_progress_start(&progress, "extract", "samples", end - first);
     es_progress_add(&progress, done);
@@ -266,7 +301,7 @@ int main(int argc, char **argv) {
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
             int n = b.n;
             es_progress_add_tokens(&progress, b.tokens);
-            rc = run_batch(&model, pool, &b, &writer, &c, &err);
+            rc = run_batch(&teacher, &b, &writer, &c, &err);
             es_progress_add(&progress, n);
         }
         if (b.n == b.cap) {
@@ -284,7 +319,7 @@ int main(int argc, char **argv) {
     if (!rc && b.n) {
         int n = b.n;
         es_progress_add_tokens(&progress, b.tokens);
-        rc = run_batch(&model, pool, &b, &writer, &c, &err);
+        rc = run_batch(&teacher, &b, &writer, &c, &err);
         es_progress_add(&progress, n);
     }
     es_progress_finish(&progress);
@@ -318,7 +353,8 @@ int main(int argc, char **argv) {
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     free(yaml), free(config_text), free(layers), free(c.rows), free(b.samples);
     extract_input_close(&input);
-    es_model_free(&model);
+    teacher_close(&teacher);
+    es_device_close(dev);
     es_pool_destroy(pool);
     es_config_free(&cfg);
     if (rc) es_exit_error(&err);

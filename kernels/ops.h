@@ -1,61 +1,230 @@
-/* The ops of a decoder layer, CPU backend (fp32, the reference the CUDA backend is tested
- * against). Outputs first, shapes in comments: T tokens, C model width, H query heads,
- * KV key/value heads, hd head size, I MLP width. */
+/* The ops of the seam (kernels/backend.h): every piece of math the stages run, on whichever
+ * device they opened. Outputs first, shapes in comments: T tokens, C width, OC output width,
+ * H query heads, KV key/value heads, hd head size, I MLP width, V vocabulary, n elements.
+ *
+ * Every pointer is device memory unless its comment says "host". Every op returns ES_OK or an
+ * error code (the message: es_device_take_error). What each op computes, and what a backend
+ * must promise about it (precision, determinism, aliasing), is in docs/engine.md; the CPU
+ * backend (kernels/cpu/) is the reference the others are checked against, op by op
+ * (tests/unit/test_ops.c, tests/gpu/).
+ *
+ * Gradient conventions: a gradient d<x> of an activation is WRITTEN (overwritten); gradients of
+ * parameters (weights, biases, tables, heads) are ACCUMULATED (+=), so micro-batches and layers
+ * can add into one gradient arena. */
 #ifndef ES_KERNELS_OPS_H
 #define ES_KERNELS_OPS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
-#include "threadpool.h"
+#include "backend.h"
+#include "dtype.h"
 
-void es_embedding_forward(float *out,             // (T, C)
+/* ---- decoder layer, forward ------------------------------------------------------------ */
+
+/* out[t] = table[ids[t]]. The table is device memory in fp32, or (any float dtype) a host
+ * mapping of the checkpoint, which a backend reads row by row. */
+int es_embedding_forward(es_device *dev,
+                         float *out,              // (T, C)
+                         const int32_t *ids,      // (T)
+                         const void *table,       // (V, C) of `dtype`
+                         es_dtype dtype, int T, int C);
+
+/* out = in / sqrt(mean(in²) + eps) * weight (the mean in double). out may alias in. */
+int es_rmsnorm_forward(es_device *dev,
+                       float *out,                // (T, C)
+                       const float *in,           // (T, C)
+                       const float *weight,       // (C)
+                       int T, int C, float eps);
+
+/* out = in @ weightᵀ + bias. A token's row does not depend on how many other tokens share the
+ * call (fixed blocks of rows; docs/engine.md says where that holds bit for bit). */
+int es_matmul_forward(es_device *dev,
+                      float *out,                 // (T, OC)
+                      const float *in,            // (T, C)
+                      const float *weight,        // (OC, C)
+                      const float *bias,          // (OC) or NULL
+                      int T, int C, int OC);
+
+/* Rotary embedding in place, Hugging Face's rotate-half convention; angles in double. */
+int es_rope_forward(es_device *dev,
+                    float *x,                     // (T, n_heads, hd)
+                    const int32_t *positions,     // (T)
+                    const double *inv_freq,       // (hd / 2)
+                    int T, int n_heads, int hd);
+
+/* Causal attention within each sequence: tokens [seq_start[s], seq_start[s+1]) see only their
+ * own sequence's earlier tokens; query head h reads key/value head h / (H / KV). */
+int es_attention_forward(es_device *dev,
+                         float *out,              // (T, H, hd)
+                         const float *q,          // (T, H, hd) after RoPE
+                         const float *k,          // (T, KV, hd) after RoPE
+                         const float *v,          // (T, KV, hd)
+                         const int32_t *seq_start, // (n_seqs + 1)
+                         int n_seqs, int H, int KV, int hd);
+
+/* out = silu(gate) * up. out may alias gate or up. */
+int es_swiglu_forward(es_device *dev,
+                      float *out,                 // (n)
+                      const float *gate,          // (n)
+                      const float *up,            // (n)
+                      size_t n);
+
+/* out = a + b. out may alias a or b. */
+int es_add(es_device *dev,
+           float *out,                            // (n)
+           const float *a,                        // (n)
+           const float *b,                        // (n)
+           size_t n);
+
+/* ---- decoder layer, backward ----------------------------------------------------------- */
+
+/* dtable[ids[t]] += dout[t], tokens in order. */
+int es_embedding_backward(es_device *dev,
+                          float *dtable,          // (V, C) accumulated
                           const int32_t *ids,     // (T)
-                          const float *table,     // (V, C)
+                          const float *dout,      // (T, C)
                           int T, int C);
 
-/* y = x / sqrt(mean(x^2) + eps) * weight, the mean taken in double. */
-void es_rmsnorm_forward(float *out,               // (T, C)
-                        const float *in,          // (T, C)
+/* din written (it may not alias dout), dweight accumulated. */
+int es_rmsnorm_backward(es_device *dev,
+                        float *din,               // (T, C)
+                        float *dweight,           // (C) accumulated, or NULL (a unit weight's gradient is not wanted)
+                        const float *dout,        // (T, C)
+                        const float *in,          // (T, C) the forward's input
                         const float *weight,      // (C)
                         int T, int C, float eps);
 
-/* out = in @ weight^T + bias (OpenBLAS sgemm; small products split over the pool's workers,
- * pool may be NULL). Returns 0, or -1 when out of memory. */
-int es_matmul_forward(es_pool *pool,
-                      float *out,                 // (T, OC)
+/* din written (NULL: not needed), dweight and dbias accumulated (dbias NULL: no bias). */
+int es_matmul_backward(es_device *dev,
+                       float *din,                // (T, C) or NULL
+                       float *dweight,            // (OC, C) accumulated
+                       float *dbias,              // (OC) accumulated, or NULL
+                       const float *dout,         // (T, OC)
                        const float *in,           // (T, C)
                        const float *weight,       // (OC, C)
-                       const float *bias,         // (OC) or NULL
                        int T, int C, int OC);
 
-/* Rotary embedding in place, Hugging Face's rotate-half convention; angles in double. */
-void es_rope_forward(float *x,                    // (T, n_heads, hd)
+/* In place: dx, the gradient of the rotated x, becomes that of the unrotated x. */
+int es_rope_backward(es_device *dev,
+                     float *dx,                   // (T, n_heads, hd)
                      const int32_t *positions,    // (T)
                      const double *inv_freq,      // (hd / 2)
                      int T, int n_heads, int hd);
 
-/* The rotation itself; `inverse` rotates by the opposite angles (the backward of the forward). */
-void es_rope_rotate(float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd, int inverse);
-
-/* Causal attention within each sequence (tokens [seq_start[s], seq_start[s+1]) see only
- * their own sequence); query head h reads key/value head h / (H / KV) in place. */
-int es_attention_forward(es_pool *pool,            /* 0, or -1 when out of memory */
-                          float *out,             // (T, H, hd)
-                          const float *q,         // (T, H, hd)
-                          const float *k,         // (T, KV, hd)
+/* dq, dk, dv written; the forward's probabilities are recomputed from q and k. */
+int es_attention_backward(es_device *dev,
+                          float *dq,              // (T, H, hd)
+                          float *dk,              // (T, KV, hd)
+                          float *dv,              // (T, KV, hd)
+                          const float *dout,      // (T, H, hd)
+                          const float *q,         // (T, H, hd) after RoPE
+                          const float *k,         // (T, KV, hd) after RoPE
                           const float *v,         // (T, KV, hd)
                           const int32_t *seq_start, // (n_seqs + 1)
                           int n_seqs, int H, int KV, int hd);
 
-/* out = silu(gate) * up */
-void es_swiglu_forward(float *out,                // (n)
+/* dgate and dup written (they may not alias dout). */
+int es_swiglu_backward(es_device *dev,
+                       float *dgate,              // (n)
+                       float *dup,                // (n)
+                       const float *dout,         // (n)
                        const float *gate,         // (n)
                        const float *up,           // (n)
-                       long n);
+                       size_t n);
 
-/* x += y */
-void es_residual_forward(float *x,                // (n)
-                         const float *y,          // (n)
-                         long n);
+/* ---- loss terms (forward and backward in one pass; DESIGN.md "Training objective") ------- */
+
+/* Latent MSE of one layer: for each token t with mask[t] != 0,
+ *   ĥ_t = h_t / sqrt(mean_k h_t[k]² + eps),  y_t = head ? ĥ_t @ headᵀ : ĥ_t,
+ *   e_t = mean_k (y_t[k] − target_t[k])².
+ * *loss_sum (host) = Σ_t e_t; *cosine_sum (host, may be NULL) = Σ_t cos(y_t, target_t).
+ * With dh != NULL: dh = scale · ∂(Σ e)/∂h (zero rows where mask is 0), and dhead (when not
+ * NULL) += scale · ∂(Σ e)/∂head. */
+int es_latent_mse(es_device *dev,
+                  double *loss_sum,               // host
+                  double *cosine_sum,             // host, or NULL
+                  float *dh,                      // (T, C) or NULL
+                  float *dhead,                   // (C, C) accumulated, or NULL (not read without a head)
+                  const float *h,                 // (T, C)
+                  const float *target,            // (T, C)
+                  const uint8_t *mask,            // (T)
+                  const float *head,              // (C, C) or NULL
+                  int T, int C, float eps, float scale);
+
+/* Next-token cross entropy through the head W, never holding all (T, V) logits at once:
+ * *loss_sum (host) = Σ over t with labels[t] >= 0 of logsumexp(x_t Wᵀ) − (x_t Wᵀ)[labels[t]].
+ * With dx != NULL: dx = scale · ∂sum/∂x (zero rows where the label is −1), and dW (when not
+ * NULL) += scale · ∂sum/∂W. A label outside [−1, V) is ES_ERR_DATA. */
+int es_cross_entropy(es_device *dev,
+                     double *loss_sum,            // host
+                     float *dx,                   // (T, C) or NULL
+                     float *dW,                   // (V, C) accumulated, or NULL
+                     const float *x,              // (T, C)
+                     const float *W,              // (V, C)
+                     const int32_t *labels,       // (T)
+                     int T, int C, int V, float scale);
+
+/* ---- optimizer ------------------------------------------------------------------------- */
+
+typedef struct es_adamw_config {
+    double lr, beta1, beta2, eps, weight_decay;
+} es_adamw_config;
+
+/* One AdamW update, torch.optim.AdamW's order of operations in fp32, `step` counting from 1:
+ *   p ← p · (1 − lr·wd);  m ← m + (g − m)(1 − β1);  v ← β2·v + (1 − β2)·g²
+ *   p ← p − lr/(1 − β1^step) · m / (sqrt(v) / sqrt(1 − β2^step) + eps)
+ * (lr is this step's rate; config->lr is not read). */
+int es_adamw_update(es_device *dev,
+                    float *params,                // (n)
+                    const float *grads,           // (n)
+                    float *m,                     // (n)
+                    float *v,                     // (n)
+                    size_t n, int64_t step, double lr, const es_adamw_config *config);
+
+/* *out (host) = Σ x², in double, over fixed blocks added in order. */
+int es_sum_squares(es_device *dev, double *out, const float *x /* (n) */, size_t n);
+
+/* x *= scale; scale 0 sets x to zero (NaN included). */
+int es_scale(es_device *dev, float *x /* (n) */, size_t n, float scale);
+
+/* ---- the Fourier projection (DESIGN.md "The Fourier projection") ------------------------ */
+
+/* The GEMM inputs' precision: fp32 (as is), tf32 (10 mantissa bits), bf16 (7), fp8 e4m3
+ * (3, saturating at ±448); the phases always accumulate in fp32. */
+typedef enum { ES_PRECISION_FP32, ES_PRECISION_TF32, ES_PRECISION_BF16, ES_PRECISION_FP8 } es_precision;
+
+/* Rounds x to the precision in place (round to nearest even; NaN and inf kept). */
+int es_round_precision(es_device *dev, float *x /* (n) */, size_t n, es_precision precision);
+
+/* x_hat[i] = standardised rows[row_index[i]], rounded to the precision:
+ *   mean != NULL: (x − mean) / scale per dimension;  mean == NULL: x / max(rms(x), 1e-6).
+ * A row with a non-finite value is not written; *first_bad (host) = the smallest i whose row is
+ * not finite, or n when all are. */
+int es_standardise(es_device *dev,
+                   float *x_hat,                  // (n, d)
+                   int64_t *first_bad,            // host
+                   const float *rows,             // (R, d)
+                   const int64_t *row_index,      // (n) into rows
+                   const float *mean,             // (d) or NULL
+                   const float *scale,            // (d) or NULL
+                   int64_t n, int d, es_precision precision);
+
+/* Where the time of es_fourier_features went (added to, host; a backend that cannot tell
+ * leaves it). */
+typedef struct es_fourier_timing {
+    double gemm_seconds, epilogue_seconds, gemm_flops;
+} es_fourier_timing;
+
+/* targets = √2 · [cos φ, sin φ], φ = x_hat Ωᵀ accumulated in fp32, the GEMM's inputs in
+ * `precision` (the caller has rounded both to it, so a backend that emulates the narrow formats
+ * with an fp32 product gets what tensor cores compute); cos and sin with exact range reduction.
+ * A row's result depends on that row alone. */
+int es_fourier_features(es_device *dev,
+                        float *targets,           // (T, 2m)
+                        const float *x_hat,       // (T, d)
+                        const float *omega,       // (m, d)
+                        int T, int d, int m, es_precision precision,
+                        es_fourier_timing *timing); // host, or NULL
 
 #endif

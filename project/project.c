@@ -7,19 +7,19 @@
  * tokenise with the student's tokenizer, align, project, store; finally record what made the
  * file. */
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include <cblas.h>
-
+#include "alignment.h"
+#include "backend.h"
 #include "config.h"
 #include "fingerprint.h"
 #include "fourier.h"
 #include "log.h"
 #include "model.h"
+#include "ops.h"
 #include "precision.h"
 #include "progress.h"
 #include "student.h"
@@ -39,8 +39,7 @@ static const es_option options[] = {
     {"align", ES_OPT_STRING, "exact", "exact or causal token alignment"},
     {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)"},
     {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
-    {"device", ES_OPT_STRING, "cpu", "cpu or cuda"},
-    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU)"},
+    ES_DEVICE_OPTIONS,
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
     {NULL, 0, NULL, NULL},
 };
@@ -52,7 +51,8 @@ enum { BLOCK_TOKENS = 2048 }; /* teacher rows per block of whole samples */
 /* One entry of the layer map: teacher layer -> student layer, and how its inputs are scaled. */
 typedef struct layer_pair {
     int teacher, student;
-    float *input_mean, *input_scale; /* (d) */
+    float *input_mean, *input_scale; /* (d) host, as stored */
+    float *mean, *scale;             /* (d) device, or NULL (rms) */
 } layer_pair;
 
 /* Parses "20:7,40:14" and checks it against the teacher file and the student's depth. */
@@ -78,7 +78,7 @@ static int parse_layer_map(const char *text, const teacher_set *teacher, const c
                            student_layers);
         for (int i = 0; i < *count; i++)
             if ((*pairs)[i].student == to) return es_fail(err, ES_ERR_USAGE, "--layer-map: student layer %ld appears twice", to);
-        (*pairs)[(*count)++] = (layer_pair){(int)from, (int)to, NULL, NULL};
+        (*pairs)[(*count)++] = (layer_pair){(int)from, (int)to, NULL, NULL, NULL, NULL};
         p = *end ? end + 1 : end;
     }
     if (!*count) return es_fail(err, ES_ERR_USAGE, "--layer-map: no layer pairs given");
@@ -90,17 +90,23 @@ typedef struct projector {
     const teacher_set *teacher;
     const es_tokenizer *tokenizer;
     es_pool *pool;
+    es_device *dev;
     layer_pair *pairs;
     int n_pairs;
     int d, m;                  /* teacher width, phases (student width D = 2m) */
-    const float *omega;        /* (m, d) as the GEMM sees it: rounded to --precision */
-    gemm_precision precision;
+    const float *omega;        // (m, d) device, rounded to --precision
+    es_precision precision;
     int rms;                   /* --input-norm rms */
     align_rule rule;
     student_writer *out;
     es_encoding *encodings;    /* one per sample of the block */
+    /* device buffers for the largest block, and host copies where the device's memory is not the host's */
+    int64_t capacity;          /* teacher rows */
+    float *rows, *x_hat, *features;   // (capacity, d), (capacity, d), (capacity, D) device
+    int64_t *ref_index;        // (capacity) device
+    float *host_rows, *host_features; /* host staging, or the device buffers themselves */
     int64_t student_tokens, aligned_tokens;
-    fourier_timing timing;
+    es_fourier_timing timing;
     double io_seconds, tokenize_seconds, standardise_seconds;
 } projector;
 
@@ -150,59 +156,25 @@ static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
     return rc;
 }
 
-/* x̂ for the referenced teacher rows, checked finite, then rounded to the GEMM precision;
- * rows are independent, so they are spread over the pool. */
-typedef struct standardise_job {
-    const projector *p;
-    const layer_pair *pair;
-    const float *rows;          // (block rows, d)
-    const int64_t *ref_rows;    // (n_ref)
-    float *x_hat;               // (n_ref, d)
-    int64_t n_ref;
-    int64_t first_bad;          // the first referenced row that is not finite, or n_ref
-    pthread_mutex_t lock;
-} standardise_job;
-
-enum { STANDARDISE_ROWS = 64 };
-
-static void standardise_rows(void *arg, size_t part, int worker) {
-    (void)worker;
-    standardise_job *job = arg;
-    const int d = job->p->d;
-    int64_t begin = (int64_t)part * STANDARDISE_ROWS, end = begin + STANDARDISE_ROWS < job->n_ref ? begin + STANDARDISE_ROWS : job->n_ref;
-    for (int64_t r = begin; r < end; r++) {
-        const float *x = job->rows + (size_t)job->ref_rows[r] * d;
-        float *out = job->x_hat + (size_t)r * d;
-        double sum_sq = 0;
-        int finite = 1;
-        for (int k = 0; k < d; k++) finite &= isfinite(x[k]), sum_sq += (double)x[k] * x[k];
-        if (!finite) {
-            pthread_mutex_lock(&job->lock);
-            if (r < job->first_bad) job->first_bad = r;
-            pthread_mutex_unlock(&job->lock);
-            continue;
-        }
-        if (job->p->rms) {
-            double rms = sqrt(sum_sq / d);
-            rms = rms > 1e-6 ? rms : 1e-6;
-            for (int k = 0; k < d; k++) out[k] = (float)(x[k] / rms);
-        } else {
-            for (int k = 0; k < d; k++) out[k] = (x[k] - job->pair->input_mean[k]) / job->pair->input_scale[k];
-        }
-        precision_round(out, (size_t)d, job->p->precision);
+/* x̂ for the referenced teacher rows (checked finite, rounded to the GEMM precision), then their
+ * features: both on the device. */
+static int project_rows(projector *p, const layer_pair *pair, const int64_t *ref_rows, int64_t n_ref, const teacher_block *b,
+                        es_error *err) {
+    int64_t first_bad = n_ref;
+    const double start = es_now();
+    if (es_standardise(p->dev, p->x_hat, &first_bad, p->rows, p->ref_index, pair->mean, pair->scale, n_ref, p->d, p->precision))
+        return es_device_take_error(p->dev, err);
+    p->standardise_seconds += es_now() - start;
+    if (first_bad < n_ref) {
+        int64_t row = ref_rows[first_bad], sample = 0;
+        while (b->token_offset[sample + 1] <= row) sample++;
+        return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path,
+                       pair->teacher, (long long)(b->shard->token_start[b->first] + row), (long long)(b->first + sample),
+                       b->ids[sample]);
     }
-}
-
-static int standardise(const projector *p, const layer_pair *pair, const float *rows, const int64_t *ref_rows, int64_t n_ref,
-                       float *x_hat, const teacher_block *b, es_error *err) {
-    standardise_job job = {p, pair, rows, ref_rows, x_hat, n_ref, n_ref, PTHREAD_MUTEX_INITIALIZER};
-    es_pool_for(p->pool, (size_t)((n_ref + STANDARDISE_ROWS - 1) / STANDARDISE_ROWS), standardise_rows, &job);
-    pthread_mutex_destroy(&job.lock);
-    if (job.first_bad == n_ref) return ES_OK;
-    int64_t row = ref_rows[job.first_bad], sample = 0;
-    while (b->token_offset[sample + 1] <= row) sample++;
-    return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path, pair->teacher,
-                   (long long)(b->shard->token_start[b->first] + row), (long long)(b->first + sample), b->ids[sample]);
+    if (es_fourier_features(p->dev, p->features, p->x_hat, p->omega, (int)n_ref, p->d, p->m, p->precision, &p->timing))
+        return es_device_take_error(p->dev, err);
+    return ES_OK;
 }
 
 /* One block: student tokens, alignment, then per layer pair the targets of the aligned
@@ -272,38 +244,95 @@ static int project_block(projector *p, const teacher_block *b, es_error *err) {
 
     // 3. Targets, layer pair by layer pair.
     const int d = p->d, D = 2 * p->m;
-    float *rows = rc ? NULL : malloc((size_t)(b->tokens + 1) * d * sizeof *rows);   // (block rows, d)
-    float *x_hat = rc ? NULL : malloc((size_t)(n_ref + 1) * d * sizeof *x_hat);     // (n_ref, d)
-    float *features = rc ? NULL : malloc((size_t)(n_ref + 1) * D * sizeof *features); // (n_ref, D)
-    float *targets = rc ? NULL : malloc((size_t)(n_student + 1) * D * sizeof *targets); // (n_student, D)
-    if (!rc && (!rows || !x_hat || !features || !targets)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    float *targets = rc ? NULL : malloc((size_t)(n_student + 1) * D * sizeof *targets); // (n_student, D) host
+    if (!rc && !targets) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (!rc) rc = es_device_upload(p->dev, p->ref_index, ref_rows, (size_t)n_ref * sizeof *ref_rows, err);
     int loaded_layer = -1;
     for (int l = 0; !rc && l < p->n_pairs; l++) {
         const layer_pair *pair = &p->pairs[l];
         if (pair->teacher != loaded_layer) {
             start = es_now();
-            rc = teacher_block_latents(p->teacher, b, pair->teacher, rows, err);
+            rc = teacher_block_latents(p->teacher, b, pair->teacher, p->host_rows, err);
+            if (!rc && p->host_rows != p->rows) rc = es_device_upload(p->dev, p->rows, p->host_rows, (size_t)b->tokens * d * sizeof(float), err);
             p->io_seconds += es_now() - start;
             loaded_layer = pair->teacher;
-            start = es_now();
-            if (!rc) rc = standardise(p, pair, rows, ref_rows, n_ref, x_hat, b, err);
-            p->standardise_seconds += es_now() - start;
-            if (!rc && fourier_features(features, x_hat, p->omega, (int)n_ref, d, p->m, p->pool, &p->timing))
-                rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            if (!rc) rc = project_rows(p, pair, ref_rows, n_ref, b, err);
+            if (!rc && p->host_features != p->features)
+                rc = es_device_download(p->dev, p->host_features, p->features, (size_t)n_ref * D * sizeof(float), err);
         }
         for (int64_t t = 0; !rc && t < n_student; t++) {
             float *target = targets + (size_t)t * D;
             if (local_row[t] < 0) memset(target, 0, (size_t)D * sizeof *target);
-            else memcpy(target, features + (size_t)slot[local_row[t]] * D, (size_t)D * sizeof *target);
+            else memcpy(target, p->host_features + (size_t)slot[local_row[t]] * D, (size_t)D * sizeof *target);
         }
         start = es_now();
         if (!rc) rc = student_add_targets(p->out, l, targets, n_student, err);
         p->io_seconds += es_now() - start;
     }
     for (int64_t i = 0; i < b->count && p->encodings; i++) es_encoding_free(&p->encodings[i]);
-    free(local_row), free(set_row), free(slot), free(ref_rows), free(sample_tokens);
-    free(rows), free(x_hat), free(features), free(targets);
+    free(local_row), free(set_row), free(slot), free(ref_rows), free(sample_tokens), free(targets);
     return rc;
+}
+
+/* Samples of the block starting at `first`: whole samples up to BLOCK_TOKENS teacher rows (a
+ * longer sample makes a block of its own). */
+static int64_t block_count(const teacher_shard *shard, int64_t first) {
+    int64_t count = 1;
+    while (first + count < shard->samples && shard->token_start[first + count + 1] - shard->token_start[first] <= BLOCK_TOKENS)
+        count++;
+    return count;
+}
+
+/* The device's buffers for the largest block, the layers' standardisation and Ω (rounded to
+ * the GEMM precision on the device), and the ops' workspace: all allocated once. */
+static int projector_prepare(projector *p, const float *omega, es_error *err) {
+    es_device *dev = p->dev;
+    const int d = p->d, D = 2 * p->m;
+    for (int s = 0; s < p->teacher->n_shards; s++) {
+        const teacher_shard *shard = &p->teacher->shards[s];
+        for (int64_t first = 0, count; first < shard->samples; first += count) {
+            count = block_count(shard, first);
+            const int64_t rows = shard->token_start[first + count] - shard->token_start[first];
+            p->capacity = rows > p->capacity ? rows : p->capacity;
+        }
+    }
+    const size_t n = (size_t)(p->capacity ? p->capacity : 1);
+    int rc = es_device_alloc(dev, n * d * sizeof(float), (void **)&p->rows, "a block of teacher rows", err);
+    if (!rc) rc = es_device_alloc(dev, n * d * sizeof(float), (void **)&p->x_hat, "a block of standardised rows", err);
+    if (!rc) rc = es_device_alloc(dev, n * D * sizeof(float), (void **)&p->features, "a block of features", err);
+    if (!rc) rc = es_device_alloc(dev, n * sizeof(int64_t), (void **)&p->ref_index, "a block's row index", err);
+    p->host_rows = dev->host_memory ? p->rows : malloc(n * d * sizeof(float));
+    p->host_features = dev->host_memory ? p->features : malloc(n * D * sizeof(float));
+    if (!rc && (!p->host_rows || !p->host_features)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int l = 0; !rc && l < p->n_pairs; l++) {
+        layer_pair *pair = &p->pairs[l];
+        if (p->rms) continue; /* es_standardise divides each row by its own RMS */
+        rc = es_device_alloc(dev, (size_t)d * sizeof(float), (void **)&pair->mean, "the standardisation", err);
+        if (!rc) rc = es_device_alloc(dev, (size_t)d * sizeof(float), (void **)&pair->scale, "the standardisation", err);
+        if (!rc) rc = es_device_upload(dev, pair->mean, pair->input_mean, (size_t)d * sizeof(float), err);
+        if (!rc) rc = es_device_upload(dev, pair->scale, pair->input_scale, (size_t)d * sizeof(float), err);
+    }
+    float *omega_device = NULL;
+    const size_t omega_bytes = (size_t)p->m * d * sizeof(float);
+    if (!rc) rc = es_device_alloc(dev, omega_bytes, (void **)&omega_device, "Ω", err);
+    if (!rc) rc = es_device_upload(dev, omega_device, omega, omega_bytes, err);
+    if (!rc && es_round_precision(dev, omega_device, (size_t)p->m * d, p->precision)) rc = es_device_take_error(dev, err);
+    p->omega = omega_device;
+    es_workspace_plan plan = {.feature_in = d, .feature_phases = p->m};
+    if (!rc) rc = es_device_reserve(dev, &plan, err);
+    return rc;
+}
+
+static void projector_free(projector *p) {
+    es_device *dev = p->dev;
+    const size_t n = (size_t)(p->capacity ? p->capacity : 1), d = (size_t)p->d, D = 2 * (size_t)p->m;
+    if (p->host_rows != p->rows) free(p->host_rows);
+    if (p->host_features != p->features) free(p->host_features);
+    es_device_free(dev, p->rows, n * d * sizeof(float)), es_device_free(dev, p->x_hat, n * d * sizeof(float));
+    es_device_free(dev, p->features, n * D * sizeof(float)), es_device_free(dev, p->ref_index, n * sizeof(int64_t));
+    es_device_free(dev, (float *)p->omega, (size_t)p->m * d * sizeof(float));
+    for (int l = 0; l < p->n_pairs; l++)
+        es_device_free(dev, p->pairs[l].mean, d * sizeof(float)), es_device_free(dev, p->pairs[l].scale, d * sizeof(float));
 }
 
 static void fail_usage(es_error *err, const char *fmt, const char *value) {
@@ -313,6 +342,7 @@ static void fail_usage(es_error *err, const char *fmt, const char *value) {
 
 int main(int argc, char **argv) {
     es_set_program("essence-project");
+    es_device_prepare(argv);
     double started = es_now();
     es_config cfg;
     es_error err = {0};
@@ -336,7 +366,7 @@ int main(int argc, char **argv) {
     if (!(sigma > 0) || !isfinite(sigma)) fail_usage(&err, "--sigma %s: expected a positive number", es_config_str(&cfg, "sigma"));
 
     // 1. The GEMM precision must keep the features accurate at this σ (DESIGN.md's table).
-    gemm_precision precision;
+    es_precision precision;
     if (precision_parse(es_config_str(&cfg, "precision"), &precision))
         fail_usage(&err, "--precision %s: expected fp32, tf32, bf16 or fp8", es_config_str(&cfg, "precision"));
     double predicted = precision_predicted_error(precision, sigma);
@@ -368,14 +398,18 @@ int main(int argc, char **argv) {
     fclose(probe);
     if (es_tokenizer_load(student_dir, &tokenizer, &err)) es_exit_error(&err);
 
-    // 3. The teacher files, as one, and the layer map.
-    int threads = (int)es_config_int(&cfg, "threads");
-    es_pool *pool = es_pool_create(threads);
+    // 3. The teacher files, as one, and the layer map; the device.
+    es_device_options device_options;
+    if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
+    es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
         es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
         es_exit_error(&err);
     }
-    openblas_set_num_threads(es_pool_threads(pool));
+    device_options.pool = pool;
+    es_device *dev;
+    if (es_device_open(&dev, &device_options, &err)) es_exit_error(&err);
+    es_device_log(dev);
     teacher_set teacher;
     if (teacher_set_open(&teacher, in, pool, &err)) es_exit_error(&err);
     layer_pair *pairs = NULL;
@@ -397,15 +431,13 @@ int main(int argc, char **argv) {
     if (rc) es_exit_error(&err);
 
     // 5. Ω, stored as drawn; the GEMM sees it rounded to --precision.
-    float *omega = malloc((size_t)m * d * sizeof *omega), *omega_gemm = malloc((size_t)m * d * sizeof *omega_gemm);
-    if (!omega || !omega_gemm) {
+    float *omega = malloc((size_t)m * d * sizeof *omega);
+    if (!omega) {
         es_fail(&err, ES_ERR_RUNTIME, "out of memory");
         es_exit_error(&err);
     }
     uint64_t seed = (uint64_t)es_config_int(&cfg, "seed");
-    fourier_omega(omega, m, d, sigma, seed);
-    memcpy(omega_gemm, omega, (size_t)m * d * sizeof *omega);
-    precision_round(omega_gemm, (size_t)m * d, precision);
+    es_fourier_omega(omega, m, d, sigma, seed);
 
     // 6. The output, then every sample of every shard in order, block by block.
     int *student_layers = malloc((size_t)n_pairs * sizeof *student_layers), *teacher_layers = malloc((size_t)n_pairs * sizeof *teacher_layers);
@@ -420,17 +452,17 @@ int main(int argc, char **argv) {
     student_writer writer;
     rc = student_create(&writer, out, student_layers, n_pairs, student.hidden_size, pool, &err);
     if (!rc) rc = student_write_projection(&writer, omega, m, d, teacher_layers, means, scales, n_pairs, &err);
+    projector p = {.teacher = &teacher, .tokenizer = tokenizer, .pool = pool, .dev = dev, .pairs = pairs, .n_pairs = n_pairs,
+                   .d = d, .m = m, .precision = precision, .rms = rms,
+                   .rule = strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, .out = &writer};
+    if (!rc) rc = projector_prepare(&p, omega, &err);
     if (rc) es_exit_error(&err);
-    projector p = {&teacher, tokenizer, pool, pairs, n_pairs, d, m, omega_gemm, precision, rms,
-                   strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, &writer, NULL, 0, 0, {0, 0, 0}, 0, 0, 0};
     es_progress progress;
     es_progress_start(&progress, "project", "samples", teacher.samples);
     for (int s = 0; !rc && s < teacher.n_shards; s++) {
         const teacher_shard *shard = &teacher.shards[s];
         for (int64_t first = 0; !rc && first < shard->samples;) {
-            int64_t count = 1;
-            while (first + count < shard->samples && shard->token_start[first + count + 1] - shard->token_start[first] <= BLOCK_TOKENS)
-                count++;
+            const int64_t count = block_count(shard, first);
             teacher_block block;
             double start = es_now();
             rc = teacher_block_read(&teacher, shard, first, count, &block, &err);
@@ -491,7 +523,9 @@ int main(int argc, char **argv) {
                es_now() - started);
     }
     for (int l = 0; l < n_pairs; l++) free(pairs[l].input_mean), free(pairs[l].input_scale);
-    free(pairs), free(omega), free(omega_gemm), free(student_layers), free(teacher_layers), free(means), free(scales);
+    projector_free(&p);
+    es_device_close(dev);
+    free(pairs), free(omega), free(student_layers), free(teacher_layers), free(means), free(scales);
     free(yaml), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);
     teacher_set_close(&teacher);
     es_tokenizer_free(tokenizer);

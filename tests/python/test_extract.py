@@ -162,38 +162,68 @@ def check_batching_and_shards(tmp):
         for s in range(40):
             f.write(json.dumps({"id": f"s{s}", "ids": [rng.randrange(128256) for _ in range(rng.randint(1, 40))]}) + "\n")
     model = os.path.join(FIXTURES, "models", "tiny-llama3")
-    runs = {}
+    runs, device = {}, ""
     for label, extra in (("one_batch", ["--batch-tokens", "100000"]), ("small_batches", ["--batch-tokens", "37"])):
         out = os.path.join(tmp, f"{label}.h5")
-        extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16", *extra)
+        run = extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16", *extra)
+        device = device or next((line for line in run.stderr.splitlines() if "depend on the batching" in line), "")
         runs[label] = datasets(out)
-    why = same_datasets(runs["one_batch"], runs["small_batches"])
-    report("output_independent_of_batch_size", not why, why)
     parts = []
     for shard in range(3):
         out = os.path.join(tmp, f"shard{shard}.h5")
         extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--shard", f"{shard}/3", "--chunk-rows", "16")
         parts.append(datasets(out))
     whole = runs["one_batch"]
-    ok = True
-    for name in ("latents/layer_004", "tokens/id", "samples/id", "tokens/byte_start"):
-        ok = ok and np.array_equal(np.concatenate([p[name] for p in parts]), whole[name])
+    shards = {name: np.concatenate([p[name] for p in parts]) for name in whole if name.startswith(("latents/", "tokens/"))}
     counts = [p["samples/token_start"][-1] for p in parts]
-    report("shards_concatenated_equal_whole", ok and sum(counts) == whole["samples/token_start"][-1], "shard outputs differ")
+    same_tokens = sum(counts) == whole["samples/token_start"][-1] and all(
+        np.array_equal(shards[name], whole[name]) for name in shards if name.startswith("tokens/"))
+    if not device:  # the kernels compute a row alike wherever it sits in a block: the same bits
+        why = same_datasets(runs["one_batch"], runs["small_batches"])
+        report("output_independent_of_batch_size", not why, why)
+        ok = same_tokens and all(np.array_equal(shards[name], whole[name]) for name in shards)
+        report("shards_concatenated_equal_whole", ok, "shard outputs differ")
+    else:  # the device said its kernels do not: then at most one bf16 step apart (docs/engine.md)
+        print(f"SKIP output_independent_of_batch_size_bit_for_bit: {device.split(': ', 1)[-1]}")
+        why = within_a_bf16_step(runs["one_batch"], runs["small_batches"])
+        report("output_independent_of_batch_size_within_a_bf16_step", not why, why)
+        why = within_a_bf16_step({n: whole[n] for n in shards}, shards)
+        report("shards_concatenated_equal_whole_within_a_bf16_step", same_tokens and not why, why or "tokens differ")
     return data, runs["one_batch"]
 
 
+def within_a_bf16_step(a, b):
+    """Every latent row within one bf16 rounding step (2^-8 relative, in norm) of the other, the rest
+    equal but the statistics (sums over those latents)."""
+    if sorted(a) != sorted(b):
+        return f"datasets {sorted(set(a) ^ set(b))} differ"
+    for name in a:
+        if a[name].shape != b[name].shape:
+            return f"{name}: shapes differ"
+        if name.startswith("stats/"):
+            continue  # sums over those latents
+        if not name.startswith("latents/"):
+            if not np.array_equal(a[name], b[name]):
+                return f"{name} differs"
+            continue
+        x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+        rows = np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(np.maximum(np.abs(x), np.abs(y)), axis=1), 1e-30)
+        print(f"  {name}: {int((x != y).sum())} of {x.size} values differ, worst row {rows.max():.2e} relative")
+        if rows.max() > 2.0 ** -8:
+            return f"{name}: a row differs by {rows.max():.3g} relative, more than a bf16 step"
+    return ""
+
+
 def check_threads(tmp, data):
-    """Across thread counts the latents agree within 1e-5 relative (sums may be ordered differently)."""
+    """The thread count changes no bit: every product is cut into the same tiles whatever it is."""
     model = os.path.join(FIXTURES, "models", "tiny-llama3")
     results = []
-    for threads in ("1", "2"):
+    for threads in ("1", "2", "3"):
         out = os.path.join(tmp, f"threads{threads}.h5")
-        extract("--model", model, "--data", data, "--out", out, "--layers", "4", "--threads", threads)
-        results.append(datasets(out)["latents/layer_004"].astype(np.float64))
-    relative = np.abs(results[0] - results[1]).max() / np.abs(results[0]).max()
-    print(f"  threads 1 vs 2: max relative difference {relative:.3g}")
-    report("threads_agree_within_1e-5", relative <= 1e-5, f"relative difference {relative}")
+        extract("--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--threads", threads)
+        results.append(datasets(out))
+    why = same_datasets(results[0], results[1]) or same_datasets(results[0], results[2])
+    report("threads_1_2_3_byte_identical", not why, why)
 
 
 def check_mkmodel_shapes(tmp):
@@ -216,11 +246,14 @@ def check_mkmodel_shapes(tmp):
            f"exit {run.returncode}: {run.stderr.strip()}")
 
 
-def check_resume_after_kill(tmp, data, reference):
+def check_resume_after_kill(tmp, data):
+    """A run killed at a random point and resumed writes the file the same run uninterrupted writes."""
     model = os.path.join(FIXTURES, "models", "tiny-llama3")
     out = os.path.join(tmp, "killed.h5")
     args = ["--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16",
             "--batch-tokens", "30", "--threads", "1"]
+    extract(*args)
+    reference = datasets(out)
     rng = random.Random(11)
     problems, kills = [], 0
     for trial in range(8):
@@ -233,9 +266,11 @@ def check_resume_after_kill(tmp, data, reference):
         process.wait()
         if process.returncode != -signal.SIGKILL:
             continue  # it finished first: nothing to resume
+        if os.path.exists(out):  # killed between its last rename and its exit: then it must be the whole file
+            if same_datasets(datasets(out), reference):
+                problems.append(f"trial {trial}: a killed run left an incomplete {out}")
+            continue
         kills += 1
-        if os.path.exists(out):
-            problems.append(f"trial {trial}: a killed run left {out}")
         run = extract(*args, "--resume", check=False)
         if run.returncode != 0:
             problems.append(f"trial {trial}: resume failed: {run.stderr.strip()}")
@@ -289,8 +324,8 @@ def main():
     check_goldens(tmp, "tiny-qwen2")
     check_real_text(tmp)
     check_template(tmp)
-    data, reference = check_batching_and_shards(tmp)
-    check_resume_after_kill(tmp, data, reference)
+    data, _ = check_batching_and_shards(tmp)
+    check_resume_after_kill(tmp, data)
     check_threads(tmp, data)
     check_mkmodel_shapes(tmp)
     check_bad_input(tmp)

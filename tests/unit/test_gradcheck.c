@@ -16,9 +16,18 @@
 #include <cblas.h>
 
 #include "../testlib.h"
-#include "loss.h"
 #include "ops.h"
-#include "ops_backward.h"
+#include "test_device.h"
+
+/* CPU devices of 1, 2 and 3 threads: every result must be the same bits on each. */
+static es_device *dev1, *dev2, *dev3;
+
+/* The latent MSE op's loss as a value (NaN when the op fails). */
+static double latent_mse_on(es_device *dev, float *dh, float *dhead, double *cosine_sum, const float *h, const float *target,
+                            const uint8_t *mask, const float *head, int T, int C, float eps, float scale) {
+    double loss;
+    return es_latent_mse(dev, &loss, cosine_sum, dh, dhead, h, target, mask, head, T, C, eps, scale) ? NAN : loss;
+}
 
 #define TOLERANCE 1e-4
 
@@ -135,11 +144,11 @@ static void check_matmul(const char *tl_name, int T, int C, int OC, int with_bia
     fill(base_w, (size_t)OC * C, 1, 0), fill(base_b, OC, 1, 0);
     matmul_ref m = {to_double(in, (size_t)T * C), to_double(weight, (size_t)OC * C), with_bias ? to_double(bias, OC) : NULL,
                     to_double(R, (size_t)T * OC), malloc(sizeof(double) * T * OC), T, C, OC};
-    REQUIRE(es_matmul_forward(NULL, out, in, weight, with_bias ? bias : NULL, T, C, OC) == 0);
+    REQUIRE(es_matmul_forward(dev1, out, in, weight, with_bias ? bias : NULL, T, C, OC) == 0);
     matmul_ref_forward(&m);
     CHECKF(relative_error(out, m.out, (size_t)T * OC) < 1e-5, "reference forward differs");
 
-    es_pool *pool = es_pool_create(2);
+    es_device *pool = dev2;
     REQUIRE(pool);
     fill_value(din, (size_t)T * C, NAN);
     memcpy(dweight, base_w, sizeof(float) * OC * C), memcpy(dbias, base_b, sizeof(float) * OC);
@@ -152,12 +161,12 @@ static void check_matmul(const char *tl_name, int T, int C, int OC, int with_bia
 
     /* the same bits without a pool, with another pool size, and with din not wanted */
     float *din2 = malloc(sizeof(float) * T * C), *dweight2 = malloc(sizeof(float) * OC * C), *dbias2 = malloc(sizeof(float) * OC);
-    es_pool *pool3 = es_pool_create(3);
+    es_device *pool3 = dev3;
     REQUIRE(pool3);
     for (int variant = 0; variant < 3; variant++) {
         memcpy(dweight2, base_w, sizeof(float) * OC * C), memcpy(dbias2, base_b, sizeof(float) * OC);
         fill_value(din2, (size_t)T * C, NAN);
-        es_pool *use = variant == 0 ? NULL : pool3;
+        es_device *use = variant == 0 ? dev1 : pool3;
         REQUIRE(es_matmul_backward(use, variant == 2 ? NULL : din2, dweight2, with_bias ? dbias2 : NULL, R, in, weight, T, C,
                                    OC) == 0);
         if (variant < 2) CHECKF(memcmp(din, din2, sizeof(float) * T * C) == 0, "din differs in variant %d", variant);
@@ -165,7 +174,7 @@ static void check_matmul(const char *tl_name, int T, int C, int OC, int with_bia
         CHECKF(memcmp(dweight, dweight2, sizeof(float) * OC * C) == 0, "dweight differs in variant %d", variant);
         CHECKF(memcmp(dbias, dbias2, sizeof(float) * OC) == 0, "dbias differs in variant %d", variant);
     }
-    es_pool_destroy(pool), es_pool_destroy(pool3);
+    
     free(in), free(weight), free(bias), free(R), free(out), free(din), free(dweight), free(dbias), free(base_w), free(base_b);
     free(din2), free(dweight2), free(dbias2), free(bw), free(bb);
     free(m.in), free(m.weight), free(m.bias), free(m.R), free(m.out);
@@ -207,12 +216,12 @@ static void check_rmsnorm(const char *tl_name, int T, int C, float eps) {
     fill(in, n, 1.5, 0.2), fill(weight, C, 0.5, 1.0), fill(R, n, 1, 0), fill(base, C, 1, 0);
     for (int c = 0; c < C; c++) in[c] *= 0.05f; /* a small row, where eps matters */
     rmsnorm_ref m = {to_double(in, n), to_double(weight, C), to_double(R, n), malloc(sizeof(double) * n), T, C, eps};
-    es_rmsnorm_forward(out, in, weight, T, C, eps);
+    es_rmsnorm_forward(dev1, out, in, weight, T, C, eps);
     rmsnorm_ref_forward(&m);
     CHECKF(relative_error(out, m.out, n) < 1e-5, "reference forward differs");
     fill_value(din, n, NAN);
     memcpy(dweight, base, sizeof(float) * C);
-    es_rmsnorm_backward(din, dweight, R, in, weight, T, C, eps);
+    es_rmsnorm_backward(dev1, din, dweight, R, in, weight, T, C, eps);
     double *based = to_double(base, C);
     CHECK_GRAD("din", gradient_error(rmsnorm_ref_loss, &m, m.in, n, din, NULL, 1));
     CHECK_GRAD("dweight", gradient_error(rmsnorm_ref_loss, &m, m.weight, C, dweight, based, 1));
@@ -258,12 +267,12 @@ TEST(rope) {
     fill(x, n, 1, 0), fill(R, n, 1, 0);
     rope_ref m = {to_double(x, n), to_double(R, n), malloc(sizeof(double) * n), positions, inv_freq, T, NH, HD};
     memcpy(out, x, sizeof x);
-    es_rope_forward(out, positions, inv_freq, T, NH, HD);
+    es_rope_forward(dev1, out, positions, inv_freq, T, NH, HD);
     rope_ref_loss(&m);
     CHECKF(relative_error(out, m.out, n) < 1e-5, "reference forward differs");
     float dx[T * NH * HD];
     memcpy(dx, R, sizeof dx);
-    es_rope_backward(dx, positions, inv_freq, T, NH, HD);
+    es_rope_backward(dev1, dx, positions, inv_freq, T, NH, HD);
     CHECK_GRAD("dx", gradient_error(rope_ref_loss, &m, m.x, n, dx, NULL, 1));
     free(m.x), free(m.R), free(m.out);
 }
@@ -313,7 +322,7 @@ TEST(attention_gqa_three_sequences) {
     fill(q, nq, 1.2, 0), fill(k, nk, 1.2, 0), fill(v, nk, 1, 0), fill(R, nq, 1, 0);
     attention_ref m = {to_double(q, nq), to_double(k, nk), to_double(v, nk), to_double(R, nq), malloc(sizeof(double) * nq),
                        seq_start, S, H, KV, HD};
-    es_pool *pool = es_pool_create(2);
+    es_device *pool = dev2;
     REQUIRE(pool);
     REQUIRE(es_attention_forward(pool, out, q, k, v, seq_start, S, H, KV, HD) == 0);
     attention_ref_loss(&m);
@@ -325,15 +334,15 @@ TEST(attention_gqa_three_sequences) {
     CHECK_GRAD("dv", gradient_error(attention_ref_loss, &m, m.v, nk, dv, NULL, 1));
     /* the same bits without a pool and with another pool size */
     float *dq2 = malloc(sizeof(float) * nq), *dk2 = malloc(sizeof(float) * nk), *dv2 = malloc(sizeof(float) * nk);
-    es_pool *pool3 = es_pool_create(3);
+    es_device *pool3 = dev3;
     REQUIRE(pool3);
     for (int variant = 0; variant < 2; variant++) {
-        REQUIRE(es_attention_backward(variant ? pool3 : NULL, dq2, dk2, dv2, R, q, k, v, seq_start, S, H, KV, HD) == 0);
+        REQUIRE(es_attention_backward(variant ? pool3 : dev1, dq2, dk2, dv2, R, q, k, v, seq_start, S, H, KV, HD) == 0);
         CHECKF(memcmp(dq, dq2, sizeof(float) * nq) == 0 && memcmp(dk, dk2, sizeof(float) * nk) == 0 &&
                    memcmp(dv, dv2, sizeof(float) * nk) == 0,
                "gradients differ in variant %d", variant);
     }
-    es_pool_destroy(pool), es_pool_destroy(pool3);
+    
     free(q), free(k), free(v), free(R), free(out), free(dq), free(dk), free(dv), free(dq2), free(dk2), free(dv2);
     free(m.q), free(m.k), free(m.v), free(m.R), free(m.out);
 }
@@ -392,17 +401,14 @@ TEST(attention_long_sequence_row_blocks) {
     attention_ref m = {to_double(q, nq), to_double(k, nk), to_double(v, nk), to_double(R, nq), NULL, seq_start, S, H, KV, HD};
     double *dq = malloc(sizeof(double) * nq), *dk = malloc(sizeof(double) * nk), *dv = malloc(sizeof(double) * nk);
     attention_ref_backward(dq, dk, dv, &m);
-    es_pool *pool = es_pool_create(2), *pool3 = es_pool_create(3);
+    es_device *pool = dev2, *pool3 = dev3;
     REQUIRE(pool && pool3);
-    const int threads = openblas_get_num_threads();
-    /* with a pool of 2, without a pool, with a pool of 3 and OpenBLAS told to use 1 thread */
+    /* on devices of 2, 1 and 3 threads */
     for (int variant = 0; variant < 3; variant++) {
         for (int g = 0; g < 3; g++) grads[variant][g] = malloc(sizeof(float) * (g ? nk : nq));
         fill_value(grads[variant][0], nq, NAN), fill_value(grads[variant][1], nk, NAN), fill_value(grads[variant][2], nk, NAN);
-        if (variant == 2) openblas_set_num_threads(1);
-        REQUIRE(es_attention_backward(variant == 0 ? pool : variant == 1 ? NULL : pool3, grads[variant][0], grads[variant][1],
+        REQUIRE(es_attention_backward(variant == 0 ? pool : variant == 1 ? dev1 : pool3, grads[variant][0], grads[variant][1],
                                       grads[variant][2], R, q, k, v, seq_start, S, H, KV, HD) == 0);
-        openblas_set_num_threads(threads);
     }
     const double errors[3] = {relative_error(grads[0][0], dq, nq), relative_error(grads[0][1], dk, nk),
                               relative_error(grads[0][2], dv, nk)};
@@ -415,7 +421,7 @@ TEST(attention_long_sequence_row_blocks) {
             CHECKF(memcmp(grads[0][g], grads[variant][g], sizeof(float) * (g ? nk : nq)) == 0, "%s differs in variant %d",
                    names[g], variant);
     }
-    es_pool_destroy(pool), es_pool_destroy(pool3);
+    
     for (int variant = 0; variant < 3; variant++)
         for (int g = 0; g < 3; g++) free(grads[variant][g]);
     free(q), free(k), free(v), free(R), free(dq), free(dk), free(dv), free(m.q), free(m.k), free(m.v), free(m.R);
@@ -440,12 +446,12 @@ TEST(swiglu) {
     float gate[N], up[N], R[N], out[N], dgate[N], dup[N];
     fill(gate, N, 6, 0), fill(up, N, 2, 0), fill(R, N, 1, 0);
     swiglu_ref m = {to_double(gate, N), to_double(up, N), to_double(R, N), N};
-    es_swiglu_forward(out, gate, up, N);
+    es_swiglu_forward(dev1, out, gate, up, N);
     double expected[N];
     for (int i = 0; i < N; i++) expected[i] = m.gate[i] / (1.0 + exp(-m.gate[i])) * m.up[i];
     CHECKF(relative_error(out, expected, N) < 1e-5, "reference forward differs");
     fill_value(dgate, N, NAN), fill_value(dup, N, NAN);
-    es_swiglu_backward(dgate, dup, R, gate, up, N);
+    es_swiglu_backward(dev1, dgate, dup, R, gate, up, N);
     CHECK_GRAD("dgate", gradient_error(swiglu_ref_loss, &m, m.gate, N, dgate, NULL, 1));
     CHECK_GRAD("dup", gradient_error(swiglu_ref_loss, &m, m.up, N, dup, NULL, 1));
     free(m.gate), free(m.up), free(m.R);
@@ -470,10 +476,10 @@ TEST(embedding_repeated_ids) {
     float table[V * C], R[T * C], out[T * C], dtable[V * C], base[V * C];
     fill(table, V * C, 1, 0), fill(R, T * C, 1, 0), fill(base, V * C, 1, 0);
     embedding_ref m = {to_double(table, V * C), to_double(R, T * C), ids, T, C};
-    es_embedding_forward(out, ids, table, T, C);
+    es_embedding_forward(dev1, out, ids, table, ES_DT_F32, T, C);
     for (int t = 0; t < T; t++) CHECK(memcmp(out + t * C, table + ids[t] * C, sizeof(float) * C) == 0);
     memcpy(dtable, base, sizeof dtable);
-    es_embedding_backward(dtable, ids, R, T, C);
+    es_embedding_backward(dev1, dtable, ids, R, T, C);
     double *based = to_double(base, V * C);
     CHECK_GRAD("dtable", gradient_error(embedding_ref_loss, &m, m.table, V * C, dtable, based, 1));
     free(m.table), free(m.R), free(based);
@@ -524,13 +530,13 @@ static void check_latent_mse(const char *tl_name, int T, int C, int with_head, f
     fill_value(dh, n, NAN);
     memcpy(dhead, base, sizeof(float) * C * C);
     double cosines = 0;
-    const double loss = latent_mse(dh, dhead, &cosines, h, target, mask, with_head ? head : NULL, T, C, eps, scale);
+    const double loss = latent_mse_on(dev1, dh, dhead, &cosines, h, target, mask, with_head ? head : NULL, T, C, eps, scale);
     CHECKF(fabs(loss - expected) <= 1e-5 * expected, "loss %.9g, reference %.9g", loss, expected);
     CHECKF(fabs(cosines - cosines_ref) <= 1e-5 * T, "cosine sum %.9g, reference %.9g", cosines, cosines_ref);
     /* no gradients asked: the same loss, dhead untouched */
     float *dhead2 = malloc(sizeof(float) * C * C);
     memcpy(dhead2, base, sizeof(float) * C * C);
-    CHECK(latent_mse(NULL, dhead2, NULL, h, target, mask, with_head ? head : NULL, T, C, eps, scale) == loss);
+    CHECK(latent_mse_on(dev1, NULL, dhead2, NULL, h, target, mask, with_head ? head : NULL, T, C, eps, scale) == loss);
     CHECK(memcmp(dhead2, base, sizeof(float) * C * C) == 0);
     for (int t = 0; t < T; t++)
         if (!mask[t])
@@ -581,12 +587,12 @@ static void check_cross_entropy(const char *tl_name, int T, int C, int V, double
     for (int t = 0; t < T; t++) labels[t] = t % 7 == 3 || t == 0 ? -1 : (int32_t)((t * 2477 + 2) % V); /* spread over V */
     ce_ref m = {to_double(x, nx), to_double(W, nw), malloc(sizeof(double) * V), labels, T, C, V};
     const double expected = ce_ref_loss(&m);
-    es_pool *pool = es_pool_create(2);
+    es_device *pool = dev2;
     REQUIRE(pool);
     double loss = NAN;
     fill_value(dx, nx, NAN);
     memcpy(dW, base, sizeof(float) * nw);
-    REQUIRE(cross_entropy(pool, &loss, dx, dW, x, W, labels, T, C, V, scale) == 0);
+    REQUIRE(es_cross_entropy(pool, &loss, dx, dW, x, W, labels, T, C, V, scale) == 0);
     CHECKF(isfinite(loss) && fabs(loss - expected) <= 1e-5 * expected, "loss %.9g, reference %.9g", loss, expected);
     for (int t = 0; t < T; t++)
         if (labels[t] < 0)
@@ -604,21 +610,23 @@ static void check_cross_entropy(const char *tl_name, int T, int C, int V, double
     }
     /* the same loss without gradients, the same bits without a pool and with 3 threads */
     double loss2 = NAN;
-    REQUIRE(cross_entropy(NULL, &loss2, NULL, NULL, x, W, labels, T, C, V, scale) == 0);
+    REQUIRE(es_cross_entropy(dev1, &loss2, NULL, NULL, x, W, labels, T, C, V, scale) == 0);
     CHECK(loss2 == loss);
     float *dx2 = malloc(sizeof(float) * nx), *dW2 = malloc(sizeof(float) * nw);
-    es_pool *pool3 = es_pool_create(3);
+    es_device *pool3 = dev3;
     REQUIRE(pool3);
     for (int variant = 0; variant < 2; variant++) {
         memcpy(dW2, base, sizeof(float) * nw);
-        REQUIRE(cross_entropy(variant ? pool3 : NULL, &loss2, dx2, dW2, x, W, labels, T, C, V, scale) == 0);
+        REQUIRE(es_cross_entropy(variant ? pool3 : dev1, &loss2, dx2, dW2, x, W, labels, T, C, V, scale) == 0);
         CHECKF(loss2 == loss && memcmp(dx, dx2, sizeof(float) * nx) == 0 && memcmp(dW, dW2, sizeof(float) * nw) == 0,
                "results differ in variant %d", variant);
     }
     /* labels out of range are refused */
     labels[1] = V;
-    CHECK(cross_entropy(NULL, &loss2, NULL, NULL, x, W, labels, T, C, V, scale) == -1);
-    es_pool_destroy(pool), es_pool_destroy(pool3);
+    CHECK(es_cross_entropy(dev1, &loss2, NULL, NULL, x, W, labels, T, C, V, scale) == ES_ERR_DATA);
+    es_error refused = {0};
+    es_device_take_error(dev1, &refused);
+    CHECKF(strstr(refused.msg, "label"), "%s", refused.msg);
     free(x), free(W), free(dx), free(dW), free(base), free(labels), free(based), free(dx2), free(dW2);
     free(m.x), free(m.W), free(m.logits);
 }
@@ -635,7 +643,9 @@ TEST(cross_entropy_large_logits) { check_cross_entropy(tl_name, 20, 4, 7, 150.0)
 
 /* OpenBLAS's threaded sgemm cuts an inner dimension K > 320 that is not a multiple of 32 into
  * other blocks than its single-threaded one, so its bits depend on the thread count: inner
- * dimensions of 333 here make sure no product of the ops meets that. */
+ * dimensions of 333 here make sure no product of the ops meets that. The device makes OpenBLAS
+ * single-threaded and tiles the products over its own pool, so neither OpenBLAS's thread count
+ * when the device opens nor the device's own changes a bit. */
 TEST(openblas_threads_do_not_matter) {
     enum { T = 333, C = 333, V = 5000 };
     float *in = malloc(sizeof(float) * T * C), *weight = malloc(sizeof(float) * C * C), *dout = malloc(sizeof(float) * T * C);
@@ -645,33 +655,34 @@ TEST(openblas_threads_do_not_matter) {
     fill(in, (size_t)T * C, 1, 0), fill(weight, (size_t)C * C, 0.1, 0), fill(dout, (size_t)T * C, 1, 0);
     fill(target, (size_t)T * C, 1, 0), fill(W, (size_t)V * C, 0.1, 0);
     for (int t = 0; t < T; t++) labels[t] = t * 37 % V, mask[t] = t % 5 != 0;
-    es_pool *pool = es_pool_create(2);
-    REQUIRE(pool);
     const int threads = openblas_get_num_threads();
-    float *results[2][6];
-    double losses[2][2];
-    for (int variant = 0; variant < 2; variant++) {
-        openblas_set_num_threads(variant ? 1 : 2);
+    float *results[3][6];
+    double losses[3][2];
+    for (int variant = 0; variant < 3; variant++) {
+        openblas_set_num_threads(variant == 1 ? 1 : 2);
+        es_device *dev = test_cpu_device(variant == 2 ? 1 : 2);
         float **r = results[variant];
         r[0] = malloc(sizeof(float) * T * C), r[1] = calloc((size_t)C * C, sizeof(float)); /* matmul din, dweight */
         r[2] = malloc(sizeof(float) * T * C), r[3] = calloc((size_t)C * C, sizeof(float)); /* latent_mse dh, dhead */
         r[4] = malloc(sizeof(float) * T * C), r[5] = calloc((size_t)V * C, sizeof(float)); /* cross_entropy dx, dW */
-        REQUIRE(es_matmul_backward(pool, r[0], r[1], NULL, dout, in, weight, T, C, C) == 0);
-        losses[variant][0] = latent_mse(r[2], r[3], NULL, in, target, mask, weight, T, C, 1e-6f, 1.0f);
-        REQUIRE(cross_entropy(pool, &losses[variant][1], r[4], r[5], in, W, labels, T, C, V, 1.0f) == 0);
+        REQUIRE(es_matmul_backward(dev, r[0], r[1], NULL, dout, in, weight, T, C, C) == 0);
+        losses[variant][0] = latent_mse_on(dev, r[2], r[3], NULL, in, target, mask, weight, T, C, 1e-6f, 1.0f);
+        REQUIRE(es_cross_entropy(dev, &losses[variant][1], r[4], r[5], in, W, labels, T, C, V, 1.0f) == 0);
+        es_device_close(dev);
     }
     openblas_set_num_threads(threads);
-    CHECK(losses[0][0] == losses[1][0] && losses[0][1] == losses[1][1]);
     const size_t sizes[6] = {(size_t)T * C, (size_t)C * C, (size_t)T * C, (size_t)C * C, (size_t)T * C, (size_t)V * C};
-    for (int i = 0; i < 6; i++) {
-        CHECKF(memcmp(results[0][i], results[1][i], sizeof(float) * sizes[i]) == 0, "gradient %d differs", i);
-        free(results[0][i]), free(results[1][i]);
+    for (int variant = 1; variant < 3; variant++) {
+        CHECKF(losses[0][0] == losses[variant][0] && losses[0][1] == losses[variant][1], "losses differ in variant %d", variant);
+        for (int i = 0; i < 6; i++) CHECKF(memcmp(results[0][i], results[variant][i], sizeof(float) * sizes[i]) == 0, "gradient %d differs in variant %d", i, variant);
     }
-    es_pool_destroy(pool);
+    for (int variant = 0; variant < 3; variant++)
+        for (int i = 0; i < 6; i++) free(results[variant][i]);
     free(in), free(weight), free(dout), free(target), free(W);
 }
 
 int main(void) {
+    dev1 = test_cpu_device(1), dev2 = test_cpu_device(2), dev3 = test_cpu_device(3);
     RUN(matmul_with_bias);
     RUN(matmul_without_bias);
     RUN(matmul_several_tiles);
@@ -691,5 +702,6 @@ int main(void) {
     RUN(cross_entropy_large_logits);
     RUN(openblas_threads_do_not_matter);
     printf("  worst normalised gradient error over all checks: %.3g (tolerance %g)\n", worst_error, TOLERANCE);
+    es_device_close(dev1), es_device_close(dev2), es_device_close(dev3);
     return test_summary();
 }

@@ -7,11 +7,10 @@
 #include <stdint.h>
 
 #include "../testlib.h"
-#include "adamw.h"
+#include "ops.h"
 #include "safetensors.h"
+#include "test_device.h"
 #include "train.h"
-
-static const char *fixtures(void) { return getenv("ESSENCE_FIXTURES") ? getenv("ESSENCE_FIXTURES") : "../shared/fixtures"; }
 
 static const float *f32(const es_safetensors *st, const char *name) {
     const es_tensor *t = es_safetensors_find(st, name);
@@ -25,17 +24,18 @@ static double normalised_error(const float *a, const float *b, size_t n) {
     return scale > 0 ? worst / scale : worst;
 }
 
-TEST(golden_train_step) {
+static void check_golden_step(const char *tl_name, const char *fixtures) {
     char model_dir[4096], golden_path[4200];
-    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-qwen2", fixtures());
+    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-qwen2", fixtures);
     snprintf(golden_path, sizeof golden_path, "%s/golden_train_step.safetensors", model_dir);
     es_safetensors *golden = NULL;
     es_error err = {0};
     if (es_safetensors_open(golden_path, &golden, &err)) SKIP("no golden fixture (%s)", err.msg);
+    es_device *dev = test_cpu_device(2);
     train_model tm;
     const int mapped[1] = {2};
-    REQUIRE(train_model_init(&tm, model_dir, mapped, 1, 1.0f, 0.5f, 0, &err) == 0);
     enum { B = 2, L = 24, T = B * L, C = 48 };
+    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.5f, 0, T, L, &err) == 0);
     const es_tensor *ids_tensor = es_safetensors_find(golden, "input_ids");
     REQUIRE(ids_tensor && ids_tensor->dtype == ES_DT_I64 && es_tensor_numel(ids_tensor) == T);
     const int64_t *ids64 = ids_tensor->data;
@@ -52,9 +52,8 @@ TEST(golden_train_step) {
     }
     float *targets[1] = {(float *)target};
     align_batch batch = {T, B, seq_start, ids, labels, mask, targets, T, aligned, B * (L - 1), NULL};
-    es_pool *pool = es_pool_create(2);
     train_sums sums;
-    REQUIRE(train_forward_backward(&tm, pool, &batch, 1, 1.0f, &sums, &err) == 0);
+    REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, &sums, &err) == 0);
     double latent = sums.latent[0] / (double)aligned, ce = sums.ce / (B * (L - 1)), loss = latent + 0.5 * ce;
     const float *want_loss = f32(golden, "loss"), *want_latent = f32(golden, "latent_mse"), *want_ce = f32(golden, "ce");
     REQUIRE(want_loss && want_latent && want_ce);
@@ -64,7 +63,7 @@ TEST(golden_train_step) {
 
     // every gradient
     double worst = 0;
-    const es_model *m = &tm.model;
+    const es_params *m = &tm.params;
     for (int i = 0; i < m->n_tensors; i++) {
         const es_named_tensor *t = &m->tensors[i];
         char name[160];
@@ -87,7 +86,9 @@ TEST(golden_train_step) {
                 memcpy(picked + r * cols, grad + ((const int64_t *)rows->data)[r] * cols, cols * sizeof *picked);
             error = normalised_error(picked, want->data, n_rows * cols);
             free(picked);
-            double norm = sqrt(grad_sum_squares(NULL, grad, (size_t)t->shape[0] * cols));
+            double norm = 0;
+            REQUIRE(es_sum_squares(dev, &norm, grad, (size_t)t->shape[0] * cols) == 0);
+            norm = sqrt(norm);
             snprintf(name, sizeof name, "gradnorm/%s", t->name);
             const float *want_norm = f32(golden, name);
             CHECKF(want_norm && fabs(norm / want_norm[0] - 1) < 1e-4, "%s: norm %.7g vs %.7g", t->name, norm, want_norm ? want_norm[0] : 0);
@@ -105,7 +106,7 @@ TEST(golden_train_step) {
     float *mom = calloc(m->arena_floats, sizeof *mom), *vel = calloc(m->arena_floats, sizeof *vel);
     float *initial = malloc(m->arena_floats * sizeof *initial);
     memcpy(initial, m->arena, m->arena_floats * sizeof *initial);
-    adamw_config config = {1e-3, 0.9, 0.95, 1e-8, 0.1};
+    es_adamw_config config = {1e-3, 0.9, 0.95, 1e-8, 0.1};
     double worst_param = 0, worst_ours = 0;
     for (int pass = 0; pass < 2; pass++) { /* 0: the golden's gradients, 1: ours */
         memcpy(m->arena, initial, m->arena_floats * sizeof *initial);
@@ -119,7 +120,7 @@ TEST(golden_train_step) {
             snprintf(name, sizeof name, "grad/%s", t->name);
             const float *grad = pass == 0 ? f32(golden, name) : train_grad_of(&tm, t->data);
             size_t n = es_tensor_numel(want), offset = (size_t)(t->data - m->arena);
-            for (int step = 1; step <= 2; step++) adamw_update(NULL, t->data, grad, mom + offset, vel + offset, n, step, 1e-3, &config);
+            for (int step = 1; step <= 2; step++) CHECK(es_adamw_update(dev, t->data, grad, mom + offset, vel + offset, n, step, 1e-3, &config) == 0);
             const float *want_values = want->data;
             for (size_t k = 0; k < n; k++) {
                 double delta = fabs((double)t->data[k] - want_values[k]);
@@ -131,10 +132,12 @@ TEST(golden_train_step) {
     CHECKF(worst_param <= 1e-6, "parameters after two AdamW steps differ by %.3g", worst_param);
     printf("  after two AdamW steps: max |Δ| %.2e on the golden's gradients, %.2e on ours\n", worst_param, worst_ours);
     free(mom), free(vel), free(initial);
-    es_pool_destroy(pool);
     train_model_free(&tm);
+    es_device_close(dev);
     es_safetensors_close(golden);
 }
+
+TEST(golden_train_step) { check_golden_step(tl_name, test_fixtures()); }
 
 int main(void) {
     RUN(golden_train_step);

@@ -1,54 +1,31 @@
-/* The loss terms of align/loss.h, forward and backward in one pass over chunks of rows.
- *
- * Results do not depend on the thread count: every sum is taken in a fixed order, and no
- * sgemm lets OpenBLAS's threaded driver cut a long inner dimension (it cuts it differently
- * from the single-threaded driver, so the bits would change with the thread count; see
- * kernels/cpu_backward.c). cross_entropy runs single-threaded products on fixed tiles of the
- * vocabulary, side by side on the pool; latent_mse, which has no pool, keeps OpenBLAS's
- * threads but hands it inner dimensions of at most K_BLOCK, which no driver cuts. */
+/* The loss terms on the CPU (kernels/ops.h): latent MSE and a chunked cross entropy, forward
+ * and backward in one pass over chunks of rows. Every product is cpu_gemm's or a single-threaded
+ * tile on the pool, every sum is taken in a fixed order. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <cblas.h>
-
-#include "loss.h"
+#include "cpu.h"
 
 /* ---- latent MSE ---------------------------------------------------------------------- */
 
-/* Below OpenBLAS's inner blocking (320 for sgemm on Cooper Lake, 384 on Haswell): a product
- * with K <= K_BLOCK is one block for every driver and thread count. */
-enum { K_BLOCK = 256 };
-
-// c (M, N) = a (M, K) @ op(b) + beta · c, the K sum cut into fixed blocks of K_BLOCK
-static void sgemm_k_blocks(enum CBLAS_TRANSPOSE trans_b, int M, int N, int K, const float *a, int lda, const float *b,
-                           int ldb, float beta, float *c, int ldc) {
-    for (int k0 = 0; k0 < K; k0 += K_BLOCK) {
-        const int width = K - k0 < K_BLOCK ? K - k0 : K_BLOCK;
-        const float *b_block = trans_b == CblasNoTrans ? b + (size_t)k0 * ldb : b + k0;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b, M, N, width, 1.0f, a + k0, lda, b_block, ldb, k0 ? 1.0f : beta, c,
-                    ldc);
-    }
-}
-
-/* Rows per chunk: bounds the scratch to a few (MSE_ROWS, C) buffers whatever T is, is large
- * enough for the head's products to run at sgemm speed, and is at most K_BLOCK (it is the
- * inner dimension of dhead's product). */
+/* Rows per chunk: bounds the scratch to two (MSE_ROWS, C) buffers whatever T is, and is large
+ * enough for the head's products to run at sgemm speed. */
 enum { MSE_ROWS = 256 };
 
-/* Returns NaN when out of memory: the signature has no error code, and a NaN loss cannot be
- * mistaken for a result. */
-double latent_mse(float *dh, float *dhead, double *cosine_sum, const float *h, const float *target, const uint8_t *mask,
-                  const float *head, int T, int C, float eps, float scale) {
-    const int rows_max = T < MSE_ROWS ? T : MSE_ROWS;
-    float *normed = malloc((size_t)rows_max * C * sizeof *normed); // (rows, C) ĥ, later ∂/∂ĥ
-    float *y = malloc((size_t)rows_max * C * sizeof *y);           // (rows, C) y, later ∂/∂y
-    double *r = malloc((size_t)rows_max * sizeof *r);              // (rows) 1/rms
+static size_t latent_workspace(int C) { return (size_t)MSE_ROWS * (2 * (size_t)C * sizeof(float) + sizeof(double)); }
+
+int cpu_latent_mse(es_device *dev, double *loss_sum, double *cosine_sum, float *dh, float *dhead, const float *h,
+                   const float *target, const uint8_t *mask, const float *head, int T, int C, float eps, float scale) {
+    *loss_sum = 0;
+    if (cosine_sum) *cosine_sum = 0;
+    if (T <= 0) return 0;
+    char *scratch = es_device_scratch(dev, latent_workspace(C));
+    if (!scratch) return ES_ERR_RUNTIME;
+    float *normed = (float *)scratch;                    // (MSE_ROWS, C) ĥ, later ∂/∂ĥ
+    float *y = normed + (size_t)MSE_ROWS * C;            // (MSE_ROWS, C) y, later ∂/∂y
+    double *r = (double *)(y + (size_t)MSE_ROWS * C);    // (MSE_ROWS) 1/rms
     double total = 0, cosines = 0;
-    if (T > 0 && (!normed || !y || !r)) {
-        free(normed), free(y), free(r);
-        return NAN;
-    }
     for (int t0 = 0; t0 < T; t0 += MSE_ROWS) {
         const int rows = T - t0 < MSE_ROWS ? T - t0 : MSE_ROWS;
         /* ĥ; unmasked rows are zero so they add nothing to dhead below */
@@ -66,7 +43,7 @@ double latent_mse(float *dh, float *dhead, double *cosine_sum, const float *h, c
             for (int c = 0; c < C; c++) n[c] = (float)(x[c] * r[i]);
         }
         // y = ĥ @ headᵀ  (rows, C)
-        if (head) sgemm_k_blocks(CblasTrans, rows, C, C, normed, C, head, C, 0.0f, y, C);
+        if (head) cpu_gemm(dev, 0, 1, rows, C, C, 1.0f, normed, C, head, C, 0.0f, y, C);
         else memcpy(y, normed, (size_t)rows * C * sizeof *y);
         /* e_t, cos, and y becomes ∂(scale Σ e)/∂y = scale · 2 (y − target) / C */
         const double grad_scale = 2.0 * scale / C;
@@ -89,16 +66,14 @@ double latent_mse(float *dh, float *dhead, double *cosine_sum, const float *h, c
         }
         if (!dh) continue;
         if (head) {
-            // dhead += dyᵀ ĥ  (C, C): the sum over this chunk's rows inside one sgemm
-            if (dhead)
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, C, rows, 1.0f, y, C, normed, C, 1.0f, dhead, C);
+            // dhead += dyᵀ ĥ  (C, C): this chunk's rows summed inside the product
+            if (dhead) cpu_gemm(dev, 1, 0, C, C, rows, 1.0f, y, C, normed, C, 1.0f, dhead, C);
             // ∂/∂ĥ = dy @ head  (rows, C)
-            sgemm_k_blocks(CblasNoTrans, rows, C, C, y, C, head, C, 0.0f, normed, C);
+            cpu_gemm(dev, 0, 0, rows, C, C, 1.0f, y, C, head, C, 0.0f, normed, C);
         } else {
             memcpy(normed, y, (size_t)rows * C * sizeof *normed);
         }
-        /* through the normalisation (rmsnorm with unit weight):
-         * dh = r dĥ − h r³ mean(h ∘ dĥ) */
+        /* through the normalisation (RMSNorm with a unit weight): dh = r dĥ − h r³ mean(h ∘ dĥ) */
         for (int i = 0; i < rows; i++) {
             float *out = dh + (size_t)(t0 + i) * C;
             if (!mask[t0 + i]) {
@@ -112,9 +87,9 @@ double latent_mse(float *dh, float *dhead, double *cosine_sum, const float *h, c
             for (int c = 0; c < C; c++) out[c] = (float)(r[i] * dn[c] - x[c] * correction);
         }
     }
-    free(normed), free(y), free(r);
+    *loss_sum = total;
     if (cosine_sum) *cosine_sum = cosines;
-    return total;
+    return 0;
 }
 
 /* ---- cross entropy ------------------------------------------------------------------- */
@@ -126,7 +101,7 @@ enum { CE_ROWS = 128 };
 /* Vocabulary tiles: one single-threaded task each, enough of them to keep 16 workers busy. */
 enum { VOCAB_TILE = 4096 };
 
-typedef struct {
+typedef struct ce_job {
     float *logits;            // (rows, V): logits, then ∂loss/∂logits
     float *tile_max;          // (rows, tiles) max logit of each row in each tile
     double *tile_sum;         // (rows, tiles) Σ exp(logit − tile max)
@@ -140,13 +115,37 @@ typedef struct {
     float scale;
 } ce_job;
 
+/* The pieces of the workspace, in order, for `rows` rows (with dx when backward). */
+typedef struct ce_layout {
+    size_t logits, tile_max, tile_sum, row_max, row_sum, dx_part, rows_x, rows_label, rows_t, total;
+} ce_layout;
+
+static size_t align_up(size_t n) { return (n + 63) / 64 * 64; }
+
+static ce_layout ce_layout_of(int rows, int C, int V, int backward) {
+    const size_t tiles = ((size_t)V + VOCAB_TILE - 1) / VOCAB_TILE, R = (size_t)rows;
+    ce_layout l;
+    size_t at = 0;
+    l.logits = at, at += align_up(R * V * sizeof(float));
+    l.tile_max = at, at += align_up(R * tiles * sizeof(float));
+    l.tile_sum = at, at += align_up(R * tiles * sizeof(double));
+    l.row_max = at, at += align_up(R * sizeof(float));
+    l.row_sum = at, at += align_up(R * sizeof(double));
+    l.dx_part = at, at += backward ? align_up(tiles * R * C * sizeof(float)) : 0;
+    l.rows_x = at, at += align_up(R * C * sizeof(float));
+    l.rows_label = at, at += align_up(R * sizeof(int32_t));
+    l.rows_t = at, at += align_up(R * sizeof(int));
+    l.total = at;
+    return l;
+}
+
 // logits of one tile (rows, width) and their per-row max and sum of exponentials
 static void ce_forward_tile(void *arg, size_t j, int worker) {
     (void)worker;
     ce_job *job = arg;
     const int v0 = (int)j * VOCAB_TILE, width = job->V - v0 < VOCAB_TILE ? job->V - v0 : VOCAB_TILE;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, job->rows, width, job->C, 1.0f, job->x, job->C,
-                job->W + (size_t)v0 * job->C, job->C, 0.0f, job->logits + v0, job->V);
+    cpu_sgemm(0, 1, job->rows, width, job->C, 1.0f, job->x, job->C, job->W + (size_t)v0 * job->C, job->C, 0.0f, job->logits + v0,
+              job->V);
     for (int i = 0; i < job->rows; i++) {
         const float *row = job->logits + (size_t)i * job->V + v0;
         float max_logit = -INFINITY;
@@ -172,50 +171,34 @@ static void ce_backward_tile(void *arg, size_t j, int worker) {
         if (job->labels[i] >= v0 && job->labels[i] < v0 + width) row[job->labels[i] - v0] -= job->scale;
     }
     if (job->dW)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, width, C, job->rows, 1.0f, job->logits + v0, job->V, job->x, C,
-                    1.0f, job->dW + (size_t)v0 * C, C);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, job->rows, C, width, 1.0f, job->logits + v0, job->V,
-                job->W + (size_t)v0 * C, C, 0.0f, job->dx_part + j * job->rows * C, C);
+        cpu_sgemm(1, 0, width, C, job->rows, 1.0f, job->logits + v0, job->V, job->x, C, 1.0f, job->dW + (size_t)v0 * C, C);
+    cpu_sgemm(0, 0, job->rows, C, width, 1.0f, job->logits + v0, job->V, job->W + (size_t)v0 * C, C, 0.0f,
+              job->dx_part + j * job->rows * C, C);
 }
 
-static void run_tiles(es_pool *pool, size_t n, void (*fn)(void *, size_t, int), void *arg) {
-    if (pool) es_pool_for(pool, n, fn, arg);
-    else
-        for (size_t i = 0; i < n; i++) fn(arg, i, 0);
-}
-
-/* Labels outside [-1, V) are a caller's bug and return -1 like an allocation failure, rather
- * than reading out of bounds. */
-int cross_entropy(es_pool *pool, double *loss_sum, float *dx, float *dW, const float *x, const float *W,
-                  const int32_t *labels, int T, int C, int V, float scale) {
+int cpu_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const float *W,
+                      const int32_t *labels, int T, int C, int V, float scale) {
     *loss_sum = 0;
     int labelled = 0;
     for (int t = 0; t < T; t++) {
-        if (labels[t] < -1 || labels[t] >= V) return -1;
+        if (labels[t] < -1 || labels[t] >= V)
+            return es_device_fail(dev, ES_ERR_DATA, "cross entropy: token %d has label %d, outside [-1, %d)", t, labels[t], V);
         labelled += labels[t] >= 0;
     }
     if (dx) memset(dx, 0, (size_t)T * C * sizeof *dx);
     if (!labelled) return 0;
     const int rows_max = labelled < CE_ROWS ? labelled : CE_ROWS, tiles = (V + VOCAB_TILE - 1) / VOCAB_TILE;
-    ce_job job = {.logits = malloc((size_t)rows_max * V * sizeof(float)),
-                  .tile_max = malloc((size_t)rows_max * tiles * sizeof(float)),
-                  .tile_sum = malloc((size_t)rows_max * tiles * sizeof(double)),
-                  .row_max = malloc((size_t)rows_max * sizeof(float)),
-                  .row_sum = malloc((size_t)rows_max * sizeof(double)),
-                  .dx_part = dx ? malloc((size_t)tiles * rows_max * C * sizeof(float)) : NULL,
-                  .dW = dW, .W = W, .C = C, .V = V, .tiles = tiles, .scale = scale};
-    float *rows_x = malloc((size_t)rows_max * C * sizeof *rows_x); // (rows, C) gathered x
-    int32_t *rows_label = malloc((size_t)rows_max * sizeof *rows_label);
-    int *rows_t = malloc((size_t)rows_max * sizeof *rows_t);
-    int rc = 0;
-    if (!job.logits || !job.tile_max || !job.tile_sum || !job.row_max || !job.row_sum || (dx && !job.dx_part) || !rows_x ||
-        !rows_label || !rows_t)
-        rc = -1;
-    job.x = rows_x, job.labels = rows_label;
-    const int threads = openblas_get_num_threads();
-    if (threads > 1) openblas_set_num_threads(1);
+    const ce_layout l = ce_layout_of(rows_max, C, V, dx != NULL);
+    char *scratch = es_device_scratch(dev, l.total);
+    if (!scratch) return ES_ERR_RUNTIME;
+    float *rows_x = (float *)(scratch + l.rows_x); // (rows, C) gathered x
+    int32_t *rows_label = (int32_t *)(scratch + l.rows_label);
+    int *rows_t = (int *)(scratch + l.rows_t);
+    ce_job job = {(float *)(scratch + l.logits), (float *)(scratch + l.tile_max), (double *)(scratch + l.tile_sum),
+                  (float *)(scratch + l.row_max), (double *)(scratch + l.row_sum), (float *)(scratch + l.dx_part),
+                  dW, rows_x, W, rows_label, 0, C, V, tiles, scale};
     double total = 0;
-    for (int next = 0; next < T && !rc;) {
+    for (int next = 0; next < T;) {
         /* gather the next CE_ROWS labelled rows: unlabelled ones cost nothing */
         int rows = 0;
         for (; next < T && rows < CE_ROWS; next++) {
@@ -225,7 +208,7 @@ int cross_entropy(es_pool *pool, double *loss_sum, float *dx, float *dW, const f
         }
         if (!rows) break;
         job.rows = rows;
-        run_tiles(pool, (size_t)tiles, ce_forward_tile, &job);
+        cpu_for(dev, (size_t)tiles, ce_forward_tile, &job);
         /* logsumexp of each row from its tiles', in tile order */
         for (int i = 0; i < rows; i++) {
             const float *tile_max = job.tile_max + (size_t)i * tiles;
@@ -239,7 +222,7 @@ int cross_entropy(es_pool *pool, double *loss_sum, float *dx, float *dW, const f
             total += (double)max_logit + log(sum) - job.logits[(size_t)i * V + rows_label[i]];
         }
         if (!dx) continue;
-        run_tiles(pool, (size_t)tiles, ce_backward_tile, &job);
+        cpu_for(dev, (size_t)tiles, ce_backward_tile, &job);
         /* dx rows: the tiles' shares summed in tile order */
         for (int i = 0; i < rows; i++) {
             float *out = dx + (size_t)rows_t[i] * C;
@@ -249,9 +232,17 @@ int cross_entropy(es_pool *pool, double *loss_sum, float *dx, float *dW, const f
             }
         }
     }
-    if (threads > 1) openblas_set_num_threads(threads);
-    free(job.logits), free(job.tile_max), free(job.tile_sum), free(job.row_max), free(job.row_sum), free(job.dx_part);
-    free(rows_x), free(rows_label), free(rows_t);
-    if (!rc) *loss_sum = total;
-    return rc;
+    *loss_sum = total;
+    return 0;
+}
+
+size_t cpu_loss_workspace(const es_device *dev, const es_workspace_plan *plan) {
+    (void)dev;
+    size_t bytes = plan->latent_width ? latent_workspace(plan->latent_width) : 0;
+    if (plan->vocab && plan->ce_width) {
+        const int rows = plan->tokens < CE_ROWS ? (plan->tokens > 0 ? plan->tokens : 1) : CE_ROWS;
+        const size_t ce = ce_layout_of(rows, plan->ce_width, plan->vocab, plan->train).total;
+        bytes = ce > bytes ? ce : bytes;
+    }
+    return bytes;
 }

@@ -1,0 +1,68 @@
+/* What a backend fills in (after ggml's ggml-backend-impl.h): memory, streams, the workspace
+ * estimate, and one entry per op of kernels/ops.h with the same arguments. Only backends and
+ * kernels/backend.c, kernels/ops.c include this. An op left NULL is "not supported on this
+ * backend": its wrapper fails with a message saying so (tests/unit/test_ops.c lists them).
+ *
+ * A backend's open function sets dev->ops, dev->name, dev->impl and dev->max_memory (the
+ * automatic budget when options->max_memory is 0) and returns ES_OK or an error. */
+#ifndef ES_KERNELS_BACKEND_IMPL_H
+#define ES_KERNELS_BACKEND_IMPL_H
+
+#include "backend.h"
+#include "ops.h"
+
+struct es_backend {
+    const char *name;
+    void (*close)(es_device *dev);
+
+    /* memory: alloc returns NULL when the device has no more; the budget is checked before */
+    void *(*alloc)(es_device *dev, size_t bytes);
+    void (*free)(es_device *dev, void *ptr);
+    int (*upload)(es_device *dev, void *dst, const void *src, size_t bytes);
+    int (*download)(es_device *dev, void *dst, const void *src, size_t bytes);
+    int (*copy)(es_device *dev, void *dst, const void *src, size_t bytes);
+    int (*zero)(es_device *dev, void *ptr, size_t bytes);
+    int (*sync)(es_device *dev);
+    /* the copy stream */
+    int (*load_begin)(es_device *dev, es_load_job *job);
+    int (*load_wait)(es_device *dev, es_load_job *job);
+    size_t (*workspace_estimate)(const es_device *dev, const es_workspace_plan *plan);
+
+    /* ops */
+    int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);
+    int (*rmsnorm_forward)(es_device *, float *, const float *, const float *, int, int, float);
+    int (*matmul_forward)(es_device *, float *, const float *, const float *, const float *, int, int, int);
+    int (*rope_forward)(es_device *, float *, const int32_t *, const double *, int, int, int);
+    int (*attention_forward)(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int,
+                             int);
+    int (*swiglu_forward)(es_device *, float *, const float *, const float *, size_t);
+    int (*add)(es_device *, float *, const float *, const float *, size_t);
+
+    int (*embedding_backward)(es_device *, float *, const int32_t *, const float *, int, int);
+    int (*rmsnorm_backward)(es_device *, float *, float *, const float *, const float *, const float *, int, int, float);
+    int (*matmul_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, int, int, int);
+    int (*rope_backward)(es_device *, float *, const int32_t *, const double *, int, int, int);
+    int (*attention_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, const float *,
+                              const int32_t *, int, int, int, int);
+    int (*swiglu_backward)(es_device *, float *, float *, const float *, const float *, const float *, size_t);
+
+    int (*latent_mse)(es_device *, double *, double *, float *, float *, const float *, const float *, const uint8_t *,
+                      const float *, int, int, float, float);
+    int (*cross_entropy)(es_device *, double *, float *, float *, const float *, const float *, const int32_t *, int, int, int,
+                         float);
+
+    int (*adamw_update)(es_device *, float *, const float *, float *, float *, size_t, int64_t, double, const es_adamw_config *);
+    int (*sum_squares)(es_device *, double *, const float *, size_t);
+    int (*scale)(es_device *, float *, size_t, float);
+
+    int (*round_precision)(es_device *, float *, size_t, es_precision);
+    int (*standardise)(es_device *, float *, int64_t *, const float *, const int64_t *, const float *, const float *, int64_t, int,
+                       es_precision);
+    int (*fourier_features)(es_device *, float *, const float *, const float *, int, int, int, es_precision,
+                            es_fourier_timing *);
+};
+
+/* The backends' open functions (kernels/cpu/backend.c; the CUDA backend's comes with its ops). */
+int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err);
+
+#endif

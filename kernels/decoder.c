@@ -1,0 +1,278 @@
+/* The decoder stack (kernels/decoder.h), one screenful per layer each way. */
+#include "decoder.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+/* What the backward of one layer reads from its forward. */
+typedef struct layer_acts {
+    float *x_in;      // (T, C) the residual stream entering the layer
+    float *normed1;   // (T, C) input_layernorm output
+    float *q, *k, *v; // (T, H*hd), (T, KV*hd), (T, KV*hd) after RoPE
+    float *att;       // (T, H*hd) attention output
+    float *x_mid;     // (T, C) the stream after the attention block
+    float *normed2;   // (T, C) post_attention_layernorm output
+    float *gate, *up; // (T, I) before the activation
+    float *act;       // (T, I) silu(gate) * up
+} layer_acts;
+
+/* One entry of the arena's table: a named tensor and where its pointer goes. */
+typedef struct named_buffer {
+    char name[32];
+    void **slot;
+    size_t bytes;
+} named_buffer;
+
+struct es_decoder {
+    es_device *dev;
+    es_model_config config;
+    int max_tokens, max_seq, train_layers;
+    void *arena;
+    size_t arena_bytes;
+    named_buffer *table;
+    int n_table;
+    int32_t *host_positions;     // (max_tokens) host
+    /* inputs */
+    int32_t *ids, *seq_start, *positions; // (T), (n_seqs + 1), (T)
+    double *inv_freq;            // (hd / 2)
+    /* inference: one set of buffers reused by every layer, the stream x updated in place */
+    float *x, *normed, *q, *k, *v, *att, *gate, *up, *branch; // (T, C|Q|KVd|I)
+    float *normed_final;         // (T, C)
+    /* training */
+    layer_acts *acts;            /* [train_layers] */
+    float *x_final;              // (T, C) the stream after the last layer run
+    float *dx, *dx_mid, *dn, *dn_part, *dq, *dk, *dv, *datt, *dgate, *dup, *dact; // gradients, (T, ...)
+    /* the last forward */
+    int T, n_seqs, last_layer, has_normed;
+};
+
+static int add_buffer(es_decoder *d, const char *name, int index, void *slot, size_t bytes) {
+    named_buffer *grown = realloc(d->table, (size_t)(d->n_table + 1) * sizeof *grown);
+    if (!grown) return -1;
+    d->table = grown;
+    named_buffer *b = &d->table[d->n_table++];
+    if (index >= 0) snprintf(b->name, sizeof b->name, "layer %d %s", index + 1, name);
+    else snprintf(b->name, sizeof b->name, "%s", name);
+    b->slot = slot, b->bytes = (bytes + 63) / 64 * 64;
+    return 0;
+}
+
+/* The table of the arena for the decoder's shape (llm.c's malloc_and_point_activations). */
+static int build_table(es_decoder *d) {
+    const es_model_config *c = &d->config;
+    const size_t n = (size_t)d->max_tokens, C = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
+    const size_t Q = (size_t)c->n_heads * c->head_dim, KVd = (size_t)c->n_kv_heads * c->head_dim, f = sizeof(float);
+    int bad = 0;
+#define BUFFER(name, field, bytes) bad |= add_buffer(d, name, -1, &d->field, bytes)
+    BUFFER("ids", ids, n * sizeof(int32_t));
+    BUFFER("seq_start", seq_start, (n + 1) * sizeof(int32_t));
+    BUFFER("positions", positions, n * sizeof(int32_t));
+    BUFFER("inv_freq", inv_freq, (size_t)c->head_dim / 2 * sizeof(double));
+    BUFFER("normed_final", normed_final, n * C * f);
+    BUFFER("branch", branch, n * C * f);
+    if (!d->train_layers) {
+        BUFFER("x", x, n * C * f), BUFFER("normed", normed, n * C * f);
+        BUFFER("q", q, n * Q * f), BUFFER("k", k, n * KVd * f), BUFFER("v", v, n * KVd * f), BUFFER("att", att, n * Q * f);
+        BUFFER("gate", gate, n * I * f), BUFFER("up", up, n * I * f);
+    } else {
+        for (int l = 0; l < d->train_layers; l++) {
+            layer_acts *a = &d->acts[l];
+#define LAYER(name, bytes) bad |= add_buffer(d, #name, l, &a->name, bytes)
+            LAYER(x_in, n * C * f), LAYER(normed1, n * C * f), LAYER(q, n * Q * f), LAYER(k, n * KVd * f);
+            LAYER(v, n * KVd * f), LAYER(att, n * Q * f), LAYER(x_mid, n * C * f), LAYER(normed2, n * C * f);
+            LAYER(gate, n * I * f), LAYER(up, n * I * f), LAYER(act, n * I * f);
+#undef LAYER
+        }
+        BUFFER("x_final", x_final, n * C * f), BUFFER("dx", dx, n * C * f), BUFFER("dx_mid", dx_mid, n * C * f);
+        BUFFER("dn", dn, n * C * f), BUFFER("dn_part", dn_part, n * C * f), BUFFER("dq", dq, n * Q * f);
+        BUFFER("dk", dk, n * KVd * f), BUFFER("dv", dv, n * KVd * f), BUFFER("datt", datt, n * Q * f);
+        BUFFER("dgate", dgate, n * I * f), BUFFER("dup", dup, n * I * f), BUFFER("dact", dact, n * I * f);
+    }
+#undef BUFFER
+    return bad ? -1 : 0;
+}
+
+int es_decoder_create(es_decoder **out, es_device *dev, const es_model_config *config, int max_tokens, int max_seq,
+                      int train_layers, es_error *err) {
+    *out = NULL;
+    es_decoder *d = calloc(1, sizeof *d);
+    if (!d) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    d->dev = dev, d->config = *config;
+    d->max_tokens = max_tokens > 0 ? max_tokens : 1, d->max_seq = max_seq, d->train_layers = train_layers;
+    d->acts = calloc((size_t)train_layers + 1, sizeof *d->acts);
+    d->host_positions = malloc((size_t)d->max_tokens * sizeof *d->host_positions);
+    int rc = d->acts && d->host_positions && !build_table(d) ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int i = 0; i < d->n_table; i++) d->arena_bytes += d->table[i].bytes;
+    char what[160];
+    snprintf(what, sizeof what, "the activations of %d tokens%s", d->max_tokens, train_layers ? " for training" : "");
+    if (!rc) rc = es_device_alloc(dev, d->arena_bytes, &d->arena, what, err);
+    for (size_t i = 0, at = 0; !rc && i < (size_t)d->n_table; at += d->table[i].bytes, i++) *d->table[i].slot = (char *)d->arena + at;
+    if (!rc) {
+        double *inv_freq = malloc((size_t)config->head_dim / 2 * sizeof *inv_freq);
+        if (!inv_freq) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        else es_rope_inv_freq(config, inv_freq), rc = es_device_upload(dev, d->inv_freq, inv_freq, (size_t)config->head_dim / 2 * sizeof *inv_freq, err);
+        free(inv_freq);
+    }
+    if (rc) {
+        es_decoder_free(d);
+        return rc;
+    }
+    *out = d;
+    return ES_OK;
+}
+
+void es_decoder_free(es_decoder *d) {
+    if (!d) return;
+    es_device_free(d->dev, d->arena, d->arena_bytes);
+    free(d->table), free(d->acts), free(d->host_positions);
+    free(d);
+}
+
+void es_decoder_plan(const es_decoder *d, es_workspace_plan *plan) {
+    const es_model_config *c = &d->config;
+    const int Q = c->n_heads * c->head_dim, widest = c->intermediate_size > Q ? c->intermediate_size : Q;
+    const int wide = widest > c->hidden_size ? widest : c->hidden_size;
+#define AT_LEAST(field, value) plan->field = plan->field > (value) ? plan->field : (value)
+    AT_LEAST(tokens, d->max_tokens);
+    AT_LEAST(longest, d->max_seq);
+    AT_LEAST(heads, c->n_heads);
+    AT_LEAST(head_dim, c->head_dim);
+    AT_LEAST(max_in, wide);
+    AT_LEAST(max_out, wide);
+    AT_LEAST(train, d->train_layers > 0);
+#undef AT_LEAST
+}
+
+float *es_decoder_hidden(es_decoder *d, int layer) {
+    if (!d->train_layers) return layer == d->last_layer ? d->x : NULL;
+    return layer < d->last_layer ? d->acts[layer].x_in : layer == d->last_layer ? d->x_final : NULL;
+}
+float *es_decoder_normed(es_decoder *d) { return d->has_normed ? d->normed_final : NULL; }
+int es_decoder_tokens(const es_decoder *d) { return d->T; }
+
+/* Every op can fail; the device holds the message. */
+#define OP(call)                                                                                            \
+    do {                                                                                                    \
+        if (call) {                                                                                         \
+            rc = es_device_take_error(dev, err);                                                            \
+            goto done;                                                                                      \
+        }                                                                                                   \
+    } while (0)
+
+static int upload_batch(es_decoder *d, const es_decoder_batch *batch, es_error *err) {
+    const es_model_config *c = &d->config;
+    const int T = batch->seq_start[batch->n_seqs];
+    if (T > d->max_tokens || batch->n_seqs > d->max_tokens)
+        return es_fail(err, ES_ERR_RUNTIME, "a batch of %d tokens in %d sequences: the decoder holds %d", T, batch->n_seqs, d->max_tokens);
+    for (int t = 0; t < T; t++)
+        if (batch->ids[t] < 0 || batch->ids[t] >= c->vocab_size)
+            return es_fail(err, ES_ERR_DATA, "token %d: id %d is outside the vocabulary (%d)", t, batch->ids[t], c->vocab_size);
+    for (int s = 0; s < batch->n_seqs; s++)
+        for (int t = batch->seq_start[s]; t < batch->seq_start[s + 1]; t++) d->host_positions[t] = t - batch->seq_start[s];
+    int rc = es_device_upload(d->dev, d->ids, batch->ids, (size_t)T * sizeof(int32_t), err);
+    if (!rc) rc = es_device_upload(d->dev, d->seq_start, batch->seq_start, ((size_t)batch->n_seqs + 1) * sizeof(int32_t), err);
+    if (!rc) rc = es_device_upload(d->dev, d->positions, d->host_positions, (size_t)T * sizeof(int32_t), err);
+    d->T = T, d->n_seqs = batch->n_seqs;
+    return rc;
+}
+
+int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void *embed, es_dtype embed_dtype,
+                       es_layer_stream *layers, int last_layer, const float *final_norm, es_layer_fn on_layer, void *ctx,
+                       es_error *err) {
+    es_device *dev = d->dev;
+    const es_model_config *c = &d->config;
+    const int C = c->hidden_size, I = c->intermediate_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    const float eps = (float)c->rms_norm_eps;
+    if (d->train_layers && last_layer > d->train_layers)
+        return es_fail(err, ES_ERR_RUNTIME, "a forward through %d layers: the decoder keeps %d", last_layer, d->train_layers);
+    int rc = upload_batch(d, batch, err);
+    if (rc) return rc;
+    const int T = d->T;
+    d->last_layer = last_layer, d->has_normed = 0;
+    float *x = !d->train_layers ? d->x : last_layer ? d->acts[0].x_in : d->x_final;
+    OP(es_embedding_forward(dev, x, d->ids, embed, embed_dtype, T, C));
+    if (on_layer && (rc = on_layer(ctx, 0, x, T, err))) goto done;
+    for (int l = 1; l <= last_layer; l++) {
+        const es_layer_weights *w;
+        if ((rc = es_stream_acquire(layers, l, &w, err))) goto done;
+        /* training keeps every layer's activations; inference reuses one set and updates x in place */
+        layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, x, d->normed, d->gate, d->up, d->gate};
+        const layer_acts *a = d->train_layers ? &d->acts[l - 1] : &shared;
+        float *x_out = !d->train_layers ? x : l < last_layer ? d->acts[l].x_in : d->x_final;
+        // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
+        OP(es_rmsnorm_forward(dev, a->normed1, a->x_in, w->input_norm, T, C, eps));
+        OP(es_matmul_forward(dev, a->q, a->normed1, w->q, w->q_bias, T, C, H * hd));
+        OP(es_matmul_forward(dev, a->k, a->normed1, w->k, w->k_bias, T, C, KV * hd));
+        OP(es_matmul_forward(dev, a->v, a->normed1, w->v, w->v_bias, T, C, KV * hd));
+        OP(es_rope_forward(dev, a->q, d->positions, d->inv_freq, T, H, hd));
+        OP(es_rope_forward(dev, a->k, d->positions, d->inv_freq, T, KV, hd));
+        OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
+        OP(es_matmul_forward(dev, d->branch, a->att, w->o, w->o_bias, T, H * hd, C));
+        OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
+        // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
+        OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
+        OP(es_matmul_forward(dev, a->gate, a->normed2, w->gate, w->gate_bias, T, C, I));
+        OP(es_matmul_forward(dev, a->up, a->normed2, w->up, w->up_bias, T, C, I));
+        OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
+        OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
+        OP(es_add(dev, x_out, a->x_mid, d->branch, (size_t)T * C));
+        es_stream_release(layers, l);
+        x = x_out;
+        if (on_layer && (rc = on_layer(ctx, l, x, T, err))) goto done;
+    }
+    if (final_norm) {
+        OP(es_rmsnorm_forward(dev, d->normed_final, x, final_norm, T, C, eps));
+        d->has_normed = 1;
+    }
+done:
+    return rc;
+}
+
+int es_decoder_backward(es_decoder *d, const es_params *weights, es_params *grads, const float *dnormed,
+                        const float *const *dhidden, es_error *err) {
+    es_device *dev = d->dev;
+    const es_model_config *c = &d->config;
+    const int T = d->T, C = c->hidden_size, I = c->intermediate_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    const int Q = H * hd, KVd = KV * hd;
+    const float eps = (float)c->rms_norm_eps;
+    const size_t TC = (size_t)T * C;
+    int rc = ES_OK;
+    if (!d->train_layers) return es_fail(err, ES_ERR_RUNTIME, "backward through a decoder made for inference");
+    if (T == 0) return ES_OK;
+    // dx: the gradient of the stream, from the top
+    if (dnormed) OP(es_rmsnorm_backward(dev, d->dx, grads->final_norm, dnormed, d->x_final, weights->final_norm, T, C, eps));
+    else if ((rc = es_device_zero(dev, d->dx, TC * sizeof(float), err))) return rc;
+    for (int l = d->last_layer; l >= 1; l--) {
+        if (dhidden[l]) OP(es_add(dev, d->dx, d->dx, dhidden[l], TC)); /* a loss on the stream after layer l */
+        const es_layer_weights *w = &weights->layers[l - 1];
+        es_layer_weights *g = &grads->layers[l - 1];
+        const layer_acts *a = &d->acts[l - 1];
+        // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
+        OP(es_matmul_backward(dev, d->dact, g->down, g->down_bias, d->dx, a->act, w->down, T, I, C));
+        OP(es_swiglu_backward(dev, d->dgate, d->dup, d->dact, a->gate, a->up, (size_t)T * I));
+        OP(es_matmul_backward(dev, d->dn, g->gate, g->gate_bias, d->dgate, a->normed2, w->gate, T, C, I));
+        OP(es_matmul_backward(dev, d->dn_part, g->up, g->up_bias, d->dup, a->normed2, w->up, T, C, I));
+        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
+        OP(es_rmsnorm_backward(dev, d->dx_mid, g->post_norm, d->dn, a->x_mid, w->post_norm, T, C, eps));
+        OP(es_add(dev, d->dx_mid, d->dx_mid, d->dx, TC));
+        // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
+        OP(es_matmul_backward(dev, d->datt, g->o, g->o_bias, d->dx_mid, a->att, w->o, T, Q, C));
+        OP(es_attention_backward(dev, d->dq, d->dk, d->dv, d->datt, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
+        OP(es_rope_backward(dev, d->dq, d->positions, d->inv_freq, T, H, hd));
+        OP(es_rope_backward(dev, d->dk, d->positions, d->inv_freq, T, KV, hd));
+        OP(es_matmul_backward(dev, d->dn, g->q, g->q_bias, d->dq, a->normed1, w->q, T, C, Q));
+        OP(es_matmul_backward(dev, d->dn_part, g->k, g->k_bias, d->dk, a->normed1, w->k, T, C, KVd));
+        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
+        OP(es_matmul_backward(dev, d->dn_part, g->v, g->v_bias, d->dv, a->normed1, w->v, T, C, KVd));
+        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
+        OP(es_rmsnorm_backward(dev, d->dx, g->input_norm, d->dn, a->x_in, w->input_norm, T, C, eps));
+        OP(es_add(dev, d->dx, d->dx, d->dx_mid, TC));
+    }
+    if (dhidden[0]) OP(es_add(dev, d->dx, d->dx, dhidden[0], TC));
+    OP(es_embedding_backward(dev, grads->embed, d->ids, d->dx, T, C));
+done:
+    return rc;
+}

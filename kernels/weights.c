@@ -1,0 +1,91 @@
+/* The parameter arena (kernels/weights.h). */
+#include "weights.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Points the named table and the per-layer pointers of p into p->arena, in the store's order. */
+static int point_tensors(es_params *p, const es_model_store *store, es_error *err) {
+    p->tensors = calloc((size_t)store->n_specs + 1, sizeof *p->tensors);
+    p->layers = calloc((size_t)store->n_layers + 1, sizeof *p->layers);
+    if (!p->tensors || !p->layers) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    p->config = store->config;
+    p->n_layers = store->n_layers;
+    size_t at = 0;
+    for (int i = 0; i < store->n_specs; i++) {
+        const es_tensor_spec *spec = &store->specs[i];
+        float *data = p->arena + at;
+        at += es_tensor_numel(store->found[i]);
+        es_named_tensor *named = &p->tensors[p->n_tensors++];
+        snprintf(named->name, sizeof named->name, "%s", spec->name);
+        named->data = data, named->ndim = spec->ndim;
+        named->shape[0] = spec->shape[0], named->shape[1] = spec->shape[1];
+        if (spec->layer >= 0) *es_layer_slot(&p->layers[spec->layer], spec->part) = data;
+        else if (spec->part == -1) p->embed = data;
+        else if (spec->part == -2) p->final_norm = data;
+        else p->lm_head = data;
+    }
+    if (store->lm_head && store->lm_head == store->embed) p->lm_head = p->embed;
+    return ES_OK;
+}
+
+int es_params_load(es_device *dev, const es_model_store *store, es_params *p, es_error *err) {
+    memset(p, 0, sizeof *p);
+    size_t total = 0;
+    for (int i = 0; i < store->n_specs; i++) total += es_tensor_numel(store->found[i]);
+    char what[128];
+    snprintf(what, sizeof what, "the %zu parameters of %s", total, store->dir);
+    int rc = es_device_alloc(dev, total * sizeof(float), (void **)&p->arena, what, err);
+    if (!rc) p->arena_floats = total, rc = point_tensors(p, store, err);
+    float **dst = rc ? NULL : malloc((size_t)store->n_specs * sizeof *dst);
+    if (!rc && !dst) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int i = 0; !rc && i < store->n_specs; i++) dst[i] = p->tensors[i].data;
+    es_load_job job = {.n = store->n_specs, .src = store->found, .dst = dst};
+    if (!rc) rc = es_device_load_begin(dev, &job, err);
+    if (!rc) rc = es_device_load_wait(dev, &job, err);
+    free(dst);
+    if (rc) es_params_free(dev, p);
+    return rc;
+}
+
+int es_params_alloc_like(es_device *dev, const es_params *like, const char *what, es_params *out, es_error *err) {
+    memset(out, 0, sizeof *out);
+    int rc = es_device_alloc(dev, like->arena_floats * sizeof(float), (void **)&out->arena, what, err);
+    if (!rc) out->arena_floats = like->arena_floats;
+    if (!rc) rc = es_device_zero(dev, out->arena, like->arena_floats * sizeof(float), err);
+    out->tensors = rc ? NULL : malloc((size_t)like->n_tensors * sizeof *out->tensors + 1);
+    out->layers = rc ? NULL : malloc((size_t)like->n_layers * sizeof *out->layers + 1);
+    if (!rc && (!out->tensors || !out->layers)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (rc) {
+        es_params_free(dev, out);
+        return rc;
+    }
+    out->config = like->config;
+    out->n_tensors = like->n_tensors, out->n_layers = like->n_layers;
+#define SAME_PLACE(pointer) ((pointer) ? es_params_at(like, out, (pointer)) : NULL)
+    for (int i = 0; i < like->n_tensors; i++) {
+        out->tensors[i] = like->tensors[i];
+        out->tensors[i].data = SAME_PLACE(like->tensors[i].data);
+    }
+    for (int l = 0; l < like->n_layers; l++) {
+        es_layer_weights source = like->layers[l];
+        for (int part = 0; part < ES_LAYER_PARTS; part++)
+            *es_layer_slot(&out->layers[l], part) = SAME_PLACE(*es_layer_slot(&source, part));
+    }
+    out->embed = SAME_PLACE(like->embed), out->final_norm = SAME_PLACE(like->final_norm), out->lm_head = SAME_PLACE(like->lm_head);
+#undef SAME_PLACE
+    return ES_OK;
+}
+
+void es_params_free(es_device *dev, es_params *p) {
+    es_device_free(dev, p->arena, p->arena_floats * sizeof(float));
+    free(p->tensors), free(p->layers);
+    memset(p, 0, sizeof *p);
+}
+
+const es_named_tensor *es_params_tensor(const es_params *p, const char *name) {
+    for (int i = 0; i < p->n_tensors; i++)
+        if (!strcmp(p->tensors[i].name, name)) return &p->tensors[i];
+    return NULL;
+}

@@ -1,0 +1,46 @@
+/* A model's parameters on a device, every tensor in one arena with a table of named tensors
+ * (Hugging Face names) and per-layer pointers: the training's fp32 master weights, and arenas
+ * of the same layout for their gradients. (Inference brings layers in one at a time instead:
+ * kernels/stream.h.) */
+#ifndef ES_KERNELS_WEIGHTS_H
+#define ES_KERNELS_WEIGHTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "model.h"
+
+typedef struct es_named_tensor {
+    char name[96];       /* the Hugging Face name */
+    float *data;         /* into the arena (device memory) */
+    int ndim;
+    int64_t shape[2];
+} es_named_tensor;
+
+typedef struct es_params {
+    es_model_config config;
+    float *arena;                 // (arena_floats) device memory
+    size_t arena_floats;
+    es_named_tensor *tensors;     /* [n_tensors], checkpoint order */
+    int n_tensors;
+    float *embed;                 // (V, C)
+    es_layer_weights *layers;     /* [n_layers] */
+    int n_layers;
+    float *final_norm;            // (C), NULL unless opened with the head
+    float *lm_head;               // (V, C), the embedding when tied; NULL unless opened with the head
+} es_params;
+
+/* Every tensor of the store, converted by the device into one arena. */
+int es_params_load(es_device *dev, const es_model_store *store, es_params *params, es_error *err);
+/* An arena of the same layout, zeroed (gradients, optimizer moments); `what` names it in errors. */
+int es_params_alloc_like(es_device *dev, const es_params *like, const char *what, es_params *out, es_error *err);
+void es_params_free(es_device *dev, es_params *params);
+const es_named_tensor *es_params_tensor(const es_params *params, const char *name);
+/* The element of `other` (same layout) at the place of `param` in `params`. */
+static inline float *es_params_at(const es_params *params, const es_params *other, const float *param) {
+    return other->arena + (param - params->arena);
+}
+
+
+#endif
