@@ -4,6 +4,7 @@
  *   essence-inspect FILE.safetensors | DIR   the tensors of a checkpoint (sharded or not)
  *   essence-inspect stats FILE.h5 [--layer L]
  *   essence-inspect sample FILE.h5 --index I
+ *   essence-inspect compare A.h5 B.h5 [--tol X]
  *   essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR
  *   essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]
  *   essence-inspect plot METRICS.jsonl -o OUT.png
@@ -22,6 +23,7 @@ static const char usage[] =
     "essence-inspect FILE.h5 | FILE.safetensors | MODEL_DIR\n"
     "       essence-inspect stats FILE.h5 [--layer L] [--threads N]\n"
     "       essence-inspect sample FILE.h5 --index I\n"
+    "       essence-inspect compare A.h5 B.h5 [--tol X] [--threads N]\n"
     "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
     "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]\n"
     "       essence-inspect plot METRICS.jsonl -o OUT.png";
@@ -31,6 +33,11 @@ static const char description[] =
     "chunking and compression ratio, and the attributes. A .safetensors file or a model folder: its tensors.\n"
     "stats: per latent layer, the distribution of row norms (percentiles), per-dimension mean and std\n"
     "extremes, and the count of NaN/Inf values.\n"
+    "compare: every dataset of two HDF5 files (B is the reference): \"identical\" when bit-equal, else the\n"
+    "count of differing values, max abs and max relative error (per row: |a-b|/max(|a|,|b|), L2) and\n"
+    "normalised MSE sum (a-b)^2 / sum b^2. Exit 0 when every dataset is identical or, with --tol X, every\n"
+    "float dataset has max rel <= X and the same NaN/Inf positions (integers and strings: equal); 1 otherwise.\n"
+    "Root attributes that differ (created, ...) are listed, not counted.\n"
     "tokenize: JSONL {\"text\": ...} lines (or plain text lines on stdin) -> {\"ids\": [...], \"byte_offsets\": [[s, e], ...]};\n"
     "with --decode, {\"ids\": [...]} -> {\"text\": ...}.\n"
     "plot: essence-align's metrics.jsonl as a PNG (loss terms and eval MSEs; learning rate), drawn by gnuplot.";
@@ -43,7 +50,8 @@ static const es_option options[] = {
     {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)"},
     {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights"},
     {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write; plot: the PNG to write (-o for short)"},
-    {"threads", ES_OPT_INT, "0", "decompression threads (0: one per CPU)"},
+    {"threads", ES_OPT_INT, "0", "decompression (and compare) threads (0: one per CPU)"},
+    {"tol", ES_OPT_FLOAT, NULL, "compare: the largest max relative error that still agrees (default: identical only)"},
     {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
     {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
     {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)"},
@@ -109,6 +117,9 @@ int main(int argc, char **argv) {
     } else if (strcmp(command, "sample") == 0) {
         rc = cfg.n_positional == 2 ? inspect_sample(cfg.positional[1], &cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect sample FILE.h5 --index I");
+    } else if (strcmp(command, "compare") == 0) {
+        rc = cfg.n_positional == 3 ? inspect_compare(cfg.positional[1], cfg.positional[2], &cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect compare A.h5 B.h5 [--tol X]");
     } else if (strcmp(command, "mkmodel") == 0) {
         rc = cfg.n_positional == 1 ? inspect_mkmodel(&cfg, &err) : es_fail(&err, ES_ERR_USAGE, "mkmodel takes no file argument");
     } else if (strcmp(command, "tokenize") == 0) {

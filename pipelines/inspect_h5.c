@@ -12,7 +12,7 @@
 
 /* ---- summary ------------------------------------------------------------------------ */
 
-static void print_type(hid_t type, char *buf, size_t size) {
+void inspect_type_name(hid_t type, char *buf, size_t size) {
     H5T_class_t cls = H5Tget_class(type);
     size_t bytes = H5Tget_size(type);
     if (cls == H5T_STRING) snprintf(buf, size, H5Tis_variable_str(type) > 0 ? "string (vlen)" : "string[%zu]", bytes);
@@ -23,7 +23,7 @@ static void print_type(hid_t type, char *buf, size_t size) {
     else snprintf(buf, size, "class %d, %zu bytes", (int)cls, bytes);
 }
 
-static void print_dims(const hsize_t *dims, int rank, char *buf, size_t size) {
+void inspect_dims_text(const hsize_t *dims, int rank, char *buf, size_t size) {
     int n = snprintf(buf, size, "[");
     for (int i = 0; i < rank && n < (int)size; i++)
         n += snprintf(buf + n, size - (size_t)n, "%s%llu", i ? ", " : "", (unsigned long long)dims[i]);
@@ -114,11 +114,11 @@ static herr_t show_object(hid_t root, const char *name, const H5O_info_t *info, 
     if (rank > 8) rank = 8;
     H5Sget_simple_extent_dims(space, dims, NULL);
     char type_text[64], shape[128], chunk_text[128] = "contiguous", filters[128] = "none";
-    print_type(type, type_text, sizeof type_text);
-    print_dims(dims, rank, shape, sizeof shape);
+    inspect_type_name(type, type_text, sizeof type_text);
+    inspect_dims_text(dims, rank, shape, sizeof shape);
     if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
         int chunk_rank = H5Pget_chunk(dcpl, 8, chunk);
-        print_dims(chunk, chunk_rank, chunk_text, sizeof chunk_text);
+        inspect_dims_text(chunk, chunk_rank, chunk_text, sizeof chunk_text);
         print_filters(dcpl, filters, sizeof filters);
     }
     printf("  /%-28s %-14s %-16s chunks %-14s %-14s", name, type_text, shape, chunk_text, filters);
