@@ -107,16 +107,29 @@ typedef struct block_job {
 enum { PIECE = 1024, PARTS = 64 };
 
 static void to_double(value_kind kind, const uint8_t *raw, int64_t start, int64_t n, double *out) {
-    /* One loop per kind, so each is a plain widening loop the compiler can vectorise. */
+    /* One loop per kind; the latents' kinds in groups of 8, which the compiler vectorises. */
     const uint8_t *p = raw + (size_t)start * kind_size(kind);
+    int64_t i = 0;
     switch (kind) {
-    case V_BF16: for (int64_t i = 0; i < n; i++) { uint16_t h; memcpy(&h, p + 2 * i, 2); out[i] = es_bf16_to_f32(h); } break;
-    case V_F32: for (int64_t i = 0; i < n; i++) { float f; memcpy(&f, p + 4 * i, 4); out[i] = f; } break;
+    case V_BF16: {
+        const uint16_t *bits = (const uint16_t *)p; /* blocks are malloc'd: aligned for any element */
+        for (; i + 8 <= n; i += 8)
+            for (int k = 0; k < 8; k++) out[i + k] = es_bf16_to_f32(bits[i + k]);
+        for (; i < n; i++) out[i] = es_bf16_to_f32(bits[i]);
+        break;
+    }
+    case V_F32: {
+        const float *values = (const float *)p;
+        for (; i + 8 <= n; i += 8)
+            for (int k = 0; k < 8; k++) out[i + k] = values[i + k];
+        for (; i < n; i++) out[i] = values[i];
+        break;
+    }
     case V_F64: memcpy(out, p, (size_t)n * 8); break;
-    case V_I32: for (int64_t i = 0; i < n; i++) { int32_t v; memcpy(&v, p + 4 * i, 4); out[i] = v; } break;
-    case V_I64: for (int64_t i = 0; i < n; i++) { int64_t v; memcpy(&v, p + 8 * i, 8); out[i] = (double)v; } break;
-    case V_U8: for (int64_t i = 0; i < n; i++) out[i] = p[i]; break;
-    case V_U64: for (int64_t i = 0; i < n; i++) { uint64_t v; memcpy(&v, p + 8 * i, 8); out[i] = (double)v; } break;
+    case V_I32: for (; i < n; i++) { int32_t v; memcpy(&v, p + 4 * i, 4); out[i] = v; } break;
+    case V_I64: for (; i < n; i++) { int64_t v; memcpy(&v, p + 8 * i, 8); out[i] = (double)v; } break;
+    case V_U8: for (; i < n; i++) out[i] = p[i]; break;
+    case V_U64: for (; i < n; i++) { uint64_t v; memcpy(&v, p + 8 * i, 8); out[i] = (double)v; } break;
     }
 }
 
@@ -145,6 +158,74 @@ static void close_row(part_result *part, row_sums *row, int64_t row_index, int p
     *row = (row_sums){0, 0, 0};
 }
 
+/* Elements [0, n) of a piece, all in one row, in the common case: every value finite. Four
+ * independent lanes let the additions overlap (a single chain of sums is bound by add latency);
+ * the order is fixed, so the result still does not depend on the thread count. Returns 0 when a
+ * value is not finite or a sum overflowed: the piece is then measured element by element. */
+static int piece_fast(part_result *part, row_sums *row, const double *x, const double *y, int64_t n, int64_t at) {
+    double d2[4] = {0}, a2[4] = {0}, b2[4] = {0}, top[4] = {0};
+    int64_t differ[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; l++) { /* unrolled whole, so the lanes live in registers */
+            double d = x[j + l] - y[j + l], size = fabs(d);
+            d2[l] += d * d, a2[l] += x[j + l] * x[j + l], b2[l] += y[j + l] * y[j + l];
+            top[l] = size > top[l] ? size : top[l];
+            differ[l] += x[j + l] != y[j + l];
+        }
+    for (; j < n; j++) {
+        double d = x[j] - y[j], size = fabs(d);
+        d2[0] += d * d, a2[0] += x[j] * x[j], b2[0] += y[j] * y[j];
+        top[0] = size > top[0] ? size : top[0];
+        differ[0] += x[j] != y[j];
+    }
+    double sum_d2 = (d2[0] + d2[1]) + (d2[2] + d2[3]), sum_a2 = (a2[0] + a2[1]) + (a2[2] + a2[3]);
+    double sum_b2 = (b2[0] + b2[1]) + (b2[2] + b2[3]);
+    if (!isfinite(sum_d2) || !isfinite(sum_a2) || !isfinite(sum_b2)) return 0;
+    int64_t n_differ = differ[0] + differ[1] + differ[2] + differ[3];
+    double largest = top[0] > top[1] ? top[0] : top[1];
+    largest = top[2] > largest ? top[2] : largest;
+    largest = top[3] > largest ? top[3] : largest;
+    /* Positions are looked up only when they matter: rarely, once a part has seen some data. */
+    if (n_differ && part->first_diff < 0)
+        for (int64_t j = 0; j < n; j++)
+            if (x[j] != y[j]) {
+                part->first_diff = at + j;
+                break;
+            }
+    if (largest > part->max_abs)
+        for (int64_t j = 0; j < n; j++)
+            if (fabs(x[j] - y[j]) == largest) {
+                part->max_abs = largest, part->max_abs_at = at + j;
+                break;
+            }
+    part->differing += n_differ;
+    row->d2 += sum_d2, row->a2 += sum_a2, row->b2 += sum_b2;
+    return 1;
+}
+
+/* The same, element by element: NaN/Inf, and integers (exact, on their int64 values). */
+static void piece_exact(part_result *part, row_sums *row, const double *x, const double *y, const int64_t *ix,
+                        const int64_t *iy, int64_t n, int64_t at) {
+    for (int64_t j = 0; j < n; j++) {
+        int equal = ix ? ix[j] == iy[j] : (x[j] == y[j] || (isnan(x[j]) && isnan(y[j])));
+        if (equal) {
+            if (isfinite(x[j])) row->a2 += x[j] * x[j], row->b2 += x[j] * x[j];
+            continue;
+        }
+        part->differing++;
+        if (part->first_diff < 0) part->first_diff = at + j;
+        if (!isfinite(x[j]) || !isfinite(y[j])) {
+            part->nonfinite++; /* left out of the figures: they would all be NaN or Inf */
+            continue;
+        }
+        double d = x[j] - y[j];
+        row->d2 += d * d, row->a2 += x[j] * x[j], row->b2 += y[j] * y[j];
+        if (fabs(d) > part->max_abs) part->max_abs = fabs(d), part->max_abs_at = at + j;
+    }
+}
+
 static void measure_part(void *arg, size_t index, int worker) {
     (void)worker;
     block_job *job = arg;
@@ -164,42 +245,29 @@ static void measure_part(void *arg, size_t index, int worker) {
     double va[PIECE], vb[PIECE];
     int64_t ia[PIECE], ib[PIECE];
     row_sums row = {0, 0, 0};
-    /* A row ends every `width` elements (rank >= 2); otherwise the part is summed as one. */
+    /* Pieces never cross a row (rank >= 2), so each closes at most one; otherwise the part is one sum. */
     int64_t row_index = job->first_row + r0, row_left = job->per_row_rel ? width : INT64_MAX;
-    for (int64_t e = e0; e < e1; e += PIECE) {
+    for (int64_t e = e0; e < e1;) {
         int64_t n = e1 - e < PIECE ? e1 - e : PIECE;
+        if (n > row_left) n = row_left;
         to_double(job->a->kind, job->a->raw, e, n, va);
-        if (!part->bits_equal) to_double(job->b->kind, job->b->raw, e, n, vb);
+        /* Equal bytes: B's values are A's, and the differences all zero. */
+        const double *y = va;
+        if (!part->bits_equal) {
+            to_double(job->b->kind, job->b->raw, e, n, vb);
+            y = vb;
+        }
         if (job->integer && !part->bits_equal) {
             to_int64(job->a->kind, job->a->raw, e, n, ia);
             to_int64(job->b->kind, job->b->raw, e, n, ib);
+            piece_exact(part, &row, va, y, ia, ib, n, base + e);
+        } else if (!piece_fast(part, &row, va, y, n, base + e)) {
+            piece_exact(part, &row, va, y, NULL, NULL, n, base + e);
         }
-        for (int64_t j = 0; j < n; j++) {
-            double x = va[j];
-            if (part->bits_equal) {
-                if (isfinite(x)) row.a2 += x * x, row.b2 += x * x;
-            } else {
-                double y = vb[j];
-                int equal = job->integer ? ia[j] == ib[j] : (x == y || (isnan(x) && isnan(y)));
-                if (equal) {
-                    if (isfinite(x)) row.a2 += x * x, row.b2 += x * x;
-                } else {
-                    int64_t at = base + e + j;
-                    part->differing++;
-                    if (part->first_diff < 0) part->first_diff = at;
-                    if (!isfinite(x) || !isfinite(y)) {
-                        part->nonfinite++; /* left out of the figures: they would all be NaN or Inf */
-                    } else {
-                        double d = x - y;
-                        row.d2 += d * d, row.a2 += x * x, row.b2 += y * y;
-                        if (fabs(d) > part->max_abs) part->max_abs = fabs(d), part->max_abs_at = at;
-                    }
-                }
-            }
-            if (--row_left == 0) {
-                close_row(part, &row, row_index++, job->per_row_rel);
-                row_left = width;
-            }
+        e += n;
+        if ((row_left -= n) == 0) {
+            close_row(part, &row, row_index++, job->per_row_rel);
+            row_left = width;
         }
     }
     if (!job->per_row_rel) close_row(part, &row, row_index, 0);

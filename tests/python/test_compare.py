@@ -96,11 +96,12 @@ def test_streaming(tmp):
     shutil.copy(a, b)
     with h5py.File(b, "r+") as f:
         d = f["/latents/layer_001"]
-        d[8999, 4095] = float(d[8999, 4095]) * 2 + 1
+        d[8999, :] = d[8999, :] * 0.5  # the last row halved (exact in bf16): row relative error 0.5
         d[4321, 0] = float(d[4321, 0]) - 3
     result = compare(a, b, "--threads", "2")
     got = figures(line_of(result, "/latents/layer_001"))
-    report("streaming_blocks_count", got is not None and got["differing"] == 2 and got["values"] == 9000 * 4096, result.stdout)
+    report("streaming_blocks_count_and_row", got is not None and got["differing"] == 4096 + 1 and got["values"] == 9000 * 4096
+           and got["row"] == 8999 and close(got["max_rel"], 0.5), result.stdout)
 
 
 def test_essence_stages(tmp):
@@ -231,6 +232,23 @@ def test_nan_and_integers(tmp):
            and close(got["max_abs"], 0.5), v)
     report("nan_mismatch_never_within_tol", "differ:" in v and diff.returncode == 1, diff.stdout)
     report("integers_never_within_tol", "differ: 1 of 3" in line_of(diff, "/i"), diff.stdout)
+    # A long 1-D dataset is one vector; equal Inf and NaN next to a change (the same piece of work).
+    rng = np.random.default_rng(3)
+    va = rng.standard_normal(5000).astype(np.float32)
+    va[10], va[12] = np.inf, np.nan
+    vb = va.copy()
+    vb[11] += np.float32(0.75)
+    vb[4000] -= np.float32(0.25)
+    write(a, {"/w": va})
+    write(b, {"/w": vb})
+    w = compare(a, b)
+    got = figures(line_of(w, "/w"))
+    fa, fb = va.astype(np.float64), vb.astype(np.float64)
+    ok = np.isfinite(fa)
+    rel = np.linalg.norm(fa[ok] - fb[ok]) / max(np.linalg.norm(fa[ok]), np.linalg.norm(fb[ok]))
+    report("vector_1d_figures", got is not None and got["differing"] == 2 and got["at"] == "[11]" and got["row"] is None
+           and close(got["max_abs"], float(abs(fa[11] - fb[11]))) and close(got["max_rel"], rel)
+           and "NaN/Inf" not in line_of(w, "/w"), f"{line_of(w, '/w')} vs rel {rel}")
     # -0 against +0 and another NaN payload: equal values, other bits.
     nan2 = np.frombuffer(np.uint64(0x7ff8000000000001).tobytes(), dtype=np.float64)[0]
     write(a, {"/z": np.array([0.0, np.nan])})
