@@ -263,13 +263,14 @@ static int trim_metrics(const char *path, int64_t done, es_error *err) {
 }
 
 /* OUT/fingerprint: the stage's (given by essence-run) or the SHA-256 of the effective
- * configuration; written last, through a rename, so it marks a complete output. */
+ * configuration but the options that change no bit; written last, through a rename, so it marks
+ * a complete output. */
 static int write_fingerprint(const char *path, const es_config *cfg, es_error *err) {
     char fingerprint[ES_FINGERPRINT_HEX], tmp[4400];
     if (es_config_is_set(cfg, "fingerprint")) {
         snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(cfg, "fingerprint"));
     } else {
-        char *yaml = es_config_to_yaml(cfg);
+        char *yaml = es_config_to_yaml_without(cfg, ES_RESULT_NEUTRAL_OPTIONS);
         es_sha256_hex(yaml ? yaml : "", yaml ? strlen(yaml) : 0, fingerprint);
         free(yaml);
     }

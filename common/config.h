@@ -75,6 +75,9 @@ int es_config_set(es_config *cfg, const char *name, const char *value, es_error 
 /* The effective configuration as YAML (keys with '_', in table order, unset keys left out,
  * strings quoted when YAML would misread them). Caller frees. Stored in every output file. */
 char *es_config_to_yaml(const es_config *cfg);
+/* The same without the options named in leave_out (NULL-terminated): a fingerprint's input
+ * leaves out what changes no bit of the results (ES_RESULT_NEUTRAL_OPTIONS in kernels/backend.h). */
+char *es_config_to_yaml_without(const es_config *cfg, const char *const *leave_out);
 
 /* The start every stage program's main() shares: parses the flags; with --help or --print-config
  * prints it and returns ES_CONFIG_DONE (the program exits 0); checks that every option named in

@@ -489,12 +489,20 @@ static void put_quoted(sbuf *b, const char *s) {
     sb_add(b, "\"", 1);
 }
 
-char *es_config_to_yaml(const es_config *cfg) {
+static int listed(const char *name, const char *const *names) {
+    for (; names && *names; names++)
+        if (!strcmp(name, *names)) return 1;
+    return 0;
+}
+
+char *es_config_to_yaml(const es_config *cfg) { return es_config_to_yaml_without(cfg, NULL); }
+
+char *es_config_to_yaml_without(const es_config *cfg, const char *const *leave_out) {
     sbuf b = {0};
     sb_add(&b, "", 0);
     for (int i = 0; i < cfg->n_options; i++) {
         const char *v = cfg->values[i];
-        if (!v) continue;
+        if (!v || listed(cfg->options[i].name, leave_out)) continue;
         for (const char *c = cfg->options[i].name; *c; c++) sb_add(&b, *c == '-' ? "_" : c, 1);
         sb_add(&b, ": ", 2);
         int quote = !plain_ok(v) || (cfg->options[i].type == ES_OPT_STRING && looks_typed(v));

@@ -326,7 +326,7 @@ int main(int argc, char **argv) {
 
     // 6. What made this file.
     char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", layers_text[1024] = "", hidden[32], created[64];
-    char *yaml = es_config_to_yaml(&cfg);
+    char *yaml = es_config_to_yaml(&cfg), *yaml_results = es_config_to_yaml_without(&cfg, ES_RESULT_NEUTRAL_OPTIONS);
     for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
     snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
@@ -340,7 +340,8 @@ int main(int argc, char **argv) {
         rc = es_sha256_file(probe ? path : tokenizer_path, tokenizer_fp, &err);
     }
     char fingerprint_input[8192];
-    int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml ? yaml : "", model_fp, tokenizer_fp, TOOL_VERSION);
+    int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", model_fp,
+                          tokenizer_fp, TOOL_VERSION);
     char fingerprint[ES_FINGERPRINT_HEX];
     es_sha256_hex(fingerprint_input, (size_t)(fp_len < (int)sizeof fingerprint_input ? fp_len : (int)sizeof fingerprint_input - 1), fingerprint);
     if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
@@ -351,7 +352,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
     else teacher_abandon(&writer, 0);
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
-    free(yaml), free(config_text), free(layers), free(c.rows), free(b.samples);
+    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples);
     extract_input_close(&input);
     teacher_close(&teacher);
     es_device_close(dev);

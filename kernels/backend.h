@@ -45,6 +45,9 @@ typedef struct es_device_options {
     {"max-memory", ES_OPT_STRING, "auto",                                                                   \
      "memory the backend may hold for weights and activations, e.g. 8G (auto: 90% of what is free)"}
 
+/* Of those, the ones that change no bit of any output: fingerprints leave them out. */
+#define ES_RESULT_NEUTRAL_OPTIONS ((const char *const[]){"threads", "max-memory", NULL})
+
 /* Reads those three options (usage errors name the flag). */
 int es_device_options_from_config(const es_config *cfg, es_device_options *out, es_error *err);
 /* "cpu", "cuda", "cuda:1". Returns 0, or -1 for anything else. */

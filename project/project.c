@@ -477,7 +477,7 @@ int main(int argc, char **argv) {
     es_progress_finish(&progress);
 
     // 7. What made this file.
-    char *yaml = es_config_to_yaml(&cfg);
+    char *yaml = es_config_to_yaml(&cfg), *yaml_results = es_config_to_yaml_without(&cfg, ES_RESULT_NEUTRAL_OPTIONS);
     char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", config_path[4200], created[64];
     snprintf(config_path, sizeof config_path, "%s/config.json", student_dir);
     if (!rc) rc = es_sha256_file(config_path, model_fp, &err);
@@ -496,7 +496,7 @@ int main(int argc, char **argv) {
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     if (!rc && (!teacher_fps || !fingerprint_input)) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
     if (!rc) {
-        int n = snprintf(fingerprint_input, text_size, "%s\n%s\n%s\n%s\n%s", yaml ? yaml : "", teacher_fps, model_fp, tokenizer_fp, TOOL_VERSION);
+        int n = snprintf(fingerprint_input, text_size, "%s\n%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", teacher_fps, model_fp, tokenizer_fp, TOOL_VERSION);
         es_sha256_hex(fingerprint_input, (size_t)n, fingerprint);
         if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
         const student_attribute attributes[] = {
@@ -526,7 +526,7 @@ int main(int argc, char **argv) {
     projector_free(&p);
     es_device_close(dev);
     free(pairs), free(omega), free(student_layers), free(teacher_layers), free(means), free(scales);
-    free(yaml), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);
+    free(yaml), free(yaml_results), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);
     teacher_set_close(&teacher);
     es_tokenizer_free(tokenizer);
     es_pool_destroy(pool);
