@@ -162,14 +162,17 @@ def main():
     # gnuplot's own failures: its message comes through; nothing is left under the output's name
     fake = os.path.join(tmp, "fake-gnuplot")
     os.mkdir(fake)
+    # cat by its full path: PATH holds only the fake, and a fake that does not read its input
+    # races essence's writes to it (a broken pipe instead of the case meant)
+    cat = shutil.which("cat")
     with open(os.path.join(fake, "gnuplot"), "w") as f:
-        f.write("#!/bin/sh\ncat >/dev/null\necho '         line 7: fake failure' >&2\nexit 1\n")
+        f.write(f"#!/bin/sh\n{cat} >/dev/null\necho '         line 7: fake failure' >&2\nexit 1\n")
     os.chmod(os.path.join(fake, "gnuplot"), 0o755)
     failed = os.path.join(tmp, "failed.png")
     expect("gnuplot_failure_exit_1", ["plot", metrics, "-o", failed], 1, "failed.png", "fake failure",
            run_env=dict(env, PATH=fake))
     with open(os.path.join(fake, "gnuplot"), "w") as f:
-        f.write("#!/bin/sh\ncat >/dev/null\nexit 0\n")
+        f.write(f"#!/bin/sh\n{cat} >/dev/null\nexit 0\n")
     expect("gnuplot_wrote_no_png_exit_1", ["plot", metrics, "-o", failed], 1, "did not write a PNG",
            run_env=dict(env, PATH=fake))
     report("gnuplot_failure_leaves_nothing", not os.path.exists(failed) and not leftovers(tmp)
