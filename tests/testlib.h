@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static int tl_passed __attribute__((unused)), tl_failed, tl_skipped __attribute__((unused));
 static int tl_case_failed;
@@ -53,16 +54,20 @@ static char tl_skip_reason[2048] __attribute__((unused));
         return;                                                                       \
     } while (0)
 
-#define RUN(fn)                                                                       \
+#define RUN(fn) RUN_AS(#fn, fn(tl_name))
+
+/* Runs `call` as one case named `label` (a string that outlives the call); `call` sees the
+ * name as tl_name, e.g. RUN_AS("goldens_qwen[repo]", check(tl_name, "qwen")). */
+#define RUN_AS(label, call)                                                           \
     do {                                                                              \
-        const char *tl_name = #fn;                                                    \
+        const char *tl_name = (label);                                                \
         (void)tl_name;                                                                \
         tl_case_failed = 0;                                                           \
         tl_case_skip = NULL;                                                          \
-        fn(#fn);                                                                      \
+        call;                                                                         \
         if (tl_case_failed) tl_failed++;                                              \
-        else if (tl_case_skip) { printf("SKIP %s: %s\n", #fn, tl_case_skip); tl_skipped++; } \
-        else { printf("PASS %s\n", #fn); tl_passed++; }                               \
+        else if (tl_case_skip) { printf("SKIP %s: %s\n", tl_name, tl_case_skip); tl_skipped++; } \
+        else { printf("PASS %s\n", tl_name); tl_passed++; }                           \
         fflush(stdout);                                                               \
     } while (0)
 
@@ -70,10 +75,34 @@ static char tl_skip_reason[2048] __attribute__((unused));
 
 static inline int test_summary(void) { return tl_failed ? 1 : 0; }
 
-/* The fixtures folder: $ESSENCE_FIXTURES, else ../shared/fixtures from the project root. */
+/* The in-repo fixtures (tests/fixtures/README.md): $ESSENCE_FIXTURES, else tests/fixtures from
+ * the project root. */
 static inline const char *test_fixtures(void) {
     const char *dir = getenv("ESSENCE_FIXTURES");
-    return dir && *dir ? dir : "../shared/fixtures";
+    return dir && *dir ? dir : "tests/fixtures";
+}
+
+/* Where the large shared set is looked for: $ESSENCE_SHARED_FIXTURES, else ../shared/fixtures. */
+static inline const char *test_shared_fixtures_path(void) {
+    const char *dir = getenv("ESSENCE_SHARED_FIXTURES");
+    return dir ? dir : "../shared/fixtures";
+}
+
+/* The shared set, or NULL where that folder does not exist (a test then prints one SKIP). Same
+ * layout and formats as the in-repo set, so the same code checks both. */
+static inline const char *test_shared_fixtures(void) {
+    const char *dir = test_shared_fixtures_path();
+    char models[4096];
+    snprintf(models, sizeof models, "%s/models", dir);
+    struct stat st;
+    return *dir && stat(models, &st) == 0 && S_ISDIR(st.st_mode) ? dir : NULL;
+}
+
+/* The one SKIP line of a test family whose shared-set cases cannot run. */
+static inline void test_skip_shared(const char *family) {
+    const char *dir = test_shared_fixtures_path();
+    printf("SKIP %s[shared]: no shared fixtures at %s; the in-repo set ran (set ESSENCE_SHARED_FIXTURES to add the large one)\n",
+           family, *dir ? dir : "(ESSENCE_SHARED_FIXTURES is empty)");
 }
 
 /* A fresh scratch folder under $TMPDIR for one test binary. */

@@ -1,6 +1,7 @@
-"""essence-align end to end: the golden training step through the command line (--dump-step),
-the tiny teacher → project → student run lowering the held-out latent MSE, bit-identical resume
-after SIGKILL, data parallelism over MPI, bounded memory, and bad input."""
+"""essence-align end to end: the golden training step through the command line (--dump-step) for
+every fixture set (in-repo, and ../shared/fixtures when present); on the in-repo set, the tiny
+teacher → project → student run lowering the held-out latent MSE, bit-identical resume after
+SIGKILL, data parallelism over MPI, bounded memory, and bad input."""
 import json
 import os
 import random
@@ -15,12 +16,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import fixture_sets, read_safetensors, repo_fixtures, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
-sys.path.insert(0, os.path.join(FIXTURES, "..", "tools"))
-STUDENT = os.path.join(FIXTURES, "models", "tiny-qwen2")
+REPO = repo_fixtures()
+STUDENT = REPO.student
 GOLDEN = os.path.join(STUDENT, "golden_train_step.safetensors")
 GOLDEN_FLAGS = ["--steps", "1", "--seq-len", "24", "--batch-tokens", "48", "--no-shuffle", "--eval-fraction", "0",
                 "--latent-weight", "1", "--ce-weight", "0.5"]
@@ -41,15 +41,14 @@ def must(args):
     return result
 
 
-def golden_student(tmp, copies=1, extra=()):
+def golden_student(tmp, copies=1, extra=(), golden=GOLDEN):
     path = os.path.join(tmp, f"golden-{copies}{''.join(extra)}.h5")
-    must([program("tests/tools/golden_student"), GOLDEN, path, str(copies), *extra])
+    must([program("tests/tools/golden_student"), golden, path, str(copies), *extra])
     return path
 
 
 def state_tensors(folder):
-    import st
-    return st.load(os.path.join(folder, "essence-state", "state.safetensors"))
+    return read_safetensors(os.path.join(folder, "essence-state", "state.safetensors"))
 
 
 def latest_checkpoint(out):
@@ -57,14 +56,16 @@ def latest_checkpoint(out):
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
-def test_golden_cli(tmp):
-    import st
-    golden = st.load(GOLDEN)
-    data = golden_student(tmp)
+def test_golden_cli(tmp, fixtures):
+    tmp = os.path.join(tmp, fixtures.label)
+    os.makedirs(tmp)
+    path = os.path.join(fixtures.student, "golden_train_step.safetensors")
+    golden = read_safetensors(path)
+    data = golden_student(tmp, golden=path)
     dump = os.path.join(tmp, "dump.safetensors")
     out = os.path.join(tmp, "golden-out")
-    must([program("essence-align"), "--model", STUDENT, "--data", data, "--out", out, *GOLDEN_FLAGS, "--dump-step", dump])
-    got = st.load(dump)
+    must([program("essence-align"), "--model", fixtures.student, "--data", data, "--out", out, *GOLDEN_FLAGS, "--dump-step", dump])
+    got = read_safetensors(dump)
     # the targets went through bf16 in student.h5: the loss moves by that rounding only
     terms = {k: (float(got[k][0]), float(golden[k][0])) for k in ("loss", "latent_mse", "ce")}
     terms_ok = all(abs(a / b - 1) < 1e-3 for a, b in terms.values()) and abs(terms["ce"][0] / terms["ce"][1] - 1) < 1e-5
@@ -80,24 +81,23 @@ def test_golden_cli(tmp):
         error = float(np.max(np.abs(grad - want)) / np.max(np.abs(want)))
         if error > worst:
             worst, worst_name = error, name
-    print(f"  CLI golden step: loss {terms['loss'][0]:.7f} (HF {terms['loss'][1]:.7f}), latent {terms['latent_mse'][0]:.7f} "
+    print(f"  {fixtures.label}: CLI golden step: loss {terms['loss'][0]:.7f} (HF {terms['loss'][1]:.7f}), latent {terms['latent_mse'][0]:.7f} "
           f"(HF {terms['latent_mse'][1]:.7f}), ce {terms['ce'][0]:.7f} (HF {terms['ce'][1]:.7f}); worst gradient {worst:.2e} ({worst_name})")
-    report("golden_step_through_cli", terms_ok and worst < 5e-3, f"{terms}, worst gradient {worst:.3g} at {worst_name}")
+    report(fixtures.name("golden_step_through_cli"), terms_ok and worst < 5e-3, f"{terms}, worst gradient {worst:.3g} at {worst_name}")
 
 
 def test_student_head(tmp):
-    import st
     out, dump = os.path.join(tmp, "head-out"), os.path.join(tmp, "head-dump.safetensors")
     must([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp), "--out", out, "--steps", "3", "--seq-len", "24",
           "--batch-tokens", "48", "--eval-fraction", "0", "--student-head", "linear", "--lr", "1e-2", "--dump-step", dump])
-    head = st.load(os.path.join(out, "student_head.safetensors")).get("student_head.layer_002.weight")
-    grad = st.load(dump).get("grad/student_head.layer_002.weight")
+    head = read_safetensors(os.path.join(out, "student_head.safetensors")).get("student_head.layer_002.weight")
+    grad = read_safetensors(dump).get("grad/student_head.layer_002.weight")
     ok = head is not None and head.shape == (48, 48) and not np.allclose(head, np.eye(48)) and grad is not None and np.any(grad != 0)
     # the head starts as the identity: the first step's model gradients equal those without a head
     plain = os.path.join(tmp, "plain-dump.safetensors")
     must([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp), "--out", os.path.join(tmp, "plain-out"),
           "--steps", "1", "--seq-len", "24", "--batch-tokens", "48", "--eval-fraction", "0", "--dump-step", plain])
-    a, b = st.load(dump), st.load(plain)
+    a, b = read_safetensors(dump), read_safetensors(plain)
     same = all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-9) for k in b if k.startswith("grad/model."))
     report("student_head_linear_trains_and_saves", ok and same, f"head saved {head is not None}, grads equal at identity {same}")
 
@@ -117,21 +117,9 @@ def test_grad_accum(tmp):
 
 
 def make_pipeline_data(tmp, n_texts=300):
-    """teacher tiny-llama3 (llama3 tokenizer) -> essence-project -> student tiny-qwen2 (qwen3 tokenizer)."""
-    teacher = os.path.join(tmp, "teacher")
-    os.makedirs(teacher, exist_ok=True)
-    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
-        if not os.path.exists(os.path.join(teacher, name)):
-            os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(teacher, name))
-    if not os.path.exists(os.path.join(teacher, "tokenizer.json")):
-        os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(teacher, "tokenizer.json"))
-    student = os.path.join(tmp, "student")
-    if not os.path.exists(student):
-        os.makedirs(student)
-        for name in os.listdir(STUDENT):
-            if not name.startswith("golden"):
-                os.symlink(os.path.join(STUDENT, name), os.path.join(student, name))
-        os.symlink(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(student, "tokenizer.json"))
+    """teacher tiny-llama3 -> essence-project -> student tiny-qwen2, each with its own tokenizer."""
+    teacher = REPO.teacher_folder(os.path.join(tmp, "teacher"), bos_config=False)
+    student = REPO.student_folder(os.path.join(tmp, "student"))
     rng = random.Random(7)
     words = ("we check whether the sum of two odd numbers is even so let n equal 2k plus 1 and m equal 2j plus 1 then n plus m "
              "equals 2 times k plus j plus 1 which is even therefore the claim holds wait let me verify with 3 and 5 giving 8").split()
@@ -253,7 +241,7 @@ def test_bad_input(tmp):
     golden = golden_student(tmp)
     cases = {}
     # target width != hidden size: the golden file (48 wide) for tiny-llama3 (64)
-    cases["target_width"] = (["--model", os.path.join(FIXTURES, "models", "tiny-llama3"), "--data", golden], 3, ["48", "64"])
+    cases["target_width"] = (["--model", REPO.teacher, "--data", golden], 3, ["48", "64"])
     # a mapped layer beyond the model: a one-layer student
     one_layer = os.path.join(tmp, "one-layer")
     must([program("essence-inspect"), "mkmodel", "--like", os.path.join(STUDENT, "config.json"), "--layers", "1", "--out", one_layer])
@@ -275,15 +263,20 @@ def test_disk_full(tmp):
     if os.geteuid() != 0:
         print("SKIP checkpoint_disk_full: mounting a small tmpfs needs root")
         return
+    flags = ["--model", STUDENT, "--data", golden_student(tmp, 4), "--save-every", "2", "--keep-checkpoints", "5", "--seq-len", "24",
+             "--batch-tokens", "48", "--eval-fraction", "0"]
+    # the disk's size from one checkpoint of this model: room for it and half of another
+    probe = os.path.join(tmp, "disk-probe")
+    must([program("essence-align"), *flags, "--steps", "2", "--out", probe])
+    one = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(probe, "checkpoint-2")) for f in files)
     mount = os.path.join(tmp, "small-disk")
     os.makedirs(mount)
-    if run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", mount]).returncode != 0:
+    if run(["mount", "-t", "tmpfs", "-o", f"size={(3 * one // 2 + 65536) // 1024}k", "tmpfs", mount]).returncode != 0:
         print("SKIP checkpoint_disk_full: this machine does not allow mounting a tmpfs")
         return
     try:
         out = os.path.join(mount, "out")
-        result = run([program("essence-align"), "--model", STUDENT, "--data", golden_student(tmp, 4), "--out", out, "--steps", "4",
-                      "--save-every", "2", "--keep-checkpoints", "5", "--seq-len", "24", "--batch-tokens", "48", "--eval-fraction", "0"])
+        result = run([program("essence-align"), *flags, "--steps", "4", "--out", out])
         folders = sorted(os.listdir(out)) if os.path.isdir(out) else []
         valid = os.path.join(out, "checkpoint-2")
         intact = os.path.isdir(valid) and not any(f.endswith(".partial") for f in folders)
@@ -298,7 +291,8 @@ def test_disk_full(tmp):
 
 def main():
     with tempfile.TemporaryDirectory(prefix="essence-align-") as tmp:
-        test_golden_cli(tmp)
+        for fixtures in fixture_sets("align_golden_step"):
+            test_golden_cli(tmp, fixtures)
         test_student_head(tmp)
         test_grad_accum(tmp)
         test_bad_input(tmp)

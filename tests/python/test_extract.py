@@ -1,6 +1,7 @@
-"""essence-extract end to end, checked with h5py against the Hugging Face goldens: ids input on
-both tiny models, real text tokenised with llama3.json, independence from batching and
-sharding, resume after SIGKILL, and bad input."""
+"""essence-extract end to end, checked with h5py against the Hugging Face goldens of every fixture
+set (the in-repo one, and ../shared/fixtures when present): ids input on both tiny models, real
+text tokenised with the teacher's tokenizer, the chat template with DeepSeek-V3's; then, on the
+in-repo teacher, independence from batching and sharding, resume after SIGKILL, and bad input."""
 import json
 import os
 import random
@@ -15,12 +16,10 @@ import hdf5plugin  # noqa: F401  (registers the zstd filter)
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import fixture_sets, plain_file, read_safetensors, repo_fixtures, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 EXTRACT = os.path.join(BUILD, "essence-extract")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
-sys.path.insert(0, os.path.join(FIXTURES, "..", "tools"))
 
 
 def extract(*args, check=True):
@@ -47,21 +46,23 @@ def same_datasets(a, b):
     return ""
 
 
-def golden_ids(tmp, model):
-    import st
-    goldens = st.load(os.path.join(FIXTURES, "models", model, "golden_hidden.safetensors"))
-    path = os.path.join(tmp, f"{model}-ids.jsonl")
+def golden_ids(tmp, folder):
+    goldens = read_safetensors(os.path.join(folder, "golden_hidden.safetensors"))
+    path = os.path.join(tmp, "ids.jsonl")
     with open(path, "w") as f:
         for s in range(4):
             f.write(json.dumps({"id": f"seq{s}", "ids": [int(x) for x in goldens[f"seq{s}/input_ids"]]}) + "\n")
     return goldens, path
 
 
-def check_goldens(tmp, model):
-    goldens, data = golden_ids(tmp, model)
-    n_layers = json.load(open(os.path.join(FIXTURES, "models", model, "config.json")))["num_hidden_layers"]
+def check_goldens(tmp, fixtures, folder):
+    model = os.path.basename(folder)
+    tmp = os.path.join(tmp, model)
+    os.makedirs(tmp)
+    goldens, data = golden_ids(tmp, folder)
+    n_layers = json.load(open(os.path.join(folder, "config.json")))["num_hidden_layers"]
     out = os.path.join(tmp, f"{model}.h5")
-    extract("--model", os.path.join(FIXTURES, "models", model), "--data", data, "--out", out,
+    extract("--model", folder, "--data", data, "--out", out,
             "--layers", ",".join(str(l) for l in range(n_layers + 1)), "--batch-tokens", "64")
     worst = 0.0
     with h5py.File(out, "r") as f:
@@ -76,25 +77,20 @@ def check_goldens(tmp, model):
         ids_ok = all(np.array_equal(f["/tokens/id"][starts[s]:starts[s + 1]], goldens[f"seq{s}/input_ids"]) for s in range(4))
         names_ok = [x.decode() for x in f["/samples/id"][...]] == [f"seq{s}" for s in range(4)]
         attrs_ok = f.attrs["format"] == "essence.teacher" and int(f.attrs["format_version"]) == 1
-    report(f"{model}_latents_equal_goldens_within_bf16", worst <= 0, f"exceeds bf16 rounding by {worst}")
-    report(f"{model}_ids_and_attributes", ids_ok and names_ok and attrs_ok, "ids, sample ids or attributes differ")
+    report(fixtures.name(f"{model}_latents_equal_goldens_within_bf16"), worst <= 0, f"exceeds bf16 rounding by {worst}")
+    report(fixtures.name(f"{model}_ids_and_attributes"), ids_ok and names_ok and attrs_ok, "ids, sample ids or attributes differ")
 
 
-def check_real_text(tmp):
-    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "tokenizer-goldens", "llama3_1.jsonl"), encoding="utf-8")]
+def check_real_text(tmp, fixtures):
+    """Texts tokenised by a teacher folder whose tokenizer_config.json adds the BOS (as R1-Distill's
+    does) give the goldens' ids and spans with specials."""
+    rows = [json.loads(line) for line in open(fixtures.teacher_bos_goldens, encoding="utf-8")]
     rows = [r for r in rows if r["add_special_tokens"] and r["text"]][:300]
     data = os.path.join(tmp, "texts.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps({"id": str(r["i"]), "text": r["text"]}, ensure_ascii=False) + "\n")
-    # A model folder with llama3.json and the R1-Distill tokenizer_config.json flags: BOS added.
-    folder = os.path.join(tmp, "teacher")
-    os.makedirs(folder)
-    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
-        os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(folder, name))
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(folder, "tokenizer.json"))
-    json.dump({"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "bos_token": "<|begin_of_text|>"},
-              open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    folder = fixtures.teacher_folder(os.path.join(tmp, "teacher"))
     out = os.path.join(tmp, "text.h5")
     extract("--model", folder, "--data", data, "--out", out, "--layers", "1", "--max-seq", "100000")
     bad = []
@@ -108,7 +104,7 @@ def check_real_text(tmp):
             text = bytes(text_bytes[text_start[s]:text_start[s + 1]]).decode()
             if ids[span].tolist() != r["ids"] or spans != r["byte_offsets"] or text != r["text"]:
                 bad.append(r["i"])
-    report("real_text_ids_and_spans_equal_goldens", not bad, f"samples {bad[:5]} differ")
+    report(fixtures.name("real_text_ids_and_spans_equal_goldens"), not bad, f"samples {bad[:5]} differ")
     # essence-inspect sample shows the sample's tokens with their text pieces and latent norms
     shown = subprocess.run([os.path.join(BUILD, "essence-inspect"), "sample", out, "--index", "3"], capture_output=True, text=True)
     lines = [l for l in shown.stdout.splitlines()[2:] if l.strip()]
@@ -116,21 +112,22 @@ def check_real_text(tmp):
     pieces_ok = len(lines) == len(want["ids"]) and all(
         l.split()[1] == str(i) and f"[{b}, {e})" in l for l, i, (b, e) in zip(lines, want["ids"], want["byte_offsets"]))
     norms_ok = all(float(l.split()[-1]) > 0 for l in lines)
-    report("inspect_sample_shows_tokens", shown.returncode == 0 and pieces_ok and norms_ok, shown.stdout[:300] + shown.stderr)
+    report(fixtures.name("inspect_sample_shows_tokens"), shown.returncode == 0 and pieces_ok and norms_ok, shown.stdout[:300] + shown.stderr)
 
 
-def check_template(tmp):
+def check_template(tmp, fixtures):
     """prompt/response samples: rendered with the default DeepSeek-R1 template, tokenised without
     added specials (the template holds the BOS), the rendered text stored."""
     # a random teacher with DeepSeek-V3's vocabulary size, so its special tokens are ids of the model
-    config = json.load(open(os.path.join(FIXTURES, "models", "tiny-llama3", "config.json")))
+    config = json.load(open(os.path.join(fixtures.teacher, "config.json")))
     config["vocab_size"] = 129280
     like = os.path.join(tmp, "deepseek-like.json")
     json.dump(config, open(like, "w"))
     folder = os.path.join(tmp, "teacher-deepseek")
     subprocess.run([os.path.join(BUILD, "essence-inspect"), "mkmodel", "--like", like, "--layers", "1", "--out", folder],
                    check=True, capture_output=True)
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "deepseek_v3.json"), os.path.join(folder, "tokenizer.json"))
+    tokenizer = plain_file(fixtures.deepseek_tokenizer, tmp)
+    os.symlink(tokenizer, os.path.join(folder, "tokenizer.json"))
     data = os.path.join(tmp, "chat.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": "q1", "prompt": "What is 2+2?", "response": "<think>\nadd</think>\n4"}) + "\n")
@@ -141,9 +138,9 @@ def check_template(tmp):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        print("SKIP template_rendering: the Python package `tokenizers` is not installed")
+        print(f"SKIP {fixtures.name('template_rendering')}: the Python package `tokenizers` is not installed")
         return
-    reference = Tokenizer.from_file(os.path.join(FIXTURES, "tokenizers", "deepseek_v3.json"))
+    reference = Tokenizer.from_file(tokenizer)
     with h5py.File(out, "r") as f:
         starts, text_start = f["/samples/token_start"][...], f["/samples/text_start"][...]
         text = bytes(f["/samples/text_bytes"][text_start[0]:text_start[1]]).decode()
@@ -152,16 +149,16 @@ def check_template(tmp):
         flags = f["/samples/add_special_tokens"][...].tolist()
     ok = text == rendered and ids == reference.encode(rendered, add_special_tokens=False).ids
     ok = ok and plain_ids == reference.encode("plain text", add_special_tokens=True).ids and flags == [0, 1]
-    report("template_rendering", ok, f"text {text!r}, ids {ids[:8]}, flags {flags}")
+    report(fixtures.name("template_rendering"), ok, f"text {text!r}, ids {ids[:8]}, flags {flags}")
 
 
-def check_batching_and_shards(tmp):
+def check_batching_and_shards(tmp, model):
     data = os.path.join(tmp, "many.jsonl")
     rng = random.Random(5)
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     with open(data, "w") as f:
         for s in range(40):
-            f.write(json.dumps({"id": f"s{s}", "ids": [rng.randrange(128256) for _ in range(rng.randint(1, 40))]}) + "\n")
-    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+            f.write(json.dumps({"id": f"s{s}", "ids": [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]}) + "\n")
     runs, device = {}, ""
     for label, extra in (("one_batch", ["--batch-tokens", "100000"]), ("small_batches", ["--batch-tokens", "37"])):
         out = os.path.join(tmp, f"{label}.h5")
@@ -214,9 +211,8 @@ def within_a_bf16_step(a, b):
     return ""
 
 
-def check_threads(tmp, data):
+def check_threads(tmp, model, data):
     """The thread count changes no bit: every product is cut into the same tiles whatever it is."""
-    model = os.path.join(FIXTURES, "models", "tiny-llama3")
     results = []
     for threads in ("1", "2", "3"):
         out = os.path.join(tmp, f"threads{threads}.h5")
@@ -226,11 +222,10 @@ def check_threads(tmp, data):
     report("threads_1_2_3_byte_identical", not why, why)
 
 
-def check_mkmodel_shapes(tmp):
+def check_mkmodel_shapes(tmp, like):
     """mkmodel makes a loadable checkpoint; a config.json that disagrees with it is named."""
     inspect = os.path.join(BUILD, "essence-inspect")
     folder = os.path.join(tmp, "random-model")
-    like = os.path.join(FIXTURES, "models", "tiny-qwen2", "config.json")
     made = subprocess.run([inspect, "mkmodel", "--like", like, "--layers", "2", "--seed", "7", "--out", folder],
                           capture_output=True, text=True)
     data = os.path.join(tmp, "one-ids.jsonl")
@@ -246,9 +241,8 @@ def check_mkmodel_shapes(tmp):
            f"exit {run.returncode}: {run.stderr.strip()}")
 
 
-def check_resume_after_kill(tmp, data):
+def check_resume_after_kill(tmp, model, data):
     """A run killed at a random point and resumed writes the file the same run uninterrupted writes."""
-    model = os.path.join(FIXTURES, "models", "tiny-llama3")
     out = os.path.join(tmp, "killed.h5")
     args = ["--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--chunk-rows", "16",
             "--batch-tokens", "30", "--threads", "1"]
@@ -283,12 +277,11 @@ def check_resume_after_kill(tmp, data):
     report("resume_after_sigkill_equals_uninterrupted", not problems, "; ".join(problems[:3]))
 
 
-def check_bad_input(tmp):
-    model = os.path.join(FIXTURES, "models", "tiny-llama3")
+def check_bad_input(tmp, model, tokenizer):
     cases = {
-        "malformed_line": ('{"text": "fine"}\n{"text": "oops"\n', ["--tokenizer", os.path.join(FIXTURES, "tokenizers", "llama3.json")], 3, ":2:"),
+        "malformed_line": ('{"text": "fine"}\n{"text": "oops"\n', ["--tokenizer", tokenizer], 3, ":2:"),
         "wrong_type": ('{"text": 17}\n', [], 3, 'field "text" is not a string'),
-        "empty_text": ('{"text": ""}\n', ["--tokenizer", os.path.join(FIXTURES, "tokenizers", "llama3.json")], 3, "empty"),
+        "empty_text": ('{"text": ""}\n', ["--tokenizer", tokenizer], 3, "empty"),
         "ids_beyond_vocabulary": ('{"ids": [1, 2, 999999]}\n', [], 3, "ids[2]"),
         "layer_out_of_range": ('{"ids": [1]}\n', ["--layers", "9"], 2, "layer 9"),
     }
@@ -316,19 +309,21 @@ def check_bad_input(tmp):
 
 
 def main():
-    if not os.path.isdir(os.path.join(FIXTURES, "models")):
-        print(f"SKIP extract: fixtures not found at {FIXTURES}")
-        return
     tmp = tempfile.mkdtemp()
-    check_goldens(tmp, "tiny-llama3")
-    check_goldens(tmp, "tiny-qwen2")
-    check_real_text(tmp)
-    check_template(tmp)
-    data, _ = check_batching_and_shards(tmp)
-    check_resume_after_kill(tmp, data)
-    check_threads(tmp, data)
-    check_mkmodel_shapes(tmp)
-    check_bad_input(tmp)
+    for fixtures in fixture_sets("extract_goldens"):
+        where = os.path.join(tmp, fixtures.label)
+        os.makedirs(where)
+        check_goldens(where, fixtures, fixtures.teacher)
+        check_goldens(where, fixtures, fixtures.student)
+        check_real_text(where, fixtures)
+        check_template(where, fixtures)
+    # properties of the program, not of a checkpoint: on the in-repo teacher
+    repo = repo_fixtures()
+    data, _ = check_batching_and_shards(tmp, repo.teacher)
+    check_resume_after_kill(tmp, repo.teacher, data)
+    check_threads(tmp, repo.teacher, data)
+    check_mkmodel_shapes(tmp, os.path.join(repo.student, "config.json"))
+    check_bad_input(tmp, repo.teacher, repo.teacher_tokenizer)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ float64 from teacher.h5, /projection/omega and the stored standardisation; teach
 from the byte spans with the rule as DESIGN.md words it; the student's tokens against Hugging Face
 `tokenizers`; shards read as one; independence from the thread count; the precision guard; bad input.
 
-Teacher tiny-llama3 with the llama3 tokenizer, student tiny-qwen2 with the qwen3 tokenizer, on a
-mixed corpus (prose, code, math, CJK, emoji, numbers, chat-template special strings)."""
+Teacher tiny-llama3, student tiny-qwen2, each with its own tokenizer, on a mixed corpus (prose, code,
+math, CJK, emoji, numbers, chat-template special strings): the recomputation for every fixture set
+(in the repository: the two small tokenizers; in ../shared/fixtures when present: Llama 3's and
+Qwen3's), the other checks on the in-repo set."""
 import json
 import os
 import shutil
@@ -17,10 +19,9 @@ import hdf5plugin  # noqa: F401  (registers the zstd filter)
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import fixture_sets, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
 TEACHER_LAYERS = "1,2,4"
 LAYER_MAP = "2:1,4:3"
 
@@ -67,14 +68,12 @@ def must(program, *args):
     return result
 
 
-def setup(tmp):
-    teacher, student = os.path.join(tmp, "teacher"), os.path.join(tmp, "student")
-    os.makedirs(teacher), os.makedirs(student)
-    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
-        os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(teacher, name))
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(teacher, "tokenizer.json"))
-    shutil.copy(os.path.join(FIXTURES, "models", "tiny-qwen2", "config.json"), student)
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(student, "tokenizer.json"))
+def setup(tmp, fixtures):
+    teacher = fixtures.teacher_folder(os.path.join(tmp, "teacher"), bos_config=False)
+    student = os.path.join(tmp, "student")  # project needs only config.json and tokenizer.json
+    os.makedirs(student)
+    shutil.copy(os.path.join(fixtures.student, "config.json"), student)
+    os.symlink(fixtures.student_tokenizer, os.path.join(student, "tokenizer.json"))
     data = os.path.join(tmp, "data.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         for sample in corpus():
@@ -135,10 +134,10 @@ def byte_offsets(text, offsets):
     return [(position[a], position[b]) for a, b in offsets]
 
 
-def check_student(out, teacher_paths, rule, input_norm, tolerance=5e-3, precision_name="fp32"):
+def check_student(out, teacher_paths, student, rule, input_norm, tolerance=5e-3, precision_name="fp32"):
     """Everything acceptance point 1 asks of one student.h5; returns (problems, aligned fraction, error)."""
     from tokenizers import Tokenizer
-    hf = Tokenizer.from_file(os.path.join(FIXTURES, "tokenizers", "qwen3.json"))
+    hf = Tokenizer.from_file(os.path.join(student, "tokenizer.json"))
     t, parts = teacher_concat(teacher_paths)
     s = read_all(out)
     problems = []
@@ -158,7 +157,7 @@ def check_student(out, teacher_paths, rule, input_norm, tolerance=5e-3, precisio
     xs, ss = s["samples/text_start"], s["samples/token_start"]
     omega = s["projection/omega"].astype(np.float64)
     m, d = omega.shape
-    if 2 * m != json.load(open(os.path.join(FIXTURES, "models", "tiny-qwen2", "config.json")))["hidden_size"]:
+    if 2 * m != json.load(open(os.path.join(student, "config.json")))["hidden_size"]:
         problems.append(f"omega has {m} rows")
     expected_rows = []
     for k, text in enumerate(t["texts"]):
@@ -218,18 +217,18 @@ def check_student(out, teacher_paths, rule, input_norm, tolerance=5e-3, precisio
     return problems, float(np.mean(aligned)), worst
 
 
-def test_recompute(tmp, student):
+def test_recompute(tmp, student, fixtures):
     shards = [os.path.join(tmp, "t0.h5"), os.path.join(tmp, "t1.h5")]
     results = {}
     for rule, norm, sigma in (("exact", "standardize", "1.5"), ("causal", "rms", "3")):
         out = os.path.join(tmp, f"s-{rule}.h5")
         must("essence-project", "--in", ",".join(shards), "--student", student, "--out", out, "--layer-map", LAYER_MAP,
              "--align", rule, "--input-norm", norm, "--sigma", sigma, "--seed", "11")
-        problems, fraction, worst = check_student(out, shards, rule, norm)
-        print(f"  {rule}/{norm}: aligned fraction {fraction:.4f}, worst relative error {worst:.2e}")
-        report(f"recompute_float64_{rule}_{norm}", not problems, "; ".join(problems[:5]))
+        problems, fraction, worst = check_student(out, shards, student, rule, norm)
+        print(f"  {fixtures.label}: {rule}/{norm}: aligned fraction {fraction:.4f}, worst relative error {worst:.2e}")
+        report(fixtures.name(f"recompute_float64_{rule}_{norm}"), not problems, "; ".join(problems[:5]))
         results[rule] = fraction
-    report("aligned_fractions_plausible", 0.5 < results["exact"] <= results["causal"] <= 1.0, str(results))
+    report(fixtures.name("aligned_fractions_plausible"), 0.5 < results["exact"] <= results["causal"] <= 1.0, str(results))
     # the README's figures: the whole corpus, nothing truncated
     figures = {}
     for rule in ("exact", "causal"):
@@ -239,13 +238,13 @@ def test_recompute(tmp, student):
         with h5py.File(out, "r") as f:
             rows = f["/tokens/teacher_row"][...]
             figures[rule] = (int(np.sum(rows >= 0)), len(rows))
-    print("  aligned fraction, llama3 -> qwen3 tokenizers, %d samples: exact %d/%d = %.1f%%, causal %d/%d = %.1f%%" % (
-        len(corpus()), *figures["exact"], 100 * figures["exact"][0] / figures["exact"][1],
+    print("  aligned fraction, %s teacher -> student tokenizers, %d samples: exact %d/%d = %.1f%%, causal %d/%d = %.1f%%" % (
+        fixtures.label, len(corpus()), *figures["exact"], 100 * figures["exact"][0] / figures["exact"][1],
         *figures["causal"], 100 * figures["causal"][0] / figures["causal"][1]))
     # essence-inspect reports the same fraction, and the per-sample extremes
     shown = must("essence-inspect", os.path.join(tmp, "s-exact.h5")).stdout
     line = next((l for l in shown.splitlines() if l.startswith("aligned:")), "")
-    report("inspect_reports_aligned_fraction", f"({100 * results['exact']:.1f}%)" in line and "aligned per sample: lowest" in shown,
+    report(fixtures.name("inspect_reports_aligned_fraction"), f"({100 * results['exact']:.1f}%)" in line and "aligned per sample: lowest" in shown,
            line or shown[:300])
     # shards read as one give what the whole file gives (the statistics merged as one)
     whole = os.path.join(tmp, "s-whole.h5")
@@ -254,7 +253,7 @@ def test_recompute(tmp, student):
     a, b = read_all(whole), read_all(os.path.join(tmp, "s-exact.h5"))
     same_rows = np.array_equal(a["tokens/teacher_row"], b["tokens/teacher_row"]) and np.array_equal(a["tokens/id"], b["tokens/id"])
     close = all(np.max(np.abs(a[k].astype(np.float64) - b[k])) <= 2 ** -7 for k in a if k.startswith("targets/"))
-    report("shards_read_as_one_equal_whole", same_rows and close, f"rows equal {same_rows}, targets close {close}")
+    report(fixtures.name("shards_read_as_one_equal_whole"), same_rows and close, f"rows equal {same_rows}, targets close {close}")
 
 
 def test_threads(tmp, student):
@@ -277,7 +276,7 @@ def test_precision(tmp, student):
     base = ["--in", teacher, "--student", student, "--layer-map", LAYER_MAP]
     out = os.path.join(tmp, "s-bf16.h5")
     must("essence-project", *base, "--out", out, "--precision", "bf16", "--sigma", "1")
-    problems, _, worst = check_student(out, [teacher], "exact", "standardize", tolerance=1e-2, precision_name="bf16")
+    problems, _, worst = check_student(out, [teacher], student, "exact", "standardize", tolerance=1e-2, precision_name="bf16")
     fp32 = os.path.join(tmp, "s-fp32.h5")
     must("essence-project", *base, "--out", fp32, "--sigma", "1")
     differs = not np.array_equal(read_all(out)["targets/layer_001"], read_all(fp32)["targets/layer_001"])
@@ -310,7 +309,7 @@ def test_bad_input(tmp, teacher_dir, student):
     config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # keep the heads as they are
     config["hidden_size"] = config["hidden_size"] - 1
     json.dump(config, open(os.path.join(odd, "config.json"), "w"))
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(odd, "tokenizer.json"))
+    os.symlink(os.path.join(student, "tokenizer.json"), os.path.join(odd, "tokenizer.json"))
     cases["odd_student_width"] = (["--in", teacher, "--student", odd, "--layer-map", LAYER_MAP], 3, ["hidden_size", "odd"])
     # standardize without /stats
     no_stats = os.path.join(tmp, "no-stats.h5")
@@ -385,9 +384,15 @@ def main():
     except ImportError:
         print("SKIP test_project: the Python package `tokenizers` is not installed (run make deps)")
         return
-    with tempfile.TemporaryDirectory(prefix="essence-project-") as tmp:
-        teacher_dir, student = setup(tmp)
-        test_recompute(tmp, student)
+    with tempfile.TemporaryDirectory(prefix="essence-project-") as base:
+        for fixtures in fixture_sets("project_recompute"):
+            tmp = os.path.join(base, fixtures.label)
+            os.makedirs(tmp)
+            teacher_dir, student = setup(tmp, fixtures)
+            test_recompute(tmp, student, fixtures)
+        # the rest checks the program, not the fixtures: on the in-repo set (set up first)
+        tmp = os.path.join(base, "repo")
+        teacher_dir, student = os.path.join(tmp, "teacher"), os.path.join(tmp, "student")
         test_threads(tmp, student)
         test_precision(tmp, student)
         test_bad_input(tmp, teacher_dir, student)

@@ -1,5 +1,5 @@
-"""essence-run with the local executor on a small three-stage pipeline (tiny-llama3 teacher,
-tiny-qwen2 student): status and run, fingerprints that follow content and parameters rather than
+"""essence-run with the local executor on a small three-stage pipeline (the in-repo fixtures'
+tiny-llama3 teacher and tiny-qwen2 student): status and run, fingerprints that follow content and parameters rather than
 modification times, a re-run that produces the same result stopping there, --set, --force,
 --dry-run, and bad pipeline files reported with FILE:LINE."""
 import json
@@ -11,10 +11,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import repo_fixtures, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
 RUN = os.path.join(BUILD, "essence-run")
 
 PIPELINE = """\
@@ -60,13 +59,12 @@ def setup(tmp):
     os.makedirs(os.path.join(folder, "models", "teacher"))
     os.makedirs(os.path.join(folder, "models", "student"))
     os.makedirs(os.path.join(folder, "data"))
-    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
-        if not name.startswith("golden"):
-            shutil.copy(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(folder, "models", "teacher"))
-    shutil.copy(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(folder, "models", "teacher", "tokenizer.json"))
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(os.path.join(FIXTURES, "models", "tiny-qwen2", name), os.path.join(folder, "models", "student"))
-    shutil.copy(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(folder, "models", "student", "tokenizer.json"))
+    # copies, not links: the test touches and changes its inputs
+    fixtures = repo_fixtures()
+    for source, role in ((fixtures.teacher, "teacher"), (fixtures.student, "student")):
+        for name in os.listdir(source):
+            if not name.startswith("golden"):
+                shutil.copy(os.path.join(source, name), os.path.join(folder, "models", role))
     with open(os.path.join(folder, "data", "texts.jsonl"), "w") as f:
         for i in range(40):
             f.write(json.dumps({"id": f"s{i}", "prompt": f"What is {i} + {i}?", "response": f"<think>{i} plus {i} is {2 * i}</think> {2 * i}"}) + "\n")

@@ -9,11 +9,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import fixture_sets, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 INSPECT = os.path.join(BUILD, "essence-inspect")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
 
 
 def safetensors_bytes(header, data, header_bytes=None):
@@ -29,11 +28,8 @@ def good_header():
 
 def main():
     tmp = tempfile.mkdtemp()
-    for name in ("tiny-llama3", "tiny-qwen2"):
-        folder = os.path.join(FIXTURES, "models", name)
-        if not os.path.isdir(folder):
-            print(f"SKIP fixture_{name}: {folder} not found (set ESSENCE_FIXTURES)")
-            continue
+    for fixtures, folder in ((f, m) for f in fixture_sets("safetensors_fixtures") for m in (f.teacher, f.student)):
+        name = os.path.basename(folder)
         run = subprocess.run([INSPECT, folder], capture_output=True, text=True)
         index = os.path.join(folder, "model.safetensors.index.json")
         expected = len(json.load(open(index))["weight_map"]) if os.path.exists(index) else None
@@ -41,7 +37,7 @@ def main():
         ok = run.returncode == 0 and total.startswith("total: ")
         if expected is not None:
             ok = ok and total.startswith(f"total: {expected} tensors")
-        report(f"fixture_{name}_lists", ok, run.stderr + total)
+        report(fixtures.name(f"fixture_{name}_lists"), ok, run.stderr + total)
 
     data = bytes(24)
     cases = {

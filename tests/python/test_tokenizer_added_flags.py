@@ -1,7 +1,8 @@
 """Added tokens with every flag (lstrip, rstrip, single_word, normalized, special or not),
-split exactly as Hugging Face `tokenizers` splits them. The fixture tokenizers use none of
-the flags, so this test writes variants of qwen3.json (NFC normalizer) and compares
-`essence-inspect tokenize` with the `tokenizers` package on texts around the tokens."""
+split exactly as Hugging Face `tokenizers` splits them. This test writes variants of Qwen-style
+tokenizers (NFC normalizer, <think> and the chat tokens): the in-repo tiny-qwen2 and the shipped
+Qwen tokenizer, and ../shared/fixtures' qwen3.json when present; it compares `essence-inspect
+tokenize` with the `tokenizers` package on texts around the tokens."""
 import json
 import os
 import subprocess
@@ -10,11 +11,10 @@ import tempfile
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import fixture_sets, plain_file, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 INSPECT = os.path.join(BUILD, "essence-inspect")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
 
 TEXTS = [
     "a <think> b", "x<think>y", "  <think>\t\n", "<think>", "</think>word", "word </think> word",
@@ -56,16 +56,26 @@ def byte_offsets(text, char_offsets):
 
 def main():
     try:
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # noqa: F401
     except ImportError:
         print("SKIP added_token_flags: the Python package `tokenizers` is not installed (make deps installs it)")
         return
-    source = os.path.join(FIXTURES, "tokenizers", "qwen3.json")
-    if not os.path.exists(source):
-        print(f"SKIP added_token_flags: {source} not found (set ESSENCE_FIXTURES)")
-        return
-    base = json.load(open(source, encoding="utf-8"))
     tmp = tempfile.mkdtemp()
+    for fixtures in fixture_sets("added_token_flags"):
+        if fixtures.label == "shared":
+            sources = {"qwen3": fixtures.path("tokenizers", "qwen3.json")}
+        else:
+            sources = {"tiny-qwen2": fixtures.student_tokenizer, "qwen": fixtures.path("tokenizers", "qwen.json.zst")}
+        for label, source in sources.items():
+            folder = os.path.join(tmp, f"{fixtures.label}-{label}")
+            os.makedirs(folder)
+            check_variants(json.load(open(plain_file(source, folder), encoding="utf-8")), folder,
+                           lambda name: fixtures.name(f"{label}_{name}"))
+
+
+def check_variants(base, tmp, test_name):
+    """Every variant of tokenizer.json `base`, both add_special_tokens settings: one PASS/FAIL each."""
+    from tokenizers import Tokenizer
     variants = {
         "strip": ({"<think>": dict(lstrip=True, rstrip=True), "</think>": dict(single_word=True),
                    "<|im_end|>": dict(lstrip=True)}, []),
@@ -97,7 +107,7 @@ def main():
                 args.append("--add-special-tokens")
             run = subprocess.run(args, capture_output=True, text=True)
             if run.returncode != 0:
-                report(f"{name}_special_{add_special}", False, run.stderr.strip())
+                report(test_name(f"{name}_special_{add_special}"), False, run.stderr.strip())
                 continue
             ours = [json.loads(line) for line in run.stdout.split("\n") if line]
             bad = []
@@ -108,7 +118,7 @@ def main():
                     bad.append(f"{text!r}: ids {got['ids']} != {want.ids}")
                 elif unicodedata.normalize("NFC", text) == text and got["byte_offsets"] != byte_offsets(text, want.offsets):
                     bad.append(f"{text!r}: spans {got['byte_offsets']} != {byte_offsets(text, want.offsets)}")
-            report(f"{name}_special_{add_special}", not bad, "; ".join(bad[:3]))
+            report(test_name(f"{name}_special_{add_special}"), not bad, "; ".join(bad[:3]))
 
 
 if __name__ == "__main__":

@@ -95,16 +95,37 @@ static int shape_is(const es_tensor *t, int ndim, int64_t d0, int64_t d1) {
 
 /* ---- fixtures ----------------------------------------------------------------------- */
 
-TEST(fixture_llama3_sharded) {
-    char dir[1024], index[1100];
-    snprintf(dir, sizeof dir, "%s/models/tiny-llama3", test_fixtures());
-    snprintf(index, sizeof index, "%s/model.safetensors.index.json", dir);
-    if (!exists(index)) SKIP("fixture %.400s not found", index);
+/* What each fixture set's checkpoints hold beyond their config.json: float64 sums of some bf16
+ * tensors (exact for the norms) and the first embedding value's bits. In-repo: printed by
+ * tests/fixtures/make_fixtures.py and re-read with numpy from the files; shared: read with
+ * numpy (../shared/tools/st.py) from the files, float(x.astype(np.float64).sum()). */
+typedef struct {
+    const char *label;
+    uint16_t first_embedding_bits;
+    double llama_norm0, llama_norm, llama_k0, qwen_q0_bias, qwen_norm;
+} fixture_values;
 
-    json_t *root = json_load_file(index, 0, NULL);
-    REQUIRE(root);
+static const fixture_values repo_values = {"repo", 0xbe43, 65.95703125, 64.30078125, 0.4552754610776901, -0.6882781982421875, 48.5703125};
+static const fixture_values shared_values = {"shared", 0xbe1f, 62.1640625, 63.96484375, -3.36794376373291, -1.1584587097167969, 48.12109375};
+
+static int64_t config_int(json_t *config, const char *key) { return json_integer_value(json_object_get(config, key)); }
+
+static void fixture_llama3_sharded(const char *tl_name, const char *fixtures, const fixture_values *want_values) {
+    char dir[1024], index[1100], config_path[1100];
+    snprintf(dir, sizeof dir, "%s/models/tiny-llama3", fixtures);
+    snprintf(index, sizeof index, "%s/model.safetensors.index.json", dir);
+    snprintf(config_path, sizeof config_path, "%s/config.json", dir);
+    json_t *root = json_load_file(index, 0, NULL), *config = json_load_file(config_path, 0, NULL);
+    REQUIRE(root && config);
     json_t *map = json_object_get(root, "weight_map");
     size_t expected = json_object_size(map);
+    /* config.json: hidden 64, 4 layers, intermediate 160, 8 heads / 2 KV heads, head_dim 8 (both
+     * sets); the vocabulary is the set's own. */
+    const int64_t V = config_int(config, "vocab_size"), C = config_int(config, "hidden_size");
+    const int64_t kv = config_int(config, "num_key_value_heads") * config_int(config, "head_dim");
+    const int64_t I = config_int(config, "intermediate_size"), L = config_int(config, "num_hidden_layers");
+    json_decref(config);
+    CHECK(C == 64 && kv == 16 && I == 160 && L == 4);
 
     es_weights *w = NULL;
     es_error err = {0};
@@ -130,23 +151,22 @@ TEST(fixture_llama3_sharded) {
         CHECK(fmt && strcmp(fmt, "pt") == 0);
     }
 
-    /* config.json: hidden 64, 4 layers, intermediate 160, 8 heads / 2 KV heads, head_dim 8. */
     const es_tensor *emb = es_weights_find(w, "model.embed_tokens.weight");
-    CHECK(shape_is(emb, 2, 128256, 64) && emb->dtype == ES_DT_BF16);
-    CHECK(shape_is(es_weights_find(w, "lm_head.weight"), 2, 128256, 64));
-    CHECK(shape_is(es_weights_find(w, "model.norm.weight"), 1, 64, 0));
+    CHECK(shape_is(emb, 2, V, C) && emb->dtype == ES_DT_BF16);
+    CHECK(shape_is(es_weights_find(w, "lm_head.weight"), 2, V, C));
+    CHECK(shape_is(es_weights_find(w, "model.norm.weight"), 1, C, 0));
     CHECK(es_weights_find(w, "model.layers.4.self_attn.q_proj.weight") == NULL);
-    for (int l = 0; l < 4; l++) {
-        static const struct {
+    for (int l = 0; l < L; l++) {
+        const struct {
             const char *suffix;
             int ndim;
             int64_t d0, d1;
         } want[] = {
-            {"self_attn.q_proj.weight", 2, 64, 64},  {"self_attn.k_proj.weight", 2, 16, 64},
-            {"self_attn.v_proj.weight", 2, 16, 64},  {"self_attn.o_proj.weight", 2, 64, 64},
-            {"mlp.gate_proj.weight", 2, 160, 64},    {"mlp.up_proj.weight", 2, 160, 64},
-            {"mlp.down_proj.weight", 2, 64, 160},    {"input_layernorm.weight", 1, 64, 0},
-            {"post_attention_layernorm.weight", 1, 64, 0},
+            {"self_attn.q_proj.weight", 2, C, C},  {"self_attn.k_proj.weight", 2, kv, C},
+            {"self_attn.v_proj.weight", 2, kv, C}, {"self_attn.o_proj.weight", 2, C, C},
+            {"mlp.gate_proj.weight", 2, I, C},     {"mlp.up_proj.weight", 2, I, C},
+            {"mlp.down_proj.weight", 2, C, I},     {"input_layernorm.weight", 1, C, 0},
+            {"post_attention_layernorm.weight", 1, C, 0},
         };
         for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
             char n[256];
@@ -166,11 +186,11 @@ TEST(fixture_llama3_sharded) {
     if (emb) {
         es_tensor row = *emb;
         row.ndim = 1;
-        row.shape[0] = 64;
-        row.nbytes = 64 * 2;
+        row.shape[0] = C;
+        row.nbytes = C * 2;
         float v[64];
         CHECK(es_tensor_to_f32(&row, v, &err) == ES_OK);
-        for (int i = 0; i < 64; i++) {
+        for (int i = 0; i < C; i++) {
             uint16_t raw;
             memcpy(&raw, (const char *)emb->data + 2 * i, 2);
             uint32_t bits = (uint32_t)raw << 16, got;
@@ -179,21 +199,24 @@ TEST(fixture_llama3_sharded) {
         }
         uint16_t first;
         memcpy(&first, emb->data, 2);
-        CHECK(first == 0xbe1f); /* read with numpy from the file during development */
+        CHECKF(first == want_values->first_embedding_bits, "first embedding bits 0x%04x", first);
     }
-    /* References: /work/shared/tools/st.py (numpy) loading the shard, then
-     * float(x.astype(np.float64).sum()). Sums of bf16 in double are exact for the norm. */
-    CHECK(sum_f32(es_weights_find(w, "model.layers.0.input_layernorm.weight")) == 62.1640625);
-    CHECK(sum_f32(es_weights_find(w, "model.norm.weight")) == 63.96484375);
-    CHECK(fabs(sum_f32(es_weights_find(w, "model.layers.0.self_attn.k_proj.weight")) - -3.36794376373291) < 1e-9);
+    /* Sums of bf16 in double are exact for the norms. */
+    CHECK(sum_f32(es_weights_find(w, "model.layers.0.input_layernorm.weight")) == want_values->llama_norm0);
+    CHECK(sum_f32(es_weights_find(w, "model.norm.weight")) == want_values->llama_norm);
+    CHECK(fabs(sum_f32(es_weights_find(w, "model.layers.0.self_attn.k_proj.weight")) - want_values->llama_k0) < 1e-9);
     es_weights_close(w);
 }
 
-TEST(fixture_qwen2_single) {
+static void fixture_qwen2_single(const char *tl_name, const char *fixtures, const fixture_values *want_values) {
     char dir[1024], file[1100];
-    snprintf(dir, sizeof dir, "%s/models/tiny-qwen2", test_fixtures());
+    snprintf(dir, sizeof dir, "%s/models/tiny-qwen2", fixtures);
+    snprintf(file, sizeof file, "%s/config.json", dir);
+    json_t *config = json_load_file(file, 0, NULL);
+    REQUIRE(config);
+    const int64_t V = config_int(config, "vocab_size");
+    json_decref(config);
     snprintf(file, sizeof file, "%s/model.safetensors", dir);
-    if (!exists(file)) SKIP("fixture %.400s not found", file);
 
     es_error err = {0};
     es_weights *w = NULL;
@@ -204,8 +227,8 @@ TEST(fixture_qwen2_single) {
      * embed + lm_head + norm + 3 x 12 per layer. */
     CHECK(w->n_files == 1);
     CHECKF(w->n_tensors == 39, "%zu", w->n_tensors);
-    CHECK(shape_is(es_weights_find(w, "model.embed_tokens.weight"), 2, 151936, 48));
-    CHECK(shape_is(es_weights_find(w, "lm_head.weight"), 2, 151936, 48));
+    CHECK(shape_is(es_weights_find(w, "model.embed_tokens.weight"), 2, V, 48));
+    CHECK(shape_is(es_weights_find(w, "lm_head.weight"), 2, V, 48));
     CHECK(shape_is(es_weights_find(w, "model.layers.0.self_attn.q_proj.weight"), 2, 48, 48));
     CHECK(shape_is(es_weights_find(w, "model.layers.0.self_attn.q_proj.bias"), 1, 48, 0));
     CHECK(shape_is(es_weights_find(w, "model.layers.1.self_attn.k_proj.weight"), 2, 16, 48));
@@ -213,9 +236,8 @@ TEST(fixture_qwen2_single) {
     CHECK(shape_is(es_weights_find(w, "model.layers.2.mlp.gate_proj.weight"), 2, 96, 48));
     CHECK(shape_is(es_weights_find(w, "model.layers.2.mlp.down_proj.weight"), 2, 48, 96));
     CHECK(es_weights_find(w, "model.layers.3.mlp.down_proj.weight") == NULL);
-    /* References: st.py (numpy), float(x.astype(np.float64).sum()). */
-    CHECK(fabs(sum_f32(es_weights_find(w, "model.layers.0.self_attn.q_proj.bias")) - -1.1584587097167969) < 1e-9);
-    CHECK(sum_f32(es_weights_find(w, "model.norm.weight")) == 48.12109375);
+    CHECK(fabs(sum_f32(es_weights_find(w, "model.layers.0.self_attn.q_proj.bias")) - want_values->qwen_q0_bias) < 1e-9);
+    CHECK(sum_f32(es_weights_find(w, "model.norm.weight")) == want_values->qwen_norm);
     es_weights_close(w);
 
     /* The file path itself works too, through both entry points. */
@@ -225,6 +247,19 @@ TEST(fixture_qwen2_single) {
     CHECK(es_safetensors_open(file, &st, &err) == ES_OK && st->n_tensors == 39);
     if (st) CHECK(es_safetensors_find(st, "model.norm.weight") && !es_safetensors_find(st, "model.norm"));
     es_safetensors_close(st);
+}
+
+/* Both checkpoints of the in-repo set, then of the shared one (one SKIP where it is absent). */
+static void fixture_sets(void) {
+    RUN_AS("fixture_llama3_sharded[repo]", fixture_llama3_sharded(tl_name, test_fixtures(), &repo_values));
+    RUN_AS("fixture_qwen2_single[repo]", fixture_qwen2_single(tl_name, test_fixtures(), &repo_values));
+    const char *shared = test_shared_fixtures();
+    if (!shared) {
+        test_skip_shared("safetensors_fixtures");
+        return;
+    }
+    RUN_AS("fixture_llama3_sharded[shared]", fixture_llama3_sharded(tl_name, shared, &shared_values));
+    RUN_AS("fixture_qwen2_single[shared]", fixture_qwen2_single(tl_name, shared, &shared_values));
 }
 
 /* ---- round trip ---------------------------------------------------------------------- */
@@ -679,8 +714,7 @@ TEST(write_failures_leave_nothing) {
 }
 
 int main(void) {
-    RUN(fixture_llama3_sharded);
-    RUN(fixture_qwen2_single);
+    fixture_sets();
     RUN(roundtrip_all_dtypes);
     RUN(bad_short_file);
     RUN(bad_truncated);

@@ -1,7 +1,10 @@
-/* The tokenizer against Hugging Face `tokenizers` goldens: every line of every goldens file.
- * ids exact for both add_special_tokens settings; byte spans exact where NFC leaves the text
- * unchanged; decode(ids) equal to the golden decoded text. */
+/* The tokenizer against Hugging Face `tokenizers` goldens: every line of every goldens file of the
+ * in-repo fixtures and, when present, the shared ones. ids exact for both add_special_tokens
+ * settings; byte spans exact where NFC leaves the text unchanged; decode(ids) equal to the golden
+ * decoded text. */
+#include <dirent.h>
 #include <jansson.h>
+#include <sys/stat.h>
 #include <utf8proc.h>
 
 #include "../testlib.h"
@@ -18,10 +21,8 @@ static int nfc_unchanged(const char *text, size_t len) {
 }
 
 /* Checks the tokenizer at `tokenizer_path` (a file or a model folder) against the goldens
- * of fixture `name`. */
-static void check_goldens_of(const char *tl_name, const char *tokenizer_path, const char *name) {
-    char goldens_path[900];
-    snprintf(goldens_path, sizeof goldens_path, "%s/tokenizer-goldens/%s.jsonl", test_fixtures(), name);
+ * file `goldens_path` (`name` labels the messages). */
+static void check_goldens_of(const char *tl_name, const char *tokenizer_path, const char *goldens_path, const char *name) {
     es_error err = {0};
     es_tokenizer *tok = NULL;
     REQUIRE(es_tokenizer_load(tokenizer_path, &tok, &err) == ES_OK);
@@ -90,53 +91,110 @@ static void check_goldens_of(const char *tl_name, const char *tokenizer_path, co
     es_tokenizer_free(tok);
 }
 
-static void check_goldens(const char *tl_name, const char *name) {
-    char tokenizer_path[900];
-    snprintf(tokenizer_path, sizeof tokenizer_path, "%s/tokenizers/%s.json", test_fixtures(), name);
-    FILE *probe = fopen(tokenizer_path, "r");
-    if (!probe) SKIP("%s not found (set ESSENCE_FIXTURES)", tokenizer_path);
-    fclose(probe);
-    check_goldens_of(tl_name, tokenizer_path, name);
+/* A plain copy of a .zst file in the scratch folder (the shipped tokenizers are compressed with
+ * a long window, hence --long; through stdin, since zstd refuses a symbolic link as input). */
+static int decompress(const char *path, const char *out) {
+    char command[4096];
+    snprintf(command, sizeof command, "zstd -dq --long=27 < '%s' > '%s'", path, out);
+    return system(command);
 }
 
-/* A model folder: llama3.json (whose post-processor adds nothing) with the R1-Distill
- * tokenizer_config.json flags must add the BOS as transformers does, which is exactly what
- * the llama3_1 goldens hold. */
-TEST(model_folder_tokenizer_config_adds_bos) {
-    char source[900], folder[700], command[3000];
-    snprintf(source, sizeof source, "%s/tokenizers/llama3.json", test_fixtures());
-    FILE *probe = fopen(source, "r");
-    if (!probe) SKIP("%s not found (set ESSENCE_FIXTURES)", source);
-    fclose(probe);
-    snprintf(folder, sizeof folder, "%s/model", test_tmpdir());
-    snprintf(command, sizeof command, "mkdir -p '%s' && cp '%s' '%s/tokenizer.json'", folder, source, folder);
-    REQUIRE(system(command) == 0);
-    snprintf(command, sizeof command, "%s/tokenizer_config.json", folder);
-    FILE *config = fopen(command, "w");
-    REQUIRE(config);
-    fputs("{\"add_bos_token\": true, \"add_eos_token\": false, \"tokenizer_class\": \"LlamaTokenizerFast\",\n"
-          " \"bos_token\": {\"__type\": \"AddedToken\", \"content\": \"<|begin_of_text|>\"},\n"
-          " \"eos_token\": \"<|end_of_text|>\"}\n", config);
-    fclose(config);
+/* tokenizer-goldens/NAME.jsonl of fixture folder `root` against tokenizers/NAME.json, or
+ * NAME.json.zst decompressed. */
+static void check_goldens(const char *tl_name, const char *root, const char *label, const char *name) {
+    char tokenizer_path[1200], goldens_path[1200], plain[300];
+    snprintf(goldens_path, sizeof goldens_path, "%s/tokenizer-goldens/%s.jsonl", root, name);
+    snprintf(tokenizer_path, sizeof tokenizer_path, "%s/tokenizers/%s.json", root, name);
+    struct stat st;
+    if (stat(tokenizer_path, &st) != 0) {
+        strcat(tokenizer_path, ".zst");
+        snprintf(plain, sizeof plain, "%s-%s.json", label, name);
+        REQUIRE(stat(tokenizer_path, &st) == 0 && decompress(tokenizer_path, test_path(plain)) == 0);
+        snprintf(tokenizer_path, sizeof tokenizer_path, "%s", test_path(plain));
+    }
+    check_goldens_of(tl_name, tokenizer_path, goldens_path, name);
+}
+
+static int compare_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* One case per goldens file of the set, named goldens_NAME[label]. */
+static void check_set(const char *root, const char *label) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/tokenizer-goldens", root);
+    DIR *d = opendir(dir);
+    char *names[64];
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d)) && n < 64;) {
+        size_t len = strlen(e->d_name);
+        if (len > 6 && !strcmp(e->d_name + len - 6, ".jsonl")) names[n++] = strndup(e->d_name, len - 6);
+    }
+    if (d) closedir(d);
+    qsort(names, n, sizeof *names, compare_names);
+    char case_name[300];
+    snprintf(case_name, sizeof case_name, "goldens_found[%s]", label);
+    RUN_AS(case_name, CHECKF(n > 0, "no goldens in %s", dir));
+    for (int i = 0; i < n; i++) {
+        snprintf(case_name, sizeof case_name, "goldens_%s[%s]", names[i], label);
+        RUN_AS(case_name, check_goldens(tl_name, root, label, names[i]));
+        free(names[i]);
+    }
+}
+
+/* A model folder: the teacher's tokenizer.json with a post-processor that adds nothing (the
+ * BOS template dropped from a Sequence), beside the R1-Distill tokenizer_config.json flags, must
+ * add the BOS as transformers' LlamaTokenizerFast does, which is exactly what the goldens with
+ * specials hold: in-repo tiny-llama3 (whose own template adds it), shared llama3_1. The BOS id
+ * is the teacher checkpoint's bos_token_id. */
+static void check_tokenizer_config_adds_bos(const char *tl_name, const char *root, const char *source_name,
+                                            const char *goldens_name, const char *bos) {
+    char source[1200], folder[1200], path[1300], goldens_path[1200];
+    snprintf(source, sizeof source, "%s/tokenizers/%s.json", root, source_name);
+    snprintf(path, sizeof path, "%s/models/tiny-llama3/config.json", root);
+    json_t *tokenizer = json_load_file(source, 0, NULL), *config = json_load_file(path, 0, NULL);
+    REQUIRE(tokenizer && config);
+    json_int_t bos_id = json_integer_value(json_object_get(config, "bos_token_id"));
+    json_decref(config);
+    json_t *post = json_object_get(tokenizer, "post_processor");
+    const char *type = json_string_value(json_object_get(post, "type"));
+    if (type && !strcmp(type, "Sequence"))
+        json_object_set(tokenizer, "post_processor", json_array_get(json_object_get(post, "processors"), 0));
+    snprintf(folder, sizeof folder, "%s", test_path(source_name));
+    REQUIRE(mkdir(folder, 0755) == 0);
+    snprintf(path, sizeof path, "%s/tokenizer.json", folder);
+    REQUIRE(json_dump_file(tokenizer, path, 0) == 0);
+    json_decref(tokenizer);
     es_error err = {0};
     es_tokenizer *tok = NULL;
-    REQUIRE(es_tokenizer_load(folder, &tok, &err) == ES_OK);
     int32_t specials[4];
-    CHECK(es_tokenizer_added_specials(tok, specials, 4) == 1 && specials[0] == 128000);
+    REQUIRE(es_tokenizer_load(path, &tok, &err) == ES_OK); /* the file alone adds nothing, */
+    CHECKF(es_tokenizer_added_specials(tok, specials, 4) == 0, "%s adds specials itself", path);
     es_tokenizer_free(tok);
-    check_goldens_of(tl_name, folder, "llama3_1");
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", folder);
+    FILE *f = fopen(path, "w");
+    REQUIRE(f);
+    fprintf(f, "{\"add_bos_token\": true, \"add_eos_token\": false, \"tokenizer_class\": \"LlamaTokenizerFast\",\n"
+               " \"bos_token\": {\"__type\": \"AddedToken\", \"content\": \"%s\"}}\n", bos);
+    fclose(f);
+    REQUIRE(es_tokenizer_load(folder, &tok, &err) == ES_OK); /* the folder adds the BOS */
+    int n_folder = es_tokenizer_added_specials(tok, specials, 4);
+    CHECKF(n_folder == 1 && specials[0] == bos_id, "%d specials added, first %d, want %lld", n_folder, specials[0],
+           (long long)bos_id);
+    es_tokenizer_free(tok);
+    snprintf(goldens_path, sizeof goldens_path, "%s/tokenizer-goldens/%s.jsonl", root, goldens_name);
+    check_goldens_of(tl_name, folder, goldens_path, goldens_name);
 }
 
-TEST(goldens_llama3) { check_goldens(tl_name, "llama3"); }
-TEST(goldens_llama3_1) { check_goldens(tl_name, "llama3_1"); }
-TEST(goldens_qwen3) { check_goldens(tl_name, "qwen3"); }
-TEST(goldens_deepseek_v3) { check_goldens(tl_name, "deepseek_v3"); }
-
 int main(void) {
-    RUN(goldens_llama3);
-    RUN(goldens_llama3_1);
-    RUN(goldens_qwen3);
-    RUN(goldens_deepseek_v3);
-    RUN(model_folder_tokenizer_config_adds_bos);
+    check_set(test_fixtures(), "repo");
+    RUN_AS("model_folder_tokenizer_config_adds_bos[repo]",
+           check_tokenizer_config_adds_bos(tl_name, test_fixtures(), "tiny-llama3", "tiny-llama3", "<｜begin▁of▁sentence｜>"));
+    const char *shared = test_shared_fixtures();
+    if (!shared) {
+        test_skip_shared("tokenizer_goldens");
+        return test_summary();
+    }
+    check_set(shared, "shared");
+    RUN_AS("model_folder_tokenizer_config_adds_bos[shared]",
+           check_tokenizer_config_adds_bos(tl_name, shared, "llama3", "llama3_1", "<|begin_of_text|>"));
     return test_summary();
 }
