@@ -123,6 +123,15 @@ $(BUILD)/tests/test_run_slurm: $(BUILD)/obj/tests/unit/test_run_slurm.o $(patsub
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
 
+# The op harness (tests/ops/, docs/ops-harness.md): linked by the CPU run and by the CUDA run.
+OPS_HARNESS_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/ops/*.c))
+$(BUILD)/tests/test_ops: $(BUILD)/obj/tests/unit/test_ops.o $(OPS_HARNESS_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+
 $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
