@@ -511,6 +511,7 @@ int main(int argc, char **argv) {
     es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
     es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));
     train_model_free(&tm);
+    es_device_log_peak(dev);
     es_device_close(dev);
     align_data_close(data);
     es_config_free(&cfg);

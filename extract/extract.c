@@ -355,6 +355,7 @@ int main(int argc, char **argv) {
     free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples);
     extract_input_close(&input);
     teacher_close(&teacher);
+    if (!rc) es_device_log_peak(dev);
     es_device_close(dev);
     es_pool_destroy(pool);
     es_config_free(&cfg);

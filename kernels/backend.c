@@ -105,9 +105,6 @@ int es_device_open(es_device **out, const es_device_options *options, es_error *
 
 void es_device_close(es_device *dev) {
     if (!dev) return;
-    char peak[32], budget[32];
-    es_log("device: %s held at most (budget %s)", es_format_size(dev->peak, peak, sizeof peak),
-           es_format_size(dev->max_memory, budget, sizeof budget));
     if (dev->workspace) dev->ops->free(dev, dev->workspace);
     dev->ops->close(dev);
     free(dev);
@@ -204,6 +201,12 @@ int es_device_take_error(es_device *dev, es_error *err) {
     else es_fail(err, code, "%s: an op failed", dev->name);
     es_error_clear(&dev->error);
     return code;
+}
+
+void es_device_log_peak(const es_device *dev) {
+    char peak[32], budget[32];
+    es_log("device: %s held at most (budget %s)", es_format_size(dev->peak, peak, sizeof peak),
+           es_format_size(dev->max_memory, budget, sizeof budget));
 }
 
 void es_device_log(const es_device *dev) {

@@ -146,5 +146,7 @@ int es_device_fail(es_device *dev, int code, const char *fmt, ...) __attribute__
 /* Logs the device line once per program ("device: cpu, 2 threads, OpenBLAS SkylakeX kernels,
  * budget 21.4 GiB"). */
 void es_device_log(const es_device *dev);
+/* ... and at the end, the most it held ("device: 6.93 GiB held at most (budget 8.00 GiB)"). */
+void es_device_log_peak(const es_device *dev);
 
 #endif

@@ -194,7 +194,9 @@ int es_scale(es_device *dev, float *x /* (n) */, size_t n, float scale);
  * (3, saturating at ±448); the phases always accumulate in fp32. */
 typedef enum { ES_PRECISION_FP32, ES_PRECISION_TF32, ES_PRECISION_BF16, ES_PRECISION_FP8 } es_precision;
 
-/* Rounds x to the precision in place (round to nearest even; NaN and inf kept). */
+/* Rounds x to the precision in place (round to nearest even; NaN kept; inf kept but in fp8,
+ * which has no infinities: values past ±448, infinities too, saturate to ±448, as tensor cores'
+ * saturating conversion does). */
 int es_round_precision(es_device *dev, float *x /* (n) */, size_t n, es_precision precision);
 
 /* x_hat[i] = standardised rows[row_index[i]], rounded to the precision:

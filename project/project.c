@@ -524,6 +524,7 @@ int main(int argc, char **argv) {
     }
     for (int l = 0; l < n_pairs; l++) free(pairs[l].input_mean), free(pairs[l].input_scale);
     projector_free(&p);
+    if (!rc) es_device_log_peak(dev);
     es_device_close(dev);
     free(pairs), free(omega), free(student_layers), free(teacher_layers), free(means), free(scales);
     free(yaml), free(yaml_results), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);

@@ -397,7 +397,8 @@ void ref_scale(double *x, size_t n, double scale) {
 /* Nearest multiple of the grid spacing at x's binade (clamped below at the smallest normal's,
  * which gives the subnormals), ties to even: nearbyint in the default rounding mode. */
 static double round_to_grid(double x, int bits, int min_exponent, double max_finite, int saturate) {
-    if (!isfinite(x) || x == 0.0) return x;
+    if (isnan(x) || x == 0.0) return x;
+    if (isinf(x)) return saturate ? copysign(max_finite, x) : x; /* e4m3fn has no infinities */
     int exponent;
     frexp(x, &exponent); /* |x| in [2^(exponent-1), 2^exponent) */
     const int lead = exponent - 1 < min_exponent ? min_exponent : exponent - 1;
