@@ -58,8 +58,8 @@ static cpu_features this_cpu(void) {
 void es_device_prepare(char **argv) {
     const char *replaced = getenv(REPLACED_VARIABLE);
     if (replaced) { /* the second start: say once what was done, and not to the programs this one starts */
-        es_log("BLAS: OpenBLAS chose its %s kernels on this CPU, which can run %s ones: using %s (set OPENBLAS_CORETYPE to choose)",
-               replaced, cpu_blas_core(), cpu_blas_core());
+        es_log("BLAS: OpenBLAS chose its %s kernels for this CPU; running its %s ones (set OPENBLAS_CORETYPE to choose)",
+               replaced, cpu_blas_core());
         unsetenv(REPLACED_VARIABLE);
         return;
     }

@@ -1,11 +1,13 @@
 /* CPU forward benchmark, our side: bench_forward MODEL_DIR SEQUENCES TOKENS THREADS
- * runs every decoder layer over SEQUENCES sequences of TOKENS random ids (no head), REPEATS
+ * (or bench_forward --blas-core: the OpenBLAS kernels the programs run here) runs every decoder
+ * layer over SEQUENCES sequences of TOKENS random ids (no head), REPEATS
  * times ($ESSENCE_BENCH_REPEATS, default 10), with the layers resident on a CPU device as
  * essence-extract runs them, and prints one JSON line with the best tokens/s and the BLAS core.
  * tests/bench/bench_forward.py runs PyTorch (transformers) on the same weights and threads
  * beside it. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend.h"
 #include "decoder.h"
@@ -17,6 +19,16 @@
 int main(int argc, char **argv) {
     es_set_program("bench_forward");
     es_device_prepare(argv);
+    if (argc == 2 && !strcmp(argv[1], "--blas-core")) { /* for make bench's headers: the kernels the programs run */
+        es_device_options options = {.kind = ES_DEVICE_CPU, .threads = 1};
+        es_device *dev;
+        es_error err = {0};
+        if (es_device_open(&dev, &options, &err)) es_exit_error(&err);
+        const char *core = strstr(dev->name, "OpenBLAS ");
+        printf("%.*s\n", core ? (int)strcspn(core + 9, " ") : 1, core ? core + 9 : "?");
+        es_device_close(dev);
+        return 0;
+    }
     if (argc != 5) {
         fprintf(stderr, "usage: bench_forward MODEL_DIR SEQUENCES TOKENS THREADS\n");
         return ES_ERR_USAGE;

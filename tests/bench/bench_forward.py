@@ -9,10 +9,15 @@ import tempfile
 import time
 
 BUILD = os.environ.get("BUILD", "build")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", os.path.join(ROOT, "tests", "fixtures"))
 THREADS = int(os.environ.get("ESSENCE_BENCH_THREADS", str(os.cpu_count() or 2)))
 SEQUENCES, TOKENS = 4, 256
 REPEATS = int(os.environ.get("ESSENCE_BENCH_REPEATS", "10"))  # best of: short runs on a shared VM are noisy
+
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def torch_forward(model_dir):
@@ -34,7 +39,8 @@ def torch_forward(model_dir):
 def ours(model_dir):
     done = subprocess.run([os.path.join(BUILD, "bench", "bench_forward"), model_dir, str(SEQUENCES), str(TOKENS), str(THREADS)],
                           capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)["tokens_per_s"]
+    result = json.loads(done.stdout)
+    return result["tokens_per_s"], result["device"]
 
 
 def main():
@@ -47,15 +53,15 @@ def main():
     tmp = tempfile.mkdtemp()
     student = os.path.join(tmp, "student-4-layers")
     subprocess.run([os.path.join(BUILD, "essence-inspect"), "mkmodel", "--like",
-                    os.path.join(FIXTURES, "configs", "deepseek-r1-distill-qwen-1.5b.config.json"), "--layers", "4",
+                    os.path.join(ROOT, "tests", "bench", "configs", "deepseek-r1-distill-qwen-1.5b.json"), "--layers", "4",
                     "--seed", "1", "--out", student], check=True, capture_output=True)
     print(f"CPU forward, {SEQUENCES} sequences x {TOKENS} tokens, {THREADS} threads, fp32, best of {REPEATS}; "
           f"PyTorch {torch.__version__}")
-    print(f"{'model':<34} {'essence tok/s':>14} {'PyTorch tok/s':>14} {'ratio':>7}")
-    for name, path in (("tiny-llama3", os.path.join(FIXTURES, "models", "tiny-llama3")),
+    print(f"{'model':<34} {'essence tok/s':>14} {'PyTorch tok/s':>14} {'ratio':>7}  essence's device")
+    for name, path in (("tiny-llama3 (in-repo fixture)", os.path.join(FIXTURES, "models", "tiny-llama3")),
                        ("student shape, 4 layers (random)", student)):
-        a, b = ours(path), torch_forward(path)
-        print(f"{name:<34} {a:>14.0f} {b:>14.0f} {a / b:>6.2f}x", flush=True)
+        (a, device), b = ours(path), torch_forward(path)
+        print(f"{name:<34} {a:>14.0f} {b:>14.0f} {a / b:>6.2f}x  {device}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import hdf5plugin  # noqa: F401  (registers the zstd filter, to edit essence's f
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import report, run_main  # noqa: E402
+from testing import repo_fixtures, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
-FIXTURES = os.path.abspath(os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures"))
 INSPECT = os.path.join(BUILD, "essence-inspect")
 WRITE_LATENTS = os.path.join(BUILD, "tests", "tools", "write_latents")
 
@@ -106,13 +105,8 @@ def test_streaming(tmp):
 
 def test_essence_stages(tmp):
     """teacher.h5 and student.h5 from the real stages: a rerun is identical but for root attributes."""
-    teacher, student = os.path.join(tmp, "teacher"), os.path.join(tmp, "student")
-    os.makedirs(teacher), os.makedirs(student)
-    for name in os.listdir(os.path.join(FIXTURES, "models", "tiny-llama3")):
-        os.symlink(os.path.join(FIXTURES, "models", "tiny-llama3", name), os.path.join(teacher, name))
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "llama3.json"), os.path.join(teacher, "tokenizer.json"))
-    shutil.copy(os.path.join(FIXTURES, "models", "tiny-qwen2", "config.json"), student)
-    os.symlink(os.path.join(FIXTURES, "tokenizers", "qwen3.json"), os.path.join(student, "tokenizer.json"))
+    fixtures = repo_fixtures()  # the in-repo checkpoints hold their tokenizers
+    teacher, student = fixtures.teacher, fixtures.student
     data = os.path.join(tmp, "data.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         f.write('{"id": "a", "text": "The committee postponed its decision until the spring."}\n')
