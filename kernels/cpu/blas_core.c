@@ -1,6 +1,5 @@
 /* OpenBLAS's kernels: Debian's OpenBLAS 0.3.21 does not know every CPU and then runs kernels
- * far below what the CPU can do (its generic Prescott kernels on Sapphire Rapids; its AVX2
- * kernels on AVX-512 AMD cores). It reads OPENBLAS_CORETYPE only when it loads, before main(),
+ * far below what the CPU can do (its generic Prescott kernels on Sapphire Rapids). It reads OPENBLAS_CORETYPE only when it loads, before main(),
  * so es_device_prepare sets it and runs the program again. */
 #include <stdio.h>
 #include <stdlib.h>

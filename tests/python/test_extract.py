@@ -5,6 +5,7 @@ in-repo teacher, independence from batching and sharding, resume after SIGKILL, 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,31 @@ def within_a_bf16_step(a, b):
     return ""
 
 
+def check_max_memory(tmp, model, data):
+    """--max-memory too small for every layer streams them through two slots, then one: the same
+    bytes as with every layer resident; too small for one layer is an error naming the sizes."""
+    common = ["--model", model, "--data", data, "--layers", "0,2,4", "--batch-tokens", "64", "--max-seq", "64"]
+    extract(*common, "--out", os.path.join(tmp, "resident.h5"))
+    resident = datasets(os.path.join(tmp, "resident.h5"))
+    seen = {}
+    for kib in (4096, 3072, 2048, 1536, 1280, 1024, 896, 768, 640, 512, 384, 256):
+        out = os.path.join(tmp, f"budget{kib}.h5")
+        run = extract(*common, "--max-memory", f"{kib}K", "--out", out, check=False)
+        slots = re.search(r"pass through (\d) slot", run.stderr)
+        mode = slots.group(1) if slots else "resident" if run.returncode == 0 else "refused"
+        if mode in seen:
+            continue
+        seen[mode] = (kib, run)
+        if run.returncode == 0:
+            why = same_datasets(datasets(out), resident)
+            report(f"max_memory_{mode}{(' slot' if mode == '1' else ' slots') if slots else ''}_same_bytes".replace(' ', '_'), not why, f"{kib} KiB: {why}")
+    print(f"  budgets: {', '.join(f'{mode} at {kib} KiB' for mode, (kib, _) in seen.items())}")
+    report("max_memory_streams_through_two_then_one_slot", "2" in seen and "1" in seen, f"seen {sorted(seen)}")
+    refused = seen.get("refused")
+    report("max_memory_too_small_is_an_error", refused is not None and refused[1].returncode == 1 and "--max-memory" in refused[1].stderr,
+           refused[1].stderr if refused else "no budget was refused")
+
+
 def check_threads(tmp, model, data):
     """The thread count changes no bit: every product is cut into the same tiles whatever it is."""
     results = []
@@ -324,6 +350,7 @@ def main():
     data, _ = check_batching_and_shards(tmp, repo.teacher)
     check_resume_after_kill(tmp, repo.teacher, data)
     check_threads(tmp, repo.teacher, data)
+    check_max_memory(tmp, repo.teacher, data)
     check_mkmodel_shapes(tmp, os.path.join(repo.student, "config.json"))
     check_bad_input(tmp, repo.teacher, repo.teacher_tokenizer)
 
