@@ -303,6 +303,7 @@ int main(int argc, char **argv) {
                                 required, &err);
     if (begun > 0) fail(&comm, &err);
     if (begun == ES_CONFIG_DONE) {
+        es_config_free(&cfg);
         comm_finalize(&comm);
         return 0;
     }

@@ -352,6 +352,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
     else teacher_abandon(&writer, 0);
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
+    for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */
     free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples);
     extract_input_close(&input);
     teacher_close(&teacher);
