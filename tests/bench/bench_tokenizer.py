@@ -11,7 +11,9 @@ import time
 
 os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its pool
 BUILD = os.environ.get("BUILD", "build")
-FIXTURES = os.environ.get("ESSENCE_FIXTURES", "../shared/fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.environ.get("ESSENCE_FIXTURES", os.path.join(ROOT, "tests", "fixtures"))
+SHARED = os.environ.get("ESSENCE_SHARED_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
 CORPUS_MB = float(os.environ.get("ESSENCE_BENCH_TOKENIZER_MB", "50"))
 
 
@@ -47,9 +49,9 @@ def corpus(path, megabytes, seed=1234):
             size += len(text.encode())
 
 
-def golden_texts(name, path):
+def golden_texts(goldens, path):
     with open(path, "w", encoding="utf-8") as out:
-        for line in open(os.path.join(FIXTURES, "tokenizer-goldens", f"{name}.jsonl"), encoding="utf-8"):
+        for line in open(goldens, encoding="utf-8"):
             row = json.loads(line)
             if not row["add_special_tokens"]:
                 out.write(json.dumps({"text": row["text"]}, ensure_ascii=False) + "\n")
@@ -81,18 +83,26 @@ def main():
     except ImportError:
         print("bench_tokenizer: skipped: the Python package `tokenizers` is missing (make deps installs it)")
         return
-    if not os.path.isdir(os.path.join(FIXTURES, "tokenizers")):
-        print(f"bench_tokenizer: skipped: no fixtures at {FIXTURES}")
-        return
     tmp = tempfile.mkdtemp()
+    # the tokenizers the repository ships (with their in-repo goldens' texts), and Llama 3's where the
+    # shared fixtures are present
+    cases = []
+    for name in ("deepseek-v3", "qwen"):
+        plain = os.path.join(tmp, f"{name}.json")
+        with open(os.path.join(FIXTURES, "tokenizers", f"{name}.json.zst"), "rb") as source, open(plain, "wb") as out:
+            subprocess.run(["zstd", "-dq", "--long=27"], stdin=source, stdout=out, check=True)
+        cases.append((name, plain, os.path.join(FIXTURES, "tokenizer-goldens", f"{name}.jsonl")))
+    if os.path.isdir(os.path.join(SHARED, "tokenizers")):
+        cases.append(("llama3", os.path.join(SHARED, "tokenizers", "llama3.json"), os.path.join(SHARED, "tokenizer-goldens", "llama3.jsonl")))
+    else:
+        print(f"bench_tokenizer: llama3.json left out: no shared fixtures at {SHARED}")
     big = os.path.join(tmp, "corpus.jsonl")
     corpus(big, CORPUS_MB)
     print(f"Tokenizer benchmark, one thread, add_special_tokens off; Hugging Face tokenizers {tokenizers.__version__}")
     print(f"{'tokenizer':<14} {'texts':<22} {'ours MB/s':>10} {'HF MB/s':>9} {'ratio':>7} {'ours load':>10} {'HF load':>8}")
-    for name in ("llama3", "qwen3", "deepseek_v3"):
-        path = os.path.join(FIXTURES, "tokenizers", f"{name}.json")
+    for name, path, goldens in cases:
         small = os.path.join(tmp, f"{name}-goldens.jsonl")
-        golden_texts(name, small)
+        golden_texts(goldens, small)
         for label, texts, repeats in ((f"golden texts x5", small, 5), (f"{CORPUS_MB:.0f} MB mixed corpus", big, 1)):
             a, b = ours(path, texts, repeats), hf(path, texts, repeats)
             print(f"{name:<14} {label:<22} {a['mb_per_s']:>10.2f} {b['mb_per_s']:>9.2f} {a['mb_per_s'] / b['mb_per_s']:>6.2f}x"

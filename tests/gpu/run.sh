@@ -26,6 +26,8 @@ for t in "$BUILD"/gpu/test_*; do
     [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
     failed=$((failed + f))
 done
+# build/gpu/test_ops runs the per-op harness (docs/ops-harness.md) on a CUDA device against the CPU
+# and the double reference; it prints SKIP while the CUDA backend's ops are not written.
 # GPU benchmarks: none exist yet (the CUDA backend so far is the bf16 conversion kernel).
 # When they do, run them here beside: python3 gpu-carry/gpu_baselines.py "$OUT"
 echo "$passed passed, $failed failed" | tee -a "$OUT/checks.txt"
