@@ -71,9 +71,8 @@ int es_device_options_from_config(const es_config *cfg, es_device_options *out, 
     int64_t threads = es_config_int(cfg, "threads");
     if (threads < 0 || threads > 4096) return es_fail(err, ES_ERR_USAGE, "--threads %lld: expected 0..4096", (long long)threads);
     out->threads = (int)threads;
-    if (es_parse_size(memory, &out->max_memory))
+    if (es_parse_size(memory, &out->max_memory) || (!out->max_memory && strcmp(memory, "auto")))
         return es_fail(err, ES_ERR_USAGE, "--max-memory %s: expected a size such as 8G, 512M or auto", memory);
-    if (!strcmp(memory, "0")) return es_fail(err, ES_ERR_USAGE, "--max-memory 0: give a size, or auto");
     return ES_OK;
 }
 
@@ -145,18 +144,11 @@ int es_device_download(es_device *dev, void *dst, const void *src, size_t bytes,
 int es_device_zero(es_device *dev, void *ptr, size_t bytes, es_error *err) {
     PASS_THROUGH(bytes && dev->ops->zero(dev, ptr, bytes));
 }
-int es_device_copy(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err) {
-    PASS_THROUGH(bytes && dev->ops->copy(dev, dst, src, bytes));
-}
 int es_device_sync(es_device *dev, es_error *err) { PASS_THROUGH(dev->ops->sync(dev)); }
 int es_device_load_begin(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_begin(dev, job)); }
 int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_wait(dev, job)); }
 
 /* ---- the workspace ----------------------------------------------------------------------- */
-
-size_t es_device_workspace_estimate(const es_device *dev, const es_workspace_plan *plan) {
-    return dev->ops->workspace_estimate(dev, plan);
-}
 
 /* The workspace is replaced, not realloc'd: its content does not outlive an op. */
 static int grow_workspace(es_device *dev, size_t bytes, es_error *err) {
@@ -171,7 +163,7 @@ static int grow_workspace(es_device *dev, size_t bytes, es_error *err) {
 }
 
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err) {
-    return grow_workspace(dev, es_device_workspace_estimate(dev, plan), err);
+    return grow_workspace(dev, dev->ops->workspace_estimate(dev, plan), err);
 }
 
 void *es_device_scratch(es_device *dev, size_t bytes) {

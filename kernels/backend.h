@@ -120,8 +120,6 @@ void es_device_free(es_device *dev, void *ptr, size_t bytes);
 int es_device_upload(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 int es_device_download(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 int es_device_zero(es_device *dev, void *ptr, size_t bytes, es_error *err);
-/* device to device */
-int es_device_copy(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 /* Waits for everything queued on the compute stream. */
 int es_device_sync(es_device *dev, es_error *err);
 
@@ -129,9 +127,7 @@ int es_device_sync(es_device *dev, es_error *err);
 int es_device_load_begin(es_device *dev, es_load_job *job, es_error *err);
 int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err);
 
-/* The backend's estimate of the workspace that plan needs; es_device_reserve makes the
- * workspace at least that large. */
-size_t es_device_workspace_estimate(const es_device *dev, const es_workspace_plan *plan);
+/* Makes the workspace at least as large as the backend estimates that plan needs. */
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err);
 
 /* For backends' ops: at least `bytes` of scratch, valid until the op returns (grows the

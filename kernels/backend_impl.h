@@ -20,7 +20,6 @@ struct es_backend {
     void (*free)(es_device *dev, void *ptr);
     int (*upload)(es_device *dev, void *dst, const void *src, size_t bytes);
     int (*download)(es_device *dev, void *dst, const void *src, size_t bytes);
-    int (*copy)(es_device *dev, void *dst, const void *src, size_t bytes);
     int (*zero)(es_device *dev, void *ptr, size_t bytes);
     int (*sync)(es_device *dev);
     /* the copy stream */

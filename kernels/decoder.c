@@ -151,7 +151,6 @@ float *es_decoder_hidden(es_decoder *d, int layer) {
     return layer < d->last_layer ? d->acts[layer].x_in : layer == d->last_layer ? d->x_final : NULL;
 }
 float *es_decoder_normed(es_decoder *d) { return d->has_normed ? d->normed_final : NULL; }
-int es_decoder_tokens(const es_decoder *d) { return d->T; }
 
 /* Every op can fail; the device holds the message. */
 #define OP(call)                                                                                            \

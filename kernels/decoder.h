@@ -53,7 +53,6 @@ int es_decoder_forward(es_decoder *decoder, const es_decoder_batch *batch, const
  * an inference decoder only the last), and the final norm's output (or NULL). (T, C) device. */
 float *es_decoder_hidden(es_decoder *decoder, int layer);
 float *es_decoder_normed(es_decoder *decoder);
-int es_decoder_tokens(const es_decoder *decoder); /* T of the last forward */
 
 /* The backward of the last (training) forward: dnormed, the gradient of the final norm's output
  * (or NULL when no loss reads it), and dhidden[l] for l in 0..last_layer, the gradient of the

@@ -171,9 +171,3 @@ void es_stream_release(es_layer_stream *stream, int layer) {
 }
 
 int es_stream_slots(const es_layer_stream *stream) { return stream->streaming ? stream->n_slots : 0; }
-
-size_t es_stream_bytes(const es_layer_stream *stream) {
-    size_t bytes = 0;
-    for (int i = 0; i < stream->n_slots; i++) bytes += stream->slots[i].floats * sizeof(float);
-    return bytes;
-}

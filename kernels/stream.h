@@ -27,7 +27,5 @@ void es_stream_release(es_layer_stream *stream, int layer);
 
 /* How the layers are held: 0 resident, else the number of slots they pass through (1 or 2). */
 int es_stream_slots(const es_layer_stream *stream);
-/* The device memory its layers hold. */
-size_t es_stream_bytes(const es_layer_stream *stream);
 
 #endif

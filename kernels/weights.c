@@ -83,9 +83,3 @@ void es_params_free(es_device *dev, es_params *p) {
     free(p->tensors), free(p->layers);
     memset(p, 0, sizeof *p);
 }
-
-const es_named_tensor *es_params_tensor(const es_params *p, const char *name) {
-    for (int i = 0; i < p->n_tensors; i++)
-        if (!strcmp(p->tensors[i].name, name)) return &p->tensors[i];
-    return NULL;
-}

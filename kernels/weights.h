@@ -36,7 +36,6 @@ int es_params_load(es_device *dev, const es_model_store *store, es_params *param
 /* An arena of the same layout, zeroed (gradients, optimizer moments); `what` names it in errors. */
 int es_params_alloc_like(es_device *dev, const es_params *like, const char *what, es_params *out, es_error *err);
 void es_params_free(es_device *dev, es_params *params);
-const es_named_tensor *es_params_tensor(const es_params *params, const char *name);
 /* The element of `other` (same layout) at the place of `param` in `params`. */
 static inline float *es_params_at(const es_params *params, const es_params *other, const float *param) {
     return other->arena + (param - params->arena);

@@ -145,7 +145,6 @@ static const es_backend cpu_backend = {
     .free = cpu_free,
     .upload = cpu_copy,
     .download = cpu_copy,
-    .copy = cpu_copy,
     .zero = cpu_zero,
     .sync = cpu_sync,
     .load_begin = cpu_load_begin,

@@ -16,17 +16,13 @@
 #include "progress.h"
 #include "stream.h"
 
+char *openblas_get_corename(void);
+
 int main(int argc, char **argv) {
     es_set_program("bench_forward");
     es_device_prepare(argv);
     if (argc == 2 && !strcmp(argv[1], "--blas-core")) { /* for make bench's headers: the kernels the programs run */
-        es_device_options options = {.kind = ES_DEVICE_CPU, .threads = 1};
-        es_device *dev;
-        es_error err = {0};
-        if (es_device_open(&dev, &options, &err)) es_exit_error(&err);
-        const char *core = strstr(dev->name, "OpenBLAS ");
-        printf("%.*s\n", core ? (int)strcspn(core + 9, " ") : 1, core ? core + 9 : "?");
-        es_device_close(dev);
+        printf("%s\n", openblas_get_corename());
         return 0;
     }
     if (argc != 5) {
