@@ -278,7 +278,7 @@ int run_plan_status(run_plan *plan, run_lock *lock, char *const *force, int n_fo
             if (needed) stage->shards_to_run[stage->n_shards_to_run++] = shard;
         }
         stage->will_run = stage->n_shards_to_run > 0;
-        char reason[2048] = "";
+        char reason[PATH_MAX + 2048] = "";
         const json_t *record = json_object_get(lock->stages, stage->name);
         if (forced) {
             snprintf(reason, sizeof reason, "--force");
