@@ -4,6 +4,9 @@
 #   make test       every test; ends with "N passed, M failed[, K skipped]"
 #   make bench      benchmarks, side by side with their baselines
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (default 60)
+#   make sanitize   the whole test suite again on an AddressSanitizer + UBSan build (build-sanitize/),
+#                   then each program once under valgrind memcheck
+#   make soak       a long run: >= 1 M tokens through the three stages, peak memory by corpus size
 #   make install    PREFIX=/usr/local: programs, libh5zstd.so HDF5 plugin
 #   make demo       the README's first command
 
@@ -73,7 +76,7 @@ GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/gpu/%,$(GPU_TEST_SRC))
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test bench fuzz fuzzers install demo clean cuda-note
+.PHONY: all deps test bench fuzz fuzzers sanitize soak install demo clean cuda-note
 all: cuda-note $(PROGRAMS) $(PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
 
 cuda-note:
@@ -110,9 +113,12 @@ $(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
 # function, so it loads into any HDF5 1.10+ whatever version the reader was built with.
+# PLUGIN_CFLAGS: the sanitizer build keeps the plugin plain, since h5py and h5dump (not
+# instrumented) load it.
+PLUGIN_CFLAGS ?= $(CFLAGS)
 $(PLUGIN): common/h5zstd.c common/h5zstd.h
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -DES_H5ZSTD_PLUGIN -fPIC -shared $(HDF5_CFLAGS) -o $@ $< -lzstd
+	$(CC) -std=c11 $(PLUGIN_CFLAGS) $(WARN) -D_GNU_SOURCE -DES_H5ZSTD_PLUGIN -fPIC -shared $(HDF5_CFLAGS) -o $@ $< -lzstd
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
@@ -148,7 +154,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(STAGE_OBJ) $(LIB)
 # ---- dependencies -------------------------------------------------------------------
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
 	libjansson-dev libcjson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
-	clang libclang-rt-14-dev python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin slurm-wlm munge
+	clang libclang-rt-14-dev valgrind python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin slurm-wlm munge
 PY_PACKAGES := h5py hdf5plugin numpy tokenizers
 
 deps:
@@ -196,6 +202,25 @@ $(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
 fuzz: deps
 	@$(MAKE) --no-print-directory fuzzers
 	@BUILD=$(BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh
+
+# The sanitizer suite: every test of `make test` (the fuzz targets aside: they are sanitized
+# builds already) against programs built with ASan + UBSan, any report failing its test; then
+# valgrind memcheck over one run of each program (tests/sanitize/valgrind.sh, plain build).
+SANITIZE_BUILD ?= build-sanitize
+SANITIZE_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+sanitize: deps
+	@$(MAKE) --no-print-directory BUILD=$(SANITIZE_BUILD) CFLAGS='$(SANITIZE_CFLAGS)' PLUGIN_CFLAGS='-O2 -g' all
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(SANITIZE_BUILD) VENV=$(VENV) ESSENCE_SANITIZE=1 \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=86 \
+	  LSAN_OPTIONS=suppressions=$(CURDIR)/tests/sanitize/lsan.supp:print_suppressions=0 \
+	  tests/run.sh
+	@BUILD=$(BUILD) tests/sanitize/valgrind.sh
+
+soak: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) VENV=$(VENV) tests/soak/run.sh
 
 # ---- install, demo ------------------------------------------------------------------
 install: all

@@ -19,6 +19,16 @@ export HDF5_PLUGIN_PATH_BUILT=$ROOT/$BUILD/plugins
 export TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/essence-tests.XXXXXX")
 trap 'rm -rf "$TMPDIR"' EXIT
 
+# make sanitize: programs built with ASan + UBSan write every report to a file here, so that a
+# report fails the test that ran the program even where the test only looked at the exit code.
+sanitizer_reports=
+if [ -n "${ESSENCE_SANITIZE:-}" ]; then
+    sanitizer_reports=$TMPDIR/sanitizer-reports
+    mkdir -p "$sanitizer_reports"
+    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}log_path=$sanitizer_reports/asan"
+    export UBSAN_OPTIONS="${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}log_path=$sanitizer_reports/ubsan"
+fi
+
 passed=0 failed=0 skipped=0
 skips=()
 run_one() { # label, command...
@@ -29,6 +39,13 @@ run_one() { # label, command...
     p=$(grep -c '^PASS ' <<<"$out"); f=$(grep -c '^FAIL ' <<<"$out"); s=$(grep -c '^SKIP ' <<<"$out")
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
         f=1; out+=$'\n'"FAIL $label: exited with status $rc"
+    fi
+    if [ -n "$sanitizer_reports" ] && [ -n "$(ls -A "$sanitizer_reports")" ]; then
+        local report
+        for report in "$sanitizer_reports"/*; do
+            f=$((f + 1)); out+=$'\n'"FAIL $label: sanitizer report $(basename "$report"):"$'\n'"$(head -n 40 "$report")"
+            mkdir -p "$ROOT/$BUILD/sanitizer-reports" && mv "$report" "$ROOT/$BUILD/sanitizer-reports/$label-$(basename "$report")"
+        done
     fi
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
     if [ "$f" -gt 0 ]; then

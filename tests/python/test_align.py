@@ -208,6 +208,12 @@ def test_mpi(tmp, student, data):
     flags = ["--model", student, "--data", data, "--steps", "8", "--eval-every", "0", "--save-every", "0", "--threads", "1"]
     one, two = os.path.join(tmp, "np1"), os.path.join(tmp, "np2")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    if os.environ.get("ESSENCE_SANITIZE"):
+        # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
+        # without frame pointers, so LeakSanitizer needs the slow unwinder (and the components kept
+        # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
+        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
     r1 = run([mpirun, "-np", "1", program("essence-align"), *flags, "--batch-tokens", "2048", "--out", one], env=env)
     r2 = run([mpirun, "-np", "2", program("essence-align"), *flags, "--batch-tokens", "1024", "--out", two], env=env)
     if r1.returncode or r2.returncode:
