@@ -79,6 +79,41 @@ def main():
     run = subprocess.run([INSPECT, "tokenize", "--tokenizer", good_path, "--jsonl", jsonl], capture_output=True)
     err = run.stderr.decode()
     report("wrong_field_type_names_line", run.returncode == 3 and "texts.jsonl:2" in err and '"text"' in err, err)
+    check_regex_failures(good, tmp)
+
+
+def with_split_regex(good, tmp, name, pattern):
+    data = copy.deepcopy(good)
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": pattern}
+    path = os.path.join(tmp, f"{name}.json")
+    json.dump(data, open(path, "w"), ensure_ascii=False)
+    return path
+
+
+def check_regex_failures(good, tmp):
+    """A regex that PCRE2 cannot run to the end (Hugging Face's Rust regexes never fail) must not
+    pass for "no more matches", which made the rest of the text one piece (other ids, exit 0)."""
+    # Backtracking through 50,000 repeats of a group exhausts PCRE2's JIT stack: the interpreter
+    # takes over and the pieces are Hugging Face's ("the" alone, not merged with the space).
+    path = with_split_regex(good, tmp, "deep_backtracking", r"(?:a|b)*c|\s")
+    text = "ab" * 50000 + "c the end"
+    jsonl = os.path.join(tmp, "long.jsonl")
+    open(jsonl, "w").write(json.dumps({"text": text}) + "\n")
+    run = subprocess.run([INSPECT, "tokenize", "--tokenizer", path, "--jsonl", jsonl], capture_output=True)
+    got = json.loads(run.stdout)["ids"] if run.returncode == 0 else None
+    try:
+        from tokenizers import Tokenizer
+        want = Tokenizer.from_file(path).encode(text, add_special_tokens=False).ids
+        report("regex_jit_stack_exhausted_matches_hf", got == want,
+               f"exit {run.returncode}: {run.stderr.decode().strip()}; {len(got or [])} ids, Hugging Face {len(want)}")
+    except ImportError:
+        print("SKIP regex_jit_stack_exhausted_matches_hf: the Python package `tokenizers` is not installed")
+    # Catastrophic backtracking reaches PCRE2's match limit: an error naming the line, exit 3.
+    path = with_split_regex(good, tmp, "catastrophic", r"(a+)+$|\s")
+    run = tokenize(path, b"fine\n" + b"a" * 40 + b"b\n")
+    err = run.stderr.decode()
+    report("regex_match_limit_exit_3", run.returncode == 3 and "<stdin>:2" in err and "catastrophic.json" in err and
+           "match limit" in err and run.stdout.count(b"\n") == 1, f"exit {run.returncode}: {err.strip()}")
 
 
 if __name__ == "__main__":
