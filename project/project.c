@@ -38,6 +38,7 @@ static const es_option options[] = {
     {"input-norm", ES_OPT_STRING, "standardize", "standardize (the teacher's /stats) or rms (each vector by its RMS)"},
     {"align", ES_OPT_STRING, "exact", "exact or causal token alignment"},
     {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)"},
+    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the student tokenizer's own rule), always or never start with the BOS"},
     {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
     ES_DEVICE_OPTIONS,
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
@@ -360,6 +361,8 @@ int main(int argc, char **argv) {
     if (strcmp(input_norm, "standardize") && strcmp(input_norm, "rms"))
         fail_usage(&err, "--input-norm %s: expected standardize or rms", input_norm);
     if (strcmp(align, "exact") && strcmp(align, "causal")) fail_usage(&err, "--align %s: expected exact or causal", align);
+    es_add_bos add_bos;
+    if (es_add_bos_parse(es_config_str(&cfg, "add-bos"), &add_bos, &err)) es_exit_error(&err);
     if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint")))
         fail_usage(&err, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
     double sigma = es_config_float(&cfg, "sigma");
@@ -396,7 +399,12 @@ int main(int argc, char **argv) {
         es_exit_error(&err);
     }
     fclose(probe);
-    if (es_tokenizer_load(student_dir, &tokenizer, &err)) es_exit_error(&err);
+    if (es_tokenizer_load(student_dir, &tokenizer, &err) || es_tokenizer_set_add_bos(tokenizer, add_bos, &err)) {
+        es_tokenizer_free(tokenizer);
+        es_exit_error(&err);
+    }
+    char specials[256];
+    es_tokenizer_specials_text(tokenizer, specials, sizeof specials);
 
     // 3. The teacher files, as one, and the layer map; the device.
     es_device_options device_options;
@@ -508,6 +516,7 @@ int main(int argc, char **argv) {
             {"layer_map", 's', layer_map, 0, 0}, {"sigma", 'f', NULL, sigma, 0},
             {"seed", 'i', NULL, 0, (int64_t)seed}, {"input_norm", 's', input_norm, 0, 0},
             {"align", 's', align, 0, 0}, {"precision", 's', precision_name(precision), 0, 0},
+            {"add_bos", 's', es_add_bos_name(add_bos), 0, 0}, {"specials_template", 's', specials, 0, 0},
         };
         rc = student_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes), &err);
     } else {
