@@ -126,6 +126,10 @@ static void tokenize_sample(void *arg, size_t i, int worker) {
     es_tokenizer_encode(job->p->tokenizer, text, len, b->add_special_tokens[i], &job->p->encodings[i], &job->errors[i]);
 }
 
+static void free_encodings(projector *p, int64_t count) {
+    for (int64_t i = 0; i < count; i++) es_encoding_free(&p->encodings[i]);
+}
+
 /* The block's student tokens: each sample's text through the student's tokenizer (in
  * parallel; a sample's tokens do not depend on the others), the same add_special_tokens. */
 static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
@@ -154,6 +158,7 @@ static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
             rc = err->code;
         }
     free(errors);
+    if (rc) free_encodings(p, b->count); /* the samples that did tokenise hold theirs */
     return rc;
 }
 
@@ -270,7 +275,7 @@ static int project_block(projector *p, const teacher_block *b, es_error *err) {
         if (!rc) rc = student_add_targets(p->out, l, targets, n_student, err);
         p->io_seconds += es_now() - start;
     }
-    for (int64_t i = 0; i < b->count && p->encodings; i++) es_encoding_free(&p->encodings[i]);
+    free_encodings(p, b->count);
     free(local_row), free(set_row), free(slot), free(ref_rows), free(sample_tokens), free(targets);
     return rc;
 }
