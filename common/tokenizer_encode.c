@@ -160,7 +160,8 @@ static void build_boundaries(void) {
         for (utf8proc_int32_t c = 0; c < BOUNDARY_LIMIT; c++) {
             utf8proc_ssize_t n = utf8proc_decompose_char(c, parts, 32, options, &boundclass);
             utf8proc_int32_t first = n >= 1 && n <= 32 ? parts[0] : c;
-            if (combining_class(c) || combining_class(first) || bit(composition_second, first))
+            /* (a few CJK compatibility ideographs decompose to ideographs past U+20000: starters) */
+            if (combining_class(c) || combining_class(first) || (first < BOUNDARY_LIMIT && bit(composition_second, first)))
                 set_bit(no_boundary_before[compatibility], c);
         }
     }
