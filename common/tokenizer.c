@@ -461,7 +461,7 @@ static int build_added_matchers(es_tokenizer *tok, es_error *err) {
 
 /* ---- post-processor ------------------------------------------------------------------- */
 
-static int add_template_item(es_tokenizer *tok, int is_sequence, const int32_t *ids, size_t n_ids, es_error *err) {
+int tk_add_template_item(es_tokenizer *tok, int is_sequence, const int32_t *ids, size_t n_ids, es_error *err) {
     tk_template_item *grown = realloc(tok->template_items, (tok->n_template_items + 1) * sizeof *grown);
     if (!grown) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     tok->template_items = grown;
@@ -474,7 +474,7 @@ static int add_template_item(es_tokenizer *tok, int is_sequence, const int32_t *
     return ES_OK;
 }
 
-static void clear_template(es_tokenizer *tok) {
+void tk_clear_template(es_tokenizer *tok) {
     for (size_t i = 0; i < tok->n_template_items; i++) free(tok->template_items[i].ids);
     free(tok->template_items);
     tok->template_items = NULL;
@@ -484,14 +484,14 @@ static void clear_template(es_tokenizer *tok) {
 static int load_template(es_tokenizer *tok, const cJSON *component, es_error *err) {
     const cJSON *single = get(component, "single"), *specials = get(component, "special_tokens");
     if (!cJSON_IsArray(single)) return BAD("%s: post_processor TemplateProcessing: \"single\" is not a list", tok->name);
-    clear_template(tok);
+    tk_clear_template(tok);
     size_t i = (size_t)-1;
     const cJSON *item;
     cJSON_ArrayForEach(item, single) {
         i++;
         const cJSON *special = get(item, "SpecialToken");
         if (get(item, "Sequence")) {
-            int rc = add_template_item(tok, 1, NULL, 0, err);
+            int rc = tk_add_template_item(tok, 1, NULL, 0, err);
             if (rc) return rc;
             continue;
         }
@@ -509,7 +509,7 @@ static int load_template(es_tokenizer *tok, const cJSON *component, es_error *er
                 return BAD("%s: post_processor TemplateProcessing: item %zu: id outside the vocabulary", tok->name, i);
             values[k] = (int32_t)integer_value(id);
         }
-        int rc = add_template_item(tok, 0, values, n, err);
+        int rc = tk_add_template_item(tok, 0, values, n, err);
         if (rc) return rc;
     }
     return ES_OK;
@@ -546,7 +546,7 @@ static int check_decoder(es_tokenizer *tok, const cJSON *component, es_error *er
 }
 
 /* Parses JSON text; a syntax error names the file, line and column. */
-static cJSON *parse_json(const char *text, size_t len, const char *name, es_error *err) {
+cJSON *tk_parse_json(const char *text, size_t len, const char *name, es_error *err) {
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (root) {
@@ -561,45 +561,6 @@ static cJSON *parse_json(const char *text, size_t len, const char *name, es_erro
     for (size_t k = 0; k < at; k++) line += text[k] == '\n', column = text[k] == '\n' ? 1 : column + 1;
     es_fail(err, ES_ERR_DATA, "%s:%ld:%ld: invalid JSON%s", name, line, column, at >= len ? " (truncated?)" : "");
     return NULL;
-}
-
-static int read_file(const char *path, char **data, size_t *len, es_error *err);
-
-/* ---- tokenizer_config.json ------------------------------------------------------------- */
-
-static const char *token_text(const cJSON *value) {
-    if (cJSON_IsString(value)) return string_value(value);
-    const cJSON *content = get(value, "content"); /* {"content": "<s>", ...} */
-    return cJSON_IsString(content) ? string_value(content) : NULL;
-}
-
-/* transformers' LlamaTokenizerFast rebuilds the post-processor from add_bos_token (default
- * true) and add_eos_token (default false): "[BOS] $A [EOS]". Other classes keep the file's. */
-static int apply_tokenizer_config(es_tokenizer *tok, const char *path, es_error *err) {
-    char *text = NULL;
-    size_t len = 0;
-    int rc = read_file(path, &text, &len, err);
-    if (rc) return rc;
-    cJSON *config = parse_json(text, len, path, err);
-    free(text);
-    if (!config) return err->code;
-    const cJSON *class_name = get(config, "tokenizer_class");
-    if (cJSON_IsString(class_name) && !strcmp(string_value(class_name), "LlamaTokenizerFast")) {
-        int add_bos = get_bool(config, "add_bos_token", 1), add_eos = get_bool(config, "add_eos_token", 0);
-        const char *bos = token_text(get(config, "bos_token"));
-        const char *eos = token_text(get(config, "eos_token"));
-        int32_t bos_id = bos ? es_tokenizer_token_id(tok, bos) : -1, eos_id = eos ? es_tokenizer_token_id(tok, eos) : -1;
-        if (add_bos && bos_id < 0) rc = BAD("%s: add_bos_token, but bos_token is not a known token", path);
-        else if (add_eos && eos_id < 0) rc = BAD("%s: add_eos_token, but eos_token is not a known token", path);
-        else {
-            clear_template(tok);
-            if (add_bos) rc = add_template_item(tok, 0, &bos_id, 1, err);
-            if (!rc) rc = add_template_item(tok, 1, NULL, 0, err);
-            if (!rc && add_eos) rc = add_template_item(tok, 0, &eos_id, 1, err);
-        }
-    }
-    cJSON_Delete(config);
-    return rc;
 }
 
 /* ---- loading ------------------------------------------------------------------------- */
@@ -634,9 +595,10 @@ int es_tokenizer_load_json(const char *json, size_t len, const char *name, es_to
         free(tok);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
+    tok->bos_id = -1;
     pthread_mutex_init(&tok->workspaces_lock, NULL);
     if (pthread_key_create(&tok->cache_key, tk_workspace_release) == 0) tok->has_cache_key = 1;
-    cJSON *root = parse_json(json, len, name, err);
+    cJSON *root = tk_parse_json(json, len, name, err);
     int rc = root ? load_components(tok, root, err) : err->code;
     cJSON_Delete(root);
     if (rc) {
@@ -647,7 +609,7 @@ int es_tokenizer_load_json(const char *json, size_t len, const char *name, es_to
     return ES_OK;
 }
 
-static int read_file(const char *path, char **data, size_t *len, es_error *err) {
+int tk_read_file(const char *path, char **data, size_t *len, es_error *err) {
     FILE *file = fopen(path, "rb");
     if (!file) return es_fail(err, errno == ENOENT ? ES_ERR_USAGE : ES_ERR_RUNTIME, "%s: %s", path, strerror(errno));
     struct stat st;
@@ -676,9 +638,9 @@ int es_tokenizer_load(const char *path, es_tokenizer **out, es_error *err) {
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     char *data = NULL;
     size_t len = 0;
-    int rc = read_file(is_folder ? file_path : path, &data, &len, err);
+    int rc = tk_read_file(is_folder ? file_path : path, &data, &len, err);
     if (!rc) rc = es_tokenizer_load_json(data, len, is_folder ? file_path : path, out, err);
-    if (!rc && is_folder && stat(config_path, &st) == 0) rc = apply_tokenizer_config(*out, config_path, err);
+    if (!rc && is_folder && stat(config_path, &st) == 0) rc = tk_apply_tokenizer_config(*out, config_path, err);
     if (rc && *out) {
         es_tokenizer_free(*out);
         *out = NULL;
@@ -698,7 +660,7 @@ void es_tokenizer_free(es_tokenizer *tok) {
     for (size_t i = 0; i < tok->n_added; i++) free(tok->added[i].content), free(tok->added[i].match);
     free(tok->added), free(tok->added_by_id);
     free(tok->raw_trie.nodes), free(tok->normalized_trie.nodes);
-    clear_template(tok);
+    tk_clear_template(tok);
     if (tok->has_cache_key) {
         pthread_key_delete(tok->cache_key); /* no destructor runs after this */
         tk_workspaces_free_all(tok);       /* every thread's, this one's included */

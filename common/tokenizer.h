@@ -50,6 +50,21 @@ void es_encoding_free(es_encoding *encoding);
 int es_tokenizer_decode(const es_tokenizer *tokenizer, const int32_t *ids, size_t n, char **text, size_t *len,
                         es_error *err);
 
+/* Whether text encoded with add_special_tokens starts with the BOS (docs/tokenizer.md "BOS").
+ * AUTO: as loaded (the file's post-processor; in a model folder, LlamaTokenizerFast's
+ * add_bos_token as transformers 4 applies it). ALWAYS: the specials start with the BOS (the
+ * post-processor's leading special, or else tokenizer_config.json's bos_token). NEVER: the
+ * specials the post-processor puts before the text are left out (those after it stay). */
+typedef enum { ES_ADD_BOS_AUTO, ES_ADD_BOS_ALWAYS, ES_ADD_BOS_NEVER } es_add_bos;
+
+/* "auto", "always" or "never"; anything else is ES_ERR_USAGE naming --add-bos. */
+int es_add_bos_parse(const char *text, es_add_bos *mode, es_error *err);
+const char *es_add_bos_name(es_add_bos mode);
+/* Applies mode to a loaded tokenizer, before it encodes anything. ALWAYS where there is no BOS
+ * to add (no leading special in the post-processor, no bos_token in a tokenizer_config.json
+ * beside it) is ES_ERR_USAGE naming the tokenizer. */
+int es_tokenizer_set_add_bos(es_tokenizer *tokenizer, es_add_bos mode, es_error *err);
+
 /* Number of ids (model vocabulary and added tokens: the largest id + 1). */
 int32_t es_tokenizer_vocab_size(const es_tokenizer *tokenizer);
 /* The id of a token's text (added tokens first, then the model vocabulary), or -1. */
@@ -57,5 +72,8 @@ int32_t es_tokenizer_token_id(const es_tokenizer *tokenizer, const char *token);
 /* The specials the post-processor adds with add_special_tokens (e.g. the BOS), for the
  * record kept in output files: writes up to max ids, returns how many there are. */
 size_t es_tokenizer_added_specials(const es_tokenizer *tokenizer, int32_t *ids, size_t max);
+/* The post-processor's template as text, for an output file's attribute: ids and "$A" (where
+ * the text goes) comma-separated ("128000,$A"; "$A" when nothing is added). Cut to fit size. */
+void es_tokenizer_specials_text(const es_tokenizer *tokenizer, char *out, size_t size);
 
 #endif

@@ -8,6 +8,7 @@
 #include <utf8proc.h>
 
 #include "tokenizer_internal.h"
+#include "unicode_norm_new.h"
 #include "utf8.h"
 
 typedef int32_t span_t[2];
@@ -29,6 +30,9 @@ typedef struct tk_workspace {
     piece *pieces, *next_pieces; /* the pre-tokenizer's pieces, before and after a split */
     size_t pieces_cap, next_cap;
     pcre2_match_data *match;
+    /* a regex that failed to run (not "no match"): PCRE2's error, where, which Split */
+    int match_error, match_error_split;
+    int32_t match_error_at;
     int32_t *sym_id, *sym_start, *sym_end, *sym_prev, *sym_next;
     size_t sym_cap;
 } tk_workspace;
@@ -128,28 +132,61 @@ static uint32_t previous_codepoint(const char *text, size_t at) {
 
 /* ---- normalization -------------------------------------------------------------------- */
 
-/* Starters (ccc 0) that can still compose with what precedes them (NFC_Quick_Check=Maybe):
- * the second halves of two-character canonical compositions, e.g. Hangul vowels. A chunk
- * may not start at one. Computed once from utf8proc's decompositions. */
-static uint8_t *compose_second;
-static void build_compose_second(void) {
-    enum { LIMIT = 0x20000 }; /* every canonical composition lies below U+20000 */
-    compose_second = calloc(LIMIT / 8, 1);
-    if (!compose_second) return;
-    for (utf8proc_int32_t c = 0; c < LIMIT; c++) {
-        utf8proc_int32_t parts[4];
-        int last_boundclass;
-        utf8proc_ssize_t n = utf8proc_decompose_char(c, parts, 4, UTF8PROC_DECOMPOSE, &last_boundclass);
-        if (n == 2 && parts[1] < LIMIT && utf8proc_get_property(parts[1])->combining_class == 0)
-            compose_second[parts[1] / 8] |= (uint8_t)(1u << (parts[1] % 8));
+/* Where text may be cut into chunks that normalize on their own: before a code point whose
+ * full decomposition (canonical; compatibility under NFKC/NFKD) starts with a starter (class 0)
+ * that no canonical composition takes as its second part. So not before a mark, a Hangul vowel
+ * or U+0BBE (they compose with what precedes), U+0F73 (it decomposes to marks that reorder with
+ * the marks before it) or, under NFKC, U+FF9E (it becomes the mark U+3099). Computed once from
+ * utf8proc's data; from U+20000 on, class-0 code points decompose to single ideographs at most. */
+enum { BOUNDARY_LIMIT = 0x20000 };
+static uint8_t no_boundary_before[2][BOUNDARY_LIMIT / 8]; /* [compatibility][code point] bits */
+
+static void set_bit(uint8_t *bits, utf8proc_int32_t c) { bits[c / 8] |= (uint8_t)(1u << (c % 8)); }
+static int bit(const uint8_t *bits, utf8proc_int32_t c) { return bits[c / 8] >> (c % 8) & 1; }
+static int combining_class(utf8proc_int32_t c) { return utf8proc_get_property(c)->combining_class; }
+
+static void build_boundaries(void) {
+    static uint8_t composition_second[BOUNDARY_LIMIT / 8];
+    utf8proc_int32_t parts[32]; /* the longest full decomposition has 18 code points */
+    int boundclass;
+    for (utf8proc_int32_t c = 0; c < BOUNDARY_LIMIT; c++) {
+        /* a composite's second part is the last code point of its full decomposition */
+        utf8proc_ssize_t n = utf8proc_decompose_char(c, parts, 32, UTF8PROC_DECOMPOSE, &boundclass);
+        if (n >= 2 && n <= 32 && parts[n - 1] < BOUNDARY_LIMIT && combining_class(parts[n - 1]) == 0)
+            set_bit(composition_second, parts[n - 1]);
     }
-    for (utf8proc_int32_t c = 0x1161; c <= 0x11c2; c++) compose_second[c / 8] |= (uint8_t)(1u << (c % 8)); /* Hangul V, T */
+    for (int compatibility = 0; compatibility < 2; compatibility++) {
+        utf8proc_option_t options = UTF8PROC_DECOMPOSE | (compatibility ? UTF8PROC_COMPAT : 0);
+        for (utf8proc_int32_t c = 0; c < BOUNDARY_LIMIT; c++) {
+            utf8proc_ssize_t n = utf8proc_decompose_char(c, parts, 32, options, &boundclass);
+            utf8proc_int32_t first = n >= 1 && n <= 32 ? parts[0] : c;
+            /* (a few CJK compatibility ideographs decompose to ideographs past U+20000: starters) */
+            if (combining_class(c) || combining_class(first) || (first < BOUNDARY_LIMIT && bit(composition_second, first)))
+                set_bit(no_boundary_before[compatibility], c);
+        }
+    }
 }
 
-static int chunk_can_start(uint32_t c) {
-    if (c < 0x80) return 1;
-    if (utf8proc_get_property((utf8proc_int32_t)c)->combining_class != 0) return 0;
-    return c >= 0x20000 || !compose_second || !(compose_second[c / 8] & (1u << (c % 8)));
+/* Code points that utf8proc (Unicode 15) normalizes but Hugging Face's normalizers (Unicode 9.0
+ * tables) do not know: there they behave as unassigned (class 0, no decomposition, no
+ * composition), so they are kept verbatim and the text between them is normalized on its own,
+ * which gives what Hugging Face's normalization of the whole text gives (common/unicode_norm_new.h). */
+static int unknown_to_hf(uint32_t c) {
+    size_t low = 0, high = sizeof es_unicode_norm_new / sizeof *es_unicode_norm_new;
+    if (c < es_unicode_norm_new[0].first) return 0;
+    while (low < high) {
+        size_t mid = low + (high - low) / 2;
+        if (c < es_unicode_norm_new[mid].first) high = mid;
+        else if (c > es_unicode_norm_new[mid].last) low = mid + 1;
+        else return 1;
+    }
+    return 0;
+}
+
+static int chunk_can_start(uint32_t c, int compatibility) {
+    if (c < 0x80 || unknown_to_hf(c)) return 1;
+    if (c >= BOUNDARY_LIMIT) return combining_class((utf8proc_int32_t)c) == 0;
+    return !bit(no_boundary_before[compatibility], (utf8proc_int32_t)c);
 }
 
 static utf8proc_option_t form_options(tk_normal_form form) {
@@ -216,7 +253,8 @@ static utf8proc_uint8_t *normalize_chunk(const es_tokenizer *tok, const char *ch
 
 /* Normalizes text[0, len) (whose first byte is at `base` in the original) into ws->norm
  * with each output byte's original span. Text is cut into chunks that normalize on their
- * own (a starter and what may compose with it); an unchanged chunk keeps per-character
+ * own (a starter and what may compose with it; a code point Hugging Face's tables lack is a
+ * chunk of its own, kept verbatim); an unchanged chunk keeps per-character
  * spans, a changed one maps all its output to the chunk's span. Returns the normalized
  * length, or -1 when out of memory. */
 static long normalize(const es_tokenizer *tok, tk_workspace *ws, const char *text, size_t len, size_t base) {
@@ -226,20 +264,24 @@ static long normalize(const es_tokenizer *tok, tk_workspace *ws, const char *tex
         return (long)len;
     }
     static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, build_compose_second);
+    pthread_once(&once, build_boundaries);
+    int compatibility = 0;
+    for (int f = 0; f < tok->n_normal_forms; f++)
+        compatibility |= tok->normal_forms[f] == TK_NORM_NFKC || tok->normal_forms[f] == TK_NORM_NFKD;
     size_t out = 0, at = 0;
     while (at < len) {
         size_t chunk_start = at;
-        next_codepoint(text, len, &at);
-        while (at < len) {
+        int verbatim = unknown_to_hf(next_codepoint(text, len, &at)); /* a chunk of its own, kept as it is */
+        while (!verbatim && at < len) {
             size_t probe = at;
-            if (chunk_can_start(next_codepoint(text, len, &probe))) break;
+            if (chunk_can_start(next_codepoint(text, len, &probe), compatibility)) break;
             at = probe;
         }
         const char *chunk = text + chunk_start;
         size_t chunk_len = at - chunk_start, mapped_len = chunk_len;
-        utf8proc_uint8_t *mapped = all_ascii(chunk, chunk_len) ? NULL : normalize_chunk(tok, chunk, chunk_len, &mapped_len);
-        if (!mapped && !all_ascii(chunk, chunk_len)) return -1;
+        int unchanged = verbatim || all_ascii(chunk, chunk_len);
+        utf8proc_uint8_t *mapped = unchanged ? NULL : normalize_chunk(tok, chunk, chunk_len, &mapped_len);
+        if (!mapped && !unchanged) return -1;
         int changed = mapped && (mapped_len != chunk_len || memcmp(mapped, chunk, chunk_len));
         if (reserve_norm(ws, out + (changed ? mapped_len : chunk_len) + 1)) {
             free(mapped);
@@ -350,15 +392,35 @@ static int add_piece(piece **pieces, size_t *n, size_t *cap, size_t start, size_
     return 0;
 }
 
-/* Splits one piece by one regex into `out`, with the Split behaviour's rule for matches. */
-static int split_piece(const tk_split *split, tk_workspace *ws, piece whole, piece **out, size_t *n_out, size_t *cap) {
+/* One regex search. JIT first; when its stack (32 KiB) runs out, as patterns that backtrack
+ * through long repeats make it, the interpreter, whose backtracking lives on the heap. Returns
+ * PCRE2's result: a match (> 0), PCRE2_ERROR_NOMATCH, or an error (match or depth limit,
+ * no memory, ...) that the caller must report: taking it as "no more matches" would make the
+ * rest of the text one piece and give other ids than Hugging Face's (whose regexes never fail). */
+static int search(const tk_split *split, tk_workspace *ws, const char *subject, size_t len, size_t offset) {
+    int rc = pcre2_match(split->regex, (PCRE2_SPTR)subject, len, offset, PCRE2_NO_UTF_CHECK, ws->match, NULL);
+    if (rc == PCRE2_ERROR_JIT_STACKLIMIT)
+        rc = pcre2_match(split->regex, (PCRE2_SPTR)subject, len, offset, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, ws->match, NULL);
+    return rc;
+}
+
+/* Splits one piece by one regex into `out`, with the Split behaviour's rule for matches.
+ * Returns 0, or -1 when out of memory or when the regex failed (ws->match_error set). */
+static int split_piece(const es_tokenizer *tok, const tk_split *split, tk_workspace *ws, piece whole, piece **out,
+                       size_t *n_out, size_t *cap) {
     const char *subject = ws->norm + whole.start;
     size_t len = whole.end - whole.start, offset = 0, last = 0;
     size_t pending_start = 0;
     int pending = 0; /* MergedWithNext: a match waiting for the text after it */
     while (offset <= len) {
-        int rc = pcre2_match(split->regex, (PCRE2_SPTR)subject, len, offset, PCRE2_NO_UTF_CHECK, ws->match, NULL);
-        if (rc < 0) break;
+        int rc = search(split, ws, subject, len, offset);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc < 0) {
+            ws->match_error = rc;
+            ws->match_error_split = (int)(split - tok->splits) + 1;
+            ws->match_error_at = ws->norm_span[whole.start + (offset < len ? offset : len - 1)][0];
+            return -1;
+        }
         PCRE2_SIZE *ovector = pcre2_get_ovector_pointer(ws->match);
         size_t match_start = ovector[0], match_end = ovector[1];
         if (match_end == match_start) { /* empty matches split nothing */
@@ -548,7 +610,8 @@ static int encode_normalized(const es_tokenizer *tok, tk_workspace *ws, void *ct
     for (int s = 0; s < tok->n_splits; s++) {
         size_t n_next = 0;
         for (size_t p = 0; p < n_pieces; p++)
-            if (split_piece(&tok->splits[s], ws, ws->pieces[p], &ws->next_pieces, &n_next, &ws->next_cap)) return -1;
+            if (split_piece(tok, &tok->splits[s], ws, ws->pieces[p], &ws->next_pieces, &n_next, &ws->next_cap))
+                return -1;
         piece *swap = ws->pieces;
         size_t swap_cap = ws->pieces_cap;
         ws->pieces = ws->next_pieces, ws->pieces_cap = ws->next_cap;
@@ -619,8 +682,15 @@ int es_tokenizer_encode(const es_tokenizer *tok, const char *text, size_t len, i
     if (len > INT32_MAX) return es_fail(err, ES_ERR_DATA, "text of %zu bytes is too long", len);
     tk_workspace *ws = workspace(tok);
     raw_context raw = {out, text};
-    if (!ws || split_added(tok, ws, &tok->raw_trie, text, len, encode_raw, &raw))
-        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (ws) ws->match_error = 0;
+    if (!ws || split_added(tok, ws, &tok->raw_trie, text, len, encode_raw, &raw)) {
+        out->n = 0; /* no partial encoding that could pass for a whole one */
+        if (!ws || !ws->match_error) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(ws->match_error, message, sizeof message);
+        return es_fail(err, ES_ERR_DATA, "%s: pre_tokenizer regex %d failed on the text at byte %d: %s", tok->name,
+                       ws->match_error_split, ws->match_error_at, (char *)message);
+    }
     if (tok->trim_offsets) trim_offsets(tok, out);
     if (add_special_tokens && tok->n_template_items && apply_template(tok, out))
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");

@@ -106,6 +106,7 @@ struct es_tokenizer {
     size_t n_template_items;
     int trim_offsets;                /* ByteLevel post-processor's trim_offsets */
     int trim_prefix_space;           /* its add_prefix_space: a first token keeps one leading space */
+    int32_t bos_id;                  /* tokenizer_config.json's bos_token, -1 when none names a known token */
     /* per-thread workspaces (word caches, buffers), all listed so that freeing the tokenizer
      * frees those of threads still alive */
     pthread_key_t cache_key;
@@ -124,6 +125,19 @@ static inline const char *tk_id_text(const es_tokenizer *tok, int32_t id, size_t
 /* Applies the tokenizer's normalizer to a whole text (for added-token contents).
  * *out is malloc'd. Returns 0, or -1 when out of memory. */
 int tk_normalize_text(const es_tokenizer *tok, const char *text, size_t len, char **out, size_t *out_len);
+
+/* Loading helpers shared by tokenizer.c and tokenizer_config.c. */
+struct cJSON;
+/* Reads a whole file (malloc'd; a missing one is ES_ERR_USAGE). */
+int tk_read_file(const char *path, char **data, size_t *len, es_error *err);
+/* Parses JSON text; a syntax error is ES_ERR_DATA naming the file, line and column. */
+struct cJSON *tk_parse_json(const char *text, size_t len, const char *name, es_error *err);
+/* The post-processor's template: items in order ($A, or special ids). */
+int tk_add_template_item(es_tokenizer *tok, int is_sequence, const int32_t *ids, size_t n_ids, es_error *err);
+void tk_clear_template(es_tokenizer *tok);
+/* A model folder's tokenizer_config.json (tokenizer_config.c): its bos_token, and
+ * LlamaTokenizerFast's add_bos_token/add_eos_token rule. */
+int tk_apply_tokenizer_config(es_tokenizer *tok, const char *path, es_error *err);
 
 /* The cache key's destructor: a thread that ends frees its workspace. */
 void tk_workspace_release(void *workspace);

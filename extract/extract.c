@@ -29,6 +29,7 @@ static const es_option options[] = {
     {"out", ES_OPT_STRING, NULL, "output teacher.h5"},
     {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)"},
     {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples"},
+    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the tokenizer's own rule), always or never start with the BOS"},
     {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; a longer one is an error unless --truncate"},
     {"truncate", ES_OPT_BOOL, "false", "cut samples longer than --max-seq (flagged in /samples/truncated)"},
     {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)"},
@@ -226,6 +227,8 @@ int main(int argc, char **argv) {
         es_fail(&err, ES_ERR_USAGE, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
         es_exit_error(&err);
     }
+    es_add_bos add_bos;
+    if (es_add_bos_parse(es_config_str(&cfg, "add-bos"), &add_bos, &err)) es_exit_error(&err);
     int batch_tokens = (int)es_config_int(&cfg, "batch-tokens"), max_seq = (int)es_config_int(&cfg, "max-seq");
     if (batch_tokens < 1 || max_seq < 1) {
         es_fail(&err, ES_ERR_USAGE, "--batch-tokens and --max-seq must be positive");
@@ -277,7 +280,7 @@ int main(int argc, char **argv) {
     extract_input input;
     const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
     int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
-    if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
+    if (!rc) rc = extract_input_open(&input, data, tokenizer_path, add_bos, es_config_str(&cfg, "template"), max_seq,
                                      es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
     if (rc) {
         teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
@@ -339,6 +342,8 @@ int main(int argc, char **argv) {
         if (probe) fclose(probe);
         rc = es_sha256_file(probe ? path : tokenizer_path, tokenizer_fp, &err);
     }
+    char specials[256] = "";
+    if (input.tokenizer) es_tokenizer_specials_text(input.tokenizer, specials, sizeof specials);
     char fingerprint_input[8192];
     int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", model_fp,
                           tokenizer_fp, TOOL_VERSION);
@@ -347,9 +352,10 @@ int main(int argc, char **argv) {
     if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
     const char *attributes[] = {"model_config", config_text, "model_fingerprint", model_fp, "tokenizer_fingerprint", tokenizer_fp,
                                 "layers", layers_text, "hidden_size", hidden, "config", yaml ? yaml : "",
-                                "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created};
+                                "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created,
+                                "add_bos", es_add_bos_name(add_bos), "specials_template", specials};
     int64_t tokens_written = writer.samples.tokens;
-    if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
+    if (!rc) rc = teacher_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes / 2), &err);
     else teacher_abandon(&writer, 0);
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */

@@ -6,11 +6,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, const char *template_text,
-                       int max_seq, int truncate, int vocab_size, es_error *err) {
+int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, es_add_bos add_bos,
+                       const char *template_text, int max_seq, int truncate, int vocab_size, es_error *err) {
     memset(input, 0, sizeof *input);
     input->path = path;
     input->tokenizer_path = tokenizer_path;
+    input->add_bos = add_bos;
     input->template_text = template_text;
     input->max_seq = max_seq;
     input->truncate = truncate;
@@ -99,6 +100,10 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
         if (!rc && !input->tokenizer) {
             rc = es_tokenizer_load(input->tokenizer_path, &input->tokenizer, err);
             if (rc) es_error_prefix(err, "tokenizer");
+            else if ((rc = es_tokenizer_set_add_bos(input->tokenizer, input->add_bos, err))) {
+                es_tokenizer_free(input->tokenizer);
+                input->tokenizer = NULL;
+            }
         }
         if (!rc && es_tokenizer_encode(input->tokenizer, sample->text, sample->text_len, sample->add_special_tokens,
                                        &input->encoding, err)) {

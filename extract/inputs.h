@@ -31,14 +31,15 @@ typedef struct extract_input {
     const char *template_text;
     const char *tokenizer_path;  /* loaded at the first text sample */
     es_tokenizer *tokenizer;
+    es_add_bos add_bos;        /* applied to the tokenizer when it is loaded */
     int max_seq;
     int truncate;              /* cut longer samples instead of refusing them */
     int vocab_size;
     es_encoding encoding;
 } extract_input;
 
-int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, const char *template_text,
-                       int max_seq, int truncate, int vocab_size, es_error *err);
+int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, es_add_bos add_bos,
+                       const char *template_text, int max_seq, int truncate, int vocab_size, es_error *err);
 /* 1 and the next sample, 0 at the end, or -1 with err set (naming PATH:LINE). */
 int extract_input_next(extract_input *input, extract_sample *sample, es_error *err);
 /* Skips n samples without tokenising them (a shard's start, a resumed run's done samples). */

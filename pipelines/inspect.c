@@ -25,7 +25,7 @@ static const char usage[] =
     "       essence-inspect sample FILE.h5 --index I\n"
     "       essence-inspect compare A.h5 B.h5 [--tol X] [--threads N]\n"
     "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
-    "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]\n"
+    "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--add-bos MODE] [--decode]\n"
     "       essence-inspect plot METRICS.jsonl -o OUT.png";
 
 static const char description[] =
@@ -55,6 +55,7 @@ static const es_option options[] = {
     {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
     {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
     {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)"},
+    {"add-bos", ES_OPT_STRING, "auto", "tokenize: auto, always or never: whether the specials start with the BOS (docs/tokenizer.md)"},
     {"decode", ES_OPT_BOOL, "false", "tokenize: read {\"ids\": [...]} lines and write {\"text\": ...}"},
     {NULL, 0, NULL, NULL},
 };

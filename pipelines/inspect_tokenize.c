@@ -62,10 +62,17 @@ static int decode_one(const es_tokenizer *tok, const char *where, long line, con
 int inspect_tokenize(const es_config *cfg, es_error *err) {
     if (!es_config_is_set(cfg, "tokenizer"))
         return es_fail(err, ES_ERR_USAGE, "usage: essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] "
-                                          "[--add-special-tokens] [--decode]");
-    es_tokenizer *tok = NULL;
-    int rc = es_tokenizer_load(es_config_str(cfg, "tokenizer"), &tok, err);
+                                          "[--add-special-tokens [--add-bos auto|always|never]] [--decode]");
+    es_add_bos add_bos;
+    int rc = es_add_bos_parse(es_config_str(cfg, "add-bos"), &add_bos, err);
     if (rc) return rc;
+    es_tokenizer *tok = NULL;
+    rc = es_tokenizer_load(es_config_str(cfg, "tokenizer"), &tok, err);
+    if (!rc) rc = es_tokenizer_set_add_bos(tok, add_bos, err);
+    if (rc) {
+        es_tokenizer_free(tok);
+        return rc;
+    }
     const int add_special = es_config_bool(cfg, "add-special-tokens"), decode = es_config_bool(cfg, "decode");
     es_encoding encoding = {0};
     if (es_config_is_set(cfg, "jsonl") || decode) {

@@ -38,6 +38,7 @@ static const es_option options[] = {
     {"input-norm", ES_OPT_STRING, "standardize", "standardize (the teacher's /stats) or rms (each vector by its RMS)"},
     {"align", ES_OPT_STRING, "exact", "exact or causal token alignment"},
     {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)"},
+    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the student tokenizer's own rule), always or never start with the BOS"},
     {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
     ES_DEVICE_OPTIONS,
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
@@ -125,6 +126,10 @@ static void tokenize_sample(void *arg, size_t i, int worker) {
     es_tokenizer_encode(job->p->tokenizer, text, len, b->add_special_tokens[i], &job->p->encodings[i], &job->errors[i]);
 }
 
+static void free_encodings(projector *p, int64_t count) {
+    for (int64_t i = 0; i < count; i++) es_encoding_free(&p->encodings[i]);
+}
+
 /* The block's student tokens: each sample's text through the student's tokenizer (in
  * parallel; a sample's tokens do not depend on the others), the same add_special_tokens. */
 static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
@@ -153,6 +158,7 @@ static int tokenize_block(projector *p, const teacher_block *b, es_error *err) {
             rc = err->code;
         }
     free(errors);
+    if (rc) free_encodings(p, b->count); /* the samples that did tokenise hold theirs */
     return rc;
 }
 
@@ -269,7 +275,7 @@ static int project_block(projector *p, const teacher_block *b, es_error *err) {
         if (!rc) rc = student_add_targets(p->out, l, targets, n_student, err);
         p->io_seconds += es_now() - start;
     }
-    for (int64_t i = 0; i < b->count && p->encodings; i++) es_encoding_free(&p->encodings[i]);
+    free_encodings(p, b->count);
     free(local_row), free(set_row), free(slot), free(ref_rows), free(sample_tokens), free(targets);
     return rc;
 }
@@ -360,6 +366,8 @@ int main(int argc, char **argv) {
     if (strcmp(input_norm, "standardize") && strcmp(input_norm, "rms"))
         fail_usage(&err, "--input-norm %s: expected standardize or rms", input_norm);
     if (strcmp(align, "exact") && strcmp(align, "causal")) fail_usage(&err, "--align %s: expected exact or causal", align);
+    es_add_bos add_bos;
+    if (es_add_bos_parse(es_config_str(&cfg, "add-bos"), &add_bos, &err)) es_exit_error(&err);
     if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint")))
         fail_usage(&err, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
     double sigma = es_config_float(&cfg, "sigma");
@@ -396,7 +404,12 @@ int main(int argc, char **argv) {
         es_exit_error(&err);
     }
     fclose(probe);
-    if (es_tokenizer_load(student_dir, &tokenizer, &err)) es_exit_error(&err);
+    if (es_tokenizer_load(student_dir, &tokenizer, &err) || es_tokenizer_set_add_bos(tokenizer, add_bos, &err)) {
+        es_tokenizer_free(tokenizer);
+        es_exit_error(&err);
+    }
+    char specials[256];
+    es_tokenizer_specials_text(tokenizer, specials, sizeof specials);
 
     // 3. The teacher files, as one, and the layer map; the device.
     es_device_options device_options;
@@ -508,6 +521,7 @@ int main(int argc, char **argv) {
             {"layer_map", 's', layer_map, 0, 0}, {"sigma", 'f', NULL, sigma, 0},
             {"seed", 'i', NULL, 0, (int64_t)seed}, {"input_norm", 's', input_norm, 0, 0},
             {"align", 's', align, 0, 0}, {"precision", 's', precision_name(precision), 0, 0},
+            {"add_bos", 's', es_add_bos_name(add_bos), 0, 0}, {"specials_template", 's', specials, 0, 0},
         };
         rc = student_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes), &err);
     } else {

@@ -1,7 +1,8 @@
 /* The tokenizer against Hugging Face `tokenizers` goldens: every line of every goldens file of the
  * in-repo fixtures and, when present, the shared ones. ids exact for both add_special_tokens
  * settings; byte spans exact where NFC leaves the text unchanged; decode(ids) equal to the golden
- * decoded text. */
+ * decoded text. And the table of code points Hugging Face's normalizers do not know fits the
+ * utf8proc linked. */
 #include <dirent.h>
 #include <jansson.h>
 #include <sys/stat.h>
@@ -10,6 +11,7 @@
 #include "../testlib.h"
 #include "jsonl.h"
 #include "tokenizer.h"
+#include "unicode_norm_new.h"
 
 static int nfc_unchanged(const char *text, size_t len) {
     utf8proc_uint8_t *mapped = NULL;
@@ -187,7 +189,22 @@ static void check_tokenizer_config_adds_bos(const char *tl_name, const char *roo
     check_goldens_of(tl_name, folder, goldens_path, goldens_name);
 }
 
+/* common/unicode_norm_new.h lists what utf8proc normalizes and Hugging Face (Unicode 9.0) does
+ * not: made from one utf8proc, a newer one normalizes more code points that must be listed. */
+TEST(normalization_table_fits_utf8proc) {
+    CHECKF(!strcmp(utf8proc_unicode_version(), ES_UNICODE_NORM_UTF8PROC_VERSION),
+           "libutf8proc has Unicode %s, common/unicode_norm_new.h was made for %s: make it again with "
+           "tests/tools/gen_unicode_norm_new.py",
+           utf8proc_unicode_version(), ES_UNICODE_NORM_UTF8PROC_VERSION);
+    size_t n = sizeof es_unicode_norm_new / sizeof *es_unicode_norm_new;
+    for (size_t i = 0; i < n; i++) /* sorted and disjoint: the tokenizer searches it by halves */
+        CHECKF(es_unicode_norm_new[i].first <= es_unicode_norm_new[i].last &&
+                   (i == 0 || es_unicode_norm_new[i - 1].last < es_unicode_norm_new[i].first),
+               "range %zu", i);
+}
+
 int main(void) {
+    RUN(normalization_table_fits_utf8proc);
     check_set(test_fixtures(), "repo");
     RUN_AS("model_folder_tokenizer_config_adds_bos[repo]",
            check_tokenizer_config_adds_bos(tl_name, test_fixtures(), "tiny-llama3", "tiny-llama3", "<｜begin▁of▁sentence｜>"));
