@@ -100,6 +100,10 @@ int run_local_execute(run_plan *plan, run_lock *lock, run_mutex *mutex, int dry_
 /* argv as one line a shell would read back (every argument quoted where needed); malloc'd. */
 char *run_quote_argv(char *const *argv);
 
+/* PATH (relative to DIR) spelt one way per place: the existing folders above its last component
+ * through realpath, the rest normalised lexically (".", "..", "//"). malloc'd. */
+char *run_normalise_path(const char *dir, const char *path);
+
 /* The path shard `shard` of `n` writes for a declared output: work/teacher.h5 ->
  * work/teacher-00000-of-00002.h5 (malloc'd). */
 char *run_shard_path(const char *path, int shard, int n);

@@ -93,6 +93,13 @@ def test_runs(folder):
     seconds = time.time() - started
     report("second_run_does_nothing_fast", again.returncode == 0 and "every stage is up to date" in again.stdout and seconds < 2,
            f"{seconds:.2f} s: {again.stdout} {again.stderr}")
+    # inputs naming another stage's output under other spellings are that output
+    with open(os.path.join(folder, "aliases.yaml"), "w") as f:
+        f.write(PIPELINE.replace("in: extract.out", "in: work//teacher.h5").replace("data: project.out", "data: ./data/../work/./student.h5"))
+    aliases = subprocess.run([RUN, os.path.join(folder, "aliases.yaml"), "status"], capture_output=True, text=True)
+    report("input_spellings_name_the_stage_output", aliases.returncode == 0 and aliases.stdout.count(" up-to-date") == 3,
+           aliases.stdout + aliases.stderr)
+    os.remove(os.path.join(folder, "aliases.yaml"))
     return True
 
 
@@ -142,10 +149,30 @@ def test_bad_files(tmp):
         "no_outputs": (PIPELINE.replace("    outputs: {out: work/student.h5}\n", ""), 14, "no outputs"),
         "same_output_twice": (PIPELINE.replace("out: work/aligned", "out: work/student.h5"), 25, "writes"),
         "bad_yaml": ("stages:\n  a: [\n", None, ""),
+        # only essence's programs, found beside essence-run
+        "program_not_essence": (PIPELINE.replace("program: essence-project", "program: bash"), 15, 'program "bash" is not a program of essence'),
+        "program_a_path": (PIPELINE.replace("program: essence-project", "program: /bin/sh"), 15, "is not a program of essence"),
+        "program_inspect": (PIPELINE.replace("program: essence-project", "program: essence-inspect"), 15, "is not a program of essence"),
+        "program_not_built": (PIPELINE.replace("program: essence-project", "program: essence-eval"), 15, "not found beside essence-run"),
+        # one file under several spellings
+        "same_output_dot": (PIPELINE.replace("out: work/aligned", "out: work/./student.h5"), 25, "writes work/./student.h5, as stage project"),
+        "same_output_slashes": (PIPELINE.replace("out: work/aligned", "out: work//student.h5"), 25, "as stage project"),
+        "same_output_dotdot": (PIPELINE.replace("out: work/aligned", "out: models/../work/student.h5"), 25, "as stage project"),
+        "same_output_symlinked_folder": (PIPELINE.replace("out: work/aligned", "out: alias/student.h5").replace("work/student.h5", "real/student.h5"),
+                                         25, "writes alias/student.h5, as stage project"),
+        "same_output_link_dotdot": (PIPELINE.replace("out: work/aligned", "out: alias/../elsewhere/student.h5")
+                                    .replace("work/student.h5", "deep/elsewhere/student.h5"), 25, "as stage project"),
+        "output_is_a_shard": (PIPELINE.replace("out: work/aligned", "out: work/teacher-00001-of-00002.h5"), 25,
+                              "writes work/teacher-00001-of-00002.h5, as stage extract does (its shard 1)"),
+        "reads_own_output_dot": (PIPELINE.replace("in: extract.out", "in: work/./student.h5"), 17, "reads its own output"),
     }
     for name, (text, line, words) in cases.items():
         folder = os.path.join(tmp, f"bad-{name}")
         shutil.copytree(os.path.join(tmp, "pipe"), folder, ignore=shutil.ignore_patterns("work", "essence.lock"))
+        # real/ and deep/elsewhere/ exist; alias links to real/ (alias/.. is the pipeline's folder, not deep/)
+        os.makedirs(os.path.join(folder, "deep", "elsewhere"))
+        os.makedirs(os.path.join(folder, "real"))
+        os.symlink("real" if name != "same_output_link_dotdot" else "deep/elsewhere", os.path.join(folder, "alias"))
         with open(os.path.join(folder, "pipeline.yaml"), "w") as f:
             f.write(text)
         result = essence_run(folder, "status")
