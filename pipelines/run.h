@@ -53,6 +53,11 @@ typedef struct run_plan {
     int n_stages;
 } run_plan;
 
+/* Why `value` cannot be slurm.KEY (partition, account, time, mem), or NULL when it can: each
+ * must match the syntax sbatch expects, which leaves nothing for a shell or for sbatch's own
+ * option parser (no white space, quotes, $, `, ;, newline, leading '-'). */
+const char *run_slurm_value_problem(const char *key, const char *value);
+
 /* Reads and checks PIPELINE (docs/run.md): errors name FILE:LINE (ES_ERR_USAGE). `sets` are
  * --set STAGE.KEY=VALUE texts applied to the stages' params (or shards, or an input's path). */
 int run_plan_load(run_plan *plan, const char *path, char *const *sets, int n_sets, es_error *err);

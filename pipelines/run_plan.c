@@ -31,8 +31,9 @@ static int lfail(loader *l, const yaml_node_t *node, const char *fmt, ...) {
     return es_fail(l->err, ES_ERR_USAGE, "%s:%lu: %s", l->path, node ? (unsigned long)node->start_mark.line + 1 : 1UL, msg);
 }
 
+/* Stage names and flags: [A-Za-z0-9][A-Za-z0-9_-]* (a leading '-' would read as an option). */
 static int valid_name(const char *s) {
-    if (!*s) return 0;
+    if (!isalnum((unsigned char)*s)) return 0;
     for (; *s; s++)
         if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-') return 0;
     return 1;
@@ -183,6 +184,49 @@ static int add_arg(run_stage *stage, run_arg_kind kind, const char *key, char *v
     return 0;
 }
 
+/* ---- the slurm: block --------------------------------------------------------------------- */
+
+static int is_alnum_ascii(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); }
+
+/* A name Slurm takes for a partition or an account: a letter or digit, then letters, digits and
+ * _ . : + - (no white space, quote, $, `, ;, %, newline; no leading '-', which would read as an
+ * option). */
+static int slurm_name(const char *s, size_t n) {
+    if (!n || !is_alnum_ascii(s[0])) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!is_alnum_ascii(s[i]) && !strchr("_.:+-", s[i])) return 0;
+    return 1;
+}
+
+static int digits(const char **s) {
+    size_t n = strspn(*s, "0123456789");
+    *s += n;
+    return n > 0;
+}
+
+const char *run_slurm_value_problem(const char *key, const char *value) {
+    if (!strcmp(key, "partition")) { /* a comma-separated list of names */
+        for (const char *at = value;; at += strcspn(at, ",") + 1) {
+            if (!slurm_name(at, strcspn(at, ","))) return "expected partition names separated by commas, each [A-Za-z0-9][A-Za-z0-9_.:+-]*";
+            if (!at[strcspn(at, ",")]) return NULL;
+        }
+    }
+    if (!strcmp(key, "account")) return slurm_name(value, strlen(value)) ? NULL : "expected [A-Za-z0-9][A-Za-z0-9_.:+-]*";
+    if (!strcmp(key, "time")) { /* [DAYS-]N[:N[:N]]: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S */
+        const char *at = value;
+        if (!digits(&at)) return "expected MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS or DAYS-HOURS[:MINUTES[:SECONDS]]";
+        if (*at == '-' && (at++, !digits(&at))) return "expected DAYS-HOURS[:MINUTES[:SECONDS]] after the days";
+        for (int groups = 0; *at == ':' && groups < 2; groups++)
+            if (at++, !digits(&at)) return "expected digits after ':'";
+        return *at ? "expected MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS or DAYS-HOURS[:MINUTES[:SECONDS]] (e.g. 04:00:00, 1-00:00:00)" : NULL;
+    }
+    if (!strcmp(key, "mem")) {
+        const char *at = value;
+        return digits(&at) && (!*at || (strchr("KMGTkmgt", *at) && !at[1])) ? NULL : "expected a number with an optional unit K, M, G or T";
+    }
+    return "not a slurm key";
+}
+
 static int read_slurm(loader *l, yaml_node_t *node, run_slurm *slurm) {
     if (node->type != YAML_MAPPING_NODE) return lfail(l, node, "slurm: expected a mapping");
     for (yaml_node_pair_t *pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top; pair++) {
@@ -195,12 +239,16 @@ static int read_slurm(loader *l, yaml_node_t *node, run_slurm *slurm) {
                                               : NULL;
         int *number = !strcmp(k, "gpus") ? &slurm->gpus : !strcmp(k, "cpus") ? &slurm->cpus : !strcmp(k, "nodes") ? &slurm->nodes : NULL;
         if (field) {
-            if (strlen(v) >= 32) return lfail(l, value, "slurm: %s: value too long", k);
+            /* Validated here, whatever the executor: these values go into #SBATCH lines. */
+            const char *problem = run_slurm_value_problem(k, v);
+            if (strlen(v) >= 32) return lfail(l, value, "slurm.%s: value too long (at most 31 characters)", k);
+            if (problem) return lfail(l, value, "slurm.%s \"%s\": %s", k, v, problem);
             strcpy(field, v);
         } else if (number) {
             char *end;
             long parsed = strtol(v, &end, 10);
-            if (*end || end == v || parsed < 0 || parsed > 100000) return lfail(l, value, "slurm: %s: expected a count, not \"%s\"", k, v);
+            if (*end || end == v || parsed < 0 || parsed > 100000 || !isdigit((unsigned char)v[0]))
+                return lfail(l, value, "slurm.%s: expected a count, not \"%s\"", k, v);
             *number = (int)parsed;
         } else {
             return lfail(l, key, "slurm: unknown key \"%s\" (partition, account, time, gpus, cpus, mem, nodes)", k);
@@ -217,7 +265,7 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
     stage->shards = 1;
     stage->slurm = *defaults;
     if (!(stage->name = strdup(name)) || !(stage->params = json_object())) return es_fail(l->err, ES_ERR_RUNTIME, "out of memory");
-    if (!valid_name(name)) return lfail(l, name_node, "stage name \"%s\": use letters, digits, '_' and '-'", name);
+    if (!valid_name(name)) return lfail(l, name_node, "stage name \"%s\": use letters, digits, '_' and '-', starting with a letter or digit", name);
     if (node->type != YAML_MAPPING_NODE) return lfail(l, node, "stage %s: expected a mapping", name);
     yaml_node_t *slurm_node = NULL;
     for (yaml_node_pair_t *pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top; pair++) {
@@ -246,7 +294,7 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
                 yaml_node_t *flag_node = yaml_document_get_node(&l->doc, item->key), *v = yaml_document_get_node(&l->doc, item->value);
                 const char *flag = scalar(flag_node);
                 int line = (int)flag_node->start_mark.line + 1;
-                if (!flag || !valid_name(flag)) return lfail(l, flag_node, "stage %s: %s: a flag name of letters, digits, '_', '-'", name, k);
+                if (!flag || !valid_name(flag)) return lfail(l, flag_node, "stage %s: %s: a flag name of letters, digits, '_', '-', starting with a letter or digit", name, k);
                 if (!strcmp(flag, "shard") || !strcmp(flag, "fingerprint") || !strcmp(flag, "config"))
                     return lfail(l, flag_node, "stage %s: --%s is set by essence-run", name, flag);
                 if (!strcmp(k, "params")) {

@@ -165,6 +165,17 @@ def test_bad_files(tmp):
         "output_is_a_shard": (PIPELINE.replace("out: work/aligned", "out: work/teacher-00001-of-00002.h5"), 25,
                               "writes work/teacher-00001-of-00002.h5, as stage extract does (its shard 1)"),
         "reads_own_output_dot": (PIPELINE.replace("in: extract.out", "in: work/./student.h5"), 17, "reads its own output"),
+        # what would reach an #SBATCH line or a shell: refused whatever the executor, the key named
+        "slurm_partition_command": (PIPELINE + 'slurm:\n  partition: "$(touch /tmp/pwned)"\n', 27, "slurm.partition"),
+        "slurm_partition_option": (PIPELINE + "slurm:\n  partition: gpu,--exclusive\n", 27, "slurm.partition"),
+        "slurm_account_leading_dash": (PIPELINE + 'slurm:\n  gpus: 1\n  account: "-x"\n', 28, "slurm.account"),
+        "slurm_account_backticks": (PIPELINE + "slurm:\n  account: '`id`'\n", 27, "slurm.account"),
+        "slurm_time_dashes": (PIPELINE.replace("    program: essence-align\n", '    program: essence-align\n    slurm: {time: "--"}\n'), 23, "slurm.time"),
+        "slurm_time_semicolon": (PIPELINE + "slurm:\n  time: 04:00:00; rm -rf /\n", 27, "slurm.time"),
+        "slurm_mem_newline": (PIPELINE + 'slurm:\n  mem: "1G\\n#SBATCH --x"\n', 27, "slurm.mem"),
+        "slurm_gpus_not_a_count": (PIPELINE + "slurm:\n  gpus: +1\n", 27, "slurm.gpus"),
+        "stage_name_leading_dash": (PIPELINE.replace("  align:\n", "  -align:\n"), 21, 'stage name "-align"'),
+        "flag_leading_dash": (PIPELINE.replace("{steps: 4,", "{-steps: 4,"), 24, "a flag name"),
     }
     for name, (text, line, words) in cases.items():
         folder = os.path.join(tmp, f"bad-{name}")
@@ -178,6 +189,46 @@ def test_bad_files(tmp):
         result = essence_run(folder, "status")
         where = f"pipeline.yaml:{line}:" if line else "pipeline.yaml:"
         report(f"bad_pipeline_{name}", result.returncode == 2 and where in result.stderr and words in result.stderr, result.stderr.strip())
+
+
+def test_slurm_script(tmp):
+    """Values with shell syntax from the pipeline file reach the program literally through the
+    sbatch script the Slurm executor writes: each script (from --dry-run) run by bash with `exec`
+    made a function that prints its arguments; nothing in them is run."""
+    folder = os.path.join(tmp, "slurm-script")
+    shutil.copytree(os.path.join(tmp, "pipe"), folder, ignore=shutil.ignore_patterns("work", "essence.lock"))
+    marker = os.path.join(tmp, "pwned")
+    template = f"$(touch {marker}) `touch PWNED`; rm -rf NOPE 'q' \"dq\" \\ $HOME\n#SBATCH --x -- -x {{prompt}}{{response}}"
+    output = f"work/t $(touch {marker}) `touch PWNED2`; 'q' \"dq\" -x.h5"
+    text = PIPELINE.replace("      batch_tokens: 256\n", f"      batch_tokens: 256\n      template: {json.dumps(template)}\n") \
+                   .replace("out: work/teacher.h5", f"out: {json.dumps(output)}") \
+        + "slurm:\n  partition: gpu,debug\n  account: proj-1\n  time: 1-00:00:00\n  mem: 120G\n"
+    with open(os.path.join(folder, "pipeline.yaml"), "w") as f:
+        f.write(text)
+    dry = essence_run(folder, "run", "--executor", "slurm", "--dry-run")
+    scripts, name = {}, None
+    for line in dry.stdout.splitlines(keepends=True):
+        if line.startswith("# ") and line.rstrip().endswith(".sbatch") and ": " in line:
+            name = line[2:].split(":")[0]
+            scripts[name] = ""
+        elif name:
+            scripts[name] += line
+    scratch = os.path.join(tmp, "slurm-script-cwd")
+    os.makedirs(scratch)
+    argvs = {}
+    for stage, script in scripts.items():
+        shown = subprocess.run(["bash", "-c", "exec() { printf '%s\\0' \"$@\"; }\n" + script], cwd=scratch, capture_output=True,
+                               env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
+        argvs[stage] = shown.stdout.decode().split("\0")[:-1]
+    shard = os.path.join(folder, output.replace(".h5", "-00001-of-00002.h5"))
+    shards = ",".join(os.path.join(folder, output.replace(".h5", f"-0000{i}-of-00002.h5")) for i in range(2))
+    extract, project = argvs.get("extract", []), argvs.get("project", [])
+    literal = (extract[extract.index("--template") + 1] if "--template" in extract else None) == template \
+        and (extract[extract.index("--out") + 1] if "--out" in extract else None) == shard \
+        and (project[project.index("--in") + 1] if "--in" in project else None) == shards
+    made = [p for p in (marker, os.path.join(scratch, "PWNED"), os.path.join(scratch, "PWNED2")) if os.path.exists(p)]
+    report("slurm_script_values_literal", dry.returncode == 0 and literal and not made and "#SBATCH --partition=gpu,debug\n" in dry.stdout
+           and "#SBATCH --time=1-00:00:00\n" in dry.stdout, f"rc {dry.returncode} {dry.stderr[-300:]} made {made} argv {argvs}")
 
 
 # ---- two essence-runs at once, and a runner killed ----------------------------------------------
@@ -402,6 +453,7 @@ def main():
             test_replanning(folder)
             test_concurrent(folder)
         test_bad_files(tmp)
+        test_slurm_script(tmp)
         test_killed_runner(tmp)
 
 
