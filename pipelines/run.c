@@ -14,13 +14,17 @@
 static const char usage[] =
     "usage: essence-run PIPELINE.yaml [status|run] [--executor local|slurm] [--set STAGE.KEY=VALUE ...] [--force STAGE]\n"
     "                   [--dry-run] [--wait]\n"
-    "  status    one line per stage: STAGE up-to-date, or STAGE will-run: REASON (the default)\n"
-    "  run       run the stages that need it, in dependency order\n"
+    "  status    one line per stage: STAGE up-to-date, or STAGE will-run: REASON (the default; read-only,\n"
+    "            it never waits for a run)\n"
+    "  run       run the stages that need it, in dependency order; one run at a time per folder: a second\n"
+    "            one exits 1 at once, naming the pid that holds PIPELINE_DIR/essence-run.lock. Stages\n"
+    "            die with essence-run; after a kill, run again: what is complete is kept\n"
     "  --executor local|slurm   where stages run (slurm: sbatch, job arrays over shards)\n"
     "  --set STAGE.KEY=VALUE    override a parameter for this invocation (repeatable)\n"
     "  --force STAGE            run STAGE even when it is up to date (repeatable)\n"
     "  --dry-run                print what run would do\n"
     "  --wait                   (slurm) wait for the jobs and report failures\n"
+    "Stage programs: essence-extract, essence-project, essence-align, essence-eval, from essence-run's folder.\n"
     "See docs/run.md for the pipeline file.\n";
 
 /* The sbatch templates: pipelines/slurm beside the build folder, or PREFIX/share/essence/slurm. */
@@ -126,7 +130,7 @@ int main(int argc, char **argv) {
          * that fails is a warning, not a failed status. */
         run_mutex *brief = NULL;
         es_error ignored = {0};
-        if (run_mutex_try(&brief, plan.dir) && run_lock_save(lock, &ignored))
+        if (run_lock_changed(lock) && run_mutex_try(&brief, plan.dir) && run_lock_save(lock, &ignored))
             fprintf(stderr, "essence-run: warning: %s (the hash cache is not updated)\n", ignored.msg);
         run_mutex_release(brief);
     }

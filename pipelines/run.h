@@ -81,6 +81,8 @@ int run_output_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX
  * lock as it is on disk now, written to a unique temporary name, fsync'd and renamed into place.
  * The caller holds the folder's run_mutex. */
 int run_lock_save(run_lock *lock, es_error *err);
+/* Whether there is anything to save. */
+int run_lock_changed(const run_lock *lock);
 /* Removes the temporary files of saves that a killed essence-run left (caller holds the mutex). */
 void run_lock_remove_temporaries(const run_plan *plan);
 

@@ -110,6 +110,8 @@ int run_lock_save(run_lock *lock, es_error *err) {
     return rc;
 }
 
+int run_lock_changed(const run_lock *lock) { return lock->dirty; }
+
 void run_lock_remove_temporaries(const run_plan *plan) {
     DIR *dir = opendir(plan->dir);
     if (!dir) return;

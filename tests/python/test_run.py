@@ -284,6 +284,12 @@ def test_concurrent(folder):
         out, errs = holder.communicate()
         report("second_run_refuses", False, f"the first run never ran align: {holder.returncode} {errs[-500:]}")
         return
+    stage_pid = ([line[len("stage_pid="):] for line in holder_text(folder).splitlines() if line.startswith("stage_pid=")] or ["0"])[0]
+    try:
+        fds = [os.readlink(f"/proc/{stage_pid}/fd/{fd}") for fd in os.listdir(f"/proc/{stage_pid}/fd")]
+    except OSError as exc:
+        fds = [str(exc)]
+    report("stage_inherits_the_run_lock", os.path.join(folder, "essence-run.lock") in fds, f"stage pid {stage_pid}: {fds}")
     second = essence_run(folder, "run", *LONG_ALIGN)
     want = f"another essence-run (pid {holder.pid}) is running pipeline.yaml in this folder, stage align as pid"
     report("second_run_refuses", second.returncode == 1 and want in second.stderr and os.path.join(folder, "pipeline.yaml") in second.stderr
@@ -320,6 +326,28 @@ def test_concurrent(folder):
     named = codes == [0, 1] and f"another essence-run (pid {winner[0]})" in [r[2] for r in results if r[3] == 1][0]
     report("two_runs_at_once_one_refuses", codes == [0, 1] and named and not lock_is_whole(folder),
            f"exit codes {codes}: {[r[2].strip()[-300:] for r in results]}")
+
+
+def test_orphan_stage_refused(tmp):
+    """A stage that outlived its runner (here: this test, holding the lock as an inherited stage
+    would, under a runner pid that has ended) makes the next run refuse, naming the stage."""
+    import fcntl
+    folder = os.path.join(tmp, "orphan")
+    shutil.copytree(os.path.join(tmp, "pipe"), folder, ignore=shutil.ignore_patterns("work", "essence.lock", "essence-run.lock"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with open(os.path.join(folder, "essence-run.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"pid={gone.pid}\nrole=run\npipeline={folder}/pipeline.yaml\nstage=extract\nstage_pid={os.getpid()}\n")
+        held.flush()
+        started = time.time()
+        result = essence_run(folder, "run")
+        seconds = time.time() - started
+        looked = status(folder)
+    want = f"the essence-run (pid {gone.pid}) that ran pipeline.yaml here is gone, but its stage extract (pid {os.getpid()}) still runs"
+    report("orphan_stage_refused", result.returncode == 1 and want in result.stderr and not os.path.exists(os.path.join(folder, "work"))
+           and seconds < 5, f"rc {result.returncode} in {seconds:.1f} s: {result.stderr.strip()[-400:]}")
+    report("status_while_locked", len(looked) == 3 and all(v.startswith("will-run") for v in looked.values()), str(looked))
 
 
 def stage_processes(folder):
@@ -454,6 +482,7 @@ def main():
             test_concurrent(folder)
         test_bad_files(tmp)
         test_slurm_script(tmp)
+        test_orphan_stage_refused(tmp)
         test_killed_runner(tmp)
 
 
