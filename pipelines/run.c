@@ -14,13 +14,17 @@
 static const char usage[] =
     "usage: essence-run PIPELINE.yaml [status|run] [--executor local|slurm] [--set STAGE.KEY=VALUE ...] [--force STAGE]\n"
     "                   [--dry-run] [--wait]\n"
-    "  status    one line per stage: STAGE up-to-date, or STAGE will-run: REASON (the default)\n"
-    "  run       run the stages that need it, in dependency order\n"
+    "  status    one line per stage: STAGE up-to-date, or STAGE will-run: REASON (the default; read-only,\n"
+    "            it never waits for a run)\n"
+    "  run       run the stages that need it, in dependency order; one run at a time per folder: a second\n"
+    "            one exits 1 at once, naming the pid that holds PIPELINE_DIR/essence-run.lock. Stages\n"
+    "            die with essence-run; after a kill, run again: what is complete is kept\n"
     "  --executor local|slurm   where stages run (slurm: sbatch, job arrays over shards)\n"
     "  --set STAGE.KEY=VALUE    override a parameter for this invocation (repeatable)\n"
     "  --force STAGE            run STAGE even when it is up to date (repeatable)\n"
     "  --dry-run                print what run would do\n"
     "  --wait                   (slurm) wait for the jobs and report failures\n"
+    "Stage programs: essence-extract, essence-project, essence-align, essence-eval, from essence-run's folder.\n"
     "See docs/run.md for the pipeline file.\n";
 
 /* The sbatch templates: pipelines/slurm beside the build folder, or PREFIX/share/essence/slurm. */
@@ -79,10 +83,15 @@ int main(int argc, char **argv) {
         es_exit_error(&err);
     }
 
-    // 1. The plan, checked; every stage fingerprinted and compared with its outputs.
+    // 1. The plan, checked; a `run` takes the folder's lock (or refuses: another one runs); every
+    //    stage fingerprinted and compared with its outputs.
     run_plan plan;
     run_lock *lock = NULL;
-    if (run_plan_load(&plan, pipeline, sets, n_sets, &err) || run_lock_open(&lock, &plan, &err)) es_exit_error(&err);
+    run_mutex *mutex = NULL;
+    int writes = !strcmp(command, "run") && !dry_run;
+    if (run_plan_load(&plan, pipeline, sets, n_sets, &err) || (writes && run_mutex_acquire(&mutex, &plan, &err))) es_exit_error(&err);
+    if (writes) run_lock_remove_temporaries(&plan);
+    if (run_lock_open(&lock, &plan, &err)) es_exit_error(&err);
     for (int f = 0; f < n_force; f++) {
         int known = 0;
         for (int s = 0; s < plan.n_stages; s++) known |= !strcmp(plan.stages[s].name, force[f]);
@@ -104,7 +113,7 @@ int main(int argc, char **argv) {
         if (nothing) {
             printf("every stage is up to date\n");
         } else if (!strcmp(executor, "local")) {
-            rc = run_local_execute(&plan, lock, dry_run, &err);
+            rc = run_local_execute(&plan, lock, mutex, dry_run, &err);
         } else {
             char templates[PATH_MAX + 64];
             templates_folder(templates, sizeof templates);
@@ -113,7 +122,19 @@ int main(int argc, char **argv) {
             if (!rc && wait && !dry_run) rc = run_plan_status(&plan, lock, NULL, 0, &err);
         }
     }
-    if (!rc && !dry_run) rc = run_lock_save(lock, &err);
+    if (!rc && writes) {
+        rc = run_lock_save(lock, &err);
+    } else if (!rc) {
+        /* status and --dry-run are read-only: they save the hashes they made (so that the next
+         * one need not read those files again) only when no run holds the folder, and a save
+         * that fails is a warning, not a failed status. */
+        run_mutex *brief = NULL;
+        es_error ignored = {0};
+        if (run_lock_changed(lock) && run_mutex_try(&brief, plan.dir) && run_lock_save(lock, &ignored))
+            fprintf(stderr, "essence-run: warning: %s (the hash cache is not updated)\n", ignored.msg);
+        run_mutex_release(brief);
+    }
+    run_mutex_release(mutex);
     run_lock_free(lock);
     run_plan_free(&plan);
     free(sets), free(force);

@@ -53,6 +53,11 @@ typedef struct run_plan {
     int n_stages;
 } run_plan;
 
+/* Why `value` cannot be slurm.KEY (partition, account, time, mem), or NULL when it can: each
+ * must match the syntax sbatch expects, which leaves nothing for a shell or for sbatch's own
+ * option parser (no white space, quotes, $, `, ;, newline, leading '-'). */
+const char *run_slurm_value_problem(const char *key, const char *value);
+
 /* Reads and checks PIPELINE (docs/run.md): errors name FILE:LINE (ES_ERR_USAGE). `sets` are
  * --set STAGE.KEY=VALUE texts applied to the stages' params (or shards, or an input's path). */
 int run_plan_load(run_plan *plan, const char *path, char *const *sets, int n_sets, es_error *err);
@@ -61,7 +66,6 @@ void run_plan_free(run_plan *plan);
 /* essence.lock beside the pipeline: the record of what ran and a cache of file hashes. */
 typedef struct run_lock run_lock;
 int run_lock_open(run_lock **lock, const run_plan *plan, es_error *err);
-int run_lock_save(run_lock *lock, es_error *err);
 void run_lock_free(run_lock *lock);
 /* Records a stage whose outputs are complete with its fingerprint. */
 int run_lock_record(run_lock *lock, const run_plan *plan, int stage, es_error *err);
@@ -73,10 +77,39 @@ int run_plan_status(run_plan *plan, run_lock *lock, char *const *force, int n_fo
  * 1 and *fingerprint, 0 when missing or incomplete (*why says which), -1 on error. */
 int run_output_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX], const char **why);
 
-/* The local executor: runs every stage that will run, shard after shard, and records it. */
-int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err);
+/* Saves essence.lock when it changed: what this process hashed and recorded is laid over the
+ * lock as it is on disk now, written to a unique temporary name, fsync'd and renamed into place.
+ * The caller holds the folder's run_mutex. */
+int run_lock_save(run_lock *lock, es_error *err);
+/* Whether there is anything to save. */
+int run_lock_changed(const run_lock *lock);
+/* Removes the temporary files of saves that a killed essence-run left (caller holds the mutex). */
+void run_lock_remove_temporaries(const run_plan *plan);
+
+/* The folder's advisory lock (run_mutex.c): PIPELINE_DIR/essence-run.lock, an flock held by a
+ * `run` and inherited by its stage. */
+#define RUN_MUTEX_FILE "essence-run.lock"
+typedef struct run_mutex run_mutex;
+/* For `run`: takes the lock, retrying for about a second; else ES_ERR_RUNTIME naming the
+ * pipeline and the pid that holds it (and its stage). */
+int run_mutex_acquire(run_mutex **mutex, const run_plan *plan, es_error *err);
+/* For `status`: 1 and the lock when it is free now, else 0 (never waits, never fails). */
+int run_mutex_try(run_mutex **mutex, const char *dir);
+/* The lock's file descriptor, for a stage to inherit (-1 without a mutex). */
+int run_mutex_fd(const run_mutex *mutex);
+/* Records in the lock file the stage now running and its pid (for a refusal's message). */
+void run_mutex_note_stage(run_mutex *mutex, const char *stage, long pid);
+void run_mutex_release(run_mutex *mutex);
+
+/* The local executor: runs every stage that will run, shard after shard, and records it. Each
+ * stage inherits `mutex`'s lock and dies with essence-run (PR_SET_PDEATHSIG). */
+int run_local_execute(run_plan *plan, run_lock *lock, run_mutex *mutex, int dry_run, es_error *err);
 /* argv as one line a shell would read back (every argument quoted where needed); malloc'd. */
 char *run_quote_argv(char *const *argv);
+
+/* PATH (relative to DIR) spelt one way per place: the existing folders above its last component
+ * through realpath, the rest normalised lexically (".", "..", "//"). malloc'd. */
+char *run_normalise_path(const char *dir, const char *path);
 
 /* The path shard `shard` of `n` writes for a declared output: work/teacher.h5 ->
  * work/teacher-00000-of-00002.h5 (malloc'd). */

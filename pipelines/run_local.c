@@ -1,20 +1,62 @@
 /* The local executor: every stage that will run, in plan order, shard after shard, as a child
  * process (no shell); a stage is recorded in essence.lock once its outputs carry its fingerprint. */
 #include <errno.h>
-#include <spawn.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "files.h"
 #include "run.h"
 
-extern char **environ;
+/* Starts argv[0] with the stage's lifetime tied to essence-run's: the child asks for SIGKILL
+ * when its parent dies (PR_SET_PDEATHSIG), then checks that the parent did not die before it
+ * asked (getppid() is no longer the parent's pid), and keeps the run lock's file open across
+ * exec (lock_fd, else -1), so the folder stays locked until the stage is gone too. A failed exec
+ * comes back through a close-on-exec pipe: 0 and *pid, or the errno of the failure. Between fork
+ * and exec only async-signal-safe calls. */
+static int start_stage(char *const *argv, int lock_fd, pid_t *pid) {
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0) return errno;
+    pid_t parent = getpid();
+    fflush(stdout), fflush(stderr);
+    pid_t child = fork();
+    if (child < 0) {
+        int e = errno;
+        close(report[0]), close(report[1]);
+        return e;
+    }
+    if (child == 0) {
+        int e = 0;
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) e = errno;
+        else if (getppid() != parent) _exit(127); /* essence-run died before the request: no stage */
+        else if (lock_fd >= 0 && fcntl(lock_fd, F_SETFD, 0) != 0) e = errno;
+        else execv(argv[0], argv), e = errno;
+        while (write(report[1], &e, sizeof e) < 0 && errno == EINTR) {
+        }
+        _exit(127);
+    }
+    close(report[1]);
+    int e = 0;
+    ssize_t n;
+    while ((n = read(report[0], &e, sizeof e)) < 0 && errno == EINTR) {
+    }
+    close(report[0]);
+    if (n == (ssize_t)sizeof e && e) { /* it did not start: collect it */
+        while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {
+        }
+        return e;
+    }
+    *pid = child;
+    return 0;
+}
 
-
-int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err) {
+int run_local_execute(run_plan *plan, run_lock *lock, run_mutex *mutex, int dry_run, es_error *err) {
     int rc = ES_OK;
     for (int s = 0; !rc && s < plan->n_stages; s++) {
         run_stage *stage = &plan->stages[s];
@@ -37,12 +79,14 @@ int run_local_execute(run_plan *plan, run_lock *lock, int dry_run, es_error *err
                 run_free_argv(argv);
                 continue;
             }
-            pid_t pid;
-            int status = 0, spawned = posix_spawn(&pid, argv[0], NULL, NULL, argv, environ);
+            pid_t pid = -1;
+            int status = 0, spawned = start_stage(argv, run_mutex_fd(mutex), &pid);
             run_free_argv(argv);
             if (spawned) return es_fail(err, ES_ERR_RUNTIME, "stage %s: cannot start %s: %s", stage->name, stage->program, strerror(spawned));
+            run_mutex_note_stage(mutex, stage->name, (long)pid);
             while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
             }
+            run_mutex_note_stage(mutex, NULL, 0);
             if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
                 char shard_text[32] = "";
                 if (shard >= 0) snprintf(shard_text, sizeof shard_text, " shard %d", shard);

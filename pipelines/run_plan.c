@@ -31,8 +31,9 @@ static int lfail(loader *l, const yaml_node_t *node, const char *fmt, ...) {
     return es_fail(l->err, ES_ERR_USAGE, "%s:%lu: %s", l->path, node ? (unsigned long)node->start_mark.line + 1 : 1UL, msg);
 }
 
+/* Stage names and flags: [A-Za-z0-9][A-Za-z0-9_-]* (a leading '-' would read as an option). */
 static int valid_name(const char *s) {
-    if (!*s) return 0;
+    if (!isalnum((unsigned char)*s)) return 0;
     for (; *s; s++)
         if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-') return 0;
     return 1;
@@ -80,11 +81,53 @@ static json_t *param_value(loader *l, yaml_node_t *node) {
     return value;
 }
 
-static char *join_path(const char *dir, const char *path) {
-    char *out;
-    if (path[0] == '/') return strdup(path);
-    while (!strncmp(path, "./", 2)) path += 2;
-    return asprintf(&out, "%s/%s", dir, path) < 0 ? NULL : out;
+/* `path` (relative to `dir`) as one spelling per place, so that work/t.h5, work/./t.h5,
+ * work//t.h5, a/../work/t.h5 and a symbolic link to the folder work compare equal: the longest
+ * existing folder above the last component goes through realpath (links and ".." resolved as
+ * the system resolves them), the components below it, which do not exist yet, are normalised
+ * lexically. The last component itself is kept (an output that is a link is replaced, not
+ * followed, by the rename that completes it). malloc'd; NULL when out of memory. */
+char *run_normalise_path(const char *dir, const char *path) {
+    char *joined = NULL;
+    if (path[0] == '/' ? !(joined = strdup(path)) : asprintf(&joined, "%s/%s", dir, path) < 0) return NULL;
+    /* the components, "" and "." dropped (".." kept: realpath must see it) */
+    size_t n = 0, cap = strlen(joined) / 2 + 2;
+    char **parts = malloc(cap * sizeof *parts), *save = NULL;
+    for (char *part = parts ? strtok_r(joined, "/", &save) : NULL; part; part = strtok_r(NULL, "/", &save))
+        if (strcmp(part, ".")) parts[n++] = part;
+    size_t size = strlen(path) + PATH_MAX + 2;
+    char *out = parts ? malloc(size) : NULL, *prefix = out ? malloc(size) : NULL, resolved[PATH_MAX];
+    if (!out || !prefix) {
+        free(joined), free(parts), free(out), free(prefix);
+        return NULL;
+    }
+    /* the longest prefix of the folders above the last component that realpath resolves */
+    size_t parents = n && strcmp(parts[n - 1], "..") ? n - 1 : n, known = parents;
+    for (;; known--) {
+        size_t len = 0;
+        prefix[0] = '\0';
+        for (size_t i = 0; i < known; i++) len += (size_t)snprintf(prefix + len, size - len, "/%s", parts[i]);
+        if (!known) strcpy(prefix, "/");
+        struct stat st;
+        if (realpath(prefix, resolved) && stat(resolved, &st) == 0 && S_ISDIR(st.st_mode)) break;
+        if (!known) {
+            strcpy(resolved, "/");
+            break;
+        }
+    }
+    snprintf(out, size, "%s", strcmp(resolved, "/") ? resolved : "");
+    for (size_t i = known; i < n; i++) {
+        if (!strcmp(parts[i], "..")) { /* out has no links from here on: its parent is lexical */
+            char *slash = strrchr(out, '/');
+            if (slash) *slash = '\0';
+        } else {
+            size_t len = strlen(out);
+            snprintf(out + len, size - len, "/%s", parts[i]);
+        }
+    }
+    if (!out[0]) strcpy(out, "/");
+    free(joined), free(parts), free(prefix);
+    return out;
 }
 
 /* Text of a json scalar as a flag value (NULL for true; the caller drops false and null). */
@@ -103,26 +146,27 @@ static char *flag_text(const json_t *value) {
     return out;
 }
 
-static int find_program(const char *name, char **out) {
-    char self[PATH_MAX], candidate[PATH_MAX + 256];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n > 0) {
-        self[n] = '\0';
-        char *slash = strrchr(self, '/');
-        if (slash) *slash = '\0';
-        snprintf(candidate, sizeof candidate, "%s/%s", self, name);
-        if (access(candidate, X_OK) == 0) return (*out = strdup(candidate)) ? 0 : -1;
-    }
-    const char *path = getenv("PATH");
-    char *copy = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin"), *save = NULL;
-    for (char *dir = strtok_r(copy, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
-        snprintf(candidate, sizeof candidate, "%s/%s", dir, name);
-        if (access(candidate, X_OK) == 0) {
-            free(copy);
-            return (*out = strdup(candidate)) ? 0 : -1;
-        }
-    }
-    free(copy);
+/* The programs a stage may run (DESIGN.md): essence's own, which take --fingerprint and store
+ * it in their outputs; anything else would be a way to run any command from a pipeline file. */
+static const char *const essence_programs[] = {"essence-extract", "essence-project", "essence-align", "essence-eval"};
+
+static int is_essence_program(const char *name) {
+    for (size_t i = 0; i < sizeof essence_programs / sizeof *essence_programs; i++)
+        if (!strcmp(name, essence_programs[i])) return 1;
+    return 0;
+}
+
+/* An essence program beside this essence-run (the build folder, or PREFIX/bin), never from PATH:
+ * the stages must be the build that essence-run fingerprints them as. 0 and *out (malloc'd),
+ * else -1 with *folder set to where it looked. */
+static int find_program(const char *name, char **out, char folder[PATH_MAX]) {
+    char candidate[PATH_MAX + 256];
+    ssize_t n = readlink("/proc/self/exe", folder, PATH_MAX - 1);
+    folder[n > 0 ? n : 0] = '\0';
+    char *slash = strrchr(folder, '/');
+    if (slash) *slash = '\0';
+    snprintf(candidate, sizeof candidate, "%s/%s", folder, name);
+    if (n > 0 && access(candidate, X_OK) == 0) return (*out = strdup(candidate)) ? 0 : -1;
     return -1;
 }
 
@@ -140,6 +184,49 @@ static int add_arg(run_stage *stage, run_arg_kind kind, const char *key, char *v
     return 0;
 }
 
+/* ---- the slurm: block --------------------------------------------------------------------- */
+
+static int is_alnum_ascii(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); }
+
+/* A name Slurm takes for a partition or an account: a letter or digit, then letters, digits and
+ * _ . : + - (no white space, quote, $, `, ;, %, newline; no leading '-', which would read as an
+ * option). */
+static int slurm_name(const char *s, size_t n) {
+    if (!n || !is_alnum_ascii(s[0])) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!is_alnum_ascii(s[i]) && !strchr("_.:+-", s[i])) return 0;
+    return 1;
+}
+
+static int digits(const char **s) {
+    size_t n = strspn(*s, "0123456789");
+    *s += n;
+    return n > 0;
+}
+
+const char *run_slurm_value_problem(const char *key, const char *value) {
+    if (!strcmp(key, "partition")) { /* a comma-separated list of names */
+        for (const char *at = value;; at += strcspn(at, ",") + 1) {
+            if (!slurm_name(at, strcspn(at, ","))) return "expected partition names separated by commas, each [A-Za-z0-9][A-Za-z0-9_.:+-]*";
+            if (!at[strcspn(at, ",")]) return NULL;
+        }
+    }
+    if (!strcmp(key, "account")) return slurm_name(value, strlen(value)) ? NULL : "expected [A-Za-z0-9][A-Za-z0-9_.:+-]*";
+    if (!strcmp(key, "time")) { /* [DAYS-]N[:N[:N]]: minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S */
+        const char *at = value;
+        if (!digits(&at)) return "expected MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS or DAYS-HOURS[:MINUTES[:SECONDS]]";
+        if (*at == '-' && (at++, !digits(&at))) return "expected DAYS-HOURS[:MINUTES[:SECONDS]] after the days";
+        for (int groups = 0; *at == ':' && groups < 2; groups++)
+            if (at++, !digits(&at)) return "expected digits after ':'";
+        return *at ? "expected MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS or DAYS-HOURS[:MINUTES[:SECONDS]] (e.g. 04:00:00, 1-00:00:00)" : NULL;
+    }
+    if (!strcmp(key, "mem")) {
+        const char *at = value;
+        return digits(&at) && (!*at || (strchr("KMGTkmgt", *at) && !at[1])) ? NULL : "expected a number with an optional unit K, M, G or T";
+    }
+    return "not a slurm key";
+}
+
 static int read_slurm(loader *l, yaml_node_t *node, run_slurm *slurm) {
     if (node->type != YAML_MAPPING_NODE) return lfail(l, node, "slurm: expected a mapping");
     for (yaml_node_pair_t *pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top; pair++) {
@@ -152,12 +239,16 @@ static int read_slurm(loader *l, yaml_node_t *node, run_slurm *slurm) {
                                               : NULL;
         int *number = !strcmp(k, "gpus") ? &slurm->gpus : !strcmp(k, "cpus") ? &slurm->cpus : !strcmp(k, "nodes") ? &slurm->nodes : NULL;
         if (field) {
-            if (strlen(v) >= 32) return lfail(l, value, "slurm: %s: value too long", k);
+            /* Validated here, whatever the executor: these values go into #SBATCH lines. */
+            const char *problem = run_slurm_value_problem(k, v);
+            if (strlen(v) >= 32) return lfail(l, value, "slurm.%s: value too long (at most 31 characters)", k);
+            if (problem) return lfail(l, value, "slurm.%s \"%s\": %s", k, v, problem);
             strcpy(field, v);
         } else if (number) {
             char *end;
             long parsed = strtol(v, &end, 10);
-            if (*end || end == v || parsed < 0 || parsed > 100000) return lfail(l, value, "slurm: %s: expected a count, not \"%s\"", k, v);
+            if (*end || end == v || parsed < 0 || parsed > 100000 || !isdigit((unsigned char)v[0]))
+                return lfail(l, value, "slurm.%s: expected a count, not \"%s\"", k, v);
             *number = (int)parsed;
         } else {
             return lfail(l, key, "slurm: unknown key \"%s\" (partition, account, time, gpus, cpus, mem, nodes)", k);
@@ -174,7 +265,7 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
     stage->shards = 1;
     stage->slurm = *defaults;
     if (!(stage->name = strdup(name)) || !(stage->params = json_object())) return es_fail(l->err, ES_ERR_RUNTIME, "out of memory");
-    if (!valid_name(name)) return lfail(l, name_node, "stage name \"%s\": use letters, digits, '_' and '-'", name);
+    if (!valid_name(name)) return lfail(l, name_node, "stage name \"%s\": use letters, digits, '_' and '-', starting with a letter or digit", name);
     if (node->type != YAML_MAPPING_NODE) return lfail(l, node, "stage %s: expected a mapping", name);
     yaml_node_t *slurm_node = NULL;
     for (yaml_node_pair_t *pair = node->data.mapping.pairs.start; pair < node->data.mapping.pairs.top; pair++) {
@@ -183,8 +274,12 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
         if (!k) return lfail(l, key, "stage %s: keys must be scalars", name);
         if (!strcmp(k, "program")) {
             const char *program = scalar(value);
-            if (!program || !*program || strchr(program, '/')) return lfail(l, value, "stage %s: program: expected a program name", name);
-            if (find_program(program, &stage->program)) return lfail(l, value, "stage %s: program %s not found beside essence-run or on PATH", name, program);
+            char folder[PATH_MAX];
+            if (!program || !is_essence_program(program))
+                return lfail(l, value, "stage %s: program \"%s\" is not a program of essence (essence-extract, essence-project, essence-align, essence-eval)",
+                             name, program ? program : "(not a scalar)");
+            if (find_program(program, &stage->program, folder))
+                return lfail(l, value, "stage %s: program %s not found beside essence-run (in %s): is it built or installed?", name, program, folder);
         } else if (!strcmp(k, "shards")) {
             const char *text = scalar(value);
             char *end;
@@ -199,7 +294,7 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
                 yaml_node_t *flag_node = yaml_document_get_node(&l->doc, item->key), *v = yaml_document_get_node(&l->doc, item->value);
                 const char *flag = scalar(flag_node);
                 int line = (int)flag_node->start_mark.line + 1;
-                if (!flag || !valid_name(flag)) return lfail(l, flag_node, "stage %s: %s: a flag name of letters, digits, '_', '-'", name, k);
+                if (!flag || !valid_name(flag)) return lfail(l, flag_node, "stage %s: %s: a flag name of letters, digits, '_', '-', starting with a letter or digit", name, k);
                 if (!strcmp(flag, "shard") || !strcmp(flag, "fingerprint") || !strcmp(flag, "config"))
                     return lfail(l, flag_node, "stage %s: --%s is set by essence-run", name, flag);
                 if (!strcmp(k, "params")) {
@@ -209,7 +304,7 @@ static int read_stage(loader *l, yaml_node_t *name_node, yaml_node_t *node, cons
                 } else {
                     const char *text = scalar(v);
                     if (!text || !*text) return lfail(l, v, "stage %s: %s %s: expected a path", name, k, flag);
-                    char *copy = strdup(text), *absolute = join_path(dir, text);
+                    char *copy = strdup(text), *absolute = run_normalise_path(dir, text);
                     if (!copy || !absolute ||
                         add_arg(stage, !strcmp(k, "inputs") ? RUN_INPUT : RUN_OUTPUT, flag, absolute, copy, line, !strcmp(k, "outputs")))
                         return es_fail(l->err, ES_ERR_RUNTIME, "out of memory");
@@ -265,7 +360,7 @@ static int apply_set(run_plan *plan, const char *set, es_error *err) {
             if (stage->args[i].kind == RUN_INPUT && !strcmp(stage->args[i].flag, flag)) {
                 free(stage->args[i].value), free(stage->args[i].text);
                 stage->args[i].text = strdup(value);
-                stage->args[i].value = join_path(plan->dir, value);
+                stage->args[i].value = run_normalise_path(plan->dir, value);
                 return ES_OK;
             }
         }
@@ -279,16 +374,55 @@ static int apply_set(run_plan *plan, const char *set, es_error *err) {
     return es_fail(err, ES_ERR_USAGE, "--set %s: the pipeline has no stage \"%s\"", set, stage_name);
 }
 
+/* One path a stage writes: an output, or one shard of it. */
+typedef struct written {
+    char *path;
+    int stage, output, shard; /* shard -1: not sharded */
+} written;
+
+static int by_path_then_place(const void *a, const void *b) {
+    const written *x = a, *y = b;
+    int c = strcmp(x->path, y->path);
+    return c ? c : x->stage != y->stage ? x->stage - y->stage : x->output != y->output ? x->output - y->output : x->shard - y->shard;
+}
+
+/* No path written twice: outputs compared as normalised paths, and as the shard files they
+ * become (a stage's work/t.h5 in 2 shards writes work/t-00000-of-00002.h5, which another stage
+ * may name). The later of the two in the file is the one named. */
+static int check_outputs_apart(const run_plan *plan, es_error *err) {
+    size_t n = 0, cap = 0;
+    for (int s = 0; s < plan->n_stages; s++) cap += (size_t)plan->stages[s].n_outputs * (size_t)plan->stages[s].shards;
+    written *all = calloc(cap ? cap : 1, sizeof *all);
+    int rc = all ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (int s = 0; !rc && s < plan->n_stages; s++) {
+        const run_stage *stage = &plan->stages[s];
+        for (int o = 0; !rc && o < stage->n_outputs; o++)
+            for (int k = 0; !rc && k < stage->shards; k++) {
+                int shard = stage->shards > 1 ? k : -1;
+                char *path = shard >= 0 ? run_shard_path(stage->outputs[o].value, k, stage->shards) : strdup(stage->outputs[o].value);
+                if (!path) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+                else all[n++] = (written){path, s, o, shard};
+            }
+    }
+    if (!rc) qsort(all, n, sizeof *all, by_path_then_place);
+    for (size_t i = 1; !rc && i < n; i++) {
+        if (strcmp(all[i].path, all[i - 1].path)) continue;
+        const written *first = &all[i - 1], *second = &all[i];
+        const run_stage *a = &plan->stages[first->stage], *b = &plan->stages[second->stage];
+        char as[64] = "";
+        if (first->shard >= 0) snprintf(as, sizeof as, " (its shard %d)", first->shard);
+        rc = es_fail(err, ES_ERR_USAGE, "%s:%d: stage %s writes %s, as stage %s does%s: two outputs cannot be one file", plan->pipeline_path,
+                     b->outputs[second->output].line, b->name, second->shard >= 0 ? second->path : b->outputs[second->output].text, a->name, as);
+    }
+    for (size_t i = 0; i < n; i++) free(all[i].path);
+    free(all);
+    return rc;
+}
+
 /* Inputs become references to the stages that write them; then stages are ordered. */
 static int resolve(run_plan *plan, es_error *err) {
     const char *path = plan->pipeline_path;
-    for (int s = 0; s < plan->n_stages; s++)
-        for (int o = 0; o < plan->stages[s].n_outputs; o++)
-            for (int t = 0; t <= s; t++)
-                for (int p = 0; p < plan->stages[t].n_outputs; p++)
-                    if ((t != s || p != o) && !strcmp(plan->stages[s].outputs[o].value, plan->stages[t].outputs[p].value) && (t < s || p < o))
-                        return es_fail(err, ES_ERR_USAGE, "%s:%d: stage %s writes %s, as stage %s does", path, plan->stages[s].outputs[o].line,
-                                       plan->stages[s].name, plan->stages[s].outputs[o].text, plan->stages[t].name);
+    if (check_outputs_apart(plan, err)) return err->code;
     for (int s = 0; s < plan->n_stages; s++) {
         run_stage *stage = &plan->stages[s];
         for (int i = 0; i < stage->n_args; i++) {

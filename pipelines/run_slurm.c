@@ -95,12 +95,6 @@ static int only(const char *s, const char *allowed, int alnum) {
     return 1;
 }
 
-/* Memory as sbatch takes it: a number with an optional unit. */
-static int valid_mem(const char *s) {
-    size_t digits = strspn(s, "0123456789");
-    return digits > 0 && (s[digits] == '\0' || (strchr("KMGTkmgt", s[digits]) && s[digits + 1] == '\0'));
-}
-
 static int is_align(const run_stage *stage) {
     const char *base = strrchr(stage->program, '/');
     return !strcmp(base ? base + 1 : stage->program, "essence-align");
@@ -120,17 +114,12 @@ static int check_stage(const run_plan *plan, const run_stage *stage, es_error *e
     const run_slurm *s = &stage->slurm;
     const char *file = plan->pipeline_path;
     if (!only(stage->name, "_-", 1)) return es_fail(err, ES_ERR_USAGE, "%s: stage \"%s\": the name is not [A-Za-z0-9_-]+", file, stage->name);
-    /* Partition lists are comma-separated; ':' '+' '.' appear in site names. */
-    if (s->partition[0] && !only(s->partition, "_.:+,-", 1))
-        return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm.partition \"%s\": expected [A-Za-z0-9_.:+,-]+", file, stage->name, s->partition);
-    if (s->account[0] && !only(s->account, "_.:+-", 1))
-        return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm.account \"%s\": expected [A-Za-z0-9_.:+-]+", file, stage->name, s->account);
-    if (s->time[0] && !only(s->time, "0123456789:-", 0))
-        return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm.time \"%s\": expected [0-9:-]+ (e.g. 04:00:00 or 1-00:00:00)", file, stage->name,
-                       s->time);
-    if (s->mem[0] && !valid_mem(s->mem))
-        return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm.mem \"%s\": expected a number with an optional unit K, M, G or T", file,
-                       stage->name, s->mem);
+    /* The loader checked them already (FILE:LINE); a plan made otherwise is checked here. */
+    const char *keys[] = {"partition", "account", "time", "mem"}, *values[] = {s->partition, s->account, s->time, s->mem};
+    for (int k = 0; k < 4; k++) {
+        const char *problem = values[k][0] ? run_slurm_value_problem(keys[k], values[k]) : NULL;
+        if (problem) return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm.%s \"%s\": %s", file, stage->name, keys[k], values[k], problem);
+    }
     if (s->gpus < 0 || s->cpus < 0 || s->nodes < 0)
         return es_fail(err, ES_ERR_USAGE, "%s: stage %s: slurm gpus, cpus and nodes must not be negative", file, stage->name);
     if (s->nodes > 1 && !is_align(stage))

@@ -13,22 +13,32 @@
 
 #include <jansson.h>
 
+#include "files.h"
 #include "h5file.h"
 #include "run.h"
 
 #define TOOL_VERSION "essence 0.1"
 
+/* Temporary names of essence.lock's saves: LOCK_TEMP_PREFIX and six characters of mkstemp's. */
+#define LOCK_TEMP_PREFIX "essence.lock.partial-"
+
 struct run_lock {
     char *path;
+    char *name;     /* the pipeline file's name: its records' key */
     json_t *root;   /* {"version": 1, "files": {...}, "pipelines": {"NAME.yaml": {"stages": {...}}}} */
     json_t *stages; /* this pipeline's records (borrowed from root) */
     json_t *pending; /* this run's input fingerprints per stage, for the records */
+    /* What this process changed since its last save, laid over the lock on disk by the next:
+     * another essence-run's `status` may have saved its hashes in between. */
+    json_t *hashed, *recorded;
     int dirty;
 };
 
 int run_lock_open(run_lock **out, const run_plan *plan, es_error *err) {
     run_lock *lock = calloc(1, sizeof *lock);
-    if (!lock || asprintf(&lock->path, "%s/essence.lock", plan->dir) < 0) {
+    if (!lock || asprintf(&lock->path, "%s/essence.lock", plan->dir) < 0 || !(lock->name = strdup(strrchr(plan->pipeline_path, '/') + 1)) ||
+        !(lock->hashed = json_object()) || !(lock->recorded = json_object())) {
+        if (lock) free(lock->path), free(lock->name), json_decref(lock->hashed);
         free(lock);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
@@ -51,23 +61,77 @@ int run_lock_open(run_lock **out, const run_plan *plan, es_error *err) {
     return ES_OK;
 }
 
+/* The lock as it is on disk now, with this pipeline's records object; a new one when it is
+ * missing or unreadable. */
+static json_t *load_disk_lock(const run_lock *lock, json_t **stages) {
+    json_error_t problem;
+    json_t *root = json_load_file(lock->path, 0, &problem);
+    if (!json_is_object(root)) json_decref(root), root = json_pack("{s:i}", "version", 1);
+    if (!root) return NULL;
+    if (!json_is_object(json_object_get(root, "files"))) json_object_set_new(root, "files", json_object());
+    if (!json_is_object(json_object_get(root, "pipelines"))) json_object_set_new(root, "pipelines", json_object());
+    json_object_del(root, "stages"); /* the records of before "pipelines", as run_lock_open drops them */
+    json_t *pipelines = json_object_get(root, "pipelines");
+    if (!json_is_object(json_object_get(pipelines, lock->name))) json_object_set_new(pipelines, lock->name, json_object());
+    json_t *mine = json_object_get(pipelines, lock->name);
+    if (!json_is_object(json_object_get(mine, "stages"))) json_object_set_new(mine, "stages", json_object());
+    *stages = json_object_get(mine, "stages");
+    return *stages && json_is_object(json_object_get(root, "files")) ? root : (json_decref(root), NULL);
+}
+
 int run_lock_save(run_lock *lock, es_error *err) {
     if (!lock->dirty) return ES_OK;
-    char *tmp;
-    if (asprintf(&tmp, "%s.partial", lock->path) < 0) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    int rc = json_dump_file(lock->root, tmp, JSON_INDENT(1) | JSON_SORT_KEYS) == 0 && rename(tmp, lock->path) == 0
-                 ? ES_OK
-                 : es_fail(err, ES_ERR_RUNTIME, "%s: cannot write: %s", lock->path, strerror(errno));
-    if (rc) unlink(tmp);
-    else lock->dirty = 0;
-    free(tmp);
+    json_t *stages = NULL, *root = load_disk_lock(lock, &stages);
+    if (!root) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    json_object_update(json_object_get(root, "files"), lock->hashed);
+    json_object_update(stages, lock->recorded);
+    char *dir = strdup(lock->path), *tmp = NULL;
+    if (!dir || !strrchr(dir, '/') || (*strrchr(dir, '/') = '\0', asprintf(&tmp, "%s/" LOCK_TEMP_PREFIX "XXXXXX", dir) < 0)) {
+        free(dir), json_decref(root);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    /* A unique name: two writers never share a half-written file; fsync before the rename, so
+     * that essence.lock is the old text or the new one, whole, even after a crash. */
+    int fd = mkstemp(tmp), rc = ES_OK;
+    if (fd < 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot write: %s", lock->path, strerror(errno));
+    else if (fchmod(fd, 0644) != 0 || json_dumpfd(root, fd, JSON_INDENT(1) | JSON_SORT_KEYS) != 0 || es_write_all(fd, "\n", 1) != 0 ||
+             fsync(fd) != 0)
+        rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot write %s: %s", lock->path, tmp, strerror(errno ? errno : EIO));
+    if (fd >= 0 && close(fd) != 0 && !rc) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot write %s: %s", lock->path, tmp, strerror(errno));
+    if (!rc && rename(tmp, lock->path) != 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename %s to it: %s", lock->path, tmp, strerror(errno));
+    if (!rc) rc = es_fsync_folder(dir, err);
+    if (rc && fd >= 0) unlink(tmp);
+    if (!rc) {
+        json_object_clear(lock->hashed), json_object_clear(lock->recorded);
+        lock->dirty = 0;
+    }
+    free(tmp), free(dir);
+    json_decref(root);
     return rc;
+}
+
+int run_lock_changed(const run_lock *lock) { return lock->dirty; }
+
+void run_lock_remove_temporaries(const run_plan *plan) {
+    DIR *dir = opendir(plan->dir);
+    if (!dir) return;
+    size_t prefix = strlen(LOCK_TEMP_PREFIX);
+    for (struct dirent *entry; (entry = readdir(dir));) {
+        const char *name = entry->d_name;
+        /* essence.lock.partial: the single temporary name of earlier versions */
+        if (!strcmp(name, "essence.lock.partial") || (!strncmp(name, LOCK_TEMP_PREFIX, prefix) && strlen(name) == prefix + 6)) {
+            char path[PATH_MAX + 256];
+            snprintf(path, sizeof path, "%s/%s", plan->dir, name);
+            unlink(path);
+        }
+    }
+    closedir(dir);
 }
 
 void run_lock_free(run_lock *lock) {
     if (!lock) return;
-    json_decref(lock->root), json_decref(lock->pending);
-    free(lock->path);
+    json_decref(lock->root), json_decref(lock->pending), json_decref(lock->hashed), json_decref(lock->recorded);
+    free(lock->path), free(lock->name);
     free(lock);
 }
 
@@ -82,7 +146,9 @@ static int file_hash(run_lock *lock, const char *path, const struct stat *st, ch
     }
     int rc = es_sha256_file(path, out, err);
     if (!rc) {
-        json_object_set_new(files, path, json_pack("{s:I, s:I, s:s}", "size", (json_int_t)st->st_size, "mtime_ns", (json_int_t)mtime, "sha256", out));
+        json_t *fresh = json_pack("{s:I, s:I, s:s}", "size", (json_int_t)st->st_size, "mtime_ns", (json_int_t)mtime, "sha256", out);
+        json_object_set(files, path, fresh);
+        json_object_set_new(lock->hashed, path, fresh);
         lock->dirty = 1;
     }
     return rc;
@@ -205,7 +271,6 @@ static void describe_change(const json_t *record, const json_t *params, const js
 }
 
 int run_lock_record(run_lock *lock, const run_plan *plan, int s, es_error *err) {
-    (void)err;
     const run_stage *stage = &plan->stages[s];
     json_t *stages = lock->stages, *old = json_object_get(stages, stage->name);
     if (old && !strcmp(json_string_value(json_object_get(old, "fingerprint")) ? json_string_value(json_object_get(old, "fingerprint")) : "",
@@ -219,10 +284,12 @@ int run_lock_record(run_lock *lock, const run_plan *plan, int s, es_error *err) 
     json_t *inputs = json_object();
     for (int i = 0; i < stage->n_args; i++)
         if (stage->args[i].kind == RUN_INPUT) json_object_set_new(inputs, stage->args[i].flag, json_string(stage->args[i].text));
-    json_object_set_new(stages, stage->name,
-                        json_pack("{s:s, s:O, s:O, s:o, s:o, s:i, s:s}", "fingerprint", stage->fingerprint, "params", stage->params,
-                                  "input_fingerprints", json_object_get(lock->pending, stage->name),
-                                  "inputs", inputs, "outputs", outputs, "shards", stage->shards, "finished", finished));
+    json_t *record = json_pack("{s:s, s:O, s:O, s:o, s:o, s:i, s:s}", "fingerprint", stage->fingerprint, "params", stage->params,
+                               "input_fingerprints", json_object_get(lock->pending, stage->name), "inputs", inputs, "outputs", outputs,
+                               "shards", stage->shards, "finished", finished);
+    if (!record) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    json_object_set(stages, stage->name, record);
+    json_object_set_new(lock->recorded, stage->name, record);
     lock->dirty = 1;
     return ES_OK;
 }

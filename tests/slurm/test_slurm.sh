@@ -146,4 +146,47 @@ check slurm_rerun_downstream "project did not run after the shard: $(tr '\n' ' '
 check slurm_up_to_date_after_rerun "status: $("$RUN" "$pipe" status "${sets[@]}" 2>&1 | tr '\n' ' ')" only_up_to_date "$pipe"
 check slurm_outputs_equal_local_after_rerun "$(same_outputs 2>&1 | tr '\n' ' ')" same_outputs
 
+# 4. Shell syntax in a parameter and in an output's name, from the pipeline file through sbatch's
+# script on a real Slurm: the job array runs, the program gets both literally, nothing in them
+# runs (a file $work/pwned, or PWNED in the jobs' folder, would say otherwise).
+"$PY" - "$work" <<'EOF' || fail slurm_hostile_setup "cannot write hostile.yaml"
+import json, os, sys
+work = sys.argv[1]
+template = f"$(touch {work}/pwned) `touch PWNED`; rm -rf NOPE 'q' \"dq\" \\ $HOME\n#SBATCH --x -- -x {{prompt}}{{response}}"
+output = f"work/t $(touch {work}/pwned) `touch PWNED2`; 'q' -x.h5"
+with open(os.path.join(work, "onslurm", "hostile.yaml"), "w") as f:
+    f.write("stages:\n  extract:\n    program: essence-extract\n    shards: 2\n"
+            "    inputs: {model: demo/work/models/teacher, data: demo/work/data/texts.jsonl}\n"
+            f"    params: {{layers: \"1\", max_seq: 512, template: {json.dumps(template)}}}\n"
+            f"    outputs: {{out: {json.dumps(output)}}}\n"
+            "    slurm: {partition: test, time: \"10:00\"}\n")
+json.dump({"template": template, "output": output}, open(os.path.join(work, "hostile.json"), "w"))
+EOF
+"$RUN" "$work/onslurm/hostile.yaml" run --executor slurm --wait >"$work/run4.log" 2>&1
+rc=$?
+check slurm_hostile_values_run "exit status $rc: $(tail -n 8 "$work/run4.log" | tr '\n' ' ')" test "$rc" = 0
+hostile_check=$(cd "$work/onslurm" && "$PY" - "$work" 2>&1 <<'EOF'
+import json, os, sys
+import h5py, hdf5plugin, yaml  # noqa: F401  (hdf5plugin: the zstd filter)
+work = sys.argv[1]
+want = json.load(open(os.path.join(work, "hostile.json")))
+bad = []
+for shard in range(2):
+    path = os.path.join(work, "onslurm", want["output"].replace(".h5", f"-0000{shard}-of-00002.h5"))
+    if not os.path.exists(path):
+        bad.append(f"no {path!r}")
+        continue
+    with h5py.File(path, "r") as f:
+        got = yaml.safe_load(f.attrs["config"])["template"]
+    if got != want["template"]:
+        bad.append(f"shard {shard}: template {got!r}, not {want['template']!r}")
+for made in (os.path.join(work, "pwned"), "PWNED", "PWNED2", os.path.join(os.environ.get("HOME", "/"), "PWNED")):
+    if os.path.exists(made):
+        bad.append(f"{made} was made")
+print(" ".join(bad))
+sys.exit(1 if bad else 0)
+EOF
+)
+check slurm_hostile_values_literal "$hostile_check" test -z "$hostile_check"
+
 [ "$failures" = 0 ]

@@ -197,9 +197,23 @@ TEST(dry_run_prints_the_scripts) {
 }
 
 TEST(values_that_cannot_reach_sbatch) {
+    /* Shell syntax, sbatch options, white space and leading dashes, for every key. */
     struct { const char *key, *value; } bad[] = {
-        {"partition", "gpu;rm -rf /"}, {"partition", "gpu x"}, {"account", "a'b"}, {"account", "$(id)"},
-        {"time", "4h"},                {"time", "04:00 --x"},  {"mem", "12G\n#SBATCH --x"}, {"mem", "lots"},
+        {"partition", "gpu;rm -rf /"},  {"partition", "gpu x"},          {"partition", "$(touch /tmp/pwned)"},
+        {"partition", "`touch pwned`"}, {"partition", "gpu\n#SBATCH -x"}, {"partition", "'gpu'"},
+        {"partition", "\"gpu\""},       {"partition", "--"},             {"partition", "-p"},
+        {"partition", "--x=y"},         {"partition", "gpu,"},           {"partition", ",gpu"},
+        {"partition", "gpu,,cpu"},      {"partition", "gpu,-x"},         {"partition", "%x"},
+        {"account", "a'b"},             {"account", "$(id)"},            {"account", "`id`"},
+        {"account", "a;b"},             {"account", "--"},               {"account", "-a"},
+        {"account", "a b"},             {"account", "a\nb"},             {"account", "a,b"},
+        {"time", "4h"},                 {"time", "04:00 --x"},           {"time", "$(id)"},
+        {"time", "--"},                 {"time", "-1"},                  {"time", "1-"},
+        {"time", "1:2:3:4"},            {"time", "1-2-3"},               {"time", ":30"},
+        {"time", "30:"},                {"time", "1;2"},                 {"time", "1\n2"},
+        {"mem", "12G\n#SBATCH --x"},     {"mem", "lots"},                 {"mem", "-1G"},
+        {"mem", "--"},                  {"mem", "1GB"},                  {"mem", "$(id)"},
+        {"mem", "1G;id"},               {"mem", "G"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         run_plan plan;
@@ -236,6 +250,34 @@ TEST(values_that_cannot_reach_sbatch) {
     CHECKF(execute(&plan, templates, 0, 1, &err, &out) == ES_ERR_USAGE && strstr(err.msg, "my pipelines"), "%s", err.msg);
     free(out);
     run_plan_free(&plan);
+}
+
+TEST(values_sbatch_takes) {
+    /* Every form of the syntax reaches its #SBATCH line as written. */
+    struct { const char *key, *value; } good[] = {
+        {"partition", "gpu"},  {"partition", "gpu,debug"}, {"partition", "a100.x:1+2_b-c"}, {"account", "proj-1"},
+        {"account", "Ab.9"},   {"time", "30"},             {"time", "30:00"},               {"time", "04:00:00"},
+        {"time", "1-12"},      {"time", "1-12:30"},        {"time", "1-00:00:00"},          {"mem", "512"},
+        {"mem", "120G"},       {"mem", "4096m"},
+    };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        run_plan plan;
+        int todo[] = {0};
+        make_plan(&plan, todo, 1, 1);
+        run_slurm *s = &plan.stages[1].slurm;
+        char *field = !strcmp(good[i].key, "partition") ? s->partition : !strcmp(good[i].key, "account") ? s->account
+                      : !strcmp(good[i].key, "time")    ? s->time
+                                                        : s->mem;
+        snprintf(field, 32, "%s", good[i].value);
+        es_error err;
+        char *out = NULL, line[128];
+        int rc = execute(&plan, templates, 0, 1, &err, &out);
+        snprintf(line, sizeof line, "#SBATCH --%s=%s\n", good[i].key, good[i].value);
+        CHECKF(rc == ES_OK && strstr(out, line), "%s=%s: rc %d, %s", good[i].key, good[i].value, rc, err.msg);
+        CHECKF(run_slurm_value_problem(good[i].key, good[i].value) == NULL, "%s=%s refused", good[i].key, good[i].value);
+        free(out);
+        run_plan_free(&plan);
+    }
 }
 
 TEST(align_on_several_gpus_under_srun) {
@@ -310,6 +352,59 @@ TEST(submits_runs_and_waits) {
     make_plan(&plan, one, 1, 0);
     rc = execute(&plan, templates, 1, 0, &err, &out);
     CHECKF(rc == ES_OK && strstr(out, "extract done (job 101)"), "%s\n%s", err.msg, out);
+    free(out);
+    run_plan_free(&plan);
+}
+
+/* Paths and parameters with shell syntax in them reach the program byte for byte through the
+ * generated script and the shell running it, and run nothing: not in the jobs' folder (PWNED),
+ * not in /tmp. */
+TEST(hostile_paths_and_params_reach_the_program_literally) {
+    reset();
+    char marker[256], hostile_name[1024], path[4096], input[4096];
+    snprintf(marker, sizeof marker, "/tmp/essence-pwned-%d", (int)getpid());
+    snprintf(hostile_name, sizeof hostile_name, "t $(touch %s) `touch PWNED3`; rm -rf NOPE 'q' \"dq\" \\ $HOME\n#SBATCH --x -- -x", marker);
+    run_plan plan;
+    int todo[] = {0, 1, 2, 3};
+    make_plan(&plan, todo, 4, 1);
+    run_stage *e = &plan.stages[0], *p = &plan.stages[1];
+    free(e->outputs[0].value);
+    snprintf(path, sizeof path, "%s/work/%s.h5", dir, hostile_name);
+    e->outputs[0].value = strdup(path);
+    free(e->args[1].value);
+    e->args[1].value = strdup("--"); /* a value that looks like an option */
+    free(e->args[2].value);
+    e->args[2].value = strdup("-x");
+    free(p->args[0].value);
+    snprintf(input, sizeof input, "%s/work/in `touch PWNED4` $(touch %s).h5", dir, marker);
+    p->args[0].value = strdup(input);
+    free(p->outputs[0].value);
+    snprintf(path, sizeof path, "%s/work/student; touch PWNED5 #", dir);
+    p->outputs[0].value = strdup(path);
+    es_error err;
+    char *out = NULL;
+    int rc = execute(&plan, templates, 1, 0, &err, &out);
+    CHECKF(rc == ES_OK, "%s\n%s", err.msg, out);
+    for (int shard = 0; shard < 4; shard++) {
+        char *shard_path = run_shard_path(e->outputs[0].value, shard, 4);
+        CHECKF(same_argv(e, shard, shard_path), "shard %d: the program got other arguments", shard);
+        free(shard_path);
+    }
+    CHECK(same_argv(p, -1, p->outputs[0].value));
+    const char *pwned[] = {"PWNED", "PWNED2", "PWNED3", "PWNED4", "PWNED5"};
+    for (size_t i = 0; i < sizeof pwned / sizeof *pwned; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, pwned[i]);
+        CHECKF(!exists(pwned[i]) && !exists(path), "%s was made", pwned[i]);
+    }
+    CHECKF(!exists(marker), "%s was made", marker);
+    unlink(marker);
+    free(out);
+    run_plan_free(&plan);
+    /* A stage name is not a place for them either (the loader refuses them first). */
+    make_plan(&plan, todo, 4, 1);
+    free(plan.stages[1].name);
+    plan.stages[1].name = strdup("p;touch PWNED");
+    CHECKF(execute(&plan, templates, 0, 1, &err, &out) == ES_ERR_USAGE && strstr(err.msg, "p;touch PWNED"), "%s", err.msg);
     free(out);
     run_plan_free(&plan);
 }
@@ -413,8 +508,10 @@ int main(void) {
     if (mkdir(cwd, 0755) || chdir(cwd)) return printf("FAIL setup: %s: %s\n", cwd, strerror(errno)), 1;
     RUN(dry_run_prints_the_scripts);
     RUN(values_that_cannot_reach_sbatch);
+    RUN(values_sbatch_takes);
     RUN(align_on_several_gpus_under_srun);
     RUN(submits_runs_and_waits);
+    RUN(hostile_paths_and_params_reach_the_program_literally);
     RUN(failed_shard_then_rerun_alone);
     RUN(sbatch_refuses);
     RUN(template_errors);
