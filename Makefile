@@ -195,7 +195,8 @@ bench: deps
 
 FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 fuzzers: $(FUZZERS)
-$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h)
+# A target may include a stage file (fuzz_pipeline includes pipelines/run_plan.c): any source is a dependency.
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h pipelines/*.c pipelines/*.h)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(BASE_LIBS)
 
