@@ -15,7 +15,10 @@ int extract_input_open(extract_input *input, const char *path, const char *token
     input->max_seq = max_seq;
     input->truncate = truncate;
     input->vocab_size = vocab_size;
-    return es_jsonl_open(&input->reader, path, err);
+    int rc = es_jsonl_open(&input->reader, path, err);
+    /* Counted here, on the stream that is then read: a pipe or FIFO is read once. */
+    if (!rc) rc = es_jsonl_count(&input->reader, &input->total, err);
+    return rc;
 }
 
 static char *render(const char *template_text, const char *prompt, size_t prompt_len, const char *response, size_t response_len,
@@ -159,21 +162,4 @@ void extract_input_close(extract_input *input) {
     es_jsonl_close(&input->reader);
     es_tokenizer_free(input->tokenizer);
     es_encoding_free(&input->encoding);
-}
-
-int extract_count_samples(const char *path, int64_t *count, es_error *err) {
-    FILE *file = fopen(path, "r");
-    if (!file) return es_fail(err, ES_ERR_USAGE, "%s: cannot open", path);
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t len;
-    *count = 0;
-    while ((len = getline(&line, &cap, file)) >= 0) {
-        int blank = 1;
-        for (ssize_t i = 0; i < len && blank; i++) blank = line[i] == ' ' || line[i] == '\t' || line[i] == '\n' || line[i] == '\r';
-        *count += !blank;
-    }
-    free(line);
-    fclose(file);
-    return ES_OK;
 }

@@ -8,15 +8,15 @@
 #include "../testlib.h"
 
 static const es_option OPTS[] = {
-    {"model", ES_OPT_STRING, NULL, "model folder"},
-    {"layers", ES_OPT_STRING, "20", "layers to capture"},
-    {"batch-tokens", ES_OPT_INT, "4096", "tokens per batch"},
-    {"lr", ES_OPT_FLOAT, "0.001", "learning rate"},
-    {"resume", ES_OPT_BOOL, "false", "resume from the last checkpoint"},
-    {"no-shuffle", ES_OPT_BOOL, "false", "keep the data order"},
-    {"template", ES_OPT_STRING, NULL, "prompt template"},
-    {"threads", ES_OPT_INT, NULL, "worker threads"},
-    {NULL, 0, NULL, NULL},
+    {"model", ES_OPT_STRING, NULL, "model folder", NULL},
+    {"layers", ES_OPT_STRING, "20", "layers to capture", NULL},
+    {"batch-tokens", ES_OPT_INT, "4096", "tokens per batch", NULL},
+    {"lr", ES_OPT_FLOAT, "0.001", "learning rate", NULL},
+    {"resume", ES_OPT_BOOL, "false", "resume from the last checkpoint", NULL},
+    {"no-shuffle", ES_OPT_BOOL, "false", "keep the data order", NULL},
+    {"template", ES_OPT_STRING, NULL, "prompt template", NULL},
+    {"threads", ES_OPT_INT, NULL, "worker threads", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 #ifdef SHOW_MESSAGES
@@ -490,12 +490,12 @@ TEST(set_and_table_errors) {
     CHECK(cfg.sources[1] == ES_SRC_UNSET);
     es_config_free(&cfg);
 
-    static const es_option bad_default[] = {{"n", ES_OPT_INT, "ten", ""}, {NULL, 0, NULL, NULL}};
+    static const es_option bad_default[] = {{"n", ES_OPT_INT, "ten", "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     es_error_clear(&err);
     CHECK(es_config_init(&cfg, bad_default, &err) == ES_ERR_RUNTIME);
     CHECK(contains(err.msg, "--n") && contains(err.msg, "not an integer"));
     es_config_free(&cfg);
-    static const es_option twice[] = {{"a-b", ES_OPT_INT, NULL, ""}, {"a_b", ES_OPT_INT, NULL, ""}, {NULL, 0, NULL, NULL}};
+    static const es_option twice[] = {{"a-b", ES_OPT_INT, NULL, "", NULL}, {"a_b", ES_OPT_INT, NULL, "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     es_error_clear(&err);
     CHECK(es_config_init(&cfg, twice, &err) == ES_ERR_RUNTIME);
     es_config_free(&cfg);
@@ -519,7 +519,7 @@ TEST(to_yaml_form) {
     free(y);
     es_config_free(&cfg);
 
-    static const es_option none[] = {{"a", ES_OPT_STRING, NULL, ""}, {NULL, 0, NULL, NULL}};
+    static const es_option none[] = {{"a", ES_OPT_STRING, NULL, "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     REQUIRE(es_config_init(&cfg, none, &err) == ES_OK);
     y = es_config_to_yaml(&cfg);
     CHECK(str_eq(y, "{}\n"));
