@@ -408,7 +408,8 @@ int main(int argc, char **argv) {
     snprintf(student_tokenizer_path, sizeof student_tokenizer_path, "%s/tokenizer.json", student_dir);
     FILE *probe = fopen(student_tokenizer_path, "rb");
     if (!probe) {
-        es_fail(&err, ES_ERR_USAGE, "%s: the student folder has no tokenizer.json (project tokenises the texts with it)", student_dir);
+        es_fail(&err, ES_ERR_DATA, "%s: missing: the student folder has no tokenizer.json (project tokenises the texts with it)",
+                student_tokenizer_path);
         es_exit_error(&err);
     }
     fclose(probe);

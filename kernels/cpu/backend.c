@@ -222,6 +222,11 @@ int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err)
     pthread_cond_init(&s->queued, NULL);
     pthread_cond_init(&s->finished, NULL);
     openblas_set_num_threads(1); /* every product is tiled over the pool instead: see cpu.h */
+    if (cpu_blas_memory_prepare(s->pool, err)) {
+        if (s->own_pool) es_pool_destroy(s->pool);
+        free(s);
+        return err->code;
+    }
     dev->ops = &cpu_backend;
     dev->impl = s;
     dev->host_memory = 1;
