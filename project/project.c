@@ -420,7 +420,7 @@ int main(int argc, char **argv) {
     if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
     es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
-        es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
+        es_fail(&err, ES_ERR_RUNTIME, "cannot start the worker threads (out of memory, or the limit of processes)");
         es_exit_error(&err);
     }
     device_options.pool = pool;

@@ -216,7 +216,7 @@ int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err)
     }
     if (!s->pool) {
         free(s);
-        return es_fail(err, ES_ERR_RUNTIME, "cannot start %d threads", options->threads);
+        return es_fail(err, ES_ERR_RUNTIME, "cannot start %d worker threads (out of memory, or the limit of processes)", options->threads);
     }
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->queued, NULL);
