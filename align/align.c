@@ -21,6 +21,7 @@
 #include "comm.h"
 #include "config.h"
 #include "data.h"
+#include "files.h"
 #include "fingerprint.h"
 #include "log.h"
 #include "optimizer.h"
@@ -31,34 +32,34 @@
 extern char **environ;
 
 static const es_option options[] = {
-    {"model", ES_OPT_STRING, NULL, "student model folder (config.json, safetensors, tokenizer files)"},
-    {"data", ES_OPT_STRING, NULL, "student.h5 written by essence-project"},
-    {"out", ES_OPT_STRING, NULL, "output folder: checkpoint-STEP/ folders, the final model, metrics.jsonl, loss.png"},
-    {"steps", ES_OPT_INT, "500", "optimizer steps"},
-    {"lr", ES_OPT_FLOAT, "1e-4", "peak learning rate"},
-    {"warmup", ES_OPT_INT, "20", "steps of linear warmup before the cosine decay"},
-    {"batch-tokens", ES_OPT_INT, "8192", "tokens per micro-batch and rank"},
-    {"seq-len", ES_OPT_INT, "2048", "longest attention sequence: longer samples are cut into pieces"},
-    {"grad-accum", ES_OPT_INT, "1", "micro-batches per optimizer step"},
-    {"latent-weight", ES_OPT_FLOAT, "1.0", "weight of the latent MSE (mean over mapped layers)"},
-    {"ce-weight", ES_OPT_FLOAT, "0.0", "weight of the next-token cross entropy (0: only layers up to the deepest mapped one run)"},
-    {"student-head", ES_OPT_STRING, "none", "none, or linear: a learned D×D map per mapped layer (identity at start)"},
-    {"weight-decay", ES_OPT_FLOAT, "0.1", "AdamW decoupled weight decay"},
-    {"beta1", ES_OPT_FLOAT, "0.9", "AdamW β1"},
-    {"beta2", ES_OPT_FLOAT, "0.95", "AdamW β2"},
-    {"adam-eps", ES_OPT_FLOAT, "1e-8", "AdamW ε"},
-    {"grad-clip", ES_OPT_FLOAT, "1.0", "global gradient norm limit (0: no clipping)"},
-    {"save-every", ES_OPT_INT, "500", "steps between checkpoints (a checkpoint is also written at the end)"},
-    {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept"},
-    {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out"},
-    {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)"},
-    {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation"},
-    {"no-shuffle", ES_OPT_BOOL, "false", "train in file order"},
-    {"seed", ES_OPT_INT, "0", "seed of the eval split and the shuffling"},
-    {"dump-step", ES_OPT_STRING, NULL, "after the first step's backward, write loss terms and gradients (fp32) to FILE.safetensors"},
-    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint, written to OUT/fingerprint at the end (set by essence-run; default: computed)"},
+    {"model", ES_OPT_STRING, NULL, "student model folder (config.json, safetensors, tokenizer files)", NULL},
+    {"data", ES_OPT_STRING, NULL, "student.h5 written by essence-project", NULL},
+    {"out", ES_OPT_STRING, NULL, "output folder: checkpoint-STEP/ folders, the final model, metrics.jsonl, loss.png", NULL},
+    {"steps", ES_OPT_INT, "500", "optimizer steps", "[1,)"},
+    {"lr", ES_OPT_FLOAT, "1e-4", "peak learning rate", "(0,)"},
+    {"warmup", ES_OPT_INT, "20", "steps of linear warmup before the cosine decay", "[0,)"},
+    {"batch-tokens", ES_OPT_INT, "8192", "tokens per micro-batch and rank", "[1,2147483647]"},
+    {"seq-len", ES_OPT_INT, "2048", "longest attention sequence: longer samples are cut into pieces", "[2,2147483647]"},
+    {"grad-accum", ES_OPT_INT, "1", "micro-batches per optimizer step", "[1,2147483647]"},
+    {"latent-weight", ES_OPT_FLOAT, "1.0", "weight of the latent MSE (mean over mapped layers)", "[0,)"},
+    {"ce-weight", ES_OPT_FLOAT, "0.0", "weight of the next-token cross entropy (0: only layers up to the deepest mapped one run)", "[0,)"},
+    {"student-head", ES_OPT_STRING, "none", "none, or linear: a learned D×D map per mapped layer (identity at start)", NULL},
+    {"weight-decay", ES_OPT_FLOAT, "0.1", "AdamW decoupled weight decay", "[0,)"},
+    {"beta1", ES_OPT_FLOAT, "0.9", "AdamW β1", "[0,1)"},
+    {"beta2", ES_OPT_FLOAT, "0.95", "AdamW β2", "[0,1)"},
+    {"adam-eps", ES_OPT_FLOAT, "1e-8", "AdamW ε", "(0,)"},
+    {"grad-clip", ES_OPT_FLOAT, "1.0", "global gradient norm limit (0: no clipping)", "[0,)"},
+    {"save-every", ES_OPT_INT, "500", "steps between checkpoints (a checkpoint is also written at the end)", "[0,2147483647]"},
+    {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept", "[1,2147483647]"},
+    {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out", NULL},
+    {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)", "[0,2147483647]"},
+    {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation", "[0,1)"},
+    {"no-shuffle", ES_OPT_BOOL, "false", "train in file order", NULL},
+    {"seed", ES_OPT_INT, "0", "seed of the eval split and the shuffling", NULL},
+    {"dump-step", ES_OPT_STRING, NULL, "after the first step's backward, write loss terms and gradients (fp32) to FILE.safetensors", NULL},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint, written to OUT/fingerprint at the end (set by essence-run; default: computed)", NULL},
     ES_DEVICE_OPTIONS,
-    {NULL, 0, NULL, NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 static const char usage[] = "essence-align --model DIR --data student.h5 --out DIR [options]";
@@ -313,6 +314,8 @@ int main(int argc, char **argv) {
     if (strcmp(head_kind, "none") && strcmp(head_kind, "linear"))
         es_fail(&err, ES_ERR_USAGE, "--student-head %s: expected none or linear", head_kind), fail(&comm, &err);
     const char *model_dir = es_config_str(&cfg, "model"), *out_dir = es_config_str(&cfg, "out");
+    const es_named_path inputs[] = {{"model", model_dir}, {"data", es_config_str(&cfg, "data")}};
+    if (es_check_output_clear("out", out_dir, 0, inputs, 2, &err)) fail(&comm, &err);
     const int64_t steps = es_config_int(&cfg, "steps"), warmup = es_config_int(&cfg, "warmup");
     const int accum = (int)es_config_int(&cfg, "grad-accum"), save_every = (int)es_config_int(&cfg, "save-every");
     const int eval_every = (int)es_config_int(&cfg, "eval-every");

@@ -19,8 +19,9 @@
 /* ---- small helpers ------------------------------------------------------------------ */
 
 void es_cfg_oom(void) {
-    fputs("essence: out of memory\n", stderr);
-    abort();
+    /* Exit code 1, never a signal: a run out of memory is a runtime failure (docs/config.md). */
+    fputs("essence: out of memory while reading the configuration\n", stderr);
+    exit(ES_ERR_RUNTIME);
 }
 
 char *es_cfg_xstrndup(const char *s, size_t n) {
@@ -107,6 +108,62 @@ const char *es_cfg_suggest(const es_config *cfg, const char *name, size_t n) {
     return best;
 }
 
+/* Checks value v (its text, already of the option's type) against opt->range. 0 when inside
+ * or unbounded, 1 when outside, -1 when the range itself is malformed (a table error). */
+static int outside_range(const es_option *opt, const char *text) {
+    const char *r = opt->range;
+    if (!r) return 0;
+    size_t n = strlen(r);
+    const char *comma = strchr(r, ',');
+    if (n < 3 || (r[0] != '[' && r[0] != '(') || (r[n - 1] != ']' && r[n - 1] != ')') || !comma) return -1;
+    int lo_open = r[0] == '(', hi_open = r[n - 1] == ')';
+    const char *lo = r + 1, *hi = comma + 1;
+    int has_lo = lo != comma, has_hi = hi != r + n - 1;
+    char *end;
+    if (opt->type == ES_OPT_INT) {
+        long long v = strtoll(text, NULL, 10), a = 0, b = 0;
+        if (has_lo && ((a = strtoll(lo, &end, 10)), end != comma)) return -1;
+        if (has_hi && ((b = strtoll(hi, &end, 10)), end != r + n - 1)) return -1;
+        return (has_lo && (lo_open ? v <= a : v < a)) || (has_hi && (hi_open ? v >= b : v > b));
+    }
+    if (opt->type != ES_OPT_FLOAT) return -1;
+    double v = strtod(text, NULL), a = 0, b = 0;
+    if (has_lo && ((a = strtod(lo, &end)), end != comma)) return -1;
+    if (has_hi && ((b = strtod(hi, &end)), end != r + n - 1)) return -1;
+    return (has_lo && (lo_open ? v <= a : v < a)) || (has_hi && (hi_open ? v >= b : v > b));
+}
+
+/* "is outside [0, 1)": the range as a reader writes it, for messages. */
+static const char *range_why(const es_option *opt) {
+    static _Thread_local char why[160];
+    const char *r = opt->range, *comma = strchr(r, ',');
+    size_t n = strlen(r);
+    const char *lo = r + 1, *hi = comma + 1;
+    int has_lo = lo != comma, has_hi = hi != r + n - 1;
+    if (!has_hi) snprintf(why, sizeof why, "is out of range (expected %s %.*s)", r[0] == '(' ? ">" : ">=", (int)(comma - lo), lo);
+    else if (!has_lo) snprintf(why, sizeof why, "is out of range (expected %s %.*s)", r[n - 1] == ')' ? "<" : "<=", (int)(r + n - 1 - hi), hi);
+    else snprintf(why, sizeof why, "is out of range (expected a value in %c%.*s, %.*s%c)", r[0], (int)(comma - lo), lo,
+                  (int)(r + n - 1 - hi), hi, r[n - 1]);
+    return why;
+}
+
+int es_parse_shard(const char *text, int *index, int *count) {
+    long long v[2];
+    const char *p = text;
+    for (int k = 0; k < 2; k++) {
+        if (!isdigit((unsigned char)*p)) return -1;
+        char *end;
+        errno = 0;
+        v[k] = strtoll(p, &end, 10);
+        if (errno == ERANGE || v[k] > 2147483647LL) return -1;
+        if (*end != (k == 0 ? '/' : '\0')) return -1;
+        p = end + 1;
+    }
+    if (v[1] < 1 || v[0] >= v[1]) return -1;
+    *index = (int)v[0], *count = (int)v[1];
+    return 0;
+}
+
 static const char *const bool_true[] = {"true", "yes", "on", "1"};
 static const char *const bool_false[] = {"false", "no", "off", "0"};
 
@@ -136,6 +193,10 @@ int es_cfg_check_value(const es_option *opt, const char *text, size_t len, char 
         }
         char tmp[32];
         snprintf(tmp, sizeof tmp, "%lld", v);
+        if (outside_range(opt, tmp)) {
+            *why = outside_range(opt, tmp) < 0 ? "is checked against a malformed range" : range_why(opt);
+            return -1;
+        }
         *out = es_cfg_xstrdup(tmp);
         return 0;
     }
@@ -145,13 +206,18 @@ int es_cfg_check_value(const es_option *opt, const char *text, size_t len, char 
             return -1;
         }
         char *end;
+        errno = 0;
         double v = strtod(text, &end);
         if (end == text || *end != '\0') {
             *why = "is not a number";
             return -1;
         }
-        if (!isfinite(v)) {
+        if (!isfinite(v) || (errno == ERANGE && fabs(v) > 1)) {
             *why = "is not a finite number";
+            return -1;
+        }
+        if (outside_range(opt, text)) {
+            *why = outside_range(opt, text) < 0 ? "is checked against a malformed range" : range_why(opt);
             return -1;
         }
         *out = es_cfg_xstrndup(text, len);
@@ -206,6 +272,10 @@ int es_config_init(es_config *cfg, const es_option *options, es_error *err) {
             es_config_free(cfg);
             return es_fail(err, ES_ERR_RUNTIME, "option table: bad or repeated option name \"%s\"",
                            o->name);
+        }
+        if (o->range && outside_range(o, "0") < 0) {
+            es_config_free(cfg);
+            return es_fail(err, ES_ERR_RUNTIME, "option table: --%s: malformed range \"%s\"", o->name, o->range);
         }
         if (!o->default_value) continue;
         char *v;
@@ -375,7 +445,7 @@ static int scan_args(es_config *cfg, int argc, char **argv, int apply, es_error 
         if (name_eq("help", name, nlen) || name_eq("print-config", name, nlen)) {
             int on = 1;
             if (eq) {
-                es_option b = {"", ES_OPT_BOOL, NULL, NULL};
+                es_option b = {"", ES_OPT_BOOL, NULL, NULL, NULL};
                 char *v;
                 const char *why;
                 if (es_cfg_check_value(&b, eq + 1, strlen(eq + 1), &v, &why) != 0) {
@@ -460,6 +530,7 @@ void es_config_print_help(const es_config *cfg, const char *usage, const char *d
         snprintf(left, sizeof left, "--%s%s", o->name, placeholder(o->type));
         printf("  %-*s   %s", width, left, o->help ? o->help : "");
         if (o->default_value) printf("%s(default: %s)", o->help && *o->help ? " " : "", o->default_value);
+        if (o->range) printf(" (range %s)", o->range);
         printf("\n");
     }
     printf("  %-*s   %s\n", width, "--config FILE", "read options from a YAML file (flags override it)");

@@ -19,6 +19,11 @@ typedef struct es_option {
     es_opt_type type;          /* BOOL flags take no value on the command line ("--resume") */
     const char *default_value; /* text form; NULL: no default (unset until given) */
     const char *help;          /* one line for --help */
+    /* INT and FLOAT: the values allowed, as an interval: "[1,)" (>= 1), "[0,1)", "(0,)" (> 0),
+     * "[0,4096]"; a missing bound is unbounded. NULL: any value of the type. A value outside
+     * is a usage error naming the option (or FILE:LINE and the key), as a value of the wrong
+     * type is. */
+    const char *range;
 } es_option;
 
 typedef enum { ES_SRC_UNSET, ES_SRC_DEFAULT, ES_SRC_FILE, ES_SRC_FLAG } es_value_source;
@@ -86,6 +91,10 @@ char *es_config_to_yaml_without(const es_config *cfg, const char *const *leave_o
 #define ES_CONFIG_DONE (-1)
 int es_config_start(es_config *cfg, const es_option *options, int argc, char **argv, const char *usage,
                     const char *description, const char *const *required, es_error *err);
+/* Parses --shard's "I/N" strictly (decimal digits only, nothing else, 0 <= I < N <= 2^31-1):
+ * 0, or -1 for anything else ("1/2x", "1/ 2", "1/2/3", "-1/2"). */
+int es_parse_shard(const char *text, int *index, int *count);
+
 /* Prints "usage: USAGE" then one line per option with its default and help. */
 void es_config_print_help(const es_config *cfg, const char *usage, const char *description);
 

@@ -8,9 +8,9 @@
 #include "config.h"
 #include "error.h"
 
-/* Prints "essence: out of memory" and aborts. */
+/* Prints "essence: out of memory while reading the configuration" and exits with code 1. */
 void es_cfg_oom(void);
-char *es_cfg_xstrndup(const char *s, size_t n); /* aborts when out of memory */
+char *es_cfg_xstrndup(const char *s, size_t n); /* exits (code 1) when out of memory */
 static inline char *es_cfg_xstrdup(const char *s) { return es_cfg_xstrndup(s, strlen(s)); }
 
 /* A value for a message: quoted, control bytes escaped, cut after 60 bytes. `buf` holds

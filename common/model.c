@@ -14,21 +14,27 @@
 
 /* ---- config.json ---------------------------------------------------------------------- */
 
-static int get_int(const json_t *root, const char *path, const char *key, int fallback, int required, int *out, es_error *err) {
+/* Every value the model uses is checked here, by type (an integer given as a string or a float is
+ * refused) and by range, so that no later step meets a size of 0, a head count that does not
+ * divide, or a RoPE base or norm epsilon that turns the latents into NaN (docs/safetensors.md). */
+static int get_int(const json_t *root, const char *path, const char *key, int fallback, int required, int min, int max, int *out,
+                   es_error *err) {
     const json_t *value = json_object_get(root, key);
     if (!value || json_is_null(value)) {
         if (required) return BAD("%s: missing \"%s\"", path, key);
         *out = fallback;
         return ES_OK;
     }
-    if (!json_is_integer(value) || json_integer_value(value) < 0 || json_integer_value(value) > 1 << 30)
-        return BAD("%s: \"%s\" is not a non-negative integer", path, key);
+    if (!json_is_integer(value)) return BAD("%s: \"%s\" is not an integer", path, key);
+    if (json_integer_value(value) < min || json_integer_value(value) > max)
+        return BAD("%s: \"%s\" is %lld, outside %d..%d", path, key, (long long)json_integer_value(value), min, max);
     *out = (int)json_integer_value(value);
     return ES_OK;
 }
 
-static int get_real(const json_t *root, const char *path, const char *key, double fallback, int required, double *out,
-                    es_error *err) {
+/* A finite number above `min` (or at it, with min_ok). */
+static int get_real(const json_t *root, const char *path, const char *key, double fallback, int required, double min, int min_ok,
+                    double *out, es_error *err) {
     const json_t *value = json_object_get(root, key);
     if (!value || json_is_null(value)) {
         if (required) return BAD("%s: missing \"%s\"", path, key);
@@ -36,41 +42,51 @@ static int get_real(const json_t *root, const char *path, const char *key, doubl
         return ES_OK;
     }
     if (!json_is_number(value) || !isfinite(json_number_value(value)))
-        return BAD("%s: \"%s\" is not a number", path, key);
-    *out = json_number_value(value);
+        return BAD("%s: \"%s\" is not a finite number", path, key);
+    double v = json_number_value(value);
+    if (min_ok ? v < min : v <= min) return BAD("%s: \"%s\" is %g: it must be %s %g", path, key, v, min_ok ? ">=" : ">", min);
+    *out = v;
     return ES_OK;
 }
 
-static int get_flag(const json_t *root, const char *key) { return json_is_true(json_object_get(root, key)); }
+/* true, false, or absent / null (false). */
+static int get_flag(const json_t *root, const char *path, const char *key, int *out, es_error *err) {
+    const json_t *value = json_object_get(root, key);
+    *out = json_is_true(value);
+    if (value && !json_is_null(value) && !json_is_boolean(value)) return BAD("%s: \"%s\" is not true or false", path, key);
+    return ES_OK;
+}
+
+#define MAX_SIZE (1 << 30)  /* vocabulary, widths, positions */
+#define MAX_LAYERS 100000
 
 /* rope_scaling (older configs) or rope_parameters (newer ones, which may also hold rope_theta). */
 static int load_rope(const json_t *root, const char *path, es_model_config *c, es_error *err) {
     const json_t *rope = json_object_get(root, "rope_parameters");
     const char *key = "rope_parameters";
     if (!rope || json_is_null(rope)) rope = json_object_get(root, "rope_scaling"), key = "rope_scaling";
-    int rc = get_real(root, path, "rope_theta", 10000.0, 0, &c->rope_theta, err);
+    int rc = get_real(root, path, "rope_theta", 10000.0, 0, 0, 0, &c->rope_theta, err);
     if (rc || !rope || json_is_null(rope)) return rc;
     if (!json_is_object(rope)) return BAD("%s: \"%s\" is not an object", path, key);
-    if (json_object_get(rope, "rope_theta")) {
-        rc = get_real(rope, path, "rope_theta", 10000.0, 1, &c->rope_theta, err);
-        if (rc) return rc;
-    }
+    char where[4200]; /* messages name the key inside: "config.json: rope_scaling: \"factor\" ..." */
+    snprintf(where, sizeof where, "%s: %s", path, key);
+    if (json_object_get(rope, "rope_theta") && (rc = get_real(rope, where, "rope_theta", 10000.0, 1, 0, 0, &c->rope_theta, err)))
+        return rc;
     const json_t *type = json_object_get(rope, "rope_type");
     if (!type) type = json_object_get(rope, "type");
+    if (type && !json_is_string(type) && !json_is_null(type)) return BAD("%s: %s.rope_type is not a string", path, key);
     const char *name = json_is_string(type) ? json_string_value(type) : "default";
     if (!strcmp(name, "default")) return ES_OK;
     if (strcmp(name, "llama3")) return BAD("%s: %s.rope_type \"%s\" is not supported (default, llama3)", path, key, name);
     c->rope_llama3 = 1;
-    double original;
-    if ((rc = get_real(rope, path, "factor", 0, 1, &c->rope_factor, err)) ||
-        (rc = get_real(rope, path, "low_freq_factor", 0, 1, &c->rope_low_freq_factor, err)) ||
-        (rc = get_real(rope, path, "high_freq_factor", 0, 1, &c->rope_high_freq_factor, err)) ||
-        (rc = get_real(rope, path, "original_max_position_embeddings", 0, 1, &original, err)))
+    if ((rc = get_real(rope, where, "factor", 0, 1, 0, 0, &c->rope_factor, err)) ||
+        (rc = get_real(rope, where, "low_freq_factor", 0, 1, 0, 0, &c->rope_low_freq_factor, err)) ||
+        (rc = get_real(rope, where, "high_freq_factor", 0, 1, 0, 0, &c->rope_high_freq_factor, err)) ||
+        (rc = get_int(rope, where, "original_max_position_embeddings", 0, 1, 1, MAX_SIZE, &c->rope_original_max_position, err)))
         return rc;
-    c->rope_original_max_position = (int)original;
-    if (c->rope_factor <= 0 || c->rope_low_freq_factor <= 0 || c->rope_high_freq_factor <= c->rope_low_freq_factor ||
-        original <= 0)
-        return BAD("%s: %s: llama3 factors out of range", path, key);
+    if (c->rope_high_freq_factor <= c->rope_low_freq_factor)
+        return BAD("%s: %s: high_freq_factor (%g) must be above low_freq_factor (%g)", path, key, c->rope_high_freq_factor,
+                   c->rope_low_freq_factor);
     return ES_OK;
 }
 
@@ -84,35 +100,56 @@ static int parse_config(const json_t *root, const char *path, es_model_config *c
     else if (!strcmp(model_type, "qwen2")) c->arch = ES_ARCH_QWEN2;
     else return BAD("%s: model_type \"%s\" is not supported (llama, qwen2)", path, model_type);
     int rc;
-    if ((rc = get_int(root, path, "vocab_size", 0, 1, &c->vocab_size, err)) ||
-        (rc = get_int(root, path, "hidden_size", 0, 1, &c->hidden_size, err)) ||
-        (rc = get_int(root, path, "intermediate_size", 0, 1, &c->intermediate_size, err)) ||
-        (rc = get_int(root, path, "num_hidden_layers", 0, 1, &c->n_layers, err)) ||
-        (rc = get_int(root, path, "num_attention_heads", 0, 1, &c->n_heads, err)) ||
-        (rc = get_int(root, path, "max_position_embeddings", 131072, 0, &c->max_position_embeddings, err)) ||
-        (rc = get_real(root, path, "rms_norm_eps", 1e-6, 0, &c->rms_norm_eps, err)))
+    if ((rc = get_int(root, path, "vocab_size", 0, 1, 1, MAX_SIZE, &c->vocab_size, err)) ||
+        (rc = get_int(root, path, "hidden_size", 0, 1, 1, MAX_SIZE, &c->hidden_size, err)) ||
+        (rc = get_int(root, path, "intermediate_size", 0, 1, 1, MAX_SIZE, &c->intermediate_size, err)) ||
+        (rc = get_int(root, path, "num_hidden_layers", 0, 1, 1, MAX_LAYERS, &c->n_layers, err)) ||
+        (rc = get_int(root, path, "num_attention_heads", 0, 1, 1, MAX_SIZE, &c->n_heads, err)) ||
+        (rc = get_int(root, path, "max_position_embeddings", 131072, 0, 1, MAX_SIZE, &c->max_position_embeddings, err)) ||
+        /* 0 is refused too: RMSNorm of an all-zero row would be 0/0 */
+        (rc = get_real(root, path, "rms_norm_eps", 1e-6, 0, 0, 0, &c->rms_norm_eps, err)))
         return rc;
-    if (c->n_heads == 0 || c->hidden_size == 0 || c->vocab_size == 0 || c->intermediate_size == 0)
-        return BAD("%s: sizes must be positive", path);
-    if ((rc = get_int(root, path, "num_key_value_heads", c->n_heads, 0, &c->n_kv_heads, err)) ||
-        (rc = get_int(root, path, "head_dim", c->hidden_size / c->n_heads, 0, &c->head_dim, err)) ||
+    if (!json_object_get(root, "head_dim") && c->hidden_size % c->n_heads)
+        return BAD("%s: hidden_size (%d) is not a multiple of num_attention_heads (%d), and no head_dim is given", path,
+                   c->hidden_size, c->n_heads);
+    if ((rc = get_int(root, path, "num_key_value_heads", c->n_heads, 0, 1, MAX_SIZE, &c->n_kv_heads, err)) ||
+        (rc = get_int(root, path, "head_dim", c->hidden_size / c->n_heads, 0, 1, MAX_SIZE, &c->head_dim, err)) ||
         (rc = load_rope(root, path, c, err)))
         return rc;
-    if (c->n_kv_heads == 0 || c->n_heads % c->n_kv_heads)
+    if (c->n_heads % c->n_kv_heads)
         return BAD("%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)", path, c->n_heads, c->n_kv_heads);
-    if (c->head_dim == 0 || c->head_dim % 2) return BAD("%s: head_dim %d must be even", path, c->head_dim);
+    if (c->head_dim % 2) return BAD("%s: head_dim %d must be even", path, c->head_dim);
+    if ((int64_t)c->n_heads * c->head_dim > MAX_SIZE)
+        return BAD("%s: num_attention_heads × head_dim (%d × %d) is too large", path, c->n_heads, c->head_dim);
     const json_t *act = json_object_get(root, "hidden_act");
     if (act && (!json_is_string(act) || strcmp(json_string_value(act), "silu")))
         return BAD("%s: hidden_act \"%s\" is not supported (silu)", path, json_is_string(act) ? json_string_value(act) : "?");
-    if (get_flag(root, "use_sliding_window")) return BAD("%s: use_sliding_window=true is not supported", path);
-    c->tie_word_embeddings = get_flag(root, "tie_word_embeddings");
+    int sliding = 0, attention_bias = 0, mlp_bias = 0;
+    if ((rc = get_flag(root, path, "use_sliding_window", &sliding, err)) ||
+        (rc = get_flag(root, path, "tie_word_embeddings", &c->tie_word_embeddings, err)) ||
+        (rc = get_flag(root, path, "attention_bias", &attention_bias, err)) || (rc = get_flag(root, path, "mlp_bias", &mlp_bias, err)))
+        return rc;
+    if (sliding) return BAD("%s: use_sliding_window=true is not supported", path);
     if (c->arch == ES_ARCH_QWEN2) {
         c->qkv_bias = 1; /* Qwen2 always has q/k/v biases and none elsewhere */
     } else {
-        c->qkv_bias = c->o_bias = get_flag(root, "attention_bias");
-        c->mlp_bias = get_flag(root, "mlp_bias");
+        c->qkv_bias = c->o_bias = attention_bias;
+        c->mlp_bias = mlp_bias;
     }
     return ES_OK;
+}
+
+int es_model_config_parse(const char *text, size_t len, const char *name, es_model_config *config, es_error *err) {
+    json_error_t json_error;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &json_error);
+    if (!root) {
+        if (json_error_code(&json_error) == json_error_out_of_memory)
+            return es_fail(err, ES_ERR_RUNTIME, "%s: out of memory while reading it", name);
+        return BAD("%s:%d: invalid JSON: %s", name, json_error.line, json_error.text);
+    }
+    int rc = parse_config(root, name, config, err);
+    json_decref(root);
+    return rc;
 }
 
 int es_model_config_load(const char *path, es_model_config *config, char **text, es_error *err) {
@@ -124,12 +161,15 @@ int es_model_config_load(const char *path, es_model_config *config, char **text,
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
     json_error_t json_error;
-    json_t *root = json_load_file(file, 0, &json_error);
-    int rc;
-    if (!root) {
-        rc = stat(file, &st) != 0 ? es_fail(err, ES_ERR_USAGE, "%s: no such file", file)
-                                  : BAD("%s:%d: invalid JSON: %s", file, json_error.line, json_error.text);
-    } else {
+    json_t *root = NULL;
+    int rc = ES_OK;
+    if (stat(file, &st) != 0) rc = es_fail(err, ES_ERR_USAGE, "%s: no such file", file);
+    else if (!S_ISREG(st.st_mode)) rc = BAD("%s: not a regular file", file);
+    else if (!(root = json_load_file(file, JSON_REJECT_DUPLICATES, &json_error)))
+        rc = json_error_code(&json_error) == json_error_out_of_memory
+                 ? es_fail(err, ES_ERR_RUNTIME, "%s: out of memory while reading it", file)
+                 : BAD("%s:%d: invalid JSON: %s", file, json_error.line, json_error.text);
+    if (!rc) {
         rc = parse_config(root, file, config, err);
         if (!rc && text) {
             *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);

@@ -30,6 +30,9 @@ typedef struct es_model_config {
  * unsupported options are ES_ERR_DATA naming the key; *text (when not NULL) receives the
  * file's text, malloc'd, for the record kept in output files. */
 int es_model_config_load(const char *path, es_model_config *config, char **text, es_error *err);
+/* The same from a config.json text held in memory (fuzzing, tests); `name` names it in messages.
+ * Every value is checked by type and range: ES_ERR_DATA naming the file and the key. */
+int es_model_config_parse(const char *text, size_t len, const char *name, es_model_config *config, es_error *err);
 
 /* RoPE inverse frequencies (head_dim / 2 of them), in double, with llama3 scaling applied. */
 void es_rope_inv_freq(const es_model_config *config, double *inv_freq);

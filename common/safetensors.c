@@ -287,7 +287,7 @@ int es_safetensors_parse(const void *buf, size_t size, const char *name, es_safe
 
 int es_safetensors_open(const char *path, es_safetensors **out, es_error *err) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block the open: it is refused below */
     if (fd < 0) {
         int e = errno;
         return es_fail(err, e == ENOENT || e == ENOTDIR ? ES_ERR_DATA : ES_ERR_RUNTIME, "%s: cannot open: %s", path,
@@ -404,81 +404,115 @@ static int add_file(es_weights *w, const char *path, es_error *err) {
 }
 
 /* A shard must be a plain file name in the index's folder: anything else could make a
- * downloaded index read arbitrary files. */
-static int check_shard_name(const char *index, const char *shard, es_error *err) {
+ * downloaded index read arbitrary files. (A symbolic link in the folder is followed: the
+ * Hugging Face cache links every file of a snapshot to ../../blobs; the folder's owner made it.) */
+static int check_shard_name(const char *index, const char *entry, const json_t *value, es_error *err) {
     static const char suffix[] = ".safetensors";
+    const char *shard = json_string_value(value);
     size_t len = strlen(shard), sl = sizeof suffix - 1;
-    if (len == 0 || strcmp(shard, ".") == 0 || strcmp(shard, "..") == 0 || strchr(shard, '/') ||
-        strchr(shard, '\\'))
-        return es_fail(err, ES_ERR_DATA, "%s: shard \"%s\" is outside the model folder", index, shard);
+    if (json_string_length(value) != len)
+        return es_fail(err, ES_ERR_DATA, "%s: weight_map entry \"%s\": the shard name holds a NUL character", index, entry);
+    if (len == 0 || strcmp(shard, ".") == 0 || strcmp(shard, "..") == 0 || strchr(shard, '/') || strchr(shard, '\\'))
+        return es_fail(err, ES_ERR_DATA, "%s: weight_map entry \"%s\": shard \"%s\" is outside the model folder", index, entry,
+                       shard);
     if (len < sl || strcmp(shard + len - sl, suffix) != 0)
-        return es_fail(err, ES_ERR_DATA, "%s: shard \"%s\" is not a .safetensors file", index, shard);
+        return es_fail(err, ES_ERR_DATA, "%s: weight_map entry \"%s\": shard \"%s\" is not a .safetensors file", index, entry,
+                       shard);
+    return ES_OK;
+}
+
+/* The shards an index names, checked, sorted and deduplicated (pointers into root's strings):
+ * each shard is opened once and found by bsearch (a long weight_map stays cheap). */
+static int index_shards(const json_t *root, const char *index, const char ***out, size_t *count, es_error *err) {
+    *out = NULL, *count = 0;
+    if (!json_is_object(root)) return es_fail(err, ES_ERR_DATA, "%s: not a JSON object", index);
+    json_t *map = json_object_get(root, "weight_map");
+    if (!json_is_object(map) || json_object_size(map) == 0)
+        return es_fail(err, ES_ERR_DATA, "%s: \"weight_map\" is missing, empty or not an object", index);
+    const char **shards = calloc(json_object_size(map), sizeof *shards);
+    if (!shards) return es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", index);
+    size_t n = 0;
+    const char *name;
+    json_t *value;
+    json_object_foreach(map, name, value) {
+        int rc = !json_is_string(value) ? es_fail(err, ES_ERR_DATA, "%s: weight_map entry \"%s\" is not a string", index, name)
+                                        : check_shard_name(index, name, value, err);
+        if (rc) {
+            free(shards);
+            return rc;
+        }
+        shards[n++] = json_string_value(value);
+    }
+    qsort(shards, n, sizeof *shards, cmp_str_ptr);
+    size_t unique = 0;
+    for (size_t k = 0; k < n; k++)
+        if (unique == 0 || strcmp(shards[unique - 1], shards[k]) != 0) shards[unique++] = shards[k];
+    *out = shards, *count = unique;
+    return ES_OK;
+}
+
+/* jansson's failure to load an index, as our error. */
+static int index_load_error(const char *index, const json_error_t *jerr, es_error *err) {
+    if (json_error_code(jerr) == json_error_out_of_memory) return es_fail(err, ES_ERR_RUNTIME, "%s: out of memory while reading it", index);
+    if (jerr->line < 0) return es_fail(err, ES_ERR_DATA, "%s: %s", index, jerr->text);
+    return es_fail(err, ES_ERR_DATA, "%s: not valid JSON: %s (line %d, column %d)", index, jerr->text, jerr->line, jerr->column);
+}
+
+int es_safetensors_index_parse(const char *text, size_t len, const char *name, char ***shards, size_t *n_shards, es_error *err) {
+    *shards = NULL, *n_shards = 0;
+    json_error_t jerr;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) return index_load_error(name, &jerr, err);
+    const char **found = NULL;
+    size_t n = 0;
+    int rc = index_shards(root, name, &found, &n, err);
+    char **copy = rc ? NULL : calloc(n + 1, sizeof *copy);
+    if (!rc && !copy) rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", name);
+    for (size_t k = 0; !rc && k < n; k++)
+        if (!(copy[k] = strdup(found[k]))) rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", name);
+    free(found);
+    json_decref(root);
+    if (rc) {
+        for (size_t k = 0; copy && copy[k]; k++) free(copy[k]);
+        free(copy);
+        return rc;
+    }
+    *shards = copy, *n_shards = n;
     return ES_OK;
 }
 
 static int open_index(es_weights *w, const char *dir, const char *index, es_error *err) {
     json_error_t jerr;
     json_t *root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root) {
-        if (jerr.line < 0) return es_fail(err, ES_ERR_DATA, "%s: %s", index, jerr.text);
-        return es_fail(err, ES_ERR_DATA, "%s: not valid JSON: %s (line %d, column %d)", index, jerr.text, jerr.line,
-                       jerr.column);
-    }
-    int rc = ES_OK;
+    if (!root) return index_load_error(index, &jerr, err);
     const char **shards = NULL;
     size_t n_shards = 0;
     char *shard_path = NULL;
-    json_t *map = json_object_get(root, "weight_map");
-    if (!json_is_object(map) || json_object_size(map) == 0) {
-        rc = es_fail(err, ES_ERR_DATA, "%s: \"weight_map\" is missing, empty or not an object", index);
-        goto done;
-    }
-    shards = calloc(json_object_size(map), sizeof *shards);
-    if (!shards) {
-        rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", index);
-        goto done;
-    }
-    const char *name;
-    json_t *value;
-    json_object_foreach(map, name, value) {
-        if (!json_is_string(value)) {
-            rc = es_fail(err, ES_ERR_DATA, "%s: weight_map entry \"%s\" is not a string", index, name);
-            goto done;
-        }
-        const char *shard = json_string_value(value);
-        if ((rc = check_shard_name(index, shard, err))) goto done;
-        shards[n_shards++] = shard;
-    }
-    /* Sorted and deduplicated, so that each shard is opened once and found by bsearch
-     * (a long weight_map stays cheap). */
-    qsort(shards, n_shards, sizeof *shards, cmp_str_ptr);
-    size_t n_unique = 0;
-    for (size_t k = 0; k < n_shards; k++)
-        if (n_unique == 0 || strcmp(shards[n_unique - 1], shards[k]) != 0) shards[n_unique++] = shards[k];
-    n_shards = n_unique;
-    for (size_t k = 0; k < n_shards; k++) {
+    int rc = index_shards(root, index, &shards, &n_shards, err);
+    for (size_t k = 0; !rc && k < n_shards; k++) {
         free(shard_path);
         if (!(shard_path = join_path(dir, shards[k]))) {
             rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", index);
-            goto done;
+            break;
         }
         struct stat sb;
         if (stat(shard_path, &sb) != 0 && errno == ENOENT) {
             rc = es_fail(err, ES_ERR_DATA, "%s: shard \"%s\" is missing (%s)", index, shards[k], shard_path);
-            goto done;
+            break;
         }
-        if ((rc = add_file(w, shard_path, err))) goto done;
+        rc = add_file(w, shard_path, err);
     }
     /* Files were added in shard order, so shard k is w->files[k]. */
-    json_object_foreach(map, name, value) {
+    const char *name;
+    json_t *value;
+    json_object_foreach(rc ? NULL : json_object_get(root, "weight_map"), name, value) {
         const char *shard = json_string_value(value);
         const char **hit = bsearch(&shard, shards, n_shards, sizeof *shards, cmp_str_ptr);
         if (!es_safetensors_find(w->files[hit - shards], name)) {
             rc = es_fail(err, ES_ERR_DATA, "%s: tensor \"%s\" is not in shard \"%s\"", index, name, shard);
-            goto done;
+            break;
         }
     }
-done:
     free(shard_path);
     free(shards);
     json_decref(root);

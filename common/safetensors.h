@@ -81,6 +81,11 @@ typedef struct es_weights {
 int es_weights_open(const char *path, es_weights **out, es_error *err);
 void es_weights_close(es_weights *w); /* NULL is fine */
 const es_tensor *es_weights_find(const es_weights *w, const char *name);
+/* The shards a model.safetensors.index.json text names (fuzzing, tests): its "weight_map" must be
+ * a non-empty object of tensor name -> shard, each shard a plain .safetensors file name in the
+ * index's folder (no '/', '\\', "..", NUL). *shards: sorted, unique, NULL-terminated; caller frees
+ * each and the array. Errors are ES_ERR_DATA naming `name` and the entry. */
+int es_safetensors_index_parse(const char *text, size_t len, const char *name, char ***shards, size_t *n_shards, es_error *err);
 
 /* Writes a safetensors file: header with the tensors in the given order (and
  * "__metadata__" first when n_meta > 0), padded with spaces to a multiple of 8 bytes,

@@ -4,6 +4,8 @@
  * main() is the story: read the configuration, find this shard's samples, open (or resume)
  * the output, load the teacher up to its deepest requested layer, then batch by a token
  * budget: tokenise, forward, store, commit; finally record what produced the file. */
+#include <ctype.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,7 @@
 #include "backend.h"
 #include "config.h"
 #include "decoder.h"
+#include "files.h"
 #include "fingerprint.h"
 #include "inputs.h"
 #include "log.h"
@@ -23,23 +26,23 @@
 #define TOOL_VERSION "essence 0.1"
 
 static const es_option options[] = {
-    {"model", ES_OPT_STRING, NULL, "teacher model folder (config.json, safetensors, tokenizer.json)"},
-    {"data", ES_OPT_STRING, NULL, "input samples, JSONL"},
-    {"layers", ES_OPT_STRING, NULL, "layers to store, e.g. 20,40,60,80 (0 = embedding output)"},
-    {"out", ES_OPT_STRING, NULL, "output teacher.h5"},
-    {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)"},
-    {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples"},
-    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the tokenizer's own rule), always or never start with the BOS"},
-    {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; a longer one is an error unless --truncate"},
-    {"truncate", ES_OPT_BOOL, "false", "cut samples longer than --max-seq (flagged in /samples/truncated)"},
-    {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)"},
-    {"shard", ES_OPT_STRING, "0/1", "I/N: this run takes the I-th of N contiguous ranges of samples"},
-    {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed sample"},
+    {"model", ES_OPT_STRING, NULL, "teacher model folder (config.json, safetensors, tokenizer.json)", NULL},
+    {"data", ES_OPT_STRING, NULL, "input samples, JSONL", NULL},
+    {"layers", ES_OPT_STRING, NULL, "layers to store, e.g. 20,40,60,80 (0 = embedding output)", NULL},
+    {"out", ES_OPT_STRING, NULL, "output teacher.h5", NULL},
+    {"tokenizer", ES_OPT_STRING, NULL, "tokenizer.json or folder (default: the model folder)", NULL},
+    {"template", ES_OPT_STRING, EXTRACT_DEFAULT_TEMPLATE, "template for prompt/response samples", NULL},
+    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the tokenizer's own rule), always or never start with the BOS", NULL},
+    {"max-seq", ES_OPT_INT, "4096", "longest sample in tokens; a longer one is an error unless --truncate", "[1,2147483647]"},
+    {"truncate", ES_OPT_BOOL, "false", "cut samples longer than --max-seq (flagged in /samples/truncated)", NULL},
+    {"batch-tokens", ES_OPT_INT, "8192", "tokens per forward batch (whole samples)", "[1,2147483647]"},
+    {"shard", ES_OPT_STRING, "0/1", "I/N: this run takes the I-th of N contiguous ranges of samples", NULL},
+    {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed sample", NULL},
     ES_DEVICE_OPTIONS,
-    {"chunk-rows", ES_OPT_INT, "0", "latent rows per HDF5 chunk (0: about 1 MiB)"},
-    {"zstd-level", ES_OPT_INT, "3", "Zstandard level of the latent chunks"},
-    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
-    {NULL, 0, NULL, NULL},
+    {"chunk-rows", ES_OPT_INT, "0", "latent rows per HDF5 chunk (0: about 1 MiB)", "[0,2147483647]"},
+    {"zstd-level", ES_OPT_INT, "3", "Zstandard level of the latent chunks", "[1,22]"},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 static const char usage[] = "essence-extract --model DIR --data FILE.jsonl --layers 20,40 --out teacher.h5 [options]";
@@ -51,8 +54,9 @@ static int parse_layers(const char *text, int n_layers, int **layers, int *count
     if (!*layers) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (const char *p = text; *p;) {
         char *end;
+        errno = 0;
         long layer = strtol(p, &end, 10);
-        if (end == p || (*end && *end != ',')) return es_fail(err, ES_ERR_USAGE, "--layers: \"%s\" is not a list of layer numbers", text);
+        if (!isdigit((unsigned char)*p) || errno == ERANGE || end == p || (*end && *end != ',') || (*end == ',' && !end[1])) return es_fail(err, ES_ERR_USAGE, "--layers: \"%s\" is not a list of layer numbers", text);
         if (layer < 0 || layer > n_layers)
             return es_fail(err, ES_ERR_USAGE, "--layers: layer %ld is out of range (the model has layers 0..%d)", layer, n_layers);
         int seen = 0;
@@ -219,10 +223,13 @@ int main(int argc, char **argv) {
     es_device_options device_options;
     if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
     int shard = 0, n_shards = 1;
-    if (sscanf(es_config_str(&cfg, "shard"), "%d/%d", &shard, &n_shards) != 2 || n_shards < 1 || shard < 0 || shard >= n_shards) {
+    if (es_parse_shard(es_config_str(&cfg, "shard"), &shard, &n_shards)) {
         es_fail(&err, ES_ERR_USAGE, "--shard %s: expected I/N with 0 <= I < N", es_config_str(&cfg, "shard"));
         es_exit_error(&err);
     }
+    const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
+    const es_named_path inputs[] = {{"data", data}, {"model", model_dir}, {"tokenizer", tokenizer_path}};
+    if (es_check_output_clear("out", out, 1, inputs, 3, &err)) es_exit_error(&err);
     if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint"))) {
         es_fail(&err, ES_ERR_USAGE, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint"));
         es_exit_error(&err);
@@ -243,15 +250,18 @@ int main(int argc, char **argv) {
         parse_layers(es_config_str(&cfg, "layers"), model_config.n_layers, &layers, &n_layers, &err))
         es_exit_error(&err);
 
-    // 2. This shard's samples: a contiguous range.
-    int64_t total = 0;
-    if (extract_count_samples(data, &total, &err)) es_exit_error(&err);
+    // 2. This shard's samples: a contiguous range (counted as the input opens: a pipe is read once).
+    extract_input input;
+    if (extract_input_open(&input, data, tokenizer_path, add_bos, es_config_str(&cfg, "template"), max_seq, es_config_bool(&cfg, "truncate"),
+                           model_config.vocab_size, &err))
+        es_exit_error(&err);
+    const int64_t total = input.total;
     int64_t first = total * shard / n_shards, end = total * (shard + 1) / n_shards;
 
     // 3. The device, and the output, new or resumed.
     es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
-        es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
+        es_fail(&err, ES_ERR_RUNTIME, "cannot start the worker threads (out of memory, or the limit of processes)");
         es_exit_error(&err);
     }
     device_options.pool = pool;
@@ -277,11 +287,7 @@ int main(int argc, char **argv) {
 
     // 4. The teacher on the device, up to its deepest requested layer.
     teacher_model teacher;
-    extract_input input;
-    const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
     int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
-    if (!rc) rc = extract_input_open(&input, data, tokenizer_path, add_bos, es_config_str(&cfg, "template"), max_seq,
-                                     es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
     if (rc) {
         teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
         es_exit_error(&err);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, es_add_bos add_bos,
                        const char *template_text, int max_seq, int truncate, int vocab_size, es_error *err) {
@@ -16,7 +17,10 @@ int extract_input_open(extract_input *input, const char *path, const char *token
     input->max_seq = max_seq;
     input->truncate = truncate;
     input->vocab_size = vocab_size;
-    return es_jsonl_open(&input->reader, path, err);
+    int rc = es_jsonl_open(&input->reader, path, err);
+    /* Counted here, on the stream that is then read: a pipe or FIFO is read once. */
+    if (!rc) rc = es_jsonl_count(&input->reader, &input->total, err);
+    return rc;
 }
 
 static char *render(const char *template_text, const char *prompt, size_t prompt_len, const char *response, size_t response_len,
@@ -41,6 +45,29 @@ static const char *string_field(const json_t *object, const char *key, size_t *l
     if (!json_is_string(value)) return NULL;
     *len = json_string_length(value);
     return json_string_value(value);
+}
+
+/* The tokenizer, at the first text sample. A model folder without tokenizer.json is a data
+ * error naming the missing file (an ids-only corpus needs none, so it is not checked earlier). */
+static int load_tokenizer(extract_input *input, long line, es_error *err) {
+    struct stat st;
+    if (stat(input->tokenizer_path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        char *file = NULL;
+        if (asprintf(&file, "%s/tokenizer.json", input->tokenizer_path) < 0) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        int missing = stat(file, &st) != 0;
+        int rc = missing ? es_fail(err, ES_ERR_DATA, "%s: missing (needed by the text sample on %s:%ld; --tokenizer names another)",
+                                   file, input->path, line)
+                         : ES_OK;
+        free(file);
+        if (rc) return rc;
+    }
+    int rc = es_tokenizer_load(input->tokenizer_path, &input->tokenizer, err);
+    if (rc) es_error_prefix(err, "tokenizer");
+    else if ((rc = es_tokenizer_set_add_bos(input->tokenizer, input->add_bos, err))) {
+        es_tokenizer_free(input->tokenizer);
+        input->tokenizer = NULL;
+    }
+    return rc;
 }
 
 int extract_input_next(extract_input *input, extract_sample *sample, es_error *err) {
@@ -97,14 +124,7 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
         }
         if (!rc && !sample->text) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         if (!rc && sample->text_len == 0) rc = es_fail(err, ES_ERR_DATA, "%s:%ld: the text is empty", where, line);
-        if (!rc && !input->tokenizer) {
-            rc = es_tokenizer_load(input->tokenizer_path, &input->tokenizer, err);
-            if (rc) es_error_prefix(err, "tokenizer");
-            else if ((rc = es_tokenizer_set_add_bos(input->tokenizer, input->add_bos, err))) {
-                es_tokenizer_free(input->tokenizer);
-                input->tokenizer = NULL;
-            }
-        }
+        if (!rc && !input->tokenizer) rc = load_tokenizer(input, line, err);
         if (!rc && es_tokenizer_encode(input->tokenizer, sample->text, sample->text_len, sample->add_special_tokens,
                                        &input->encoding, err)) {
             es_error_prefix(err, "%s:%ld", where, line);
@@ -164,21 +184,4 @@ void extract_input_close(extract_input *input) {
     es_jsonl_close(&input->reader);
     es_tokenizer_free(input->tokenizer);
     es_encoding_free(&input->encoding);
-}
-
-int extract_count_samples(const char *path, int64_t *count, es_error *err) {
-    FILE *file = fopen(path, "r");
-    if (!file) return es_fail(err, ES_ERR_USAGE, "%s: cannot open", path);
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t len;
-    *count = 0;
-    while ((len = getline(&line, &cap, file)) >= 0) {
-        int blank = 1;
-        for (ssize_t i = 0; i < len && blank; i++) blank = line[i] == ' ' || line[i] == '\t' || line[i] == '\n' || line[i] == '\r';
-        *count += !blank;
-    }
-    free(line);
-    fclose(file);
-    return ES_OK;
 }

@@ -36,8 +36,11 @@ typedef struct extract_input {
     int truncate;              /* cut longer samples instead of refusing them */
     int vocab_size;
     es_encoding encoding;
+    int64_t total;             /* samples (non-blank lines) in the input, counted at open */
 } extract_input;
 
+/* Opens the JSONL input (a file, a FIFO, "-" for standard input) and counts its samples
+ * (input->total); errors name the file (and line). */
 int extract_input_open(extract_input *input, const char *path, const char *tokenizer_path, es_add_bos add_bos,
                        const char *template_text, int max_seq, int truncate, int vocab_size, es_error *err);
 /* 1 and the next sample, 0 at the end, or -1 with err set (naming PATH:LINE). */
@@ -46,7 +49,5 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
 int extract_input_skip(extract_input *input, int64_t n, es_error *err);
 void extract_sample_free(extract_sample *sample);
 void extract_input_close(extract_input *input);
-/* Counts the samples of a JSONL file (non-blank lines), for shards and progress. */
-int extract_count_samples(const char *path, int64_t *count, es_error *err);
 
 #endif

@@ -40,10 +40,10 @@ typedef struct es_device_options {
 
 /* The three option entries every program's table carries (YAML keys device, threads, max_memory). */
 #define ES_DEVICE_OPTIONS                                                                                    \
-    {"device", ES_OPT_STRING, "cpu", "cpu, or cuda[:N] (the GPU backend)"},                                  \
-    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU); the results do not depend on it"},           \
+    {"device", ES_OPT_STRING, "cpu", "cpu, or cuda[:N] (the GPU backend)", NULL},                                  \
+    {"threads", ES_OPT_INT, "0", "CPU threads (0: one per CPU); the results do not depend on it", "[0,4096]"},           \
     {"max-memory", ES_OPT_STRING, "auto",                                                                   \
-     "memory the backend may hold for weights and activations, e.g. 8G (auto: 90% of what is free)"}
+     "memory the backend may hold for weights and activations, e.g. 8G (auto: 90% of what is free)", NULL}
 
 /* Of those, the ones that change no bit of any output: fingerprints leave them out. */
 #define ES_RESULT_NEUTRAL_OPTIONS ((const char *const[]){"threads", "max-memory", NULL})

@@ -43,21 +43,21 @@ static const char description[] =
     "plot: essence-align's metrics.jsonl as a PNG (loss terms and eval MSEs; learning rate), drawn by gnuplot.";
 
 static const es_option options[] = {
-    {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)"},
-    {"index", ES_OPT_INT, NULL, "sample: the sample to show (0-based)"},
-    {"like", ES_OPT_STRING, NULL, "mkmodel: the config.json whose shape to copy"},
-    {"layers", ES_OPT_INT, NULL, "mkmodel: number of decoder layers (default: the config's)"},
-    {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)"},
-    {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights"},
-    {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write; plot: the PNG to write (-o for short)"},
-    {"threads", ES_OPT_INT, "0", "decompression (and compare) threads (0: one per CPU)"},
-    {"tol", ES_OPT_FLOAT, NULL, "compare: the largest max relative error that still agrees (default: identical only)"},
-    {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one"},
-    {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)"},
-    {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)"},
-    {"add-bos", ES_OPT_STRING, "auto", "tokenize: auto, always or never: whether the specials start with the BOS (docs/tokenizer.md)"},
-    {"decode", ES_OPT_BOOL, "false", "tokenize: read {\"ids\": [...]} lines and write {\"text\": ...}"},
-    {NULL, 0, NULL, NULL},
+    {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)", "[0,)"},
+    {"index", ES_OPT_INT, NULL, "sample: the sample to show (0-based)", "[0,)"},
+    {"like", ES_OPT_STRING, NULL, "mkmodel: the config.json whose shape to copy", NULL},
+    {"layers", ES_OPT_INT, NULL, "mkmodel: number of decoder layers (default: the config's)", "[1,1073741824]"},
+    {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)", "[1,1073741824]"},
+    {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights", NULL},
+    {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write; plot: the PNG to write (-o for short)", NULL},
+    {"threads", ES_OPT_INT, "0", "decompression (and compare) threads (0: one per CPU)", "[0,4096]"},
+    {"tol", ES_OPT_FLOAT, NULL, "compare: the largest max relative error that still agrees (default: identical only)", "[0,)"},
+    {"tokenizer", ES_OPT_STRING, NULL, "tokenize: a tokenizer.json, or a model folder holding one", NULL},
+    {"jsonl", ES_OPT_STRING, NULL, "tokenize: read JSONL lines from FILE (default: plain text lines on stdin)", NULL},
+    {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)", NULL},
+    {"add-bos", ES_OPT_STRING, "auto", "tokenize: auto, always or never: whether the specials start with the BOS (docs/tokenizer.md)", NULL},
+    {"decode", ES_OPT_BOOL, "false", "tokenize: read {\"ids\": [...]} lines and write {\"text\": ...}", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 static int is_directory(const char *path) {

@@ -40,7 +40,7 @@ int inspect_sample(const char *path, const es_config *cfg, es_error *err) {
     es_rows_reader starts;
     rc = es_rows_open(&starts, file.id, "/samples/token_start", NULL, err);
     int64_t bounds[2] = {0, 0}, text_bounds[2] = {0, 0};
-    if (!rc && (index < 0 || index + 1 >= starts.rows))
+    if (!rc && (index < 0 || starts.rows < 1 || index >= starts.rows - 1)) /* index + 1 would overflow at INT64_MAX */
         rc = es_fail(err, ES_ERR_USAGE, "%s: --index %lld: the file has %lld samples", path, (long long)index,
                      (long long)(starts.rows - 1));
     if (!rc) rc = es_rows_read(&starts, index, 2, bounds, err);

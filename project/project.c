@@ -6,6 +6,7 @@
  * standardisation from the teacher's statistics, draw Ω, then block by block of samples:
  * tokenise with the student's tokenizer, align, project, store; finally record what made the
  * file. */
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,7 @@
 #include "config.h"
 #include "fingerprint.h"
 #include "fourier.h"
+#include "files.h"
 #include "log.h"
 #include "model.h"
 #include "ops.h"
@@ -29,20 +31,20 @@
 #define TOOL_VERSION "essence 0.1"
 
 static const es_option options[] = {
-    {"in", ES_OPT_STRING, NULL, "teacher.h5, or its shards in order: a.h5,b.h5,..."},
-    {"student", ES_OPT_STRING, NULL, "student model folder (config.json and tokenizer.json are enough)"},
-    {"out", ES_OPT_STRING, NULL, "output student.h5"},
-    {"layer-map", ES_OPT_STRING, NULL, "TEACHER:STUDENT layer pairs, e.g. 20:7,40:14"},
-    {"sigma", ES_OPT_FLOAT, "1.0", "phase standard deviation in radians (Ω_ij ~ N(0, σ²/d))"},
-    {"seed", ES_OPT_INT, "0", "seed of Ω (docs/project.md gives the generator)"},
-    {"input-norm", ES_OPT_STRING, "standardize", "standardize (the teacher's /stats) or rms (each vector by its RMS)"},
-    {"align", ES_OPT_STRING, "exact", "exact or causal token alignment"},
-    {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)"},
-    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the student tokenizer's own rule), always or never start with the BOS"},
-    {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%"},
+    {"in", ES_OPT_STRING, NULL, "teacher.h5, or its shards in order: a.h5,b.h5,...", NULL},
+    {"student", ES_OPT_STRING, NULL, "student model folder (config.json and tokenizer.json are enough)", NULL},
+    {"out", ES_OPT_STRING, NULL, "output student.h5", NULL},
+    {"layer-map", ES_OPT_STRING, NULL, "TEACHER:STUDENT layer pairs, e.g. 20:7,40:14", NULL},
+    {"sigma", ES_OPT_FLOAT, "1.0", "phase standard deviation in radians (Ω_ij ~ N(0, σ²/d))", "(0,)"},
+    {"seed", ES_OPT_INT, "0", "seed of Ω (docs/project.md gives the generator)", NULL},
+    {"input-norm", ES_OPT_STRING, "standardize", "standardize (the teacher's /stats) or rms (each vector by its RMS)", NULL},
+    {"align", ES_OPT_STRING, "exact", "exact or causal token alignment", NULL},
+    {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)", NULL},
+    {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the student tokenizer's own rule), always or never start with the BOS", NULL},
+    {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%", NULL},
     ES_DEVICE_OPTIONS,
-    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)"},
-    {NULL, 0, NULL, NULL},
+    {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 static const char usage[] = "essence-project --in teacher.h5[,shard2.h5,...] --student DIR --out student.h5 --layer-map 20:7,40:14 [options]";
@@ -65,7 +67,9 @@ static int parse_layer_map(const char *text, const teacher_set *teacher, const c
     for (const char *p = text; *p;) {
         char *colon, *end = NULL;
         long from = strtol(p, &colon, 10), to = *colon == ':' ? strtol(colon + 1, &end, 10) : -1;
-        if (colon == p || *colon != ':' || end == colon + 1 || (*end && *end != ','))
+        /* Digits only: strtol alone would take " 7", "+7" or a value past LONG_MAX. */
+        if (!isdigit((unsigned char)*p) || colon == p || *colon != ':' || !isdigit((unsigned char)colon[1]) || end == colon + 1 ||
+            (*end && *end != ',') || (*end == ',' && !end[1]) || from > 1000000 || to > 1000000)
             return es_fail(err, ES_ERR_USAGE, "--layer-map: \"%s\" is not a list of TEACHER:STUDENT layer pairs", text);
         if (!teacher_set_has_layer(teacher, (int)from)) {
             char stored[512] = "";
@@ -346,6 +350,17 @@ static void fail_usage(es_error *err, const char *fmt, const char *value) {
     es_exit_error(err);
 }
 
+/* --out must not be (nor hold, nor lie in) a teacher file of --in's list or the student folder. */
+static int check_out_clear(const char *in, const char *student_dir, const char *out, es_error *err) {
+    char *list = strdup(in), *save = NULL;
+    if (!list) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int rc = ES_OK;
+    for (char *path = strtok_r(list, ",", &save); !rc && path; path = strtok_r(NULL, ",", &save))
+        rc = es_check_output_clear("out", out, 1, &(es_named_path){"in", path}, 1, err);
+    free(list);
+    return rc ? rc : es_check_output_clear("out", out, 1, &(es_named_path){"student", student_dir}, 1, err);
+}
+
 int main(int argc, char **argv) {
     es_set_program("essence-project");
     es_device_prepare(argv);
@@ -360,6 +375,7 @@ int main(int argc, char **argv) {
     if (begun > 0) es_exit_error(&err);
     if (begun == ES_CONFIG_DONE) return 0;
     const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
+    if (check_out_clear(in, student_dir, out, &err)) es_exit_error(&err);
     if (strcmp(es_config_str(&cfg, "device"), "cpu"))
         fail_usage(&err, "--device %s: this build projects on the cpu only", es_config_str(&cfg, "device"));
     const char *input_norm = es_config_str(&cfg, "input-norm"), *align = es_config_str(&cfg, "align");
@@ -400,7 +416,8 @@ int main(int argc, char **argv) {
     snprintf(student_tokenizer_path, sizeof student_tokenizer_path, "%s/tokenizer.json", student_dir);
     FILE *probe = fopen(student_tokenizer_path, "rb");
     if (!probe) {
-        es_fail(&err, ES_ERR_USAGE, "%s: the student folder has no tokenizer.json (project tokenises the texts with it)", student_dir);
+        es_fail(&err, ES_ERR_DATA, "%s: missing: the student folder has no tokenizer.json (project tokenises the texts with it)",
+                student_tokenizer_path);
         es_exit_error(&err);
     }
     fclose(probe);
@@ -416,7 +433,7 @@ int main(int argc, char **argv) {
     if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
     es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
-        es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
+        es_fail(&err, ES_ERR_RUNTIME, "cannot start the worker threads (out of memory, or the limit of processes)");
         es_exit_error(&err);
     }
     device_options.pool = pool;

@@ -216,12 +216,17 @@ int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err)
     }
     if (!s->pool) {
         free(s);
-        return es_fail(err, ES_ERR_RUNTIME, "cannot start %d threads", options->threads);
+        return es_fail(err, ES_ERR_RUNTIME, "cannot start %d worker threads (out of memory, or the limit of processes)", options->threads);
     }
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->queued, NULL);
     pthread_cond_init(&s->finished, NULL);
     openblas_set_num_threads(1); /* every product is tiled over the pool instead: see cpu.h */
+    if (cpu_blas_memory_prepare(s->pool, err)) {
+        if (s->own_pool) es_pool_destroy(s->pool);
+        free(s);
+        return err->code;
+    }
     dev->ops = &cpu_backend;
     dev->impl = s;
     dev->host_memory = 1;

@@ -63,13 +63,19 @@ void es_device_prepare(char **argv) {
         return;
     }
     const char *preload = getenv("LD_PRELOAD");
-    if (getenv("OPENBLAS_CORETYPE") || (preload && strstr(preload, "vgpreload"))) return; /* the user's choice; valgrind */
+    if (preload && strstr(preload, "vgpreload")) return; /* valgrind */
+    /* OpenBLAS also starts its own threads as it loads, each taking a 128 MiB buffer; the programs
+     * never use them (the pool tiles every product, openblas_set_num_threads(1)), and under an
+     * address-space limit one can loop forever in OpenBLAS's allocator, then hang the exit that
+     * joins it. So the restart also asks for one thread from the start. */
+    const char *threads = getenv("OPENBLAS_NUM_THREADS");
+    const int one_thread = threads && !strcmp(threads, "1");
     const cpu_features cpu = this_cpu();
-    const char *better = cpu_blas_upgrade(cpu_blas_core(), &cpu);
-    if (!better) return;
-    setenv("OPENBLAS_CORETYPE", better, 1);
-    setenv(REPLACED_VARIABLE, cpu_blas_core(), 1);
+    const char *better = getenv("OPENBLAS_CORETYPE") ? NULL : cpu_blas_upgrade(cpu_blas_core(), &cpu); /* NULL: the user's choice */
+    if (!better && one_thread) return;
+    if (better) setenv("OPENBLAS_CORETYPE", better, 1), setenv(REPLACED_VARIABLE, cpu_blas_core(), 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 1);
     execv("/proc/self/exe", argv);
-    es_warn("BLAS: cannot restart with OpenBLAS's %s kernels; going on with %s", better, cpu_blas_core());
+    if (better) es_warn("BLAS: cannot restart with OpenBLAS's %s kernels; going on with %s", better, cpu_blas_core());
     unsetenv("OPENBLAS_CORETYPE"), unsetenv(REPLACED_VARIABLE);
 }

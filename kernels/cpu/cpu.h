@@ -32,6 +32,9 @@ int cpu_rows_independent(void);
 void cpu_gemm(es_device *dev, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 /* One single-threaded sgemm on the calling thread (for ops that make their own tasks). */
+/* Checks that OpenBLAS's per-thread buffers fit in the address space and has each pool worker
+ * take its own before the first product (kernels/cpu/blas_memory.c): ES_ERR_RUNTIME, never a hang. */
+int cpu_blas_memory_prepare(es_pool *pool, es_error *err);
 void cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc);
 

@@ -13,16 +13,16 @@
 #include "config.h"
 
 static const es_option OPTS[] = {
-    {"model", ES_OPT_STRING, NULL, "a string"},
-    {"layers", ES_OPT_STRING, "20,40", "a list"},
-    {"template", ES_OPT_STRING, "{{text}}", "a string with a default"},
-    {"batch-tokens", ES_OPT_INT, "4096", "an integer"},
-    {"seed", ES_OPT_INT, NULL, "an integer without default"},
-    {"lr", ES_OPT_FLOAT, "0.001", "a real"},
-    {"sigma", ES_OPT_FLOAT, NULL, "a real without default"},
-    {"resume", ES_OPT_BOOL, "false", "a bool"},
-    {"no-shuffle", ES_OPT_BOOL, NULL, "a bool named no-..."},
-    {NULL, 0, NULL, NULL},
+    {"model", ES_OPT_STRING, NULL, "a string", NULL},
+    {"layers", ES_OPT_STRING, "20,40", "a list", NULL},
+    {"template", ES_OPT_STRING, "{{text}}", "a string with a default", NULL},
+    {"batch-tokens", ES_OPT_INT, "4096", "an integer", NULL},
+    {"seed", ES_OPT_INT, NULL, "an integer without default", NULL},
+    {"lr", ES_OPT_FLOAT, "0.001", "a real", NULL},
+    {"sigma", ES_OPT_FLOAT, NULL, "a real without default", NULL},
+    {"resume", ES_OPT_BOOL, "false", "a bool", NULL},
+    {"no-shuffle", ES_OPT_BOOL, NULL, "a bool named no-...", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 static void check_round_trip(const es_config *cfg) {

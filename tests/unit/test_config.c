@@ -8,15 +8,15 @@
 #include "../testlib.h"
 
 static const es_option OPTS[] = {
-    {"model", ES_OPT_STRING, NULL, "model folder"},
-    {"layers", ES_OPT_STRING, "20", "layers to capture"},
-    {"batch-tokens", ES_OPT_INT, "4096", "tokens per batch"},
-    {"lr", ES_OPT_FLOAT, "0.001", "learning rate"},
-    {"resume", ES_OPT_BOOL, "false", "resume from the last checkpoint"},
-    {"no-shuffle", ES_OPT_BOOL, "false", "keep the data order"},
-    {"template", ES_OPT_STRING, NULL, "prompt template"},
-    {"threads", ES_OPT_INT, NULL, "worker threads"},
-    {NULL, 0, NULL, NULL},
+    {"model", ES_OPT_STRING, NULL, "model folder", NULL},
+    {"layers", ES_OPT_STRING, "20", "layers to capture", NULL},
+    {"batch-tokens", ES_OPT_INT, "4096", "tokens per batch", NULL},
+    {"lr", ES_OPT_FLOAT, "0.001", "learning rate", NULL},
+    {"resume", ES_OPT_BOOL, "false", "resume from the last checkpoint", NULL},
+    {"no-shuffle", ES_OPT_BOOL, "false", "keep the data order", NULL},
+    {"template", ES_OPT_STRING, NULL, "prompt template", NULL},
+    {"threads", ES_OPT_INT, NULL, "worker threads", NULL},
+    {NULL, 0, NULL, NULL, NULL},
 };
 
 #ifdef SHOW_MESSAGES
@@ -490,12 +490,12 @@ TEST(set_and_table_errors) {
     CHECK(cfg.sources[1] == ES_SRC_UNSET);
     es_config_free(&cfg);
 
-    static const es_option bad_default[] = {{"n", ES_OPT_INT, "ten", ""}, {NULL, 0, NULL, NULL}};
+    static const es_option bad_default[] = {{"n", ES_OPT_INT, "ten", "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     es_error_clear(&err);
     CHECK(es_config_init(&cfg, bad_default, &err) == ES_ERR_RUNTIME);
     CHECK(contains(err.msg, "--n") && contains(err.msg, "not an integer"));
     es_config_free(&cfg);
-    static const es_option twice[] = {{"a-b", ES_OPT_INT, NULL, ""}, {"a_b", ES_OPT_INT, NULL, ""}, {NULL, 0, NULL, NULL}};
+    static const es_option twice[] = {{"a-b", ES_OPT_INT, NULL, "", NULL}, {"a_b", ES_OPT_INT, NULL, "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     es_error_clear(&err);
     CHECK(es_config_init(&cfg, twice, &err) == ES_ERR_RUNTIME);
     es_config_free(&cfg);
@@ -519,7 +519,7 @@ TEST(to_yaml_form) {
     free(y);
     es_config_free(&cfg);
 
-    static const es_option none[] = {{"a", ES_OPT_STRING, NULL, ""}, {NULL, 0, NULL, NULL}};
+    static const es_option none[] = {{"a", ES_OPT_STRING, NULL, "", NULL}, {NULL, 0, NULL, NULL, NULL}};
     REQUIRE(es_config_init(&cfg, none, &err) == ES_OK);
     y = es_config_to_yaml(&cfg);
     CHECK(str_eq(y, "{}\n"));
@@ -588,7 +588,53 @@ TEST(round_trip_all_types) {
     es_config_free(&cfg);
 }
 
+/* Ranges in the table: inside is fine, outside is a usage error naming the option (flag) or the
+ * key and FILE:LINE (YAML); a malformed range is a table error. es_parse_shard is strict. */
+TEST(ranges_and_shards) {
+    static const es_option ranged[] = {{"beta", ES_OPT_FLOAT, "0.9", "", "[0,1)"},
+                                       {"eps", ES_OPT_FLOAT, "1e-8", "", "(0,)"},
+                                       {"count", ES_OPT_INT, "1", "", "[1,2147483647]"},
+                                       {"threads", ES_OPT_INT, "0", "", "[0,4096]"},
+                                       {NULL, 0, NULL, NULL, NULL}};
+    static const struct {
+        const char *flag, *value;
+        int ok;
+    } cases[] = {{"--beta", "0", 1},       {"--beta", "0.999", 1}, {"--beta", "1", 0},         {"--beta", "-0.1", 0},
+                 {"--beta", "1e999", 0},   {"--beta", "nan", 0},   {"--eps", "0", 0},          {"--eps", "1e-300", 1},
+                 {"--count", "0", 0},      {"--count", "1", 1},    {"--count", "2147483648", 0}, {"--count", "9223372036854775808", 0},
+                 {"--threads", "-1", 0},   {"--threads", "4096", 1}, {"--threads", "4097", 0}, {"--count", "12abc", 0}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        es_config cfg;
+        es_error err = {0};
+        char *argv[] = {"prog", (char *)cases[i].flag, (char *)cases[i].value, NULL};
+        int rc = es_config_parse(&cfg, ranged, 3, argv, &err);
+        CHECKF(cases[i].ok ? rc == ES_OK : rc == ES_ERR_USAGE && contains(err.msg, cases[i].flag), "case %zu: %s %s: %d %s", i,
+               cases[i].flag, cases[i].value, rc, err.msg);
+        es_config_free(&cfg);
+    }
+    es_config cfg;
+    es_error err = {0};
+    REQUIRE(es_config_init(&cfg, ranged, &err) == ES_OK);
+    const char *yaml = "beta: 0.5\ncount: 0\n";
+    CHECKF(es_config_load_yaml(&cfg, yaml, strlen(yaml), "c.yaml", &err) == ES_ERR_USAGE && contains(err.msg, "c.yaml:2") &&
+               contains(err.msg, "count") && contains(err.msg, "out of range"),
+           "%s", err.msg);
+    es_config_free(&cfg);
+    static const es_option malformed[] = {{"n", ES_OPT_INT, NULL, "", "[1;2]"}, {NULL, 0, NULL, NULL, NULL}};
+    es_error_clear(&err);
+    CHECK(es_config_init(&cfg, malformed, &err) == ES_ERR_RUNTIME && contains(err.msg, "malformed range"));
+    es_config_free(&cfg);
+    int index = -1, count = -1;
+    CHECK(es_parse_shard("0/1", &index, &count) == 0 && index == 0 && count == 1);
+    CHECK(es_parse_shard("63/64", &index, &count) == 0 && index == 63 && count == 64);
+    static const char *const bad_shards[] = {"1/2x", "1/2/3", "1/2.5", "1/ 2", " 1/2", "-1/2", "+1/2", "2/2", "1/0", "1", "/2",
+                                             "1/", "", "99999999999/99999999999"};
+    for (size_t i = 0; i < sizeof bad_shards / sizeof *bad_shards; i++)
+        CHECKF(es_parse_shard(bad_shards[i], &index, &count) == -1, "\"%s\"", bad_shards[i]);
+}
+
 int main(void) {
+    RUN(ranges_and_shards);
     RUN(defaults);
     RUN(file_overrides_default);
     RUN(flag_overrides_file_wherever_config_stands);

@@ -3,7 +3,7 @@
 #include "../testlib.h"
 #include "backend.h"
 
-static const es_option options[] = {ES_DEVICE_OPTIONS, {NULL, 0, NULL, NULL}};
+static const es_option options[] = {ES_DEVICE_OPTIONS, {NULL, 0, NULL, NULL, NULL}};
 
 /* Parses the flags and reads the device options: the error code (0: fine). */
 static int read_options(es_device_options *out, es_error *err, const char *device, const char *memory, const char *threads) {
@@ -33,7 +33,7 @@ TEST(sizes_names_and_bounds) {
         const char *device, *memory, *threads, *named;
     } bad[] = {{"gpu", "auto", "0", "--device gpu"}, {"cuda:x", "auto", "0", "--device"}, {"cpu", "8X", "0", "--max-memory 8X"},
                {"cpu", "0", "0", "--max-memory 0"},   {"cpu", "0G", "0", "--max-memory 0G"}, {"cpu", "-1G", "0", "--max-memory"},
-               {"cpu", "auto", "-2", "--threads -2"}};
+               {"cpu", "auto", "-2", "--threads: \"-2\" is out of range"}};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         CHECKF(read_options(&o, &err, bad[i].device, bad[i].memory, bad[i].threads) == ES_ERR_USAGE && strstr(err.msg, bad[i].named),
                "case %zu: %s", i, err.msg);

@@ -3,6 +3,9 @@
 #include "jsonl.h"
 #include "../testlib.h"
 
+#include <errno.h>
+#include <unistd.h>
+
 #ifdef SHOW_MESSAGES
 #define SHOW(err) printf("  message: %s\n", (err).msg)
 #else
@@ -209,8 +212,136 @@ TEST(files) {
     es_jsonl_close(&r); /* a failed open leaves a closable reader */
 }
 
+/* A line longer than the limit is a data error naming its line, and the reader stays failed:
+ * it never goes on from the middle of a line (getline grew without bound on /dev/zero). */
+TEST(line_too_long) {
+    const char *text = "{\"a\": 1}\n{\"text\": \"0123456789012345678901234567890123456789\"}\n{\"a\": 3}\n";
+    es_jsonl r;
+    es_error err = {0};
+    REQUIRE(es_jsonl_open_memory(&r, text, strlen(text), "data.jsonl", &err) == ES_OK);
+    r.max_line = 40;
+    json_t *v;
+    REQUIRE(es_jsonl_next(&r, &v, &err) == 1);
+    json_decref(v);
+    CHECK(es_jsonl_next(&r, &v, &err) == -1 && err.code == ES_ERR_DATA && v == NULL);
+    CHECKF(contains(err.msg, "data.jsonl:2: the line is longer than 40 bytes"), "%s", err.msg);
+    es_error_clear(&err);
+    CHECK(es_jsonl_next(&r, &v, &err) == -1 && v == NULL && contains(err.msg, "data.jsonl:2"));
+    es_jsonl_close(&r);
+    /* exactly at the limit is fine, with or without its newline */
+    REQUIRE(es_jsonl_open_memory(&r, text, strlen(text), "data.jsonl", &err) == ES_OK);
+    r.max_line = strlen("{\"text\": \"0123456789012345678901234567890123456789\"}");
+    int64_t n = 0;
+    CHECK(es_jsonl_count(&r, &n, &err) == ES_OK && n == 3);
+    es_jsonl_close(&r);
+    r.max_line = 0;
+    REQUIRE(es_jsonl_open_memory(&r, text, strlen(text), "data.jsonl", &err) == ES_OK);
+    r.max_line = 40;
+    es_error_clear(&err);
+    CHECKF(es_jsonl_count(&r, &n, &err) == ES_ERR_DATA && contains(err.msg, "data.jsonl:2: the line is longer"), "%s", err.msg);
+    es_jsonl_close(&r);
+}
+
+/* A stream whose reads fail after `left` bytes, as a disk error midway would. */
+typedef struct {
+    const char *data;
+    size_t at, len, left;
+} failing;
+
+static ssize_t failing_read(void *cookie, char *buf, size_t size) {
+    failing *f = cookie;
+    if (f->left == 0) {
+        errno = EIO;
+        return -1;
+    }
+    size_t n = size < f->left ? size : f->left;
+    if (n > f->len - f->at) n = f->len - f->at;
+    memcpy(buf, f->data + f->at, n);
+    f->at += n, f->left -= n;
+    return (ssize_t)n;
+}
+
+TEST(read_error_midway) {
+    const char *text = "{\"a\": 1}\n{\"a\": 2}\n{\"a\": 3}\n";
+    for (int counting = 0; counting < 2; counting++) {
+        failing state = {text, 0, strlen(text), 12}; /* fails inside line 2 */
+        FILE *f = fopencookie(&state, "r", (cookie_io_functions_t){.read = failing_read});
+        REQUIRE(f);
+        setvbuf(f, NULL, _IONBF, 0);
+        es_jsonl r;
+        es_error err = {0};
+        REQUIRE(es_jsonl_open_stream(&r, f, "disk.jsonl", 1, &err) == ES_OK);
+        json_t *v;
+        if (counting) {
+            int64_t n = 0;
+            CHECK(es_jsonl_count(&r, &n, &err) == ES_ERR_RUNTIME);
+        } else {
+            REQUIRE(es_jsonl_next(&r, &v, &err) == 1);
+            json_decref(v);
+            CHECK(es_jsonl_next(&r, &v, &err) == -1 && err.code == ES_ERR_RUNTIME);
+        }
+        /* never a short corpus: the error names the file, the line and the cause */
+        CHECKF(contains(err.msg, "disk.jsonl:2: read error: Input/output error"), "%s", err.msg);
+        es_jsonl_close(&r);
+    }
+}
+
+/* A pipe is counted and then read: it is copied as it is counted, read once. */
+TEST(count_then_read_a_pipe) {
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    const char *text = "{\"a\": 1}\n\n   \n{\"a\": 2}\r\n{\"a\": 3}";
+    REQUIRE(write(fds[1], text, strlen(text)) == (ssize_t)strlen(text));
+    close(fds[1]);
+    FILE *f = fdopen(fds[0], "rb");
+    REQUIRE(f);
+    es_jsonl r;
+    es_error err = {0};
+    REQUIRE(es_jsonl_open_stream(&r, f, "<stdin>", 1, &err) == ES_OK);
+    int64_t n = 0;
+    CHECKF(es_jsonl_count(&r, &n, &err) == ES_OK && n == 3, "%lld %s", (long long)n, err.msg);
+    json_t *v;
+    long lines[] = {1, 4, 5};
+    for (int i = 0; i < 3; i++) {
+        REQUIRE(es_jsonl_next(&r, &v, &err) == 1);
+        CHECK(json_integer_value(json_object_get(v, "a")) == i + 1 && r.line == lines[i]);
+        json_decref(v);
+    }
+    CHECK(es_jsonl_next(&r, &v, &err) == 0);
+    es_jsonl_close(&r);
+}
+
+/* A file is counted from where the reader stands, and the reader is left there. */
+TEST(count_a_file_in_place) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/count.jsonl", test_tmpdir());
+    FILE *f = fopen(path, "wb");
+    REQUIRE(f);
+    fputs("\xEF\xBB\xBF\n{\"a\": 1}\n\n{\"a\": 2}\n", f); /* a BOM alone on line 1 is blank */
+    fclose(f);
+    es_jsonl r;
+    es_error err = {0};
+    REQUIRE(es_jsonl_open(&r, path, &err) == ES_OK);
+    int64_t n = 0;
+    CHECK(es_jsonl_count(&r, &n, &err) == ES_OK && n == 2);
+    json_t *v;
+    REQUIRE(es_jsonl_next(&r, &v, &err) == 1);
+    json_decref(v);
+    CHECK(es_jsonl_count(&r, &n, &err) == ES_OK && n == 1);
+    REQUIRE(es_jsonl_next(&r, &v, &err) == 1 && r.line == 4);
+    json_decref(v);
+    es_jsonl_close(&r);
+    /* a folder is refused at open, not read as an empty input */
+    CHECK(es_jsonl_open(&r, test_tmpdir(), &err) == ES_ERR_USAGE && contains(err.msg, "is a folder"));
+    es_jsonl_close(&r);
+}
+
 int main(void) {
     RUN(good_lines_blank_and_crlf);
+    RUN(line_too_long);
+    RUN(read_error_midway);
+    RUN(count_then_read_a_pipe);
+    RUN(count_a_file_in_place);
     RUN(malformed_line_number);
     RUN(not_an_object);
     RUN(invalid_utf8);
