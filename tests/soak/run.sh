@@ -17,7 +17,7 @@ work=${SOAK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/essence-soak.XXXXXX")}
 [ -n "${SOAK_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 echo "soak: $TOKENS teacher tokens at full size; work in $work"
 
-# corpus FILE TOKENS: reasoning-like samples, varied in length (about 60..700 tokens each with the
+# corpus FILE TOKENS: reasoning-like samples, varied in length (about 60..1100 tokens each with the
 # tiny Llama's 1024-entry vocabulary), until about TOKENS tokens (estimated at 3 bytes a token).
 corpus() {
     python3 - "$1" "$2" <<'PY'
@@ -41,8 +41,10 @@ declare -A peak_kib
 stage() {
     local key=$1; shift
     local log=$work/$key.log
-    if ! /usr/bin/time -f '%M %e' -o "$work/$key.time" "$@" >"$log" 2>&1; then
-        echo "FAIL soak $key: exit status $?"; tail -n 20 "$log"; exit 1
+    /usr/bin/time -f '%M %e' -o "$work/$key.time" "$@" >"$log" 2>&1
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "FAIL soak $key: exit status $rc"; tail -n 20 "$log"; exit 1
     fi
     read -r kib secs < "$work/$key.time"
     peak_kib[$key]=$kib
@@ -55,7 +57,7 @@ run_size() { # label tokens
     corpus "$dir/texts.jsonl" "$tokens"
     echo "$label: $(wc -l < "$dir/texts.jsonl") samples"
     stage "extract.$label" "$BUILD/essence-extract" --model "$FIXTURES/tiny-llama3" --data "$dir/texts.jsonl" \
-        --layers 2,4 --max-seq 1024 --threads "$THREADS" --out "$dir/teacher.h5"
+        --layers 2,4 --max-seq 4096 --threads "$THREADS" --out "$dir/teacher.h5"
     stage "project.$label" "$BUILD/essence-project" --in "$dir/teacher.h5" --student "$FIXTURES/tiny-qwen2" \
         --layer-map 2:1,4:3 --threads "$THREADS" --out "$dir/student.h5"
     # One pass over the data: steps = student tokens / batch tokens.
