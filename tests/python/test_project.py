@@ -336,7 +336,7 @@ def test_bad_input(tmp, teacher_dir, student):
     no_tok = os.path.join(tmp, "student-no-tokenizer")
     os.makedirs(no_tok)
     shutil.copy(os.path.join(student, "config.json"), no_tok)
-    cases["student_without_tokenizer"] = (["--in", teacher, "--student", no_tok, "--layer-map", LAYER_MAP], 2,
+    cases["student_without_tokenizer"] = (["--in", teacher, "--student", no_tok, "--layer-map", LAYER_MAP], 3,
                                           ["student-no-tokenizer", "tokenizer.json"])
     for name, (args, code, words) in cases.items():
         out = os.path.join(tmp, f"bad-{name}.h5")

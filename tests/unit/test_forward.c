@@ -288,7 +288,10 @@ TEST(config_spellings_and_errors) {
         {LLAMA_HEAD "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", "rope_scaling.rope_type", ES_ERR_DATA},
         {LLAMA_HEAD "\"hidden_act\": \"gelu\"}", "hidden_act", ES_ERR_DATA},
         {"{\"model_type\": \"llama\", \"vocab_size\": 100}", "hidden_size", ES_ERR_DATA},
-        {LLAMA_HEAD "\"num_key_value_heads\": 3}", "num_key_value_heads", ES_ERR_DATA},
+        {"{\"model_type\": \"llama\", \"vocab_size\": 100, \"hidden_size\": 64, \"intermediate_size\": 160, "
+         "\"num_hidden_layers\": 2, \"num_attention_heads\": 8, \"num_key_value_heads\": 3, \"head_dim\": 8}",
+         "num_key_value_heads", ES_ERR_DATA},
+        {LLAMA_HEAD "\"num_key_value_heads\": 4}", "duplicate", ES_ERR_DATA},
         {"{not json", "invalid JSON", ES_ERR_DATA},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
