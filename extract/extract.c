@@ -4,19 +4,23 @@
  * main() is the story: read the configuration, find this shard's samples, open (or resume)
  * the output, load the teacher up to its deepest requested layer, then batch by a token
  * budget: tokenise, forward, store, commit; finally record what produced the file. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "backend.h"
 #include "config.h"
 #include "decoder.h"
 #include "fingerprint.h"
+#include "h5commit.h"
 #include "inputs.h"
 #include "log.h"
 #include "model.h"
 #include "progress.h"
+#include "resume.h"
 #include "stream.h"
 #include "teacher.h"
 
@@ -101,7 +105,27 @@ static int collect(void *ctx, int layer, const float *hidden, int T, es_error *e
     return ES_OK;
 }
 
-static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, es_error *err) {
+/* A stored hidden state that is inf or NaN is refused, not recorded (docs/extract.md): it names
+ * the sample, the layer and the token. */
+static int check_finite(const batch *b, const int32_t *seq_start, const collector *c, const char *data, const char *model_dir,
+                        es_error *err) {
+    for (int i = 0; i < c->n_layers; i++)
+        for (int s = 0; s < b->n; s++)
+            for (int t = seq_start[s]; t < seq_start[s + 1]; t++) {
+                const float *row = c->rows[i] + (size_t)t * c->width;
+                for (int k = 0; k < c->width; k++)
+                    if (!isfinite(row[k]))
+                        return es_fail(err, ES_ERR_DATA,
+                                       "%s:%ld: sample \"%s\": the teacher's hidden state at layer %d, token %d is not finite "
+                                       "(%g): the weights in %s overflow fp32 or hold inf/NaN at or before layer %d; check the "
+                                       "checkpoint (nothing of this batch was stored)",
+                                       data, b->samples[s].line, b->samples[s].id ? b->samples[s].id : "", c->layers[i],
+                                       t - seq_start[s], (double)row[k], model_dir, c->layers[i]);
+            }
+    return ES_OK;
+}
+
+static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, const char *data, const char *model_dir, es_error *err) {
     int32_t *ids = malloc((size_t)b->tokens * sizeof *ids), *seq_start = malloc((size_t)(b->n + 1) * sizeof *seq_start);
     int rc = ids && seq_start ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < c->n_layers; i++)
@@ -117,6 +141,7 @@ static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, c
     const es_tensor *embed = teacher->store.embed;
     if (!rc) rc = es_decoder_forward(teacher->decoder, &tokens, embed->data, embed->dtype, teacher->layers, teacher->deepest, NULL,
                                      collect, c, err);
+    if (!rc) rc = check_finite(b, seq_start, c, data, model_dir, err);
     const float **sample_rows = malloc((size_t)c->n_layers * sizeof *sample_rows);
     if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int s = 0; !rc && s < b->n; s++) {
@@ -245,7 +270,44 @@ int main(int argc, char **argv) {
     if (extract_count_samples(data, &total, &err)) es_exit_error(&err);
     int64_t first = total * shard / n_shards, end = total * (shard + 1) / n_shards;
 
-    // 3. The device, and the output, new or resumed.
+    // 3. What the output is made from (its resume key), the device, and the output, new or resumed.
+    const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
+    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", data_fp[ES_FINGERPRINT_HEX] = "";
+    char layers_text[1024] = "", tokenizer_file[4200];
+    for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
+    struct stat st;
+    snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", tokenizer_path);
+    if (stat(tokenizer_file, &st) != 0 || !S_ISREG(st.st_mode)) snprintf(tokenizer_file, sizeof tokenizer_file, "%s", tokenizer_path);
+    /* ids-only input needs no tokenizer: then it has no fingerprint */
+    const int have_tokenizer = stat(tokenizer_file, &st) == 0 && S_ISREG(st.st_mode);
+    if (model_fingerprint(model_dir, model_fp, &err) || es_sha256_file(data, data_fp, &err) ||
+        (have_tokenizer && es_sha256_file(tokenizer_file, tokenizer_fp, &err)))
+        es_exit_error(&err);
+    json_t *key = es_resume_key_from_config(&cfg, (const char *const[]){"model", "data", "tokenizer", NULL});
+    if (key)
+        json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp)),
+            json_object_set_new(key, "tokenizer", json_string(tokenizer_fp)), json_object_set_new(key, "layers", json_string(layers_text)),
+            json_object_set_new(key, "tool_version", json_string(TOOL_VERSION));
+    char *key_text = key ? es_resume_key_text(key, &err) : NULL;
+    json_decref(key);
+    if (!key_text) {
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        es_exit_error(&err);
+    }
+    es_partial_state partial = ES_PARTIAL_ABSENT;
+    if (es_config_bool(&cfg, "resume")) {
+        int checked = es_h5_check_partial(out, key_text, &partial, &err);
+        if (checked == ES_ERR_DATA) { /* HDF5 cannot open it: it was cut short before its first commit */
+            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
+            es_error_clear(&err);
+        } else if (checked) {
+            es_exit_error(&err); /* another run's .partial: kept as it is */
+        } else if (partial == ES_PARTIAL_ABSENT) {
+            es_log("--resume: there is no %s.partial: starting from the first sample", out);
+        } else if (partial == ES_PARTIAL_UNCOMMITTED) {
+            es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
+        }
+    }
     es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
         es_fail(&err, ES_ERR_RUNTIME, "cannot start threads");
@@ -256,18 +318,16 @@ int main(int argc, char **argv) {
     if (es_device_open(&dev, &device_options, &err)) es_exit_error(&err);
     es_device_log(dev);
     teacher_options writer_options = {layers, n_layers, model_config.hidden_size, es_config_int(&cfg, "chunk-rows"),
-                                      (int)es_config_int(&cfg, "zstd-level"), pool};
+                                      (int)es_config_int(&cfg, "zstd-level"), pool, key_text};
     teacher_writer writer;
     int64_t done = 0;
-    if (es_config_bool(&cfg, "resume")) {
+    if (partial == ES_PARTIAL_COMMITTED) {
         if (teacher_resume(&writer, out, &writer_options, &done, &err)) {
-            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
-            es_error_clear(&err);
-            done = 0;
-            if (teacher_create(&writer, out, &writer_options, &err)) es_exit_error(&err);
-        } else {
-            es_log("resuming %s.partial after %lld samples", out, (long long)done);
+            /* Committed samples it cannot use: say so, and keep the file for a look. */
+            es_error_prefix(&err, "cannot resume %s.partial (kept; remove it or run without --resume to start again)", out);
+            es_exit_error(&err);
         }
+        es_log("resuming %s.partial after %lld committed samples", out, (long long)done);
     } else if (teacher_create(&writer, out, &writer_options, &err)) {
         es_exit_error(&err);
     }
@@ -275,7 +335,6 @@ int main(int argc, char **argv) {
     // 4. The teacher on the device, up to its deepest requested layer.
     teacher_model teacher;
     extract_input input;
-    const char *tokenizer_path = es_config_is_set(&cfg, "tokenizer") ? es_config_str(&cfg, "tokenizer") : model_dir;
     int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
     if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
                                      es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
@@ -301,7 +360,7 @@ int main(int argc, char **argv) {
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
             int n = b.n;
             es_progress_add_tokens(&progress, b.tokens);
-            rc = run_batch(&teacher, &b, &writer, &c, &err);
+            rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
             es_progress_add(&progress, n);
         }
         if (b.n == b.cap) {
@@ -319,26 +378,20 @@ int main(int argc, char **argv) {
     if (!rc && b.n) {
         int n = b.n;
         es_progress_add_tokens(&progress, b.tokens);
-        rc = run_batch(&teacher, &b, &writer, &c, &err);
+        rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
         es_progress_add(&progress, n);
     }
     es_progress_finish(&progress);
 
     // 6. What made this file.
-    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", layers_text[1024] = "", hidden[32], created[64];
-    char *yaml = es_config_to_yaml(&cfg), *yaml_results = es_config_to_yaml_without(&cfg, ES_RESULT_NEUTRAL_OPTIONS);
-    for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
+    char hidden[32], created[64];
+    char *yaml = es_config_to_yaml(&cfg);
+    /* --resume changes no bit of the output: a resumed file carries the uninterrupted one's fingerprint. */
+    char *yaml_results = es_config_to_yaml_without(&cfg, (const char *const[]){"threads", "max-memory", "resume", NULL});
     snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    if (!rc) rc = model_fingerprint(model_dir, model_fp, &err);
-    if (!rc && input.tokenizer) {
-        char path[4200];
-        snprintf(path, sizeof path, "%s/tokenizer.json", tokenizer_path);
-        FILE *probe = fopen(path, "rb");
-        if (probe) fclose(probe);
-        rc = es_sha256_file(probe ? path : tokenizer_path, tokenizer_fp, &err);
-    }
+    if (!input.tokenizer) tokenizer_fp[0] = '\0'; /* the tokenizer was not used */
     char fingerprint_input[8192];
     int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", model_fp,
                           tokenizer_fp, TOOL_VERSION);
@@ -353,7 +406,7 @@ int main(int argc, char **argv) {
     else teacher_abandon(&writer, 0);
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */
-    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples);
+    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples), free(key_text);
     extract_input_close(&input);
     teacher_close(&teacher);
     if (!rc) es_device_log_peak(dev);
