@@ -377,6 +377,16 @@ int es_rows_close(es_rows_writer *writer, es_error *err) {
     return rc;
 }
 
+void es_rows_discard(es_rows_writer *writer) {
+    for (int i = 0; writer->slots && i < writer->n_slots; i++) slot_wait(writer->pool, &writer->slots[i]);
+    slots_free(writer->slots, writer->n_slots);
+    writer->slots = NULL;
+    if (writer->dataset >= 0) H5Dclose(writer->dataset);
+    writer->dataset = -1;
+    free(writer->name);
+    writer->name = NULL;
+}
+
 /* ---- reader ------------------------------------------------------------------------- */
 
 static int elem_of_type(hid_t type, es_h5_elem *elem) {

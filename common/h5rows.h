@@ -60,6 +60,9 @@ int es_rows_append_f32(es_rows_writer *writer, const float *rows, int64_t n, es_
 int es_rows_flush(es_rows_writer *writer, es_error *err);
 /* Flushes and closes. On error the dataset is closed all the same. */
 int es_rows_close(es_rows_writer *writer, es_error *err);
+/* Closes without writing anything more (a run that stopped: what the last commit covers stays,
+ * the rest is cut off on resume). */
+void es_rows_discard(es_rows_writer *writer);
 
 /* For a commit point (common/h5commit.h): writes every whole chunk appended, sets the extent to
  * the rows appended, and adds the part NAME (the dataset's path) = [int64 rows][the rows of the

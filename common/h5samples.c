@@ -173,9 +173,11 @@ int es_samples_close(es_samples_writer *w, es_error *err) {
     es_error ignored = {0};
     int rc = err ? es_samples_flush(w, err) : ES_OK;
     for (int i = 0; i < ES_SAMPLE_DATASETS; i++)
-        if (w->rows[i].dataset >= 0) {
-            int closed = es_rows_close(&w->rows[i], rc || !err ? &ignored : err);
-            if (!rc && err) rc = closed;
+        if (w->rows[i].dataset >= 0 && !err) {
+            es_rows_discard(&w->rows[i]);
+        } else if (w->rows[i].dataset >= 0) {
+            int closed = es_rows_close(&w->rows[i], rc ? &ignored : err);
+            if (!rc) rc = closed;
         }
     if (w->ids >= 0) H5Dclose(w->ids);
     for (int i = 0; i < w->n_pending; i++) free(w->pending_ids[i]);

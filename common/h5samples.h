@@ -35,7 +35,7 @@ int es_samples_flush(es_samples_writer *writer, es_error *err);
 int es_samples_commit(es_samples_writer *writer, es_commit_record *record, es_error *err);
 /* Reopens the datasets of a .partial file at the samples the record covers. */
 int es_samples_resume(es_samples_writer *writer, hid_t file, const es_commit_record *record, es_error *err);
-/* Flushes (unless abandoning: err NULL) and closes every dataset. */
+/* Flushes and closes every dataset; err NULL: abandons them, writing nothing more (es_rows_discard). */
 int es_samples_close(es_samples_writer *writer, es_error *err);
 
 #endif

@@ -58,7 +58,7 @@ int es_resume_key_compare(const char *stored, const char *now, const char *what,
         json_t *then = a ? json_object_get(a, name) : NULL, *current = b ? json_object_get(b, name) : NULL;
         if (then && current && json_equal(then, current)) continue;
         char one[256];
-        describe(one, sizeof one, name, then, current, strcmp(name, "tool_version") != 0);
+        describe(one, sizeof one, name, then, current, !strpbrk(name, " _"));
         if (used < sizeof list) used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", n++ ? ", " : "", one);
     }
     json_decref(all), json_decref(a), json_decref(b);

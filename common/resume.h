@@ -3,7 +3,7 @@
  * A key is a JSON object, written (canonical text, common/fingerprint.h) into a .partial output
  * or a checkpoint when it is begun: every result-affecting option by its name with its value,
  * and the inputs by the same option name with their content fingerprint in place of their path
- * ("data": "3fa2..."). A run asked to --resume compares its own key with the stored one and
+ * ("data": "3fa2..."); other entries have names with a space or '_' ("tool version"). A run asked to --resume compares its own key with the stored one and
  * refuses (ES_ERR_USAGE) what another run began, naming each option or input that differs. */
 #ifndef ES_RESUME_H
 #define ES_RESUME_H

@@ -287,7 +287,7 @@ int main(int argc, char **argv) {
     if (key)
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp)),
             json_object_set_new(key, "tokenizer", json_string(tokenizer_fp)), json_object_set_new(key, "layers", json_string(layers_text)),
-            json_object_set_new(key, "tool_version", json_string(TOOL_VERSION));
+            json_object_set_new(key, "tool version", json_string(TOOL_VERSION));
     char *key_text = key ? es_resume_key_text(key, &err) : NULL;
     json_decref(key);
     if (!key_text) {
@@ -339,7 +339,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = extract_input_open(&input, data, tokenizer_path, es_config_str(&cfg, "template"), max_seq,
                                      es_config_bool(&cfg, "truncate"), model_config.vocab_size, &err);
     if (rc) {
-        teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
+        teacher_abandon(&writer, writer.committed == 0);
         es_exit_error(&err);
     }
 
@@ -403,7 +403,7 @@ int main(int argc, char **argv) {
                                 "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created};
     int64_t tokens_written = writer.samples.tokens;
     if (!rc) rc = teacher_finish(&writer, attributes, 9, &err);
-    else teacher_abandon(&writer, 0);
+    else teacher_abandon(&writer, err.code == ES_ERR_DATA || writer.committed == 0); /* docs/extract.md: what a failed run keeps */
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */
     free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples), free(key_text);

@@ -107,15 +107,14 @@ int teacher_commit(teacher_writer *w, es_error *err) {
     /* The commit marks (docs/teacher-h5.md) travel with the record's mark. */
     const es_commit_mark marks[] = {{"committed_samples", w->samples.samples}, {"committed_tokens", w->samples.tokens}};
     if (!rc) rc = es_h5_commit_point(&w->file, &record, marks, 2, err);
+    if (!rc) w->committed = w->samples.samples;
     es_commit_record_free(&record);
     return rc;
 }
 
 static void close_datasets(teacher_writer *w) {
-    es_error ignored = {0};
     es_samples_close(&w->samples, NULL);
-    for (int i = 0; w->latents && i < w->n_layers; i++)
-        if (w->latents[i].dataset >= 0) es_rows_close(&w->latents[i], &ignored);
+    for (int i = 0; w->latents && i < w->n_layers; i++) es_rows_discard(&w->latents[i]);
 }
 
 static void free_memory(teacher_writer *w) {
@@ -198,6 +197,6 @@ int teacher_resume(teacher_writer *w, const char *path, const teacher_options *o
         teacher_abandon(w, 0);
         return rc;
     }
-    *samples_done = samples;
+    *samples_done = w->committed = samples;
     return ES_OK;
 }

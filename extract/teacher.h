@@ -30,6 +30,7 @@ typedef struct teacher_writer {
     es_samples_writer samples; /* the sample and token datasets */
     es_rows_writer *latents; /* [n_layers] */
     teacher_stats *stats;    /* [n_layers] */
+    int64_t committed;       /* samples the last commit covers */
 } teacher_writer;
 
 typedef struct teacher_options {
