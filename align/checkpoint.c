@@ -548,3 +548,33 @@ int checkpoint_load_state(const char *checkpoint_dir, const checkpoint_buffer *m
     free(json_path);
     return rc;
 }
+
+int checkpoint_survey(const char *out_dir, size_t *count, int64_t *newest, es_error *err) {
+    found_checkpoint *list;
+    int rc = list_checkpoints(out_dir, &list, count, err);
+    *newest = !rc && *count ? list[0].step : -1;
+    free(list);
+    return rc;
+}
+
+int checkpoint_remove_all(const char *out_dir, es_error *err) {
+    DIR *dir = opendir(out_dir);
+    if (!dir) return errno == ENOENT ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "%s: cannot open folder: %s", out_dir, strerror(errno));
+    int rc = ES_OK;
+    struct dirent *entry;
+    while (rc == ES_OK && (entry = readdir(dir)) != NULL) {
+        int64_t step;
+        const char *name = entry->d_name;
+        size_t len = strlen(name);
+        char base[256];
+        /* checkpoint-N, a save that died half way (checkpoint-N.partial), the published model files */
+        snprintf(base, sizeof base, "%.*s", len > 8 && !strcmp(name + len - 8, ".partial") ? (int)(len - 8) : (int)len, name);
+        if (!parse_checkpoint_name(base, &step) && strcmp(name, "model.safetensors") && strcmp(name, "student_head.safetensors"))
+            continue;
+        char *path = path_printf("%s/%s", out_dir, name);
+        rc = path ? remove_tree(path, err) : out_of_memory(out_dir, err);
+        free(path);
+    }
+    closedir(dir);
+    return rc ? rc : es_fsync_folder(out_dir, err);
+}

@@ -67,3 +67,52 @@ int es_resume_key_compare(const char *stored, const char *now, const char *what,
                    "%s was begun with other inputs or options: %s; resume with the same ones, or start again without --resume",
                    what, list);
 }
+
+/* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
+ * name order: the weights' content, not their modification times. */
+int es_model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error *err) {
+    char listing[64 * 1024] = "";
+    static const char *patterns[] = {"config.json", "model.safetensors.index.json", "model.safetensors"};
+    size_t n = 0;
+    for (size_t i = 0; i < 3; i++) {
+        char path[4200], hex[ES_FINGERPRINT_HEX];
+        snprintf(path, sizeof path, "%s/%s", dir, patterns[i]);
+        FILE *probe = fopen(path, "rb");
+        if (!probe) continue;
+        fclose(probe);
+        int rc = es_sha256_file(path, hex, err);
+        if (rc) return rc;
+        n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", patterns[i], hex);
+    }
+    /* Shards named by the index, in name order. */
+    char index_path[4200];
+    snprintf(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
+    json_t *index = json_load_file(index_path, 0, NULL);
+    const json_t *map = json_object_get(index, "weight_map");
+    const char *key;
+    const json_t *value;
+    char **shards = calloc(json_object_size(map) + 1, sizeof *shards);
+    size_t n_shards = 0;
+    json_object_foreach((json_t *)map, key, value) {
+        int seen = !json_is_string(value);
+        for (size_t k = 0; k < n_shards && !seen; k++) seen = !strcmp(shards[k], json_string_value(value));
+        if (!seen) shards[n_shards++] = (char *)json_string_value(value);
+    }
+    for (size_t i = 1; i < n_shards; i++)
+        for (size_t j = i; j > 0 && strcmp(shards[j - 1], shards[j]) > 0; j--) {
+            char *swap = shards[j];
+            shards[j] = shards[j - 1], shards[j - 1] = swap;
+        }
+    int rc = ES_OK;
+    for (size_t i = 0; !rc && i < n_shards; i++) {
+        char path[4200], hex[ES_FINGERPRINT_HEX];
+        snprintf(path, sizeof path, "%s/%s", dir, shards[i]);
+        rc = es_sha256_file(path, hex, err);
+        if (!rc) n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", shards[i], hex);
+    }
+    free(shards);
+    json_decref(index);
+    if (!rc) es_sha256_hex(listing, n, out);
+    return rc;
+}
+

@@ -31,4 +31,9 @@ char *es_resume_key_text(const json_t *key, es_error *err);
  * 1 now); resume with the same ones, or start again without --resume". `what` names the output. */
 int es_resume_key_compare(const char *stored, const char *now, const char *what, es_error *err);
 
+/* SHA-256 over the lines "NAME SHA256" of a model folder's config.json, safetensors index and
+ * weight files, in name order: the checkpoint's content, not its modification times
+ * (docs/teacher-h5.md, model_fingerprint). */
+int es_model_fingerprint(const char *dir, char out[65], es_error *err);
+
 #endif
