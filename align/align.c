@@ -427,6 +427,8 @@ int main(int argc, char **argv) {
         if (checkpoint_find_latest(out_dir, &checkpoint, &saved_step, &err)) fail(&comm, &err);
         if (!checkpoint) {
             es_log("--resume: no checkpoint in %s yet: starting from the model", out_dir);
+            /* the stopped run's lines of steps that no checkpoint kept */
+            if (comm.rank == 0 && trim_metrics(metrics_path, 0, &err)) fail(&comm, &err);
         } else {
             if (checkpoint_load_state(checkpoint, saved.load_master, saved.load_m, saved.load_v, saved.n_state, &state, &err))
                 fail(&comm, &err);

@@ -247,8 +247,9 @@ int es_h5_check_partial(const char *path, const char *key, es_partial_state *sta
     if (file < 0) return es_fail(err, ES_ERR_DATA, "%s: not a readable HDF5 file (it was cut short before its first commit?)", partial);
     int64_t number = 0;
     rc = read_commit_number(file, &number, err);
-    if (!rc && number > 0) {
-        *state = ES_PARTIAL_COMMITTED;
+    int finished = !rc && H5Aexists(file, "created") > 0;
+    if (!rc && (number > 0 || finished)) {
+        *state = finished ? ES_PARTIAL_FINISHED : ES_PARTIAL_COMMITTED;
         char *stored = NULL;
         es_error ignored = {0};
         if (H5Aexists(file, "resume_key") > 0) es_h5_attr_get_str(file, "resume_key", &stored, &ignored);
@@ -259,4 +260,16 @@ int es_h5_check_partial(const char *path, const char *key, es_partial_state *sta
     }
     H5Fclose(file);
     return rc;
+}
+
+int es_h5_finish_partial(const char *path, const char *const *mark_names, es_error *err) {
+    es_h5file file;
+    int rc = es_h5_open_partial(&file, path, err);
+    if (rc) return rc;
+    rc = es_h5_drop_commits(&file, mark_names, err);
+    if (rc) {
+        es_h5_close(&file, 0);
+        return rc;
+    }
+    return es_h5_commit(&file, err);
 }

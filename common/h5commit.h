@@ -57,10 +57,15 @@ int es_h5_read_commit(es_h5file *file, es_commit_record *record, int *found, es_
 int es_h5_drop_commits(es_h5file *file, const char *const *mark_names, es_error *err);
 
 /* What --resume finds at PATH.partial, looked at read-only (the file is not changed). */
-typedef enum { ES_PARTIAL_ABSENT, ES_PARTIAL_UNCOMMITTED, ES_PARTIAL_COMMITTED } es_partial_state;
+typedef enum { ES_PARTIAL_ABSENT, ES_PARTIAL_UNCOMMITTED, ES_PARTIAL_COMMITTED, ES_PARTIAL_FINISHED } es_partial_state;
 /* ES_ERR_DATA (naming the file) when it exists but HDF5 cannot open it; ES_ERR_USAGE (from
  * es_resume_key_compare) when it holds a commit and its root attribute resume_key differs from
- * `key`. The key of an uncommitted file is not checked: nothing of it is kept. */
+ * `key`. The key of an uncommitted file is not checked: nothing of it is kept. FINISHED: the run
+ * was stopped while finishing, after everything was on disk (the root attribute `created`, written
+ * only then, is there): es_h5_finish_partial completes it. */
 int es_h5_check_partial(const char *path, const char *key, es_partial_state *state, es_error *err);
+/* Completes a FINISHED PATH.partial: removes what is left of its commits (the marks named, NULL-
+ * terminated, and the records), then closes, fsyncs and renames it as es_h5_commit does. */
+int es_h5_finish_partial(const char *path, const char *const *mark_names, es_error *err);
 
 #endif

@@ -256,6 +256,11 @@ int main(int argc, char **argv) {
             es_exit_error(&err); /* another run's .partial: kept as it is */
         } else if (partial == ES_PARTIAL_ABSENT) {
             es_log("--resume: there is no %s.partial: starting from the first sample", out);
+        } else if (partial == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
+            static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
+            if (es_h5_finish_partial(out, marks, &err)) es_exit_error(&err);
+            es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", out, out);
+            return 0;
         } else if (partial == ES_PARTIAL_UNCOMMITTED) {
             es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
         }
@@ -343,7 +348,9 @@ int main(int argc, char **argv) {
     snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    if (!input.tokenizer) tokenizer_fp[0] = '\0'; /* the tokenizer was not used */
+    /* The tokenizer was used when some sample came as text (ids samples store no text), in this run
+     * or in the one it resumes. */
+    if (!input.tokenizer && writer.samples.text_total == 0) tokenizer_fp[0] = '\0';
     char fingerprint_input[8192];
     int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", model_fp,
                           tokenizer_fp, TOOL_VERSION);

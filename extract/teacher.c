@@ -137,7 +137,7 @@ int teacher_finish(teacher_writer *w, const char *const *attributes, int n_attri
         if (!rc) rc = write_array(w->file.id, name, H5T_IEEE_F64LE, (hsize_t)w->width, w->stats[i].m2, err);
     }
     for (int i = 0; !rc && i < n_attributes; i++) rc = es_h5_attr_set_str(w->file.id, attributes[2 * i], attributes[2 * i + 1], err);
-    static const char *const marks[] = {"committed_samples", "committed_tokens", "resume_key", NULL};
+    static const char *const marks[] = {"committed_samples", "committed_tokens", NULL}; /* resume_key stays: what made it */
     if (!rc) rc = es_h5_sync(&w->file, err); /* all of it on disk before the last commit's record goes */
     if (!rc) rc = es_h5_drop_commits(&w->file, marks, err);
     if (rc) {

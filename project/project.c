@@ -504,6 +504,11 @@ int main(int argc, char **argv) {
             es_exit_error(&err); /* another run's .partial: kept as it is */
         } else if (partial == ES_PARTIAL_ABSENT) {
             es_log("--resume: there is no %s.partial: starting from the first sample", out);
+        } else if (partial == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
+            static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
+            if (es_h5_finish_partial(out, marks, &err)) es_exit_error(&err);
+            es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", out, out);
+            return 0;
         } else if (partial == ES_PARTIAL_UNCOMMITTED) {
             es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
         }

@@ -136,7 +136,7 @@ int student_finish(student_writer *w, const student_attribute *attributes, int n
     if (!rc) rc = es_rows_close(&w->teacher_row, err);
     for (int i = 0; !rc && i < w->n_targets; i++) rc = es_rows_close(&w->targets[i], err);
     /* The commit marks mean nothing in a complete file; the last chunks are on disk before they go. */
-    static const char *const marks[] = {"committed_samples", "committed_tokens", "resume_key", NULL};
+    static const char *const marks[] = {"committed_samples", "committed_tokens", NULL}; /* resume_key stays: what made it */
     if (!rc) rc = es_h5_sync(&w->file, err);
     if (!rc) rc = es_h5_drop_commits(&w->file, marks, err);
     if (rc) {
