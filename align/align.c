@@ -448,7 +448,9 @@ int main(int argc, char **argv) {
                 if (!err.code) es_fail(&err, ES_ERR_DATA, "%s: essence-state/state.json disagrees with the folder name", checkpoint);
                 fail(&comm, &err);
             }
-            if (comm.rank == 0 && trim_metrics(metrics_path, step, &err)) fail(&comm, &err);
+            if (comm.rank == 0 && (trim_metrics(metrics_path, step, &err) ||
+                                   checkpoint_tidy(out_dir, checkpoint, step, (int)es_config_int(&cfg, "keep-checkpoints"), &err)))
+                fail(&comm, &err);
             es_log("resumed from %s at step %lld", checkpoint, (long long)step);
         }
         free(checkpoint), free(state);

@@ -92,7 +92,7 @@ def main():
         # align: a checkpoint every step
         must("essence-project", *project[1:])
         aligned = os.path.join(tmp, "aligned")
-        align = [program("essence-align"), "--model", student, "--data", student_out, "--out", aligned, "--steps", "8",
+        align = [program("essence-align"), "--model", student, "--data", student_out, "--out", aligned, "--steps", "16",
                  "--save-every", "1", "--keep-checkpoints", "2", "--eval-every", "4", "--seq-len", "32", "--batch-tokens", "64",
                  "--threads", "1", "--warmup", "2"]
         kill_matrix("align", align, aligned, [aligned], folder_content, checkpoint_step, 3,
