@@ -273,8 +273,8 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
     if (es_config_is_set(cfg, "fingerprint")) {
         snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(cfg, "fingerprint"));
     } else {
-        /* --resume and --force change no bit of the result either */
-        char *yaml = es_config_to_yaml_without(cfg, (const char *const[]){"threads", "max-memory", "resume", "force", NULL});
+        /* nor those that only describe this run: --resume, --force, --out (common/resume.h) */
+        char *yaml = es_config_to_yaml_without(cfg, ES_RUN_ONLY_OPTIONS);
         es_sha256_hex(yaml ? yaml : "", yaml ? strlen(yaml) : 0, fingerprint);
         free(yaml);
     }

@@ -343,8 +343,9 @@ int main(int argc, char **argv) {
     // 6. What made this file.
     char hidden[32], created[64];
     char *yaml = es_config_to_yaml(&cfg);
-    /* --resume changes no bit of the output: a resumed file carries the uninterrupted one's fingerprint. */
-    char *yaml_results = es_config_to_yaml_without(&cfg, (const char *const[]){"threads", "max-memory", "resume", NULL});
+    /* Options that only describe this run (--resume, --out, ...) leave the fingerprint alone: a resumed
+     * file carries the uninterrupted one's. */
+    char *yaml_results = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
     snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));

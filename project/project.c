@@ -573,9 +573,9 @@ int main(int argc, char **argv) {
     }
     es_progress_finish(&progress);
 
-    // 7. What made this file (--resume changes no bit of it: not part of the fingerprint).
+    // 7. What made this file (the fingerprint leaves out what only describes this run: --resume, --out).
     char *yaml = es_config_to_yaml(&cfg);
-    char *yaml_results = es_config_to_yaml_without(&cfg, (const char *const[]){"threads", "max-memory", "resume", NULL});
+    char *yaml_results = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
     char created[64];
     size_t fps_size = (size_t)teacher.n_shards * ES_FINGERPRINT_HEX + 1, text_size = fps_size + (yaml ? strlen(yaml) : 0) + 512;
     char *teacher_fps = calloc(1, fps_size), *fingerprint_input = malloc(text_size);
