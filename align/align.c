@@ -290,7 +290,7 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
 
 /* What a --resume must share with the run that wrote the checkpoint (common/resume.h): the options
  * that shape the training, the model's files and the data by their content (student.h5 by its
- * fingerprint attribute, a JSONL by its SHA-256), and the number of ranks. NULL and *err set on
+ * resume_key attribute, a JSONL by its SHA-256), and the number of ranks. NULL and *err set on
  * failure. */
 static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
     const char *model = es_config_str(cfg, "model"), *data = es_config_str(cfg, "data");
@@ -301,7 +301,9 @@ static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
         es_h5file file = {.id = -1};
         char *stored = NULL;
         int rc = es_h5_open(&file, data, err);
-        if (!rc && H5Aexists(file.id, "fingerprint") > 0) rc = es_h5_attr_get_str(file.id, "fingerprint", &stored, err);
+        /* what essence-project made it from, by content (its resume key), else its fingerprint */
+        const char *attribute = !rc && H5Aexists(file.id, "resume_key") > 0 ? "resume_key" : "fingerprint";
+        if (!rc && H5Aexists(file.id, attribute) > 0) rc = es_h5_attr_get_str(file.id, attribute, &stored, err);
         if (!rc && stored) es_sha256_hex(stored, strlen(stored), data_fp);
         free(stored);
         if (file.id >= 0) es_h5_close(&file, 0);

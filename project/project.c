@@ -340,7 +340,7 @@ static void projector_free(projector *p) {
 }
 
 /* What a --resume must share with the run that began OUT.partial (common/resume.h): the options
- * that shape the result, each teacher file by its fingerprint, samples and tokens, and the
+ * that shape the result, each teacher file by its resume key (or fingerprint), samples and tokens, and the
  * student's config.json and tokenizer.json by their SHA-256. NULL and *err set on failure. */
 static char *resume_key(const es_config *cfg, const teacher_set *teacher, const char *model_fp, const char *tokenizer_fp,
                         es_error *err) {
@@ -348,10 +348,15 @@ static char *resume_key(const es_config *cfg, const teacher_set *teacher, const 
     json_t *shards = json_array();
     for (int s = 0; key && shards && s < teacher->n_shards; s++) {
         const teacher_shard *shard = &teacher->shards[s];
-        char fingerprint[ES_FINGERPRINT_HEX], text[512];
-        snprintf(text, sizeof text, "%s %lld %lld", shard->fingerprint ? shard->fingerprint : "", (long long)shard->samples,
-                 (long long)shard->token_start[shard->samples]);
-        es_sha256_hex(text, strlen(text), fingerprint);
+        /* Its resume key says what it was made from by content (its fingerprint also holds paths). */
+        char fingerprint[ES_FINGERPRINT_HEX], *made_from = NULL, *text = NULL;
+        es_error ignored = {0};
+        if (H5Aexists(shard->file.id, "resume_key") > 0) es_h5_attr_get_str(shard->file.id, "resume_key", &made_from, &ignored);
+        if (asprintf(&text, "%s %lld %lld", made_from ? made_from : shard->fingerprint ? shard->fingerprint : "",
+                     (long long)shard->samples, (long long)shard->token_start[shard->samples]) < 0)
+            text = NULL;
+        es_sha256_hex(text ? text : "", text ? strlen(text) : 0, fingerprint);
+        free(made_from), free(text);
         json_array_append_new(shards, json_string(fingerprint));
     }
     char *text = NULL;
