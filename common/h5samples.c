@@ -51,37 +51,6 @@ int es_samples_create(es_samples_writer *w, hid_t file, int zstd_level, es_error
     return rc;
 }
 
-static int read_one(hid_t file, const char *name, int64_t row, int64_t *value, es_error *err) {
-    es_rows_reader reader;
-    int rc = es_rows_open(&reader, file, name, NULL, err);
-    if (rc) return rc;
-    rc = reader.rows > row ? es_rows_read(&reader, row, 1, value, err)
-                           : es_fail(err, ES_ERR_DATA, "%s: %s is shorter than the commit", es_h5_filename(file), name);
-    es_rows_close_reader(&reader);
-    return rc;
-}
-
-int es_samples_open_append(es_samples_writer *w, hid_t file, int64_t samples, es_error *err) {
-    reset(w);
-    int64_t tokens = 0, text_total = 0;
-    int rc = read_one(file, "/samples/text_start", samples, &text_total, err);
-    if (!rc) rc = read_one(file, "/samples/token_start", samples, &tokens, err);
-    const int64_t keep[ES_SAMPLE_DATASETS] = {text_total, samples + 1, samples + 1, samples, samples, tokens, tokens, tokens};
-    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_open_append(&w->rows[i], file, layout[i].name, keep[i], NULL, err);
-    if (!rc) {
-        hsize_t size = (hsize_t)samples;
-        w->ids = H5Dopen2(file, "/samples/id", H5P_DEFAULT);
-        if (w->ids < 0 || H5Dset_extent(w->ids, &size) < 0)
-            rc = es_fail(err, ES_ERR_DATA, "%s: cannot reopen /samples/id", es_h5_filename(file));
-    }
-    if (rc) {
-        es_samples_close(w, NULL);
-        return rc;
-    }
-    w->samples = samples, w->tokens = tokens, w->text_total = text_total;
-    return ES_OK;
-}
-
 int es_samples_add(es_samples_writer *w, const char *id, const char *text, size_t text_len, int truncated, int add_special_tokens,
                    const int32_t *ids, const int32_t (*spans)[2], int n_tokens, es_error *err) {
     if (w->n_pending == w->cap_pending) {

@@ -23,9 +23,6 @@ typedef struct es_samples_writer {
 } es_samples_writer;
 
 int es_samples_create(es_samples_writer *writer, hid_t file, int zstd_level, es_error *err);
-/* Reopens the datasets of a .partial file and cuts them back to `samples` samples (whose
- * tokens and text the pointers give). */
-int es_samples_open_append(es_samples_writer *writer, hid_t file, int64_t samples, es_error *err);
 /* One sample: its id, text, flags and tokens (ids and byte spans [start, end)). */
 int es_samples_add(es_samples_writer *writer, const char *id, const char *text, size_t text_len, int truncated,
                    int add_special_tokens, const int32_t *ids, const int32_t (*spans)[2], int n_tokens, es_error *err);
