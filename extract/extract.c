@@ -190,7 +190,10 @@ int main(int argc, char **argv) {
     int begun = es_config_start(&cfg, options, argc, argv, usage,
                                 "Runs the teacher over texts and stores chosen layers' hidden states (bf16, zstd) in HDF5.", required, &err);
     if (begun > 0) es_exit_error(&err);
-    if (begun == ES_CONFIG_DONE) return 0;
+    if (begun == ES_CONFIG_DONE) {
+        es_config_free(&cfg);
+        return 0;
+    }
     const char *model_dir = es_config_str(&cfg, "model"), *data = es_config_str(&cfg, "data"), *out = es_config_str(&cfg, "out");
     es_device_options device_options;
     if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);

@@ -394,7 +394,10 @@ int main(int argc, char **argv) {
                                 "aligns them to the student's tokens.",
                                 required, &err);
     if (begun > 0) es_exit_error(&err);
-    if (begun == ES_CONFIG_DONE) return 0;
+    if (begun == ES_CONFIG_DONE) {
+        es_config_free(&cfg);
+        return 0;
+    }
     const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
     if (strcmp(es_config_str(&cfg, "device"), "cpu"))
         fail_usage(&err, "--device %s: this build projects on the cpu only", es_config_str(&cfg, "device"));
