@@ -23,9 +23,11 @@
 #include "data.h"
 #include "files.h"
 #include "fingerprint.h"
+#include "h5file.h"
 #include "log.h"
 #include "optimizer.h"
 #include "progress.h"
+#include "resume.h"
 #include "safetensors.h"
 #include "train.h"
 
@@ -51,7 +53,8 @@ static const es_option options[] = {
     {"grad-clip", ES_OPT_FLOAT, "1.0", "global gradient norm limit (0: no clipping)", "[0,)"},
     {"save-every", ES_OPT_INT, "500", "steps between checkpoints (a checkpoint is also written at the end)", "[0,2147483647]"},
     {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept", "[1,2147483647]"},
-    {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out", NULL},
+    {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out (begun with the same inputs and options)", NULL},
+    {"force", ES_OPT_BOOL, "false", "start afresh in a --out that holds checkpoints: they are removed first", NULL},
     {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)", "[0,2147483647]"},
     {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation", "[0,1)"},
     {"no-shuffle", ES_OPT_BOOL, "false", "train in file order", NULL},
@@ -271,7 +274,8 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
     if (es_config_is_set(cfg, "fingerprint")) {
         snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(cfg, "fingerprint"));
     } else {
-        char *yaml = es_config_to_yaml_without(cfg, ES_RESULT_NEUTRAL_OPTIONS);
+        /* nor those that only describe this run: --resume, --force, --out (common/resume.h) */
+        char *yaml = es_config_to_yaml_without(cfg, ES_RUN_ONLY_OPTIONS);
         es_sha256_hex(yaml ? yaml : "", yaml ? strlen(yaml) : 0, fingerprint);
         free(yaml);
     }
@@ -283,6 +287,44 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
         return es_fail(err, ES_ERR_RUNTIME, "%s: %s", path, strerror(saved));
     }
     return ES_OK;
+}
+
+/* What a --resume must share with the run that wrote the checkpoint (common/resume.h): the options
+ * that shape the training, the model's files and the data by their content (student.h5 by its
+ * resume_key attribute, a JSONL by its SHA-256), and the number of ranks. NULL and *err set on
+ * failure. */
+static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
+    const char *model = es_config_str(cfg, "model"), *data = es_config_str(cfg, "data");
+    char model_fp[ES_FINGERPRINT_HEX], data_fp[ES_FINGERPRINT_HEX] = "", ranks[32];
+    if (es_model_fingerprint(model, model_fp, err)) return NULL;
+    size_t len = strlen(data);
+    if (len > 3 && !strcmp(data + len - 3, ".h5")) {
+        es_h5file file = {.id = -1};
+        char *stored = NULL;
+        int rc = es_h5_open(&file, data, err);
+        /* what essence-project made it from, by content (its resume key), else its fingerprint */
+        const char *attribute = !rc && H5Aexists(file.id, "resume_key") > 0 ? "resume_key" : "fingerprint";
+        if (!rc && H5Aexists(file.id, attribute) > 0) rc = es_h5_attr_get_str(file.id, attribute, &stored, err);
+        if (!rc && stored) es_sha256_hex(stored, strlen(stored), data_fp);
+        free(stored);
+        if (file.id >= 0) es_h5_close(&file, 0);
+        if (!rc && !data_fp[0]) rc = es_sha256_file(data, data_fp, err); /* not from essence-project: its bytes */
+        if (rc) return NULL;
+    } else if (es_sha256_file(data, data_fp, err)) {
+        return NULL;
+    }
+    snprintf(ranks, sizeof ranks, "%d", world);
+    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", NULL});
+    char *text = NULL;
+    if (key) {
+        json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp));
+        json_object_set_new(key, "number of ranks", json_string(ranks));
+        text = es_resume_key_text(key, err);
+    } else {
+        es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    json_decref(key);
+    return text;
 }
 
 static _Noreturn void fail(align_comm *comm, const es_error *err) {
@@ -382,16 +424,26 @@ int main(int argc, char **argv) {
     if (es_config_is_set(&cfg, "fingerprint") && !es_fingerprint_valid(es_config_str(&cfg, "fingerprint")))
         es_fail(&err, ES_ERR_USAGE, "--fingerprint %s: expected 64 lowercase hexadecimal digits", es_config_str(&cfg, "fingerprint")),
             fail(&comm, &err);
+    char *key_text = align_resume_key(&cfg, comm.world, &err);
+    if (!key_text) fail(&comm, &err);
     if (es_config_bool(&cfg, "resume")) {
         char *checkpoint = NULL, *state = NULL;
         int64_t saved_step = 0;
         if (checkpoint_find_latest(out_dir, &checkpoint, &saved_step, &err)) fail(&comm, &err);
         if (!checkpoint) {
             es_log("--resume: no checkpoint in %s yet: starting from the model", out_dir);
+            /* the stopped run's lines of steps that no checkpoint kept */
+            if (comm.rank == 0 && trim_metrics(metrics_path, 0, &err)) fail(&comm, &err);
         } else {
             if (checkpoint_load_state(checkpoint, saved.load_master, saved.load_m, saved.load_v, saved.n_state, &state, &err))
                 fail(&comm, &err);
             json_t *root = json_loads(state, 0, NULL);
+            /* Another run's checkpoint (other data, model or options) is refused, naming what differs. */
+            const json_t *stored = json_object_get(root, "resume_key");
+            char what[4300];
+            snprintf(what, sizeof what, "%s", checkpoint);
+            if (es_resume_key_compare(json_is_string(stored) ? json_string_value(stored) : NULL, key_text, what, &err))
+                fail(&comm, &err);
             align_data_position position = {json_integer_value(json_object_get(root, "epoch")),
                                              json_integer_value(json_object_get(root, "index")),
                                              json_integer_value(json_object_get(root, "piece"))};
@@ -401,11 +453,27 @@ int main(int argc, char **argv) {
                 if (!err.code) es_fail(&err, ES_ERR_DATA, "%s: essence-state/state.json disagrees with the folder name", checkpoint);
                 fail(&comm, &err);
             }
-            if (comm.rank == 0 && trim_metrics(metrics_path, step, &err)) fail(&comm, &err);
+            if (comm.rank == 0 && (trim_metrics(metrics_path, step, &err) ||
+                                   checkpoint_tidy(out_dir, checkpoint, step, (int)es_config_int(&cfg, "keep-checkpoints"), &err)))
+                fail(&comm, &err);
             es_log("resumed from %s at step %lld", checkpoint, (long long)step);
         }
         free(checkpoint), free(state);
     } else if (comm.rank == 0) {
+        /* A fresh run must not leave another run's checkpoints where --resume would find them. */
+        size_t found = 0;
+        int64_t newest = -1;
+        if (checkpoint_survey(out_dir, &found, &newest, &err)) fail(&comm, &err);
+        if (found && !es_config_bool(&cfg, "force"))
+            es_fail(&err, ES_ERR_USAGE,
+                    "%s holds %zu checkpoint folder%s (the newest checkpoint-%lld) of an earlier run: --resume continues it, --force "
+                    "starts afresh and removes them",
+                    out_dir, found, found == 1 ? "" : "s", (long long)newest),
+                fail(&comm, &err);
+        if (found) {
+            if (checkpoint_remove_all(out_dir, &err)) fail(&comm, &err);
+            es_log("--force: removed %zu checkpoint folder%s of an earlier run from %s", found, found == 1 ? "" : "s", out_dir);
+        }
         remove(metrics_path);
     }
     FILE *metrics = comm.rank == 0 ? fopen(metrics_path, "a") : NULL;
@@ -493,12 +561,19 @@ int main(int argc, char **argv) {
         }
         if (!rc && ((save_every && step % save_every == 0) || step == steps)) {
             align_data_position position = align_data_get_position(data);
-            char state[512];
-            snprintf(state, sizeof state, "{\"step\": %lld, \"epoch\": %lld, \"index\": %lld, \"piece\": %lld, \"world\": %d}",
-                     (long long)step, (long long)position.epoch, (long long)position.index, (long long)position.piece, comm.world);
+            json_t *state_json = json_pack("{sI sI sI sI si ss}", "step", (json_int_t)step, "epoch", (json_int_t)position.epoch,
+                                           "index", (json_int_t)position.index, "piece", (json_int_t)position.piece, "world",
+                                           comm.world, "resume_key", key_text);
+            char *state = state_json ? json_dumps(state_json, JSON_COMPACT) : NULL;
+            json_decref(state_json);
+            if (!state) {
+                rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+                break;
+            }
             checkpoint_content content = {model_dir, saved.weights, saved.n_weights, saved.head, saved.n_head,
                                           saved.master, saved.m, saved.v, saved.n_state, state};
             int failed = comm.rank == 0 ? checkpoint_save(out_dir, step, &content, (int)es_config_int(&cfg, "keep-checkpoints"), &err) : 0;
+            free(state);
             failed = comm_max_int(&comm, failed);
             if (failed) rc = comm.rank == 0 ? failed : es_fail(&err, failed, "rank 0 could not write the checkpoint");
         }
@@ -511,7 +586,7 @@ int main(int argc, char **argv) {
         if (write_fingerprint(fingerprint_path, &cfg, &err)) fail(&comm, &err);
     }
     free_saved(&saved);
-    free(groups);
+    free(groups), free(key_text);
     es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
     es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));
     train_model_free(&tm);

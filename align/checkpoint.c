@@ -373,9 +373,14 @@ static int prune_checkpoints(const char *out_dir, int64_t saved_step, int keep, 
     int rc = list_checkpoints(out_dir, &list, &count, err);
     for (size_t i = (size_t)keep; rc == ES_OK && i < count; i++) {
         if (list[i].step == saved_step) continue;
+        /* Renamed away first: a removal cut short must not leave a folder that looks complete. */
         char *path = path_printf("%s/%s%lld", out_dir, checkpoint_prefix, (long long)list[i].step);
-        rc = path ? remove_tree(path, err) : out_of_memory(out_dir, err);
-        free(path);
+        char *doomed = path ? path_printf("%s.partial", path) : NULL;
+        rc = doomed ? remove_tree(doomed, err) : out_of_memory(out_dir, err);
+        if (rc == ES_OK && rename(path, doomed) != 0)
+            rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", path, doomed, strerror(errno));
+        if (rc == ES_OK) rc = remove_tree(doomed, err);
+        free(path), free(doomed);
     }
     free(list);
     return rc;
@@ -400,7 +405,9 @@ static int publish_file(const char *out_dir, const char *checkpoint, const char 
     if (rc == ES_OK && !(may_link && link(src, tmp) == 0)) rc = copy_file(src, tmp, 0, NULL, err);
     if (rc == ES_OK && rename(tmp, dst) != 0)
         rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot rename to %s: %s", tmp, dst, strerror(errno));
-    if (rc && tmp) unlink(tmp);
+    /* rename() leaves both names when they are links to one file already (a checkpoint published
+     * again by a resumed run) */
+    if (tmp) unlink(tmp);
 done:
     free(src);
     free(dst);
@@ -547,4 +554,59 @@ int checkpoint_load_state(const char *checkpoint_dir, const checkpoint_buffer *m
     free(file);
     free(json_path);
     return rc;
+}
+
+int checkpoint_survey(const char *out_dir, size_t *count, int64_t *newest, es_error *err) {
+    found_checkpoint *list;
+    int rc = list_checkpoints(out_dir, &list, count, err);
+    *newest = !rc && *count ? list[0].step : -1;
+    free(list);
+    return rc;
+}
+
+int checkpoint_remove_all(const char *out_dir, es_error *err) {
+    DIR *dir = opendir(out_dir);
+    if (!dir) return errno == ENOENT ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "%s: cannot open folder: %s", out_dir, strerror(errno));
+    int rc = ES_OK;
+    struct dirent *entry;
+    while (rc == ES_OK && (entry = readdir(dir)) != NULL) {
+        int64_t step;
+        const char *name = entry->d_name;
+        size_t len = strlen(name);
+        char base[256];
+        /* checkpoint-N, a save that died half way (checkpoint-N.partial), the published model files */
+        snprintf(base, sizeof base, "%.*s", len > 8 && !strcmp(name + len - 8, ".partial") ? (int)(len - 8) : (int)len, name);
+        if (!parse_checkpoint_name(base, &step) && strcmp(name, "model.safetensors") && strcmp(name, "student_head.safetensors"))
+            continue;
+        char *path = path_printf("%s/%s", out_dir, name);
+        rc = path ? remove_tree(path, err) : out_of_memory(out_dir, err);
+        free(path);
+    }
+    closedir(dir);
+    return rc ? rc : es_fsync_folder(out_dir, err);
+}
+
+/* Removes the checkpoint-N.partial folders a stopped save or prune left. */
+static int remove_partials(const char *out_dir, es_error *err) {
+    DIR *dir = opendir(out_dir);
+    if (!dir) return errno == ENOENT ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "%s: cannot open folder: %s", out_dir, strerror(errno));
+    int rc = ES_OK;
+    struct dirent *entry;
+    while (rc == ES_OK && (entry = readdir(dir)) != NULL) {
+        size_t len = strlen(entry->d_name);
+        if (strncmp(entry->d_name, checkpoint_prefix, sizeof checkpoint_prefix - 1) || len < 8 || strcmp(entry->d_name + len - 8, ".partial"))
+            continue;
+        char *path = path_printf("%s/%s", out_dir, entry->d_name);
+        rc = path ? remove_tree(path, err) : out_of_memory(out_dir, err);
+        free(path);
+    }
+    closedir(dir);
+    return rc;
+}
+
+int checkpoint_tidy(const char *out_dir, const char *checkpoint, int64_t step, int keep, es_error *err) {
+    int rc = remove_partials(out_dir, err);
+    if (rc == ES_OK) rc = prune_checkpoints(out_dir, step, keep, err);
+    int published = publish_top_level(out_dir, checkpoint, err);
+    return rc ? rc : published;
 }

@@ -68,4 +68,14 @@ typedef struct checkpoint_buffer {
 int checkpoint_load_state(const char *checkpoint_dir, const checkpoint_buffer *master, const checkpoint_buffer *m,
                           const checkpoint_buffer *v, int n_state, char **state_json, es_error *err);
 
+/* What a save does after its checkpoint is in place, done again for a resumed run (a run stopped
+ * in the middle of it): older checkpoints beyond `keep` removed, OUT's model files made the
+ * checkpoint's. */
+int checkpoint_tidy(const char *out_dir, const char *checkpoint, int64_t step, int keep, es_error *err);
+/* How many checkpoint-N folders OUT holds (complete or not) and the newest N (-1: none). */
+int checkpoint_survey(const char *out_dir, size_t *count, int64_t *newest, es_error *err);
+/* Removes every checkpoint-N folder (and checkpoint-N.partial) of OUT and the model files
+ * published from them: a fresh run told to clear a used --out (--force). */
+int checkpoint_remove_all(const char *out_dir, es_error *err);
+
 #endif

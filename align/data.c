@@ -319,7 +319,8 @@ static int fill(align_data *d, batch_buffer *b, int eval, align_data_position *p
                 if (!isfinite(rows[v])) {
                     char name[256];
                     sample_id(d, q->sample, name, sizeof name);
-                    return es_fail(err, ES_ERR_DATA, "%s: sample %lld (\"%s\"): target layer %d has a non-finite value at token %lld",
+                    return es_fail(err, ES_ERR_DATA, "%s: sample %lld (\"%s\"): target layer %d has a non-finite value at token %lld "
+                                   "(a damaged file, or not written by essence-project: project it again)",
                                    d->path, (long long)q->sample, name, d->layers[l], (long long)(token0 + (int64_t)(v / (size_t)D)));
                 }
         }

@@ -377,6 +377,16 @@ int es_rows_close(es_rows_writer *writer, es_error *err) {
     return rc;
 }
 
+void es_rows_discard(es_rows_writer *writer) {
+    for (int i = 0; writer->slots && i < writer->n_slots; i++) slot_wait(writer->pool, &writer->slots[i]);
+    slots_free(writer->slots, writer->n_slots);
+    writer->slots = NULL;
+    if (writer->dataset >= 0) H5Dclose(writer->dataset);
+    writer->dataset = -1;
+    free(writer->name);
+    writer->name = NULL;
+}
+
 /* ---- reader ------------------------------------------------------------------------- */
 
 static int elem_of_type(hid_t type, es_h5_elem *elem) {
@@ -613,43 +623,64 @@ void es_rows_close_reader(es_rows_reader *reader) {
 
 /* ---- reopening for append ------------------------------------------------------------ */
 
-int es_rows_open_append(es_rows_writer *writer, hid_t parent, const char *name, int64_t keep_rows,
-                        es_pool *pool, es_error *err) {
-    es_rows_reader reader;
-    int rc = es_rows_open(&reader, parent, name, NULL, err);
-    if (rc) return rc;
+static void reopen_failed(es_rows_writer *writer) {
+    for (int i = 0; writer->slots && i < writer->n_slots; i++) writer->slots[i].submitted = 0;
+    slots_free(writer->slots, writer->n_slots);
+    writer->slots = NULL;
+    if (writer->dataset >= 0) H5Dclose(writer->dataset);
+    writer->dataset = -1;
+    free(writer->name);
+    writer->name = NULL;
+}
+
+/* The writer of an existing row dataset, at its current extent; `reader` stays open (the caller
+ * closes it). */
+static int reopen_writer(es_rows_writer *writer, hid_t parent, const char *name, es_pool *pool, es_rows_reader *reader,
+                         es_error *err) {
+    int rc = es_rows_open(reader, parent, name, NULL, err);
     memset(writer, 0, sizeof *writer);
     writer->dataset = -1;
     writer->pool = pool;
-    if (!reader.direct) {
+    if (rc) return rc;
+    if (!reader->direct) {
         rc = es_fail(err, ES_ERR_DATA, "%s: not a row dataset written by essence (shuffle + zstd chunks of whole rows)",
-                     reader.name);
-    } else if (keep_rows > reader.rows) {
-        rc = es_fail(err, ES_ERR_DATA, "%s: has %lld rows, %lld expected", reader.name, (long long)reader.rows,
-                     (long long)keep_rows);
-    }
-    if (rc) {
-        es_rows_close_reader(&reader);
+                     reader->name);
+        es_rows_close_reader(reader);
         return rc;
     }
-    hid_t dcpl = H5Dget_create_plist(reader.dataset);
+    hid_t dcpl = H5Dget_create_plist(reader->dataset);
     unsigned flags, cd[4] = {ES_ZSTD_DEFAULT_LEVEL}, config;
     size_t n_cd = 4;
     if (dcpl >= 0) {
         H5Pget_filter_by_id2(dcpl, ES_H5Z_FILTER_ZSTD, &flags, &n_cd, cd, 0, NULL, &config);
         H5Pclose(dcpl);
     }
-    writer->elem = reader.elem;
-    writer->elem_size = reader.elem_size;
-    writer->width = reader.width;
-    writer->rank = reader.rank;
-    writer->chunk_rows = reader.chunk_rows;
+    writer->elem = reader->elem;
+    writer->elem_size = reader->elem_size;
+    writer->width = reader->width;
+    writer->rank = reader->rank;
+    writer->chunk_rows = reader->chunk_rows;
     writer->level = n_cd > 0 ? (int)cd[0] : ES_ZSTD_DEFAULT_LEVEL;
-    writer->rows = writer->extent = reader.rows;
-    writer->name = strdup(reader.name);
+    writer->rows = writer->extent = reader->rows;
+    writer->name = strdup(reader->name);
     writer->dataset = H5Dopen2(parent, name, H5P_DEFAULT);
-    if (!writer->name || writer->dataset < 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot reopen", reader.name);
+    if (!writer->name || writer->dataset < 0) rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot reopen", reader->name);
     if (!rc) rc = writer_setup(writer, err);
+    if (rc) {
+        reopen_failed(writer);
+        es_rows_close_reader(reader);
+    }
+    return rc;
+}
+
+int es_rows_open_append(es_rows_writer *writer, hid_t parent, const char *name, int64_t keep_rows,
+                        es_pool *pool, es_error *err) {
+    es_rows_reader reader;
+    int rc = reopen_writer(writer, parent, name, pool, &reader, err);
+    if (rc) return rc;
+    if (keep_rows > reader.rows)
+        rc = es_fail(err, ES_ERR_DATA, "%s: has %lld rows, %lld expected", reader.name, (long long)reader.rows,
+                     (long long)keep_rows);
     if (!rc && keep_rows >= 0) {
         writer->rows = keep_rows;
         rc = set_extent(writer, keep_rows, err);
@@ -664,14 +695,65 @@ int es_rows_open_append(es_rows_writer *writer, hid_t parent, const char *name, 
         writer->filling = 1;
     }
     es_rows_close_reader(&reader);
-    if (rc) {
-        for (int i = 0; writer->slots && i < writer->n_slots; i++) writer->slots[i].submitted = 0;
-        slots_free(writer->slots, writer->n_slots);
-        writer->slots = NULL;
-        if (writer->dataset >= 0) H5Dclose(writer->dataset);
-        writer->dataset = -1;
-        free(writer->name);
-        writer->name = NULL;
+    if (rc) reopen_failed(writer);
+    return rc;
+}
+
+/* The dataset's path inside its file ("/latents/layer_020"): the record's name for it. */
+static int dataset_path(hid_t dataset, char *out, size_t size, const char *name, es_error *err) {
+    ssize_t n = H5Iget_name(dataset, out, size);
+    if (n <= 0 || (size_t)n >= size) return es_fail(err, ES_ERR_RUNTIME, "%s: cannot tell the dataset's path", name);
+    return ES_OK;
+}
+
+int es_rows_commit(es_rows_writer *writer, es_commit_record *record, es_error *err) {
+    int rc = ES_OK;
+    while (!rc && writer->count > (writer->filling ? 1 : 0)) rc = retire_oldest(writer, err);
+    if (!rc) rc = set_extent(writer, writer->rows, err);
+    char path[512];
+    if (!rc) rc = dataset_path(writer->dataset, path, sizeof path, writer->name, err);
+    if (rc) return rc;
+    const size_t row_bytes = (size_t)writer->width * writer->elem_size;
+    const size_t tail = writer->filling ? (size_t)(writer->rows % writer->chunk_rows) * row_bytes : 0;
+    uint8_t *part = malloc(8 + tail);
+    if (!part) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    memcpy(part, &writer->rows, 8);
+    if (tail) memcpy(part + 8, writer->slots[writer->head].raw, tail);
+    rc = es_commit_record_add(record, path, part, 8 + tail, err);
+    free(part);
+    return rc;
+}
+
+int es_rows_resume(es_rows_writer *writer, hid_t parent, const char *name, const es_commit_record *record, es_pool *pool,
+                   es_error *err) {
+    es_rows_reader reader;
+    int rc = reopen_writer(writer, parent, name, pool, &reader, err);
+    if (rc) return rc;
+    char path[512];
+    rc = dataset_path(writer->dataset, path, sizeof path, writer->name, err);
+    const es_commit_part *part = rc ? NULL : es_commit_record_find(record, path);
+    const size_t row_bytes = (size_t)writer->width * writer->elem_size;
+    int64_t rows = 0;
+    if (!rc && (!part || part->size < 8)) rc = es_fail(err, ES_ERR_DATA, "%s: the last commit's record does not cover it", writer->name);
+    if (!rc) memcpy(&rows, part->data, 8);
+    const int64_t whole = rc ? 0 : rows - rows % writer->chunk_rows;
+    if (!rc && (rows < 0 || part->size - 8 != (size_t)(rows - whole) * row_bytes))
+        rc = es_fail(err, ES_ERR_DATA, "%s: the last commit's record disagrees with the dataset's layout", writer->name);
+    else if (!rc && reader.rows < whole)
+        rc = es_fail(err, ES_ERR_DATA, "%s: has %lld rows, the last commit %lld", writer->name, (long long)reader.rows, (long long)rows);
+    es_rows_close_reader(&reader);
+    /* Cut to whole chunks first: HDF5 then drops the chunks past them without reading any (one
+     * written after the commit may be torn), and the unfinished chunk starts again from the record. */
+    if (!rc) rc = set_extent(writer, whole, err);
+    if (!rc) rc = set_extent(writer, rows, err);
+    if (!rc && rows > whole) {
+        es_chunk_slot *slot = &writer->slots[0];
+        slot->chunk = whole / writer->chunk_rows;
+        memcpy(slot->raw, part->data + 8, part->size - 8);
+        writer->count = 1;
+        writer->filling = 1;
     }
+    if (!rc) writer->rows = rows;
+    if (rc) reopen_failed(writer);
     return rc;
 }

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "h5commit.h"
 #include "threadpool.h"
 
 typedef enum { ES_H5_BF16, ES_H5_F32, ES_H5_F64, ES_H5_I64, ES_H5_I32, ES_H5_U8 } es_h5_elem;
@@ -59,6 +60,20 @@ int es_rows_append_f32(es_rows_writer *writer, const float *rows, int64_t n, es_
 int es_rows_flush(es_rows_writer *writer, es_error *err);
 /* Flushes and closes. On error the dataset is closed all the same. */
 int es_rows_close(es_rows_writer *writer, es_error *err);
+/* Closes without writing anything more (a run that stopped: what the last commit covers stays,
+ * the rest is cut off on resume). */
+void es_rows_discard(es_rows_writer *writer);
+
+/* For a commit point (common/h5commit.h): writes every whole chunk appended, sets the extent to
+ * the rows appended, and adds the part NAME (the dataset's path) = [int64 rows][the rows of the
+ * unfinished last chunk] to the record. That chunk is not written: a chunk a commit relies on
+ * must never be rewritten. */
+int es_rows_commit(es_rows_writer *writer, es_commit_record *record, es_error *err);
+/* Reopens a row dataset of a .partial file to append after the rows the record's part for it
+ * gives: the dataset is cut back to its whole chunks (what was written after the commit goes, torn
+ * or not, without being read) and the unfinished chunk's rows come from the record. */
+int es_rows_resume(es_rows_writer *writer, hid_t parent, const char *name, const es_commit_record *record, es_pool *pool,
+                   es_error *err);
 
 typedef struct es_rows_reader {
     hid_t dataset;

@@ -23,6 +23,8 @@ static hid_t string_type(void) {
     return type;
 }
 
+static int write_pending_ids(es_samples_writer *w, es_error *err);
+
 static void reset(es_samples_writer *w) {
     memset(w, 0, sizeof *w);
     for (int i = 0; i < ES_SAMPLE_DATASETS; i++) w->rows[i].dataset = -1;
@@ -47,37 +49,6 @@ int es_samples_create(es_samples_writer *w, hid_t file, int zstd_level, es_error
     }
     if (rc) es_samples_close(w, NULL);
     return rc;
-}
-
-static int read_one(hid_t file, const char *name, int64_t row, int64_t *value, es_error *err) {
-    es_rows_reader reader;
-    int rc = es_rows_open(&reader, file, name, NULL, err);
-    if (rc) return rc;
-    rc = reader.rows > row ? es_rows_read(&reader, row, 1, value, err)
-                           : es_fail(err, ES_ERR_DATA, "%s: %s is shorter than the commit", es_h5_filename(file), name);
-    es_rows_close_reader(&reader);
-    return rc;
-}
-
-int es_samples_open_append(es_samples_writer *w, hid_t file, int64_t samples, es_error *err) {
-    reset(w);
-    int64_t tokens = 0, text_total = 0;
-    int rc = read_one(file, "/samples/text_start", samples, &text_total, err);
-    if (!rc) rc = read_one(file, "/samples/token_start", samples, &tokens, err);
-    const int64_t keep[ES_SAMPLE_DATASETS] = {text_total, samples + 1, samples + 1, samples, samples, tokens, tokens, tokens};
-    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_open_append(&w->rows[i], file, layout[i].name, keep[i], NULL, err);
-    if (!rc) {
-        hsize_t size = (hsize_t)samples;
-        w->ids = H5Dopen2(file, "/samples/id", H5P_DEFAULT);
-        if (w->ids < 0 || H5Dset_extent(w->ids, &size) < 0)
-            rc = es_fail(err, ES_ERR_DATA, "%s: cannot reopen /samples/id", es_h5_filename(file));
-    }
-    if (rc) {
-        es_samples_close(w, NULL);
-        return rc;
-    }
-    w->samples = samples, w->tokens = tokens, w->text_total = text_total;
-    return ES_OK;
 }
 
 int es_samples_add(es_samples_writer *w, const char *id, const char *text, size_t text_len, int truncated, int add_special_tokens,
@@ -110,6 +81,13 @@ int es_samples_add(es_samples_writer *w, const char *id, const char *text, size_
 }
 
 int es_samples_flush(es_samples_writer *w, es_error *err) {
+    int rc = write_pending_ids(w, err);
+    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_flush(&w->rows[i], err);
+    return rc;
+}
+
+/* The ids of the samples appended since the last flush, into /samples/id. */
+static int write_pending_ids(es_samples_writer *w, es_error *err) {
     int rc = ES_OK;
     if (w->n_pending) {
         hsize_t old = (hsize_t)(w->samples - w->n_pending), n = (hsize_t)w->n_pending, size = old + n;
@@ -124,17 +102,51 @@ int es_samples_flush(es_samples_writer *w, es_error *err) {
         for (int i = 0; i < w->n_pending; i++) free(w->pending_ids[i]);
         w->n_pending = 0;
     }
-    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_flush(&w->rows[i], err);
     return rc;
+}
+
+int es_samples_commit(es_samples_writer *w, es_commit_record *record, es_error *err) {
+    int rc = write_pending_ids(w, err);
+    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_commit(&w->rows[i], record, err);
+    return rc;
+}
+
+int es_samples_resume(es_samples_writer *w, hid_t file, const es_commit_record *record, es_error *err) {
+    reset(w);
+    int rc = ES_OK;
+    for (int i = 0; !rc && i < ES_SAMPLE_DATASETS; i++) rc = es_rows_resume(&w->rows[i], file, layout[i].name, record, NULL, err);
+    int64_t samples = rc ? 0 : w->rows[TRUNCATED].rows, tokens = rc ? 0 : w->rows[TOKEN_ID].rows;
+    if (!rc && (w->rows[TEXT_START].rows != samples + 1 || w->rows[TOKEN_START].rows != samples + 1 ||
+                w->rows[ADD_SPECIAL].rows != samples || w->rows[BYTE_START].rows != tokens || w->rows[BYTE_END].rows != tokens))
+        rc = es_fail(err, ES_ERR_DATA, "%s: the last commit's record gives the sample datasets different lengths", es_h5_filename(file));
+    if (!rc) {
+        hsize_t size = (hsize_t)samples, dims = 0;
+        w->ids = H5Dopen2(file, "/samples/id", H5P_DEFAULT);
+        hid_t space = w->ids >= 0 ? H5Dget_space(w->ids) : -1;
+        if (space < 0 || H5Sget_simple_extent_dims(space, &dims, NULL) != 1 || dims < size)
+            rc = es_fail(err, ES_ERR_DATA, "%s: /samples/id is shorter than the last commit", es_h5_filename(file));
+        else if (H5Dset_extent(w->ids, &size) < 0)
+            rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot cut /samples/id back: %s", es_h5_filename(file), es_h5_last_error());
+        if (space >= 0) H5Sclose(space);
+    }
+    if (rc) {
+        es_samples_close(w, NULL);
+        return rc;
+    }
+    /* text_total: the text bytes the record covers (text_start's last value). */
+    w->samples = samples, w->tokens = tokens, w->text_total = w->rows[TEXT_BYTES].rows;
+    return ES_OK;
 }
 
 int es_samples_close(es_samples_writer *w, es_error *err) {
     es_error ignored = {0};
     int rc = err ? es_samples_flush(w, err) : ES_OK;
     for (int i = 0; i < ES_SAMPLE_DATASETS; i++)
-        if (w->rows[i].dataset >= 0) {
-            int closed = es_rows_close(&w->rows[i], rc || !err ? &ignored : err);
-            if (!rc && err) rc = closed;
+        if (w->rows[i].dataset >= 0 && !err) {
+            es_rows_discard(&w->rows[i]);
+        } else if (w->rows[i].dataset >= 0) {
+            int closed = es_rows_close(&w->rows[i], rc ? &ignored : err);
+            if (!rc) rc = closed;
         }
     if (w->ids >= 0) H5Dclose(w->ids);
     for (int i = 0; i < w->n_pending; i++) free(w->pending_ids[i]);

@@ -23,14 +23,16 @@ typedef struct es_samples_writer {
 } es_samples_writer;
 
 int es_samples_create(es_samples_writer *writer, hid_t file, int zstd_level, es_error *err);
-/* Reopens the datasets of a .partial file and cuts them back to `samples` samples (whose
- * tokens and text the pointers give). */
-int es_samples_open_append(es_samples_writer *writer, hid_t file, int64_t samples, es_error *err);
 /* One sample: its id, text, flags and tokens (ids and byte spans [start, end)). */
 int es_samples_add(es_samples_writer *writer, const char *id, const char *text, size_t text_len, int truncated,
                    int add_special_tokens, const int32_t *ids, const int32_t (*spans)[2], int n_tokens, es_error *err);
 int es_samples_flush(es_samples_writer *writer, es_error *err);
-/* Flushes (unless abandoning: err NULL) and closes every dataset. */
+/* For a commit point: writes the ids appended, and commits every row dataset into the record
+ * (es_rows_commit). */
+int es_samples_commit(es_samples_writer *writer, es_commit_record *record, es_error *err);
+/* Reopens the datasets of a .partial file at the samples the record covers. */
+int es_samples_resume(es_samples_writer *writer, hid_t file, const es_commit_record *record, es_error *err);
+/* Flushes and closes every dataset; err NULL: abandons them, writing nothing more (es_rows_discard). */
 int es_samples_close(es_samples_writer *writer, es_error *err);
 
 #endif

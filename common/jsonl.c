@@ -1,5 +1,6 @@
 /* JSONL reader (see jsonl.h and docs/config.md). */
 #include "jsonl.h"
+#include "fingerprint.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -200,6 +201,20 @@ int es_jsonl_count(es_jsonl *r, int64_t *count, es_error *err) {
     }
     if (rc) r->failed = 1;
     return rc;
+}
+
+int es_jsonl_sha256(const es_jsonl *reader, char out[65], es_error *err) {
+    out[0] = '\0';
+    if (!reader->file || fileno(reader->file) < 0)
+        return es_fail(err, ES_ERR_RUNTIME, "%s: cannot fingerprint an input held in memory", reader->path);
+    /* /proc/self/fd/N opens the same file anew (an unlinked copy too), at offset 0 */
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", fileno(reader->file));
+    if (es_sha256_file(self, out, err)) {
+        es_error_clear(err);
+        return es_fail(err, ES_ERR_RUNTIME, "%s: cannot read it again to fingerprint it", reader->path);
+    }
+    return ES_OK;
 }
 
 void es_jsonl_close(es_jsonl *reader) {

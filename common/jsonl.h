@@ -47,6 +47,10 @@ int es_jsonl_next(es_jsonl *reader, json_t **out, es_error *err);
  * es_jsonl_next (line too long, read error), and ES_ERR_RUNTIME when the copy cannot be written. */
 int es_jsonl_count(es_jsonl *reader, int64_t *count, es_error *err);
 
+/* After es_jsonl_count: the SHA-256 of the whole input (of a stream, its copy), read through a
+ * descriptor of its own so the reader's position is kept. ES_ERR_RUNTIME naming the file. */
+int es_jsonl_sha256(const es_jsonl *reader, char out[65], es_error *err);
+
 void es_jsonl_close(es_jsonl *reader);
 
 #endif

@@ -6,9 +6,11 @@
  * budget: tokenise, forward, store, commit; finally record what produced the file. */
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "backend.h"
@@ -16,10 +18,12 @@
 #include "decoder.h"
 #include "files.h"
 #include "fingerprint.h"
+#include "h5commit.h"
 #include "inputs.h"
 #include "log.h"
 #include "model.h"
 #include "progress.h"
+#include "resume.h"
 #include "stream.h"
 #include "teacher.h"
 
@@ -106,7 +110,27 @@ static int collect(void *ctx, int layer, const float *hidden, int T, es_error *e
     return ES_OK;
 }
 
-static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, es_error *err) {
+/* A stored hidden state that is inf or NaN is refused, not recorded (docs/extract.md): it names
+ * the sample, the layer and the token. */
+static int check_finite(const batch *b, const int32_t *seq_start, const collector *c, const char *data, const char *model_dir,
+                        es_error *err) {
+    for (int i = 0; i < c->n_layers; i++)
+        for (int s = 0; s < b->n; s++)
+            for (int t = seq_start[s]; t < seq_start[s + 1]; t++) {
+                const float *row = c->rows[i] + (size_t)t * c->width;
+                for (int k = 0; k < c->width; k++)
+                    if (!isfinite(row[k]))
+                        return es_fail(err, ES_ERR_DATA,
+                                       "%s:%ld: sample \"%s\": the teacher's hidden state at layer %d, token %d is not finite "
+                                       "(%g): the weights in %s overflow fp32 or hold inf/NaN at or before layer %d; check the "
+                                       "checkpoint (nothing of this batch was stored)",
+                                       data, b->samples[s].line, b->samples[s].id ? b->samples[s].id : "", c->layers[i],
+                                       t - seq_start[s], (double)row[k], model_dir, c->layers[i]);
+            }
+    return ES_OK;
+}
+
+static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, const char *data, const char *model_dir, es_error *err) {
     int32_t *ids = malloc((size_t)b->tokens * sizeof *ids), *seq_start = malloc((size_t)(b->n + 1) * sizeof *seq_start);
     int rc = ids && seq_start ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < c->n_layers; i++)
@@ -122,6 +146,7 @@ static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, c
     const es_tensor *embed = teacher->store.embed;
     if (!rc) rc = es_decoder_forward(teacher->decoder, &tokens, embed->data, embed->dtype, teacher->layers, teacher->deepest, NULL,
                                      collect, c, err);
+    if (!rc) rc = check_finite(b, seq_start, c, data, model_dir, err);
     const float **sample_rows = malloc((size_t)c->n_layers * sizeof *sample_rows);
     if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int s = 0; !rc && s < b->n; s++) {
@@ -161,54 +186,6 @@ static void teacher_close(teacher_model *t) {
     es_model_close(&t->store);
 }
 
-/* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
- * name order: the weights' content, not their modification times. */
-static int model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error *err) {
-    char listing[64 * 1024] = "";
-    static const char *patterns[] = {"config.json", "model.safetensors.index.json", "model.safetensors"};
-    size_t n = 0;
-    for (size_t i = 0; i < 3; i++) {
-        char path[4200], hex[ES_FINGERPRINT_HEX];
-        snprintf(path, sizeof path, "%s/%s", dir, patterns[i]);
-        FILE *probe = fopen(path, "rb");
-        if (!probe) continue;
-        fclose(probe);
-        int rc = es_sha256_file(path, hex, err);
-        if (rc) return rc;
-        n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", patterns[i], hex);
-    }
-    /* Shards named by the index, in name order. */
-    char index_path[4200];
-    snprintf(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
-    json_t *index = json_load_file(index_path, 0, NULL);
-    const json_t *map = json_object_get(index, "weight_map");
-    const char *key;
-    const json_t *value;
-    char **shards = calloc(json_object_size(map) + 1, sizeof *shards);
-    size_t n_shards = 0;
-    json_object_foreach((json_t *)map, key, value) {
-        int seen = !json_is_string(value);
-        for (size_t k = 0; k < n_shards && !seen; k++) seen = !strcmp(shards[k], json_string_value(value));
-        if (!seen) shards[n_shards++] = (char *)json_string_value(value);
-    }
-    for (size_t i = 1; i < n_shards; i++)
-        for (size_t j = i; j > 0 && strcmp(shards[j - 1], shards[j]) > 0; j--) {
-            char *swap = shards[j];
-            shards[j] = shards[j - 1], shards[j - 1] = swap;
-        }
-    int rc = ES_OK;
-    for (size_t i = 0; !rc && i < n_shards; i++) {
-        char path[4200], hex[ES_FINGERPRINT_HEX];
-        snprintf(path, sizeof path, "%s/%s", dir, shards[i]);
-        rc = es_sha256_file(path, hex, err);
-        if (!rc) n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", shards[i], hex);
-    }
-    free(shards);
-    json_decref(index);
-    if (!rc) es_sha256_hex(listing, n, out);
-    return rc;
-}
-
 int main(int argc, char **argv) {
     es_set_program("essence-extract");
     es_device_prepare(argv);
@@ -218,7 +195,10 @@ int main(int argc, char **argv) {
     int begun = es_config_start(&cfg, options, argc, argv, usage,
                                 "Runs the teacher over texts and stores chosen layers' hidden states (bf16, zstd) in HDF5.", required, &err);
     if (begun > 0) es_exit_error(&err);
-    if (begun == ES_CONFIG_DONE) return 0;
+    if (begun == ES_CONFIG_DONE) {
+        es_config_free(&cfg);
+        return 0;
+    }
     const char *model_dir = es_config_str(&cfg, "model"), *data = es_config_str(&cfg, "data"), *out = es_config_str(&cfg, "out");
     es_device_options device_options;
     if (es_device_options_from_config(&cfg, &device_options, &err)) es_exit_error(&err);
@@ -258,7 +238,48 @@ int main(int argc, char **argv) {
     const int64_t total = input.total;
     int64_t first = total * shard / n_shards, end = total * (shard + 1) / n_shards;
 
-    // 3. The device, and the output, new or resumed.
+    // 3. What the output is made from (its resume key), the device, and the output, new or resumed.
+    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", data_fp[ES_FINGERPRINT_HEX] = "";
+    char layers_text[1024] = "", tokenizer_file[4200];
+    for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
+    struct stat st;
+    snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", tokenizer_path);
+    if (stat(tokenizer_file, &st) != 0 || !S_ISREG(st.st_mode)) snprintf(tokenizer_file, sizeof tokenizer_file, "%s", tokenizer_path);
+    /* ids-only input needs no tokenizer: then it has no fingerprint */
+    const int have_tokenizer = stat(tokenizer_file, &st) == 0 && S_ISREG(st.st_mode);
+    if (es_model_fingerprint(model_dir, model_fp, &err) || es_jsonl_sha256(&input.reader, data_fp, &err) ||
+        (have_tokenizer && es_sha256_file(tokenizer_file, tokenizer_fp, &err)))
+        es_exit_error(&err);
+    json_t *key = es_resume_key_from_config(&cfg, (const char *const[]){"model", "data", "tokenizer", NULL});
+    if (key)
+        json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp)),
+            json_object_set_new(key, "tokenizer", json_string(tokenizer_fp)), json_object_set_new(key, "layers", json_string(layers_text)),
+            json_object_set_new(key, "tool version", json_string(TOOL_VERSION));
+    char *key_text = key ? es_resume_key_text(key, &err) : NULL;
+    json_decref(key);
+    if (!key_text) {
+        es_fail(&err, ES_ERR_RUNTIME, "out of memory");
+        es_exit_error(&err);
+    }
+    es_partial_state partial = ES_PARTIAL_ABSENT;
+    if (es_config_bool(&cfg, "resume")) {
+        int checked = es_h5_check_partial(out, key_text, &partial, &err);
+        if (checked == ES_ERR_DATA) { /* HDF5 cannot open it: it was cut short before its first commit */
+            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
+            es_error_clear(&err);
+        } else if (checked) {
+            es_exit_error(&err); /* another run's .partial: kept as it is */
+        } else if (partial == ES_PARTIAL_ABSENT) {
+            es_log("--resume: there is no %s.partial: starting from the first sample", out);
+        } else if (partial == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
+            static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
+            if (es_h5_finish_partial(out, marks, &err)) es_exit_error(&err);
+            es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", out, out);
+            return 0;
+        } else if (partial == ES_PARTIAL_UNCOMMITTED) {
+            es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
+        }
+    }
     es_pool *pool = es_pool_create(device_options.threads);
     if (!pool) {
         es_fail(&err, ES_ERR_RUNTIME, "cannot start the worker threads (out of memory, or the limit of processes)");
@@ -269,18 +290,16 @@ int main(int argc, char **argv) {
     if (es_device_open(&dev, &device_options, &err)) es_exit_error(&err);
     es_device_log(dev);
     teacher_options writer_options = {layers, n_layers, model_config.hidden_size, es_config_int(&cfg, "chunk-rows"),
-                                      (int)es_config_int(&cfg, "zstd-level"), pool};
+                                      (int)es_config_int(&cfg, "zstd-level"), pool, key_text};
     teacher_writer writer;
     int64_t done = 0;
-    if (es_config_bool(&cfg, "resume")) {
+    if (partial == ES_PARTIAL_COMMITTED) {
         if (teacher_resume(&writer, out, &writer_options, &done, &err)) {
-            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
-            es_error_clear(&err);
-            done = 0;
-            if (teacher_create(&writer, out, &writer_options, &err)) es_exit_error(&err);
-        } else {
-            es_log("resuming %s.partial after %lld samples", out, (long long)done);
+            /* Committed samples it cannot use: say so, and keep the file for a look. */
+            es_error_prefix(&err, "cannot resume %s.partial (kept; remove it or run without --resume to start again)", out);
+            es_exit_error(&err);
         }
+        es_log("resuming %s.partial after %lld committed samples", out, (long long)done);
     } else if (teacher_create(&writer, out, &writer_options, &err)) {
         es_exit_error(&err);
     }
@@ -289,7 +308,7 @@ int main(int argc, char **argv) {
     teacher_model teacher;
     int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
     if (rc) {
-        teacher_abandon(&writer, !es_config_bool(&cfg, "resume"));
+        teacher_abandon(&writer, writer.committed == 0);
         es_exit_error(&err);
     }
 
@@ -310,7 +329,7 @@ int main(int argc, char **argv) {
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
             int n = b.n;
             es_progress_add_tokens(&progress, b.tokens);
-            rc = run_batch(&teacher, &b, &writer, &c, &err);
+            rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
             es_progress_add(&progress, n);
         }
         if (b.n == b.cap) {
@@ -328,28 +347,25 @@ int main(int argc, char **argv) {
     if (!rc && b.n) {
         int n = b.n;
         es_progress_add_tokens(&progress, b.tokens);
-        rc = run_batch(&teacher, &b, &writer, &c, &err);
+        rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
         es_progress_add(&progress, n);
     }
     es_progress_finish(&progress);
 
     // 6. What made this file.
-    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", layers_text[1024] = "", hidden[32], created[64];
-    char *yaml = es_config_to_yaml(&cfg), *yaml_results = es_config_to_yaml_without(&cfg, ES_RESULT_NEUTRAL_OPTIONS);
-    for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
+    char hidden[32], created[64];
+    char *yaml = es_config_to_yaml(&cfg);
+    /* Options that only describe this run (--resume, --out, ...) leave the fingerprint alone: a resumed
+     * file carries the uninterrupted one's. */
+    char *yaml_results = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
     snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    if (!rc) rc = model_fingerprint(model_dir, model_fp, &err);
-    if (!rc && input.tokenizer) {
-        char path[4200];
-        snprintf(path, sizeof path, "%s/tokenizer.json", tokenizer_path);
-        FILE *probe = fopen(path, "rb");
-        if (probe) fclose(probe);
-        rc = es_sha256_file(probe ? path : tokenizer_path, tokenizer_fp, &err);
-    }
     char specials[256] = "";
     if (input.tokenizer) es_tokenizer_specials_text(input.tokenizer, specials, sizeof specials);
+    /* The tokenizer was used when some sample came as text (ids samples store no text), in this run
+     * or in the one it resumes. */
+    if (!input.tokenizer && writer.samples.text_total == 0) tokenizer_fp[0] = '\0';
     char fingerprint_input[8192];
     int fp_len = snprintf(fingerprint_input, sizeof fingerprint_input, "%s\n%s\n%s\n%s", yaml_results ? yaml_results : "", model_fp,
                           tokenizer_fp, TOOL_VERSION);
@@ -362,10 +378,10 @@ int main(int argc, char **argv) {
                                 "add_bos", es_add_bos_name(add_bos), "specials_template", specials};
     int64_t tokens_written = writer.samples.tokens;
     if (!rc) rc = teacher_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes / 2), &err);
-    else teacher_abandon(&writer, 0);
+    else teacher_abandon(&writer, err.code == ES_ERR_DATA || writer.committed == 0); /* docs/extract.md: what a failed run keeps */
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
     for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */
-    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples);
+    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples), free(key_text);
     extract_input_close(&input);
     teacher_close(&teacher);
     if (!rc) es_device_log_peak(dev);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "dtype.h"
+#include "h5commit.h"
 
 static void layer_path(char *buf, size_t size, const char *group, int layer, const char *leaf) {
     snprintf(buf, size, "%s/layer_%03d%s%s", group, layer, leaf ? "/" : "", leaf ? leaf : "");
@@ -43,6 +44,9 @@ int teacher_create(teacher_writer *w, const char *path, const teacher_options *o
     }
     if (!rc) rc = es_h5_attr_set_str(w->file.id, "format", "essence.teacher", err);
     if (!rc) rc = es_h5_attr_set_i64(w->file.id, "format_version", 1, err);
+    /* What a --resume must share with this run, on disk before anything is committed. */
+    if (!rc) rc = es_h5_attr_set_str(w->file.id, "resume_key", options->resume_key ? options->resume_key : "", err);
+    if (!rc) rc = es_h5_sync(&w->file, err);
     if (rc) teacher_abandon(w, 1);
     return rc;
 }
@@ -82,30 +86,35 @@ static int write_array(hid_t file, const char *name, hid_t type, hsize_t n, cons
     return ES_OK;
 }
 
+/* The record's name for a layer's running statistics: [count][mean (d)][m2 (d)]. */
+static void stats_part_name(char *buf, size_t size, int layer) { snprintf(buf, size, "stats/layer_%03d", layer); }
+
 int teacher_commit(teacher_writer *w, es_error *err) {
-    int rc = es_samples_flush(&w->samples, err);
-    for (int i = 0; !rc && i < w->n_layers; i++) rc = es_rows_flush(&w->latents[i], err);
+    es_commit_record record = {0};
+    int rc = es_samples_commit(&w->samples, &record, err);
+    for (int i = 0; !rc && i < w->n_layers; i++) rc = es_rows_commit(&w->latents[i], &record, err);
+    const size_t d = (size_t)w->width;
+    double *stats = rc ? NULL : malloc((1 + 2 * d) * sizeof *stats);
+    if (!rc && !stats) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < w->n_layers; i++) {
         char name[64];
-        layer_path(name, sizeof name, "/stats", w->layers[i], "count");
-        rc = write_array(w->file.id, name, H5T_STD_I64LE, 1, &w->stats[i].count, err);
-        layer_path(name, sizeof name, "/stats", w->layers[i], "mean");
-        if (!rc) rc = write_array(w->file.id, name, H5T_IEEE_F64LE, (hsize_t)w->width, w->stats[i].mean, err);
-        layer_path(name, sizeof name, "/stats", w->layers[i], "m2");
-        if (!rc) rc = write_array(w->file.id, name, H5T_IEEE_F64LE, (hsize_t)w->width, w->stats[i].m2, err);
+        stats_part_name(name, sizeof name, w->layers[i]);
+        memcpy(stats, &w->stats[i].count, sizeof(int64_t));
+        memcpy(stats + 1, w->stats[i].mean, d * sizeof *stats), memcpy(stats + 1 + d, w->stats[i].m2, d * sizeof *stats);
+        rc = es_commit_record_add(&record, name, stats, (1 + 2 * d) * sizeof *stats, err);
     }
-    /* The commit mark, written last: a resumed run trusts only what it counts. */
-    if (!rc) rc = es_h5_attr_set_i64(w->file.id, "committed_samples", w->samples.samples, err);
-    if (!rc) rc = es_h5_attr_set_i64(w->file.id, "committed_tokens", w->samples.tokens, err);
-    if (!rc) rc = es_h5_flush(&w->file, err);
+    free(stats);
+    /* The commit marks (docs/teacher-h5.md) travel with the record's mark. */
+    const es_commit_mark marks[] = {{"committed_samples", w->samples.samples}, {"committed_tokens", w->samples.tokens}};
+    if (!rc) rc = es_h5_commit_point(&w->file, &record, marks, 2, err);
+    if (!rc) w->committed = w->samples.samples;
+    es_commit_record_free(&record);
     return rc;
 }
 
 static void close_datasets(teacher_writer *w) {
-    es_error ignored = {0};
     es_samples_close(&w->samples, NULL);
-    for (int i = 0; w->latents && i < w->n_layers; i++)
-        if (w->latents[i].dataset >= 0) es_rows_close(&w->latents[i], &ignored);
+    for (int i = 0; w->latents && i < w->n_layers; i++) es_rows_discard(&w->latents[i]);
 }
 
 static void free_memory(teacher_writer *w) {
@@ -115,13 +124,22 @@ static void free_memory(teacher_writer *w) {
 }
 
 int teacher_finish(teacher_writer *w, const char *const *attributes, int n_attributes, es_error *err) {
-    int rc = teacher_commit(w, err);
-    for (int i = 0; !rc && i < n_attributes; i++) rc = es_h5_attr_set_str(w->file.id, attributes[2 * i], attributes[2 * i + 1], err);
-    /* The commit marks mean nothing in a complete file. */
-    if (!rc && (H5Adelete(w->file.id, "committed_samples") < 0 || H5Adelete(w->file.id, "committed_tokens") < 0))
-        rc = es_fail(err, ES_ERR_RUNTIME, "%s: cannot remove the commit marks", w->file.open_path);
-    if (!rc) rc = es_samples_close(&w->samples, err);
+    /* The last chunks and the statistics, written once; the commit marks mean nothing in a complete file. */
+    int rc = es_samples_close(&w->samples, err);
     for (int i = 0; !rc && i < w->n_layers; i++) rc = es_rows_close(&w->latents[i], err);
+    for (int i = 0; !rc && i < w->n_layers; i++) {
+        char name[64];
+        layer_path(name, sizeof name, "/stats", w->layers[i], "count");
+        rc = write_array(w->file.id, name, H5T_STD_I64LE, 1, &w->stats[i].count, err);
+        layer_path(name, sizeof name, "/stats", w->layers[i], "mean");
+        if (!rc) rc = write_array(w->file.id, name, H5T_IEEE_F64LE, (hsize_t)w->width, w->stats[i].mean, err);
+        layer_path(name, sizeof name, "/stats", w->layers[i], "m2");
+        if (!rc) rc = write_array(w->file.id, name, H5T_IEEE_F64LE, (hsize_t)w->width, w->stats[i].m2, err);
+    }
+    for (int i = 0; !rc && i < n_attributes; i++) rc = es_h5_attr_set_str(w->file.id, attributes[2 * i], attributes[2 * i + 1], err);
+    static const char *const marks[] = {"committed_samples", "committed_tokens", NULL}; /* resume_key stays: what made it */
+    if (!rc) rc = es_h5_sync(&w->file, err); /* all of it on disk before the last commit's record goes */
+    if (!rc) rc = es_h5_drop_commits(&w->file, marks, err);
     if (rc) {
         teacher_abandon(w, 0);
         return rc;
@@ -137,45 +155,48 @@ void teacher_abandon(teacher_writer *w, int remove) {
     free_memory(w);
 }
 
-static int read_array(hid_t file, const char *name, hid_t type, hsize_t n, void *data, es_error *err) {
-    hid_t dataset = H5Lexists(file, name, H5P_DEFAULT) > 0 ? H5Dopen2(file, name, H5P_DEFAULT) : -1;
-    hid_t space = dataset >= 0 ? H5Dget_space(dataset) : -1;
-    int ok = space >= 0 && H5Sget_simple_extent_npoints(space) == (hssize_t)n &&
-             H5Dread(dataset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0;
-    if (space >= 0) H5Sclose(space);
-    if (dataset >= 0) H5Dclose(dataset);
-    return ok ? ES_OK : es_fail(err, ES_ERR_DATA, "%s: %s is missing or of the wrong size", es_h5_filename(file), name);
-}
-
 int teacher_resume(teacher_writer *w, const char *path, const teacher_options *options, int64_t *samples_done, es_error *err) {
     memset(w, 0, sizeof *w);
     w->file.id = -1;
+    *samples_done = 0;
+    es_commit_record record = {0};
+    int found = 0;
     int rc = setup(w, options, err);
     if (!rc) rc = es_h5_open_partial(&w->file, path, err);
+    if (!rc) rc = es_h5_read_commit(&w->file, &record, &found, err);
+    if (!rc && !found) rc = es_fail(err, ES_ERR_DATA, "%s: nothing was committed yet", w->file.open_path);
     int64_t samples = 0, tokens = 0;
     if (!rc) rc = es_h5_attr_get_i64(w->file.id, "committed_samples", &samples, err);
     if (!rc) rc = es_h5_attr_get_i64(w->file.id, "committed_tokens", &tokens, err);
     /* Cut everything back to the last commit. */
-    if (!rc) rc = es_samples_open_append(&w->samples, w->file.id, samples, err);
-    if (!rc && w->samples.tokens != tokens) rc = es_fail(err, ES_ERR_DATA, "%s: token_start disagrees with the commit", path);
+    if (!rc) rc = es_samples_resume(&w->samples, w->file.id, &record, err);
+    if (!rc && (w->samples.samples != samples || w->samples.tokens != tokens))
+        rc = es_fail(err, ES_ERR_DATA, "%s: the sample datasets disagree with the commit marks", w->file.open_path);
+    const size_t d = (size_t)w->width;
     for (int i = 0; !rc && i < w->n_layers; i++) {
         char name[64];
         layer_path(name, sizeof name, "/latents", w->layers[i], NULL);
-        rc = es_rows_open_append(&w->latents[i], w->file.id, name, tokens, options->pool, err);
+        rc = es_rows_resume(&w->latents[i], w->file.id, name, &record, options->pool, err);
         if (!rc && w->latents[i].width != w->width)
             rc = es_fail(err, ES_ERR_DATA, "%s: %s has width %lld, the model %d", path, name, (long long)w->latents[i].width, w->width);
-        layer_path(name, sizeof name, "/stats", w->layers[i], "count");
-        if (!rc) rc = read_array(w->file.id, name, H5T_NATIVE_INT64, 1, &w->stats[i].count, err);
-        layer_path(name, sizeof name, "/stats", w->layers[i], "mean");
-        if (!rc) rc = read_array(w->file.id, name, H5T_NATIVE_DOUBLE, (hsize_t)w->width, w->stats[i].mean, err);
-        layer_path(name, sizeof name, "/stats", w->layers[i], "m2");
-        if (!rc) rc = read_array(w->file.id, name, H5T_NATIVE_DOUBLE, (hsize_t)w->width, w->stats[i].m2, err);
-        if (!rc && w->stats[i].count != tokens) rc = es_fail(err, ES_ERR_DATA, "%s: statistics disagree with the commit", path);
+        if (!rc && w->latents[i].rows != tokens)
+            rc = es_fail(err, ES_ERR_DATA, "%s: %s disagrees with the commit marks", w->file.open_path, name);
+        stats_part_name(name, sizeof name, w->layers[i]);
+        const es_commit_part *part = rc ? NULL : es_commit_record_find(&record, name);
+        if (!rc && (!part || part->size != (1 + 2 * d) * sizeof(double)))
+            rc = es_fail(err, ES_ERR_DATA, "%s: the last commit has no statistics of layer %d", w->file.open_path, w->layers[i]);
+        if (!rc) {
+            memcpy(&w->stats[i].count, part->data, sizeof(int64_t));
+            memcpy(w->stats[i].mean, part->data + sizeof(double), d * sizeof(double));
+            memcpy(w->stats[i].m2, part->data + (1 + d) * sizeof(double), d * sizeof(double));
+            if (w->stats[i].count != tokens) rc = es_fail(err, ES_ERR_DATA, "%s: statistics disagree with the commit", w->file.open_path);
+        }
     }
+    es_commit_record_free(&record);
     if (rc) {
         teacher_abandon(w, 0);
         return rc;
     }
-    *samples_done = samples;
+    *samples_done = w->committed = samples;
     return ES_OK;
 }

@@ -1,9 +1,10 @@
 /* teacher.h5 (docs/teacher-h5.md): the writer essence-extract fills sample by sample.
  *
- * Everything goes to NAME.partial. commit() makes every sample added so far durable: row
- * datasets flushed, the running statistics written, the root attribute committed_samples
- * set, the file flushed. A resumed run reopens the .partial, cuts every dataset back to
- * the last commit and goes on; finish() renames the file to its final name. */
+ * Everything goes to NAME.partial. commit() makes every sample added so far durable: a commit
+ * point (common/h5commit.h) whose record holds the unfinished chunks' rows and the running
+ * statistics, with the root attributes committed_samples and committed_tokens as its marks. A
+ * resumed run reopens the .partial, cuts every dataset back to the last commit and goes on;
+ * finish() writes the last chunks and /stats, and renames the file to its final name. */
 #ifndef ES_EXTRACT_TEACHER_H
 #define ES_EXTRACT_TEACHER_H
 
@@ -29,6 +30,7 @@ typedef struct teacher_writer {
     es_samples_writer samples; /* the sample and token datasets */
     es_rows_writer *latents; /* [n_layers] */
     teacher_stats *stats;    /* [n_layers] */
+    int64_t committed;       /* samples the last commit covers */
 } teacher_writer;
 
 typedef struct teacher_options {
@@ -38,11 +40,12 @@ typedef struct teacher_options {
     int64_t chunk_rows;     /* latent rows per chunk; 0: about 1 MiB */
     int zstd_level;
     es_pool *pool;
+    const char *resume_key; /* stored at creation (common/resume.h) */
 } teacher_options;
 
 int teacher_create(teacher_writer *writer, const char *path, const teacher_options *options, es_error *err);
-/* Reopens PATH.partial written with the same options; *samples_done receives the number of
- * committed samples to skip. */
+/* Reopens PATH.partial written with the same options (the caller has checked its resume key:
+ * es_h5_check_partial); *samples_done receives the number of committed samples to skip. */
 int teacher_resume(teacher_writer *writer, const char *path, const teacher_options *options, int64_t *samples_done,
                    es_error *err);
 /* One sample: its rendered text, tokens and, per stored layer, its rows (n_tokens, width). */

@@ -640,6 +640,10 @@ char **run_stage_argv(const run_stage *stage, int shard) {
     }
     argv[n++] = strdup("--fingerprint");
     argv[n++] = strdup(stage->fingerprint);
+    /* A stage runs because its fingerprint changed or its output is incomplete: essence-align then
+     * starts afresh, and refuses a used --out unless told to clear it (docs/align.md). */
+    const char *base = strrchr(stage->program, '/');
+    if (!strcmp(base ? base + 1 : stage->program, "essence-align")) argv[n++] = strdup("--force");
     for (int i = 0; i < n; i++)
         if (!argv[i]) {
             run_free_argv(argv);

@@ -19,11 +19,13 @@
 #include "fingerprint.h"
 #include "fourier.h"
 #include "files.h"
+#include "h5commit.h"
 #include "log.h"
 #include "model.h"
 #include "ops.h"
 #include "precision.h"
 #include "progress.h"
+#include "resume.h"
 #include "student.h"
 #include "teacher_set.h"
 #include "tokenizer.h"
@@ -42,6 +44,7 @@ static const es_option options[] = {
     {"precision", ES_OPT_STRING, "fp32", "GEMM inputs: fp32, tf32, bf16 or fp8 (accumulation is fp32)", NULL},
     {"add-bos", ES_OPT_STRING, "auto", "text samples: auto (the student tokenizer's own rule), always or never start with the BOS", NULL},
     {"force-precision", ES_OPT_BOOL, "false", "use --precision even where its predicted error exceeds 1%", NULL},
+    {"resume", ES_OPT_BOOL, "false", "continue OUT.partial from its last committed block", NULL},
     ES_DEVICE_OPTIONS,
     {"fingerprint", ES_OPT_STRING, NULL, "the pipeline stage's fingerprint to store in the output (set by essence-run; default: computed)", NULL},
     {NULL, 0, NULL, NULL, NULL},
@@ -178,7 +181,8 @@ static int project_rows(projector *p, const layer_pair *pair, const int64_t *ref
     if (first_bad < n_ref) {
         int64_t row = ref_rows[first_bad], sample = 0;
         while (b->token_offset[sample + 1] <= row) sample++;
-        return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite", b->shard->path,
+        return es_fail(err, ES_ERR_DATA, "%s: /latents/layer_%03d row %lld (sample %lld \"%s\") is not finite: the teacher file holds inf/NaN "
+                       "there; extract it again (essence-extract refuses such hidden states, naming the layer)", b->shard->path,
                        pair->teacher, (long long)(b->shard->token_start[b->first] + row), (long long)(b->first + sample),
                        b->ids[sample]);
     }
@@ -345,6 +349,44 @@ static void projector_free(projector *p) {
         es_device_free(dev, p->pairs[l].mean, d * sizeof(float)), es_device_free(dev, p->pairs[l].scale, d * sizeof(float));
 }
 
+/* What a --resume must share with the run that began OUT.partial (common/resume.h): the options
+ * that shape the result, each teacher file by its resume key (or fingerprint), samples and tokens, and the
+ * student's config.json and tokenizer.json by their SHA-256. NULL and *err set on failure. */
+static char *resume_key(const es_config *cfg, const teacher_set *teacher, const char *model_fp, const char *tokenizer_fp,
+                        es_error *err) {
+    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"in", "student", NULL});
+    json_t *shards = json_array();
+    for (int s = 0; key && shards && s < teacher->n_shards; s++) {
+        const teacher_shard *shard = &teacher->shards[s];
+        /* Its resume key says what it was made from by content (its fingerprint also holds paths). */
+        char fingerprint[ES_FINGERPRINT_HEX], *made_from = NULL, *text = NULL;
+        es_error ignored = {0};
+        if (H5Aexists(shard->file.id, "resume_key") > 0) es_h5_attr_get_str(shard->file.id, "resume_key", &made_from, &ignored);
+        if (asprintf(&text, "%s %lld %lld", made_from ? made_from : shard->fingerprint ? shard->fingerprint : "",
+                     (long long)shard->samples, (long long)shard->token_start[shard->samples]) < 0)
+            text = NULL;
+        es_sha256_hex(text ? text : "", text ? strlen(text) : 0, fingerprint);
+        free(made_from), free(text);
+        json_array_append_new(shards, json_string(fingerprint));
+    }
+    char *text = NULL;
+    if (key && shards) {
+        char joined[ES_FINGERPRINT_HEX];
+        char *list = json_dumps(shards, JSON_COMPACT);
+        es_sha256_hex(list ? list : "", list ? strlen(list) : 0, joined);
+        free(list);
+        json_object_set_new(key, "in", json_string(joined));
+        json_object_set_new(key, "student", json_string(model_fp));
+        json_object_set_new(key, "student tokenizer.json", json_string(tokenizer_fp));
+        json_object_set_new(key, "tool version", json_string(TOOL_VERSION));
+        text = es_resume_key_text(key, err);
+    } else {
+        es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    json_decref(key), json_decref(shards);
+    return text;
+}
+
 static void fail_usage(es_error *err, const char *fmt, const char *value) {
     es_fail(err, ES_ERR_USAGE, fmt, value);
     es_exit_error(err);
@@ -373,7 +415,10 @@ int main(int argc, char **argv) {
                                 "aligns them to the student's tokens.",
                                 required, &err);
     if (begun > 0) es_exit_error(&err);
-    if (begun == ES_CONFIG_DONE) return 0;
+    if (begun == ES_CONFIG_DONE) {
+        es_config_free(&cfg);
+        return 0;
+    }
     const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
     if (check_out_clear(in, student_dir, out, &err)) es_exit_error(&err);
     if (strcmp(es_config_str(&cfg, "device"), "cpu"))
@@ -479,25 +524,85 @@ int main(int argc, char **argv) {
     for (int l = 0; l < n_pairs; l++)
         student_layers[l] = pairs[l].student, teacher_layers[l] = pairs[l].teacher, means[l] = pairs[l].input_mean,
         scales[l] = pairs[l].input_scale;
+    // The output: new, or resumed where another run of the same inputs and options stopped.
+    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", config_path[4200];
+    snprintf(config_path, sizeof config_path, "%s/config.json", student_dir);
+    char *key_text = NULL;
+    if (!rc) rc = es_sha256_file(config_path, model_fp, &err);
+    if (!rc) rc = es_sha256_file(student_tokenizer_path, tokenizer_fp, &err);
+    if (!rc) key_text = resume_key(&cfg, &teacher, model_fp, tokenizer_fp, &err);
+    if (!key_text) es_exit_error(&err);
+    es_partial_state partial = ES_PARTIAL_ABSENT;
+    if (es_config_bool(&cfg, "resume")) {
+        int checked = es_h5_check_partial(out, key_text, &partial, &err);
+        if (checked == ES_ERR_DATA) { /* HDF5 cannot open it: it was cut short before its first commit */
+            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
+            es_error_clear(&err);
+        } else if (checked) {
+            es_exit_error(&err); /* another run's .partial: kept as it is */
+        } else if (partial == ES_PARTIAL_ABSENT) {
+            es_log("--resume: there is no %s.partial: starting from the first sample", out);
+        } else if (partial == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
+            static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
+            if (es_h5_finish_partial(out, marks, &err)) es_exit_error(&err);
+            es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", out, out);
+            return 0;
+        } else if (partial == ES_PARTIAL_UNCOMMITTED) {
+            es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
+        }
+    }
     student_writer writer;
-    rc = student_create(&writer, out, student_layers, n_pairs, student.hidden_size, pool, &err);
-    if (!rc) rc = student_write_projection(&writer, omega, m, d, teacher_layers, means, scales, n_pairs, &err);
+    int64_t done = 0;
+    if (partial == ES_PARTIAL_COMMITTED) {
+        rc = student_resume(&writer, out, student_layers, n_pairs, student.hidden_size, pool, &done, &err);
+        if (rc) {
+            es_error_prefix(&err, "cannot resume %s.partial (kept; remove it or run without --resume to start again)", out);
+            es_exit_error(&err);
+        }
+        es_log("resuming %s.partial after %lld committed samples", out, (long long)done);
+    } else {
+        rc = student_create(&writer, out, student_layers, n_pairs, student.hidden_size, pool, &err);
+        if (!rc) rc = student_write_projection(&writer, omega, m, d, teacher_layers, means, scales, n_pairs, &err);
+        if (!rc) rc = student_set_resume_key(&writer, key_text, &err);
+        if (rc) {
+            if (writer.file.path) student_abandon(&writer, 1);
+            es_exit_error(&err);
+        }
+    }
     projector p = {.teacher = &teacher, .tokenizer = tokenizer, .pool = pool, .dev = dev, .pairs = pairs, .n_pairs = n_pairs,
                    .d = d, .m = m, .precision = precision, .rms = rms,
                    .rule = strcmp(align, "causal") ? ALIGN_EXACT : ALIGN_CAUSAL, .out = &writer};
     if (!rc) rc = projector_prepare(&p, omega, &err);
-    if (rc) es_exit_error(&err);
+    if (rc) {
+        student_abandon(&writer, partial != ES_PARTIAL_COMMITTED);
+        es_exit_error(&err);
+    }
     es_progress progress;
     es_progress_start(&progress, "project", "samples", teacher.samples);
+    es_progress_add(&progress, done);
+    /* Blocks start where the uninterrupted run's do (block_count depends only on where a block
+     * starts), and every commit ends a block: a resumed run skips whole blocks. */
+    int64_t skip = done;
     for (int s = 0; !rc && s < teacher.n_shards; s++) {
         const teacher_shard *shard = &teacher.shards[s];
         for (int64_t first = 0; !rc && first < shard->samples;) {
             const int64_t count = block_count(shard, first);
+            if (skip >= count) {
+                skip -= count, first += count;
+                continue;
+            }
+            if (skip) {
+                rc = es_fail(&err, ES_ERR_DATA, "%s.partial: its last commit (%lld samples) does not end a block", out, (long long)done);
+                break;
+            }
             teacher_block block;
             double start = es_now();
             rc = teacher_block_read(&teacher, shard, first, count, &block, &err);
             p.io_seconds += es_now() - start;
             if (!rc) rc = project_block(&p, &block, &err);
+            start = es_now();
+            if (!rc) rc = student_commit(&writer, &err);
+            p.io_seconds += es_now() - start;
             es_progress_add_tokens(&progress, block.tokens);
             es_progress_add(&progress, count);
             teacher_block_free(&block);
@@ -506,12 +611,10 @@ int main(int argc, char **argv) {
     }
     es_progress_finish(&progress);
 
-    // 7. What made this file.
-    char *yaml = es_config_to_yaml(&cfg), *yaml_results = es_config_to_yaml_without(&cfg, ES_RESULT_NEUTRAL_OPTIONS);
-    char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", config_path[4200], created[64];
-    snprintf(config_path, sizeof config_path, "%s/config.json", student_dir);
-    if (!rc) rc = es_sha256_file(config_path, model_fp, &err);
-    if (!rc) rc = es_sha256_file(student_tokenizer_path, tokenizer_fp, &err);
+    // 7. What made this file (the fingerprint leaves out what only describes this run: --resume, --out).
+    char *yaml = es_config_to_yaml(&cfg);
+    char *yaml_results = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
+    char created[64];
     size_t fps_size = (size_t)teacher.n_shards * ES_FINGERPRINT_HEX + 1, text_size = fps_size + (yaml ? strlen(yaml) : 0) + 512;
     char *teacher_fps = calloc(1, fps_size), *fingerprint_input = malloc(text_size);
     char layer_map[1024] = "", layers_text[1024] = "", hidden[32], fingerprint[ES_FINGERPRINT_HEX];
@@ -542,7 +645,9 @@ int main(int argc, char **argv) {
         };
         rc = student_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes), &err);
     } else {
-        student_abandon(&writer);
+        /* Kept for --resume when it holds a commit, unless the input was bad: the same inputs would
+         * fail again, and others cannot resume it. */
+        student_abandon(&writer, err.code == ES_ERR_DATA || writer.committed == 0);
     }
     if (!rc) {
         double gemm_rate = p.timing.gemm_seconds > 0 ? p.timing.gemm_flops / p.timing.gemm_seconds / 1e9 : 0;
@@ -558,7 +663,7 @@ int main(int argc, char **argv) {
     if (!rc) es_device_log_peak(dev);
     es_device_close(dev);
     free(pairs), free(omega), free(student_layers), free(teacher_layers), free(means), free(scales);
-    free(yaml), free(yaml_results), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings);
+    free(yaml), free(yaml_results), free(teacher_fps), free(fingerprint_input), free(student_config_text), free(p.encodings), free(key_text);
     teacher_set_close(&teacher);
     es_tokenizer_free(tokenizer);
     es_pool_destroy(pool);

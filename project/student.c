@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "h5commit.h"
+
 int student_create(student_writer *w, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
                    es_error *err) {
     memset(w, 0, sizeof *w);
@@ -26,7 +28,7 @@ int student_create(student_writer *w, const char *path, const int *student_layer
     }
     if (!rc) rc = es_h5_attr_set_str(w->file.id, "format", "essence.student", err);
     if (!rc) rc = es_h5_attr_set_i64(w->file.id, "format_version", 1, err);
-    if (rc) student_abandon(w);
+    if (rc) student_abandon(w, 1);
     return rc;
 }
 
@@ -69,6 +71,59 @@ int student_write_projection(student_writer *w, const float *omega, int m, int d
     return rc;
 }
 
+int student_set_resume_key(student_writer *w, const char *key, es_error *err) {
+    int rc = es_h5_attr_set_str(w->file.id, "resume_key", key, err);
+    return rc ? rc : es_h5_sync(&w->file, err);
+}
+
+int student_commit(student_writer *w, es_error *err) {
+    es_commit_record record = {0};
+    int rc = es_samples_commit(&w->samples, &record, err);
+    if (!rc) rc = es_rows_commit(&w->teacher_row, &record, err);
+    for (int i = 0; !rc && i < w->n_targets; i++) rc = es_rows_commit(&w->targets[i], &record, err);
+    const es_commit_mark marks[] = {{"committed_samples", w->samples.samples}, {"committed_tokens", w->samples.tokens}};
+    if (!rc) rc = es_h5_commit_point(&w->file, &record, marks, 2, err);
+    if (!rc) w->committed = w->samples.samples;
+    es_commit_record_free(&record);
+    return rc;
+}
+
+int student_resume(student_writer *w, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
+                   int64_t *samples_done, es_error *err) {
+    memset(w, 0, sizeof *w);
+    w->file.id = -1;
+    w->samples.ids = -1;
+    for (int i = 0; i < ES_SAMPLE_DATASETS; i++) w->samples.rows[i].dataset = -1;
+    w->teacher_row.dataset = -1;
+    *samples_done = 0;
+    w->targets = calloc((size_t)n_targets, sizeof *w->targets);
+    if (!w->targets) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    w->n_targets = n_targets;
+    for (int i = 0; i < n_targets; i++) w->targets[i].dataset = -1;
+    es_commit_record record = {0};
+    int found = 0, rc = es_h5_open_partial(&w->file, path, err);
+    if (!rc) rc = es_h5_read_commit(&w->file, &record, &found, err);
+    if (!rc && !found) rc = es_fail(err, ES_ERR_DATA, "%s: nothing was committed yet", w->file.open_path);
+    if (!rc) rc = es_samples_resume(&w->samples, w->file.id, &record, err);
+    if (!rc) rc = es_rows_resume(&w->teacher_row, w->file.id, "/tokens/teacher_row", &record, NULL, err);
+    for (int i = 0; !rc && i < n_targets; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "/targets/layer_%03d", student_layers[i]);
+        rc = es_rows_resume(&w->targets[i], w->file.id, name, &record, pool, err);
+        if (!rc && (w->targets[i].width != width || w->targets[i].rows != w->samples.tokens))
+            rc = es_fail(err, ES_ERR_DATA, "%s: %s disagrees with the last commit", w->file.open_path, name);
+    }
+    if (!rc && w->teacher_row.rows != w->samples.tokens)
+        rc = es_fail(err, ES_ERR_DATA, "%s: /tokens/teacher_row disagrees with the last commit", w->file.open_path);
+    es_commit_record_free(&record);
+    if (rc) {
+        student_abandon(w, 0);
+        return rc;
+    }
+    *samples_done = w->committed = w->samples.samples;
+    return ES_OK;
+}
+
 int student_finish(student_writer *w, const student_attribute *attributes, int n_attributes, es_error *err) {
     int rc = ES_OK;
     for (int i = 0; !rc && i < n_attributes; i++) {
@@ -80,8 +135,12 @@ int student_finish(student_writer *w, const student_attribute *attributes, int n
     if (!rc) rc = es_samples_close(&w->samples, err);
     if (!rc) rc = es_rows_close(&w->teacher_row, err);
     for (int i = 0; !rc && i < w->n_targets; i++) rc = es_rows_close(&w->targets[i], err);
+    /* The commit marks mean nothing in a complete file; the last chunks are on disk before they go. */
+    static const char *const marks[] = {"committed_samples", "committed_tokens", NULL}; /* resume_key stays: what made it */
+    if (!rc) rc = es_h5_sync(&w->file, err);
+    if (!rc) rc = es_h5_drop_commits(&w->file, marks, err);
     if (rc) {
-        student_abandon(w);
+        student_abandon(w, 0);
         return rc;
     }
     rc = es_h5_commit(&w->file, err);
@@ -90,13 +149,11 @@ int student_finish(student_writer *w, const student_attribute *attributes, int n
     return rc;
 }
 
-void student_abandon(student_writer *w) {
-    es_error ignored = {0};
+void student_abandon(student_writer *w, int remove) {
     es_samples_close(&w->samples, NULL);
-    if (w->teacher_row.dataset >= 0) es_rows_close(&w->teacher_row, &ignored);
-    for (int i = 0; w->targets && i < w->n_targets; i++)
-        if (w->targets[i].dataset >= 0) es_rows_close(&w->targets[i], &ignored);
-    if (w->file.id >= 0 || w->file.path) es_h5_close(&w->file, 1);
+    es_rows_discard(&w->teacher_row);
+    for (int i = 0; w->targets && i < w->n_targets; i++) es_rows_discard(&w->targets[i]);
+    if (w->file.id >= 0 || w->file.path) es_h5_close(&w->file, remove);
     free(w->targets);
     w->targets = NULL;
 }

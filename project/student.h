@@ -1,7 +1,8 @@
 /* student.h5 (docs/student-h5.md): the writer essence-project fills block by block.
  *
- * Everything goes to NAME.partial; finish() writes the root attributes and renames it.
- * project has no --resume (it is cheap next to extraction), so an abandoned file is removed. */
+ * Everything goes to NAME.partial; commit() makes the samples added so far durable (a commit
+ * point, common/h5commit.h); finish() writes the root attributes and renames it. A stopped run
+ * leaves NAME.partial for --resume. */
 #ifndef ES_PROJECT_STUDENT_H
 #define ES_PROJECT_STUDENT_H
 
@@ -19,6 +20,7 @@ typedef struct student_writer {
     es_rows_writer teacher_row; /* /tokens/teacher_row */
     es_rows_writer *targets;    /* [n_targets] /targets/layer_LLL */
     int n_targets;
+    int64_t committed;          /* samples the last commit covers */
 } student_writer;
 
 /* Creates PATH.partial with /targets/layer_LLL for each student layer (width D). */
@@ -42,6 +44,16 @@ typedef struct student_attribute {
     int64_t integer;
 } student_attribute;
 int student_finish(student_writer *writer, const student_attribute *attributes, int n_attributes, es_error *err);
-void student_abandon(student_writer *writer);
+/* Closes without finishing: the .partial stays for --resume unless `remove`. */
+void student_abandon(student_writer *writer, int remove);
+/* Stores what a --resume must share with this run (common/resume.h), on disk before any commit. */
+int student_set_resume_key(student_writer *writer, const char *key, es_error *err);
+/* A commit point: every sample added so far (whole blocks) durable, with the marks
+ * committed_samples and committed_tokens. */
+int student_commit(student_writer *writer, es_error *err);
+/* Reopens PATH.partial (its resume key already checked) at its last commit; *samples_done
+ * receives the samples it holds. */
+int student_resume(student_writer *writer, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
+                   int64_t *samples_done, es_error *err);
 
 #endif

@@ -35,7 +35,7 @@ static int write_teacher(const char *path, int64_t tokens) {
                                   "conclude", "that", "42", "holds", "for", "all", "n", "≥", "1", "量子"};
     int layers[1] = {LAYER};
     es_pool *pool = es_pool_create(0);
-    teacher_options options = {layers, 1, D_TEACHER, 0, 3, pool};
+    teacher_options options = {layers, 1, D_TEACHER, 0, 3, pool, NULL};
     teacher_writer writer;
     es_error err = {0};
     if (teacher_create(&writer, path, &options, &err)) es_exit_error(&err);
