@@ -1,10 +1,13 @@
 #include "resume.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "fingerprint.h"
+#include "safetensors.h"
 
 static int listed(const char *name, const char *const *names) {
     for (; names && *names; names++)
@@ -68,50 +71,72 @@ int es_resume_key_compare(const char *stored, const char *now, const char *what,
                    what, list);
 }
 
+/* A model file's SHA-256; only a regular file is read (a FIFO would block, a folder fail late). */
+static int hash_model_file(const char *path, char hex[ES_FINGERPRINT_HEX], es_error *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) return es_fail(err, ES_ERR_DATA, "%s: cannot open: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) return es_fail(err, ES_ERR_DATA, "%s: not a regular file", path);
+    return es_sha256_file(path, hex, err);
+}
+
 /* SHA-256 over the SHA-256s of the model's files (config.json, safetensors, the index), in
- * name order: the weights' content, not their modification times. */
+ * name order: the weights' content, not their modification times. The index is read by the
+ * loader's own parser, so a shard outside the folder is refused here as it is there. */
 int es_model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error *err) {
     char listing[64 * 1024] = "";
     static const char *patterns[] = {"config.json", "model.safetensors.index.json", "model.safetensors"};
     size_t n = 0;
     for (size_t i = 0; i < 3; i++) {
         char path[4200], hex[ES_FINGERPRINT_HEX];
+        struct stat st;
         snprintf(path, sizeof path, "%s/%s", dir, patterns[i]);
-        FILE *probe = fopen(path, "rb");
-        if (!probe) continue;
-        fclose(probe);
-        int rc = es_sha256_file(path, hex, err);
+        if (lstat(path, &st) != 0) continue;
+        int rc = hash_model_file(path, hex, err);
         if (rc) return rc;
         n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", patterns[i], hex);
     }
-    /* Shards named by the index, in name order. */
     char index_path[4200];
     snprintf(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
-    json_t *index = json_load_file(index_path, 0, NULL);
-    const json_t *map = json_object_get(index, "weight_map");
-    const char *key;
-    const json_t *value;
-    char **shards = calloc(json_object_size(map) + 1, sizeof *shards);
-    size_t n_shards = 0;
-    json_object_foreach((json_t *)map, key, value) {
-        int seen = !json_is_string(value);
-        for (size_t k = 0; k < n_shards && !seen; k++) seen = !strcmp(shards[k], json_string_value(value));
-        if (!seen) shards[n_shards++] = (char *)json_string_value(value);
-    }
-    for (size_t i = 1; i < n_shards; i++)
-        for (size_t j = i; j > 0 && strcmp(shards[j - 1], shards[j]) > 0; j--) {
-            char *swap = shards[j];
-            shards[j] = shards[j - 1], shards[j - 1] = swap;
+    FILE *f = fopen(index_path, "rb");
+    if (!f) {
+        if (errno == ENOENT) {
+            es_sha256_hex(listing, n, out);
+            return ES_OK;
         }
+        return es_fail(err, ES_ERR_DATA, "%s: cannot open: %s", index_path, strerror(errno));
+    }
+    char *text = NULL;
+    size_t len = 0, cap = 0;
     int rc = ES_OK;
+    for (;;) {
+        if (len + 65536 > cap) {
+            char *grown = realloc(text, cap = cap ? 2 * cap : 1 << 16);
+            if (!grown) {
+                rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory", index_path);
+                break;
+            }
+            text = grown;
+        }
+        size_t got = fread(text + len, 1, cap - len, f);
+        len += got;
+        if (got == 0) {
+            if (ferror(f)) rc = es_fail(err, ES_ERR_RUNTIME, "%s: read error: %s", index_path, strerror(errno));
+            break;
+        }
+    }
+    fclose(f);
+    char **shards = NULL;
+    size_t n_shards = 0;
+    if (!rc) rc = es_safetensors_index_parse(text, len, index_path, &shards, &n_shards, err);
+    free(text);
     for (size_t i = 0; !rc && i < n_shards; i++) {
         char path[4200], hex[ES_FINGERPRINT_HEX];
         snprintf(path, sizeof path, "%s/%s", dir, shards[i]);
-        rc = es_sha256_file(path, hex, err);
+        rc = hash_model_file(path, hex, err);
         if (!rc) n += (size_t)snprintf(listing + n, sizeof listing - n, "%s %s\n", shards[i], hex);
     }
+    for (size_t i = 0; shards && i < n_shards; i++) free(shards[i]);
     free(shards);
-    json_decref(index);
     if (!rc) es_sha256_hex(listing, n, out);
     return rc;
 }
