@@ -51,7 +51,7 @@ int es_samples_create(es_samples_writer *w, hid_t file, int zstd_level, es_error
 
 static int read_one(hid_t file, const char *name, int64_t row, int64_t *value, es_error *err) {
     es_rows_reader reader;
-    int rc = es_rows_open(&reader, file, name, NULL, err);
+    int rc = es_rows_open_column(&reader, file, name, ES_H5_I64, NULL, err);
     if (rc) return rc;
     rc = reader.rows > row ? es_rows_read(&reader, row, 1, value, err)
                            : es_fail(err, ES_ERR_DATA, "%s: %s is shorter than the commit", es_h5_filename(file), name);
