@@ -192,9 +192,14 @@ static void decompress_task(es_task *task, int worker) {
                         slot->n_elems, slot->elem_size);
 }
 
+/* "FILE:/group/name" for messages; a relative name is completed with its parent's path. */
 static char *object_name(hid_t parent, const char *name) {
-    char *full = NULL;
-    if (asprintf(&full, "%s:%s%s", es_h5_filename(parent), name[0] == '/' ? "" : "/", name) < 0) return NULL;
+    char *full = NULL, parent_path[512] = "";
+    if (name[0] != '/' && (H5Iget_name(parent, parent_path, sizeof parent_path) <= 0 || !strcmp(parent_path, "/")))
+        parent_path[0] = '\0';
+    if (asprintf(&full, "%s:%s%s%s", es_h5_filename(parent), name[0] == '/' ? "" : parent_path, name[0] == '/' ? "" : "/",
+                 name) < 0)
+        return NULL;
     return full;
 }
 
