@@ -547,12 +547,15 @@ int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es
 
         hsize_t offset[2] = {(hsize_t)chunk_first, 0};
         hsize_t stored = 0;
-        if (H5Dget_chunk_storage_size(reader->dataset, offset, &stored) < 0) {
+        haddr_t address = HADDR_UNDEF;
+        unsigned mask = 0;
+        /* (H5Dget_chunk_storage_size fails alike for a chunk never written and a broken index.) */
+        if (H5Dget_chunk_info_by_coord(reader->dataset, offset, &mask, &address, &stored) < 0) {
             rc = es_fail(err, ES_ERR_DATA, "%s: cannot locate chunk %lld (rows from %lld): %s", reader->name, (long long)chunk,
                          (long long)chunk_first, es_h5_last_error());
             break;
         }
-        if (stored == 0) { /* never written: HDF5 knows the fill value */
+        if (address == HADDR_UNDEF || stored == 0) { /* never written: HDF5 knows the fill value */
             rc = es_rows_read_hdf5(reader, row0, row1 - row0, slot->dest, es_h5_elem_type(reader->elem),
                                    es_h5_elem_name(reader->elem), err);
             continue;
