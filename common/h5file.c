@@ -559,9 +559,13 @@ int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n
         if (mem_type >= 0) H5Tclose(mem_type);
     } else if (!rc && n > 0) {
         size_t size = H5Tget_size(type);
+        if (size > ((size_t)1 << 20)) { /* n copies are read at once: a corrupt size must not allocate gigabytes */
+            rc = es_fail(err, ES_ERR_DATA, "%s: fixed-length strings of %zu bytes each, longer than any id (at most 1 MiB)", name, size);
+            size = 0;
+        }
         int space_padded = H5Tget_strpad(type) == H5T_STR_SPACEPAD;
-        char *raw = size && (size_t)n <= SIZE_MAX / size ? malloc((size_t)n * size) : NULL;
-        if (!raw) rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory for %lld strings of %zu bytes", name, (long long)n, size);
+        char *raw = !rc && size && (size_t)n <= SIZE_MAX / size ? malloc((size_t)n * size) : NULL;
+        if (!rc && !raw) rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory for %lld strings of %zu bytes", name, (long long)n, size);
         else if (H5Dread(dataset, type, memory, space, H5P_DEFAULT, raw) < 0)
             rc = es_fail(err, ES_ERR_DATA, "%s: cannot read strings %lld..%lld (%s): %s", name, (long long)first,
                          (long long)(first + n - 1), type_name, es_h5_last_error());

@@ -394,9 +394,9 @@ static void classify_layout(es_rows_reader *reader, hid_t file_type) {
     int chunked = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 2, chunk) == reader->rank && chunk[0] > 0;
     if (chunked) reader->chunk_rows = (int64_t)chunk[0]; /* for messages and block sizes on any path */
     /* A chunk our slots would hold must be of a sane size: the file says how large. */
-    size_t chunk_bytes = chunked ? (size_t)chunk[0] * (size_t)reader->width * reader->elem_size : 0;
+    double chunk_bytes = chunked ? (double)chunk[0] * (double)reader->width * (double)reader->elem_size : 0;
     int ok = chunked && (reader->rank == 1 || (int64_t)chunk[1] == reader->width) && !reader->convert &&
-             chunk_bytes <= ((size_t)1 << 30) && H5Tequal(file_type, es_h5_elem_type(reader->elem)) > 0 &&
+             chunk_bytes <= (double)es_h5zstd_max_chunk_bytes && H5Tequal(file_type, es_h5_elem_type(reader->elem)) > 0 &&
              (nfilters == 1 || nfilters == 2);
     for (int i = 0; ok && i < nfilters; i++) {
         unsigned flags, cd[8], config;
