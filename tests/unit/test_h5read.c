@@ -10,6 +10,7 @@
 #include "../testlib.h"
 #include "h5file.h"
 #include "h5rows.h"
+#include "h5zstd.h"
 
 /* A 1-D dataset of `type` holding `n` values given in memory as `mem_type`. */
 static void write_column(hid_t file, const char *name, hid_t type, hid_t mem_type, const void *values, hsize_t n, hsize_t chunk,
@@ -318,11 +319,43 @@ TEST(unwritten_and_corrupt_chunks) {
     H5Fclose(file);
 }
 
+/* Sizes a corrupt file could claim are refused before they are allocated. */
+TEST(claimed_sizes_are_bounded) {
+    es_error err = {0};
+    REQUIRE(es_h5_init(&err) == ES_OK);
+    size_t n = 100000, cap = n;
+    void *buf = calloc(1, n);
+    REQUIRE(buf);
+    unsigned level = 3;
+    size_t packed = es_h5zstd_filter(0, 1, &level, n, &cap, &buf);
+    REQUIRE(packed > 0);
+    size_t saved = es_h5zstd_max_chunk_bytes;
+    es_h5zstd_max_chunk_bytes = 50000; /* the frame says 100000 */
+    CHECK(es_h5zstd_filter(H5Z_FLAG_REVERSE, 1, &level, packed, &cap, &buf) == 0);
+    es_h5zstd_max_chunk_bytes = saved;
+    CHECK(es_h5zstd_filter(H5Z_FLAG_REVERSE, 1, &level, packed, &cap, &buf) == n);
+    free(buf);
+
+    const char *path = test_path("long_strings.h5");
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, (size_t)2 << 20);
+    hsize_t one = 1;
+    hid_t space = H5Screate_simple(1, &one, NULL);
+    hid_t dataset = H5Dcreate2(file, "ids", type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    char *out[1] = {NULL};
+    CHECKF(es_h5_read_strings(dataset, "long_strings.h5:/ids", 0, 1, out, &err) == ES_ERR_DATA && strstr(err.msg, "2097152 bytes") &&
+               !out[0],
+           "%s", err.msg);
+    H5Dclose(dataset), H5Sclose(space), H5Tclose(type), H5Fclose(file);
+}
+
 int main(void) {
     RUN(columns_convert_to_the_type_read);
     RUN(latents_of_other_float_types);
     RUN(attributes_of_other_types);
     RUN(strings_fixed_and_variable);
     RUN(unwritten_and_corrupt_chunks);
+    RUN(claimed_sizes_are_bounded);
     return test_summary();
 }
