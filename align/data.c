@@ -202,20 +202,11 @@ static int read_pieces(es_rows_reader *reader, const piece *pieces, int lo, int 
 /* A sample's id for messages ("?" when it cannot be read). */
 static void sample_id(const align_data *d, int64_t s, char *out, size_t size) {
     snprintf(out, size, "?");
-    hid_t dataset = H5Dopen2(d->file.id, "/samples/id", H5P_DEFAULT);
-    hid_t file_space = dataset >= 0 ? H5Dget_space(dataset) : -1;
-    hsize_t start = (hsize_t)s, one = 1;
-    hid_t memory_space = H5Screate_simple(1, &one, NULL), type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, H5T_VARIABLE);
-    H5Tset_cset(type, H5T_CSET_UTF8);
+    hid_t dataset = H5Lexists(d->file.id, "/samples/id", H5P_DEFAULT) > 0 ? H5Dopen2(d->file.id, "/samples/id", H5P_DEFAULT) : -1;
     char *value = NULL;
-    if (file_space >= 0 && H5Sselect_hyperslab(file_space, H5S_SELECT_SET, &start, NULL, &one, NULL) >= 0 &&
-        H5Dread(dataset, type, memory_space, file_space, H5P_DEFAULT, &value) >= 0) {
-        if (value) snprintf(out, size, "%s", value);
-        H5Dvlen_reclaim(type, memory_space, H5P_DEFAULT, &value);
-    }
-    H5Tclose(type), H5Sclose(memory_space);
-    if (file_space >= 0) H5Sclose(file_space);
+    es_error ignored = {0};
+    if (dataset >= 0 && es_h5_read_strings(dataset, "/samples/id", s, 1, &value, &ignored) == ES_OK) snprintf(out, size, "%s", value);
+    free(value);
     if (dataset >= 0) H5Dclose(dataset);
 }
 
@@ -385,13 +376,11 @@ static int options_check(const align_data_options *o, es_error *err) {
     return ES_OK;
 }
 
-/* A 1-D dataset of `elem` with `rows` rows (-1: any), opened on the prefetch pool. */
+/* A 1-D dataset read as `elem` (HDF5 converts another stored type, checked) with `rows`
+ * rows (-1: any), opened on the prefetch pool. */
 static int open_column(align_data *d, es_rows_reader *reader, const char *name, es_h5_elem elem, int64_t rows, es_error *err) {
-    int rc = es_rows_open(reader, d->file.id, name, d->pool, err);
+    int rc = es_rows_open_column(reader, d->file.id, name, elem, d->pool, err);
     if (rc) return rc;
-    if (reader->rank != 1 || reader->elem != elem)
-        return es_fail(err, ES_ERR_DATA, "%s: %s is a %d-D %s dataset, expected 1-D %s", d->path, name, reader->rank,
-                       es_h5_elem_name(reader->elem), es_h5_elem_name(elem));
     if (rows >= 0 && reader->rows != rows)
         return es_fail(err, ES_ERR_DATA, "%s: %s has %lld rows, expected %lld (one per token)", d->path, name,
                        (long long)reader->rows, (long long)rows);
@@ -458,8 +447,11 @@ static int open_targets(align_data *d, es_error *err) {
         else if (r->rows != d->tokens)
             rc = es_fail(err, ES_ERR_DATA, "%s: /targets/%s has %lld rows but the file has %lld tokens", d->path, name,
                          (long long)r->rows, (long long)d->tokens);
-        else if (r->elem != ES_H5_BF16 && r->elem != ES_H5_F32)
-            rc = es_fail(err, ES_ERR_DATA, "%s: /targets/%s holds %s values, expected bf16", d->path, name, es_h5_elem_name(r->elem));
+        else if (!es_rows_is_float(r)) {
+            char type_name[64];
+            es_h5_type_name(r->stored, type_name, sizeof type_name);
+            rc = es_fail(err, ES_ERR_DATA, "%s: /targets/%s holds %s values, expected floats (bf16)", d->path, name, type_name);
+        }
     }
     H5Gclose(group);
     free(names);

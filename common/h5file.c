@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,8 +121,14 @@ static int open_existing(es_h5file *file, const char *path, int partial, es_erro
         rc = es_fail(err, ES_ERR_DATA, "%s: not an HDF5 file (or truncated)", file->open_path);
     } else {
         file->id = H5Fopen(file->open_path, partial ? H5F_ACC_RDWR : H5F_ACC_RDONLY, H5P_DEFAULT);
-        if (file->id < 0)
-            rc = es_fail(err, ES_ERR_DATA, "%s: cannot open: %s", file->open_path, es_h5_last_error());
+        const char *why = file->id < 0 ? es_h5_last_error() : NULL;
+        const char *stored_eof = why && strstr(why, "truncated file") ? strstr(why, "stored_eof = ") : NULL;
+        if (stored_eof)
+            rc = es_fail(err, ES_ERR_DATA, "%s: truncated: the file has %lld bytes, its superblock says %lld (cut short by an "
+                         "interrupted copy or a full disk? copy or write it again)", file->open_path, (long long)st.st_size,
+                         atoll(stored_eof + strlen("stored_eof = ")));
+        else if (why)
+            rc = es_fail(err, ES_ERR_DATA, "%s: cannot open: %s", file->open_path, why);
     }
     if (rc) {
         free_paths(file);
@@ -248,7 +255,9 @@ int es_h5_attr_set_f64(hid_t obj, const char *name, double value, es_error *err)
     return write_attr(obj, name, H5T_IEEE_F64LE, &value, err);
 }
 
-static hid_t open_scalar_attr(hid_t obj, const char *name, H5T_class_t want, es_error *err) {
+/* The attribute `name`, opened (caller closes), holding a single value (scalar or one
+ * element); *cls is its type's class. Missing or not single: ES_ERR_DATA naming it. */
+static hid_t open_single_attr(hid_t obj, const char *name, const char *want, H5T_class_t *cls, es_error *err) {
     if (H5Aexists(obj, name) <= 0) {
         es_fail(err, ES_ERR_DATA, "%s: attribute %s is missing", es_h5_filename(obj), name);
         return -1;
@@ -256,64 +265,340 @@ static hid_t open_scalar_attr(hid_t obj, const char *name, H5T_class_t want, es_
     hid_t attr = H5Aopen(obj, name, H5P_DEFAULT);
     hid_t type = attr < 0 ? -1 : H5Aget_type(attr);
     hid_t space = attr < 0 ? -1 : H5Aget_space(attr);
-    int ok = type >= 0 && space >= 0 && H5Tget_class(type) == want && H5Sget_simple_extent_npoints(space) == 1;
+    hssize_t points = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
+    char type_name[64] = "an unreadable type";
+    if (type >= 0) es_h5_type_name(type, type_name, sizeof type_name);
+    *cls = type >= 0 ? H5Tget_class(type) : H5T_NO_CLASS;
     if (type >= 0) H5Tclose(type);
     if (space >= 0) H5Sclose(space);
-    if (!ok) {
+    if (attr < 0 || type < 0 || points != 1) {
         if (attr >= 0) H5Aclose(attr);
-        es_fail(err, ES_ERR_DATA, "%s: attribute %s is not a single %s", es_h5_filename(obj), name,
-                want == H5T_STRING ? "string" : want == H5T_INTEGER ? "integer" : "number");
+        if (attr < 0 || type < 0)
+            es_fail(err, ES_ERR_DATA, "%s: attribute %s cannot be read: %s", es_h5_filename(obj), name, es_h5_last_error());
+        else
+            es_fail(err, ES_ERR_DATA, "%s: attribute %s holds %lld values of %s, expected a single %s", es_h5_filename(obj), name,
+                    (long long)points, type_name, want);
         return -1;
     }
     return attr;
 }
 
-int es_h5_attr_get_str(hid_t obj, const char *name, char **value, es_error *err) {
-    *value = NULL;
-    hid_t attr = open_scalar_attr(obj, name, H5T_STRING, err);
-    if (attr < 0) return err ? err->code : ES_ERR_DATA;
+/* Reads a single numeric attribute into mem_type through HDF5's conversion, checked (see
+ * es_h5_conversion). H5Aread takes no transfer list, so the stored bytes are read as they are
+ * and converted with H5Tconvert. */
+static int read_attr_number(hid_t obj, const char *name, hid_t attr, hid_t mem_type, void *value, es_error *err) {
+    hid_t file_type = H5Aget_type(attr);
+    hid_t from = file_type < 0 ? -1 : H5Tget_class(file_type) == H5T_ENUM ? H5Tget_super(file_type) : H5Tcopy(file_type);
+    size_t size = file_type < 0 ? 0 : H5Tget_size(file_type), mem_size = H5Tget_size(mem_type);
+    uint8_t *buf = calloc(1, (size > mem_size ? size : mem_size) + 8);
+    es_h5_conversion state;
+    hid_t xfer = es_h5_conversion_xfer(&state, H5Tget_class(mem_type) == H5T_INTEGER);
+    char type_name[64] = "?";
+    if (file_type >= 0) es_h5_type_name(file_type, type_name, sizeof type_name);
+    int rc = ES_OK;
+    if (!buf) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    else if (from < 0 || xfer < 0 || H5Aread(attr, file_type, buf) < 0)
+        rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s (%s) cannot be read: %s", es_h5_filename(obj), name, type_name,
+                     es_h5_last_error());
+    else if (H5Tconvert(from, mem_type, 1, buf, NULL, xfer) < 0)
+        rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s (%s) holds %s", es_h5_filename(obj), name, type_name,
+                     state.problem >= 0 ? es_h5_conversion_problem(&state, H5Tget_class(mem_type) == H5T_INTEGER ? "int64" : "float64")
+                                        : "a value that cannot be converted to a number");
+    else
+        memcpy(value, buf, mem_size);
+    free(buf);
+    if (xfer >= 0) H5Pclose(xfer);
+    if (from >= 0) H5Tclose(from);
+    if (file_type >= 0) H5Tclose(file_type);
+    return rc;
+}
+
+static int read_attr_text(hid_t obj, const char *name, hid_t attr, char **value, es_error *err) {
     hid_t file_type = H5Aget_type(attr);
     int rc = ES_OK;
+    if (file_type < 0) return es_fail(err, ES_ERR_DATA, "%s: attribute %s cannot be read: %s", es_h5_filename(obj), name, es_h5_last_error());
     if (H5Tis_variable_str(file_type) > 0) {
-        hid_t mem_type = utf8_string_type();
+        hid_t mem_type = H5Tcopy(H5T_C_S1);
         char *text = NULL;
-        if (mem_type < 0 || H5Aread(attr, mem_type, &text) < 0 || !text)
-            rc = es_fail(err, ES_ERR_DATA, "%s: cannot read attribute %s", es_h5_filename(obj), name);
-        else if (!(*value = strdup(text)))
+        if (mem_type < 0 || H5Tset_size(mem_type, H5T_VARIABLE) < 0 || H5Tset_cset(mem_type, H5Tget_cset(file_type)) < 0 ||
+            H5Aread(attr, mem_type, &text) < 0)
+            rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s (string (vlen)) cannot be read: %s", es_h5_filename(obj), name,
+                         es_h5_last_error());
+        else if (!(*value = strdup(text ? text : "")))
             rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         if (text) H5free_memory(text);
         if (mem_type >= 0) H5Tclose(mem_type);
     } else {
+        /* Fixed-length: read in the stored type itself (no conversion), then cut at the first
+         * NUL (null-terminated or null-padded) or drop the padding (space-padded). */
         size_t size = H5Tget_size(file_type);
-        char *text = calloc(size + 1, 1);
+        char *text = size ? calloc(size + 1, 1) : NULL;
         if (!text) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-        else if (H5Aread(attr, file_type, text) < 0) {
-            free(text);
-            rc = es_fail(err, ES_ERR_DATA, "%s: cannot read attribute %s", es_h5_filename(obj), name);
-        } else
-            *value = text;
+        else if (H5Aread(attr, file_type, text) < 0)
+            rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s (string[%zu]) cannot be read: %s", es_h5_filename(obj), name, size,
+                         es_h5_last_error());
+        if (!rc && H5Tget_strpad(file_type) == H5T_STR_SPACEPAD)
+            for (size_t len = strlen(text); len > 0 && text[len - 1] == ' '; len--) text[len - 1] = '\0';
+        if (rc) free(text);
+        else *value = text;
     }
     H5Tclose(file_type);
+    return rc;
+}
+
+int es_h5_attr_get_str(hid_t obj, const char *name, char **value, es_error *err) {
+    *value = NULL;
+    H5T_class_t cls;
+    hid_t attr = open_single_attr(obj, name, "string", &cls, err);
+    if (attr < 0) return err ? err->code : ES_ERR_DATA;
+    int rc;
+    if (cls != H5T_STRING) {
+        char type_name[64] = "?";
+        hid_t type = H5Aget_type(attr);
+        if (type >= 0) es_h5_type_name(type, type_name, sizeof type_name), H5Tclose(type);
+        rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s is %s, expected a string", es_h5_filename(obj), name, type_name);
+    } else {
+        rc = read_attr_text(obj, name, attr, value, err);
+    }
+    H5Aclose(attr);
+    return rc;
+}
+
+/* A string attribute holding a number (surrounding spaces allowed, nothing else). */
+static int parse_attr_text(hid_t obj, const char *name, const char *text, int integer, int64_t *i64, double *f64, es_error *err) {
+    char *end = NULL;
+    errno = 0;
+    if (integer) *i64 = strtoll(text, &end, 10);
+    else *f64 = strtod(text, &end);
+    int digits = end && end != text;
+    while (digits && *end == ' ') end++;
+    if (!digits || *end || errno == ERANGE)
+        return es_fail(err, ES_ERR_DATA, "%s: attribute %s is the string \"%.100s\", not %s", es_h5_filename(obj), name, text,
+                       integer ? "an integer (int64)" : "a number");
+    return ES_OK;
+}
+
+static int get_number(hid_t obj, const char *name, int integer, int64_t *i64, double *f64, es_error *err) {
+    H5T_class_t cls;
+    hid_t attr = open_single_attr(obj, name, integer ? "integer" : "number", &cls, err);
+    if (attr < 0) return err ? err->code : ES_ERR_DATA;
+    int rc;
+    if (cls == H5T_INTEGER || cls == H5T_FLOAT || cls == H5T_ENUM) {
+        rc = integer ? read_attr_number(obj, name, attr, H5T_NATIVE_INT64, i64, err)
+                     : read_attr_number(obj, name, attr, H5T_NATIVE_DOUBLE, f64, err);
+    } else if (cls == H5T_STRING) {
+        char *text = NULL;
+        rc = read_attr_text(obj, name, attr, &text, err);
+        if (!rc) rc = parse_attr_text(obj, name, text, integer, i64, f64, err);
+        free(text);
+    } else {
+        char type_name[64] = "?";
+        hid_t type = H5Aget_type(attr);
+        if (type >= 0) es_h5_type_name(type, type_name, sizeof type_name), H5Tclose(type);
+        rc = es_fail(err, ES_ERR_DATA, "%s: attribute %s is %s, expected %s", es_h5_filename(obj), name, type_name,
+                     integer ? "an integer" : "a number");
+    }
     H5Aclose(attr);
     return rc;
 }
 
 int es_h5_attr_get_i64(hid_t obj, const char *name, int64_t *value, es_error *err) {
-    hid_t attr = open_scalar_attr(obj, name, H5T_INTEGER, err);
-    if (attr < 0) return err ? err->code : ES_ERR_DATA;
-    herr_t status = H5Aread(attr, H5T_NATIVE_INT64, value);
-    H5Aclose(attr);
-    if (status < 0) return es_fail(err, ES_ERR_DATA, "%s: cannot read attribute %s", es_h5_filename(obj), name);
-    return ES_OK;
+    return get_number(obj, name, 1, value, NULL, err);
 }
 
 int es_h5_attr_get_f64(hid_t obj, const char *name, double *value, es_error *err) {
-    hid_t attr = open_scalar_attr(obj, name, H5T_FLOAT, err);
-    if (attr < 0) return err ? err->code : ES_ERR_DATA;
-    herr_t status = H5Aread(attr, H5T_NATIVE_DOUBLE, value);
-    H5Aclose(attr);
-    if (status < 0) return es_fail(err, ES_ERR_DATA, "%s: cannot read attribute %s", es_h5_filename(obj), name);
-    return ES_OK;
+    return get_number(obj, name, 0, NULL, value, err);
+}
+
+/* ---- reading datasets written by any tool ---------------------------------------------- */
+
+void es_h5_type_name(hid_t type, char *buf, size_t size) {
+    H5T_class_t cls = H5Tget_class(type);
+    size_t bytes = H5Tget_size(type);
+    const char *order = (cls == H5T_INTEGER || cls == H5T_FLOAT) && H5Tget_order(type) == H5T_ORDER_BE ? " big-endian" : "";
+    size_t spos = 0, epos = 0, esize = 0, mpos = 0, msize = 0;
+    switch (cls) {
+    case H5T_STRING:
+        if (H5Tis_variable_str(type) > 0) snprintf(buf, size, "string (vlen)");
+        else snprintf(buf, size, "string[%zu]", bytes);
+        return;
+    case H5T_FLOAT:
+        H5Tget_fields(type, &spos, &epos, &esize, &mpos, &msize);
+        if (bytes == 2 && spos == 15 && epos == 7 && esize == 8 && mpos == 0 && msize == 7) snprintf(buf, size, "bf16%s", order);
+        else snprintf(buf, size, "float%zu%s", bytes * 8, order);
+        return;
+    case H5T_INTEGER:
+        snprintf(buf, size, "%sint%zu%s", H5Tget_sign(type) == H5T_SGN_NONE ? "u" : "", bytes * 8, order);
+        return;
+    case H5T_ENUM: {
+        hid_t base = H5Tget_super(type);
+        char base_name[48] = "?";
+        if (base >= 0) es_h5_type_name(base, base_name, sizeof base_name), H5Tclose(base);
+        snprintf(buf, size, "enum of %s", base_name);
+        return;
+    }
+    case H5T_COMPOUND: snprintf(buf, size, "compound (%zu bytes)", bytes); return;
+    case H5T_VLEN: snprintf(buf, size, "vlen"); return;
+    case H5T_ARRAY: snprintf(buf, size, "array (%zu bytes)", bytes); return;
+    case H5T_OPAQUE: snprintf(buf, size, "opaque (%zu bytes)", bytes); return;
+    case H5T_BITFIELD: snprintf(buf, size, "bitfield%zu", bytes * 8); return;
+    case H5T_REFERENCE: snprintf(buf, size, "reference"); return;
+    default: snprintf(buf, size, "class %d, %zu bytes", (int)cls, bytes); return;
+    }
+}
+
+/* Names of the registered filters a reader is likely to meet (the HDF Group's list). */
+static const char *known_filter_name(H5Z_filter_t id) {
+    switch (id) {
+    case H5Z_FILTER_DEFLATE: return "deflate (gzip)";
+    case H5Z_FILTER_SHUFFLE: return "shuffle";
+    case H5Z_FILTER_FLETCHER32: return "fletcher32";
+    case H5Z_FILTER_SZIP: return "szip";
+    case H5Z_FILTER_NBIT: return "nbit";
+    case H5Z_FILTER_SCALEOFFSET: return "scaleoffset";
+    case 307: return "bzip2";
+    case 32000: return "LZF";
+    case 32001: return "Blosc";
+    case 32004: return "LZ4";
+    case 32008: return "Bitshuffle";
+    case 32013: return "ZFP";
+    case 32015: return "Zstandard";
+    case 32017: return "SZ";
+    case 32018: return "FCIDECOMP";
+    case 32024: return "SZ3";
+    case 32026: return "Blosc2";
+    default: return NULL;
+    }
+}
+
+int es_h5_check_filters(hid_t dataset, const char *name, es_error *err) {
+    hid_t dcpl = H5Dget_create_plist(dataset);
+    if (dcpl < 0) return es_fail(err, ES_ERR_DATA, "%s: cannot read its creation properties: %s", name, es_h5_last_error());
+    int n = H5Pget_nfilters(dcpl), rc = ES_OK;
+    if (n < 0) rc = es_fail(err, ES_ERR_DATA, "%s: cannot read its filter pipeline: %s", name, es_h5_last_error());
+    for (int i = 0; !rc && i < n; i++) {
+        unsigned flags = 0, cd[16], config = 0;
+        size_t n_cd = 16;
+        char stored_name[128] = "";
+        H5Z_filter_t id = H5Pget_filter2(dcpl, (unsigned)i, &flags, &n_cd, cd, sizeof stored_name, stored_name, &config);
+        if (id < 0) {
+            rc = es_fail(err, ES_ERR_DATA, "%s: cannot read filter %d of its pipeline: %s", name, i, es_h5_last_error());
+            break;
+        }
+        const char *label = known_filter_name(id);
+        if (!label) label = stored_name[0] ? stored_name : "not a registered filter id";
+        /* H5Zfilter_avail also loads the filter from HDF5_PLUGIN_PATH when it can. */
+        unsigned info = 0;
+        if (H5Zfilter_avail(id) <= 0)
+            rc = es_fail(err, ES_ERR_DATA,
+                         "%s: stored with HDF5 filter %d (%s), which is not available here: set HDF5_PLUGIN_PATH to a "
+                         "folder holding its plugin (hdf5plugin's: python -c \"import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)\")",
+                         name, (int)id, label);
+        else if (H5Zget_filter_info(id, &info) >= 0 && !(info & H5Z_FILTER_CONFIG_DECODE_ENABLED))
+            rc = es_fail(err, ES_ERR_DATA, "%s: stored with HDF5 filter %d (%s), which this HDF5 can encode but not decode", name,
+                         (int)id, label);
+    }
+    H5Pclose(dcpl);
+    return rc;
+}
+
+static H5T_conv_ret_t conversion_check(H5T_conv_except_t problem, hid_t src, hid_t dst, void *src_buf, void *dst_buf,
+                                       void *data) {
+    (void)src, (void)dst, (void)src_buf, (void)dst_buf;
+    es_h5_conversion *state = data;
+    if (!state->to_integer) return H5T_CONV_UNHANDLED; /* floats: HDF5's rounding and infinities */
+    if (state->problem < 0) state->problem = (int)problem;
+    return H5T_CONV_ABORT;
+}
+
+hid_t es_h5_conversion_xfer(es_h5_conversion *state, int to_integer) {
+    state->to_integer = to_integer;
+    state->problem = -1;
+    hid_t xfer = H5Pcreate(H5P_DATASET_XFER);
+    if (xfer >= 0 && H5Pset_type_conv_cb(xfer, conversion_check, state) < 0) {
+        H5Pclose(xfer);
+        return -1;
+    }
+    return xfer;
+}
+
+const char *es_h5_conversion_problem(const es_h5_conversion *state, const char *target_name) {
+    static __thread char text[128];
+    switch (state->problem) {
+    case H5T_CONV_EXCEPT_RANGE_HI: snprintf(text, sizeof text, "a value above the range of %s", target_name); break;
+    case H5T_CONV_EXCEPT_RANGE_LOW: snprintf(text, sizeof text, "a value below the range of %s", target_name); break;
+    case H5T_CONV_EXCEPT_TRUNCATE: snprintf(text, sizeof text, "a value that is not an integer (a fraction or NaN)"); break;
+    case H5T_CONV_EXCEPT_PRECISION: snprintf(text, sizeof text, "a value %s cannot hold exactly", target_name); break;
+    case H5T_CONV_EXCEPT_PINF: case H5T_CONV_EXCEPT_NINF: snprintf(text, sizeof text, "an infinite value"); break;
+    case H5T_CONV_EXCEPT_NAN: snprintf(text, sizeof text, "NaN"); break;
+    default: snprintf(text, sizeof text, "a value that cannot be converted to %s", target_name); break;
+    }
+    return text;
+}
+
+int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n, char **out, es_error *err) {
+    for (int64_t i = 0; i < n; i++) out[i] = NULL;
+    hid_t type = H5Dget_type(dataset), space = H5Dget_space(dataset);
+    hsize_t dims[1] = {0};
+    int rank = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
+    if (rank == 1) H5Sget_simple_extent_dims(space, dims, NULL);
+    char type_name[64] = "an unreadable type";
+    if (type >= 0) es_h5_type_name(type, type_name, sizeof type_name);
+    int rc = ES_OK;
+    if (type < 0 || H5Tget_class(type) != H5T_STRING)
+        rc = es_fail(err, ES_ERR_DATA, "%s: holds %s, expected strings", name, type_name);
+    else if (rank != 1)
+        rc = es_fail(err, ES_ERR_DATA, "%s: a %d-D dataset, expected 1-D strings", name, rank);
+    else if (first < 0 || n < 0 || (uint64_t)(first + n) > dims[0])
+        rc = es_fail(err, ES_ERR_DATA, "%s: strings %lld..%lld requested, the dataset has %llu", name, (long long)first,
+                     (long long)(first + n - 1), (unsigned long long)dims[0]);
+    if (!rc) rc = es_h5_check_filters(dataset, name, err);
+    hsize_t start = (hsize_t)first, count = (hsize_t)n;
+    hid_t memory = !rc && n > 0 ? H5Screate_simple(1, &count, NULL) : -1;
+    if (!rc && n > 0 && (memory < 0 || H5Sselect_hyperslab(space, H5S_SELECT_SET, &start, NULL, &count, NULL) < 0))
+        rc = es_fail(err, ES_ERR_DATA, "%s: cannot select strings %lld..%lld: %s", name, (long long)first,
+                     (long long)(first + n - 1), es_h5_last_error());
+    if (!rc && n > 0 && H5Tis_variable_str(type) > 0) {
+        hid_t mem_type = H5Tcopy(H5T_C_S1);
+        char **raw = calloc((size_t)n, sizeof *raw);
+        if (!raw) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        else if (mem_type < 0 || H5Tset_size(mem_type, H5T_VARIABLE) < 0 || H5Tset_cset(mem_type, H5Tget_cset(type)) < 0 ||
+                 H5Dread(dataset, mem_type, memory, space, H5P_DEFAULT, raw) < 0)
+            rc = es_fail(err, ES_ERR_DATA, "%s: cannot read strings %lld..%lld (%s): %s", name, (long long)first,
+                         (long long)(first + n - 1), type_name, es_h5_last_error());
+        else {
+            for (int64_t i = 0; !rc && i < n; i++)
+                if (!(out[i] = strdup(raw[i] ? raw[i] : ""))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            H5Dvlen_reclaim(mem_type, memory, H5P_DEFAULT, raw);
+        }
+        free(raw);
+        if (mem_type >= 0) H5Tclose(mem_type);
+    } else if (!rc && n > 0) {
+        size_t size = H5Tget_size(type);
+        if (size > ((size_t)1 << 20)) { /* n copies are read at once: a corrupt size must not allocate gigabytes */
+            rc = es_fail(err, ES_ERR_DATA, "%s: fixed-length strings of %zu bytes each, longer than any id (at most 1 MiB)", name, size);
+            size = 0;
+        }
+        int space_padded = H5Tget_strpad(type) == H5T_STR_SPACEPAD;
+        char *raw = !rc && size && (size_t)n <= SIZE_MAX / size ? malloc((size_t)n * size) : NULL;
+        if (!rc && !raw) rc = es_fail(err, ES_ERR_RUNTIME, "%s: out of memory for %lld strings of %zu bytes", name, (long long)n, size);
+        else if (H5Dread(dataset, type, memory, space, H5P_DEFAULT, raw) < 0)
+            rc = es_fail(err, ES_ERR_DATA, "%s: cannot read strings %lld..%lld (%s): %s", name, (long long)first,
+                         (long long)(first + n - 1), type_name, es_h5_last_error());
+        for (int64_t i = 0; !rc && i < n; i++) {
+            const char *text = raw + (size_t)i * size;
+            size_t len = strnlen(text, size);
+            while (space_padded && len > 0 && text[len - 1] == ' ') len--;
+            if (!(out[i] = strndup(text, len))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        }
+        free(raw);
+    }
+    if (rc)
+        for (int64_t i = 0; i < n; i++) free(out[i]), out[i] = NULL;
+    if (memory >= 0) H5Sclose(memory);
+    if (space >= 0) H5Sclose(space);
+    if (type >= 0) H5Tclose(type);
+    return rc;
 }
 
 hid_t es_h5_group(hid_t file, const char *path, es_error *err) {

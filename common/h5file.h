@@ -41,13 +41,46 @@ int es_h5_commit(es_h5file *file, es_error *err);
 void es_h5_close(es_h5file *file, int remove_partial);
 
 /* Attributes on any object (file, group or dataset). Strings are variable-length UTF-8
- * scalars (h5py reads them as str). Reading a string accepts fixed-length ones too. */
+ * scalars (h5py reads them as str); integers int64, reals float64. Reading is lenient about
+ * how another tool stored a value, strict about the value: a string accepts fixed-length
+ * strings too; an integer accepts any integer type (range-checked), a float holding an
+ * integer, or a string of decimal digits (files before integers were written as integers);
+ * a real accepts any integer or float, or a string holding a number. Anything else is
+ * ES_ERR_DATA naming the file, the attribute and its type. */
 int es_h5_attr_set_str(hid_t obj, const char *name, const char *value, es_error *err);
 int es_h5_attr_set_i64(hid_t obj, const char *name, int64_t value, es_error *err);
 int es_h5_attr_set_f64(hid_t obj, const char *name, double value, es_error *err);
 int es_h5_attr_get_str(hid_t obj, const char *name, char **value, es_error *err); /* malloc'd */
 int es_h5_attr_get_i64(hid_t obj, const char *name, int64_t *value, es_error *err);
 int es_h5_attr_get_f64(hid_t obj, const char *name, double *value, es_error *err);
+
+/* ---- reading datasets written by any tool ---------------------------------------------- */
+
+/* A dataset's element type in words for messages: "int64", "uint16", "float16", "bf16",
+ * "float64 big-endian", "string (vlen)", "string[12]", "enum of int8", "compound", ... */
+void es_h5_type_name(hid_t type, char *buf, size_t size);
+
+/* Every filter of the dataset's pipeline must be available to decode it: a missing one
+ * (LZ4 or Blosc written through hdf5plugin, say) is ES_ERR_DATA naming `name`, the filter's
+ * id and name, and HDF5_PLUGIN_PATH. */
+int es_h5_check_filters(hid_t dataset, const char *name, es_error *err);
+
+/* How HDF5 converts values for our reads: to an integer type, a value out of range, a
+ * fraction, NaN or infinity stops the conversion (HDF5 would clamp or truncate silently);
+ * to a float type, HDF5's rules apply (a float64 beyond float32's range becomes infinite). */
+typedef struct es_h5_conversion {
+    int to_integer; /* the memory type is an integer type */
+    int problem;    /* -1: none; else the H5T_conv_except_t that stopped the conversion */
+} es_h5_conversion;
+/* A transfer property list (caller closes) whose conversion callback records into *state. */
+hid_t es_h5_conversion_xfer(es_h5_conversion *state, int to_integer);
+/* "a value above the range of int32", "a value that is not an integer", ... */
+const char *es_h5_conversion_problem(const es_h5_conversion *state, const char *target_name);
+
+/* Strings [first, first + n) of a 1-D string dataset (variable- or fixed-length, any
+ * character set), each malloc'd into out[] (fixed-length ones end at their first NUL, or lose
+ * their padding spaces). Other types are ES_ERR_DATA naming `name` and the type. */
+int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n, char **out, es_error *err);
 
 /* Creates every missing group along "/a/b/c" and returns the last one (caller closes). */
 hid_t es_h5_group(hid_t file, const char *path, es_error *err);

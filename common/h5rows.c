@@ -6,6 +6,7 @@
 
 #include "dtype.h"
 #include "h5file.h"
+#include "h5rows_internal.h"
 #include "h5zstd.h"
 
 /* One chunk on its way between memory and the file. A slot is touched by one thread at a
@@ -191,9 +192,14 @@ static void decompress_task(es_task *task, int worker) {
                         slot->n_elems, slot->elem_size);
 }
 
+/* "FILE:/group/name" for messages; a relative name is completed with its parent's path. */
 static char *object_name(hid_t parent, const char *name) {
-    char *full = NULL;
-    if (asprintf(&full, "%s:%s%s", es_h5_filename(parent), name[0] == '/' ? "" : "/", name) < 0) return NULL;
+    char *full = NULL, parent_path[512] = "";
+    if (name[0] != '/' && (H5Iget_name(parent, parent_path, sizeof parent_path) <= 0 || !strcmp(parent_path, "/")))
+        parent_path[0] = '\0';
+    if (asprintf(&full, "%s:%s%s%s", es_h5_filename(parent), name[0] == '/' ? "" : parent_path, name[0] == '/' ? "" : "/",
+                 name) < 0)
+        return NULL;
     return full;
 }
 
@@ -389,40 +395,19 @@ void es_rows_discard(es_rows_writer *writer) {
 
 /* ---- reader ------------------------------------------------------------------------- */
 
-static int elem_of_type(hid_t type, es_h5_elem *elem) {
-    size_t size = H5Tget_size(type);
-    switch (H5Tget_class(type)) {
-    case H5T_FLOAT:
-        if (size == 2) {
-            size_t spos, epos, esize, mpos, msize;
-            if (H5Tget_fields(type, &spos, &epos, &esize, &mpos, &msize) < 0) return -1;
-            if (spos != 15 || epos != 7 || esize != 8 || mpos != 0 || msize != 7) return -1;
-            *elem = ES_H5_BF16;
-        } else if (size == 4) *elem = ES_H5_F32;
-        else if (size == 8) *elem = ES_H5_F64;
-        else return -1;
-        return 0;
-    case H5T_INTEGER: {
-        H5T_sign_t sign = H5Tget_sign(type);
-        if (size == 8 && sign == H5T_SGN_2) *elem = ES_H5_I64;
-        else if (size == 4 && sign == H5T_SGN_2) *elem = ES_H5_I32;
-        else if (size == 1 && sign == H5T_SGN_NONE) *elem = ES_H5_U8;
-        else return -1;
-        return 0;
-    }
-    default: return -1;
-    }
-}
-
 /* Whether chunks are whole rows filtered by [shuffle,] zstd only, in our byte order. */
 static void classify_layout(es_rows_reader *reader, hid_t file_type) {
     hid_t dcpl = H5Dget_create_plist(reader->dataset);
     if (dcpl < 0) return;
     hsize_t chunk[2] = {0, 0};
     int nfilters = H5Pget_nfilters(dcpl);
-    int ok = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 2, chunk) == reader->rank &&
-             (reader->rank == 1 || (int64_t)chunk[1] == reader->width) && chunk[0] > 0 &&
-             H5Tequal(file_type, es_h5_elem_type(reader->elem)) > 0 && (nfilters == 1 || nfilters == 2);
+    int chunked = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 2, chunk) == reader->rank && chunk[0] > 0;
+    if (chunked) reader->chunk_rows = (int64_t)chunk[0]; /* for messages and block sizes on any path */
+    /* A chunk our slots would hold must be of a sane size: the file says how large. */
+    double chunk_bytes = chunked ? (double)chunk[0] * (double)reader->width * (double)reader->elem_size : 0;
+    int ok = chunked && (reader->rank == 1 || (int64_t)chunk[1] == reader->width) && !reader->convert &&
+             chunk_bytes <= (double)es_h5zstd_max_chunk_bytes && H5Tequal(file_type, es_h5_elem_type(reader->elem)) > 0 &&
+             (nfilters == 1 || nfilters == 2);
     for (int i = 0; ok && i < nfilters; i++) {
         unsigned flags, cd[8], config;
         size_t n_cd = 8;
@@ -434,14 +419,14 @@ static void classify_layout(es_rows_reader *reader, hid_t file_type) {
     if (ok) {
         reader->direct = 1;
         reader->shuffled = nfilters == 2;
-        reader->chunk_rows = (int64_t)chunk[0];
     }
     H5Pclose(dcpl);
 }
 
-int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err) {
+/* want < 0: the stored type's own elem (es_rows_type_elem); else a column read as want. */
+static int open_reader(es_rows_reader *reader, hid_t parent, const char *name, int want, es_pool *pool, es_error *err) {
     memset(reader, 0, sizeof *reader);
-    reader->dataset = -1;
+    reader->dataset = reader->stored = -1;
     for (int i = 0; i < 4; i++) reader->cache_chunk[i] = -1;
     reader->pool = pool;
     int rc = es_h5_init(err);
@@ -454,25 +439,33 @@ int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool
         es_rows_close_reader(reader);
         return rc;
     }
-    hid_t type = H5Dget_type(reader->dataset);
+    reader->stored = H5Dget_type(reader->dataset);
     hid_t space = H5Dget_space(reader->dataset);
     hsize_t dims[2] = {0, 1};
     int rank = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
     if (rank == 1 || rank == 2) H5Sget_simple_extent_dims(space, dims, NULL);
-    if (type < 0 || elem_of_type(type, &reader->elem) < 0)
-        rc = es_fail(err, ES_ERR_DATA, "%s: unsupported element type", reader->name);
+    char type_name[64] = "an unreadable type";
+    if (reader->stored >= 0) es_h5_type_name(reader->stored, type_name, sizeof type_name);
+    es_h5_elem natural = ES_H5_U8;
+    if (reader->stored < 0 || es_rows_type_elem(reader->stored, &natural) < 0)
+        rc = es_fail(err, ES_ERR_DATA, "%s: holds %s, expected numbers", reader->name, type_name);
     else if (rank != 1 && rank != 2)
         rc = es_fail(err, ES_ERR_DATA, "%s: expected a 1-D or 2-D dataset, found rank %d", reader->name, rank);
     else if (rank == 2 && dims[1] == 0)
         rc = es_fail(err, ES_ERR_DATA, "%s: rows of width 0", reader->name);
+    else if (want >= 0 && rank == 2 && dims[1] != 1)
+        rc = es_fail(err, ES_ERR_DATA, "%s: a [%llu, %llu] dataset, expected 1-D (one %s a row)", reader->name,
+                     (unsigned long long)dims[0], (unsigned long long)dims[1], es_h5_elem_name((es_h5_elem)want));
+    if (!rc) rc = es_h5_check_filters(reader->dataset, reader->name, err);
     if (!rc) {
+        reader->elem = want >= 0 ? (es_h5_elem)want : natural;
+        reader->convert = H5Tequal(reader->stored, es_h5_elem_type(reader->elem)) <= 0;
         reader->rank = rank;
         reader->rows = (int64_t)dims[0];
         reader->width = rank == 2 ? (int64_t)dims[1] : 1;
         reader->elem_size = es_h5_elem_size(reader->elem);
-        classify_layout(reader, type);
+        classify_layout(reader, reader->stored);
     }
-    if (type >= 0) H5Tclose(type);
     if (space >= 0) H5Sclose(space);
     if (!rc && reader->direct) {
         reader->n_slots = slot_count(pool);
@@ -488,28 +481,25 @@ int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool
     return rc;
 }
 
-static int read_through_hdf5(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err) {
-    hsize_t start[2] = {(hsize_t)first, 0}, count[2] = {(hsize_t)n, (hsize_t)reader->width};
-    hid_t file_space = H5Dget_space(reader->dataset);
-    hid_t mem_space = H5Screate_simple(reader->rank, count, NULL);
-    herr_t status = -1;
-    if (file_space >= 0 && mem_space >= 0 &&
-        H5Sselect_hyperslab(file_space, H5S_SELECT_SET, start, NULL, count, NULL) >= 0)
-        status = H5Dread(reader->dataset, es_h5_elem_type(reader->elem), mem_space, file_space, H5P_DEFAULT, out);
-    if (file_space >= 0) H5Sclose(file_space);
-    if (mem_space >= 0) H5Sclose(mem_space);
-    if (status < 0)
-        return es_fail(err, ES_ERR_DATA, "%s: cannot read rows %lld..%lld: %s", reader->name, (long long)first,
-                       (long long)(first + n - 1), es_h5_last_error());
-    return ES_OK;
+int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err) {
+    return open_reader(reader, parent, name, -1, pool, err);
+}
+
+int es_rows_open_column(es_rows_reader *reader, hid_t parent, const char *name, es_h5_elem elem, es_pool *pool,
+                        es_error *err) {
+    return open_reader(reader, parent, name, (int)elem, pool, err);
+}
+
+int es_rows_is_float(const es_rows_reader *reader) {
+    return reader->elem == ES_H5_BF16 || reader->elem == ES_H5_F32 || reader->elem == ES_H5_F64;
 }
 
 static int finish_slot(es_rows_reader *reader, es_chunk_slot *slot, es_error *err) {
     slot_wait(reader->pool, slot);
     if (!slot->failed) return ES_OK;
-    int64_t first_row = slot->chunk * reader->chunk_rows;
+    int64_t first_row = slot->chunk * reader->chunk_rows, end = first_row + reader->chunk_rows;
     return es_fail(err, ES_ERR_DATA, "%s: chunk %lld (rows %lld..%lld) is corrupt: %s", reader->name,
-                   (long long)slot->chunk, (long long)first_row, (long long)(first_row + reader->chunk_rows - 1),
+                   (long long)slot->chunk, (long long)first_row, (long long)((end < reader->rows ? end : reader->rows) - 1),
                    slot->message);
 }
 
@@ -518,7 +508,8 @@ int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es
         return es_fail(err, ES_ERR_DATA, "%s: rows %lld..%lld requested, the dataset has %lld", reader->name,
                        (long long)first, (long long)(first + n - 1), (long long)reader->rows);
     if (n == 0) return ES_OK;
-    if (!reader->direct) return read_through_hdf5(reader, first, n, out, err);
+    if (!reader->direct)
+        return es_rows_read_hdf5(reader, first, n, out, es_h5_elem_type(reader->elem), es_h5_elem_name(reader->elem), err);
 
     const size_t row_bytes = (size_t)reader->width * reader->elem_size;
     const int64_t first_chunk = first / reader->chunk_rows, last_chunk = (first + n - 1) / reader->chunk_rows;
@@ -566,9 +557,24 @@ int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es
 
         hsize_t offset[2] = {(hsize_t)chunk_first, 0};
         hsize_t stored = 0;
-        if (H5Dget_chunk_storage_size(reader->dataset, offset, &stored) < 0 || stored == 0) {
-            memset(slot->dest, 0, slot->n_elems * reader->elem_size); /* never written: the fill value */
+        haddr_t address = HADDR_UNDEF;
+        unsigned mask = 0;
+        /* (H5Dget_chunk_storage_size fails alike for a chunk never written and a broken index.) */
+        if (H5Dget_chunk_info_by_coord(reader->dataset, offset, &mask, &address, &stored) < 0) {
+            rc = es_fail(err, ES_ERR_DATA, "%s: cannot locate chunk %lld (rows from %lld): %s", reader->name, (long long)chunk,
+                         (long long)chunk_first, es_h5_last_error());
+            break;
+        }
+        if (address == HADDR_UNDEF || stored == 0) { /* never written: HDF5 knows the fill value */
+            rc = es_rows_read_hdf5(reader, row0, row1 - row0, slot->dest, es_h5_elem_type(reader->elem),
+                                   es_h5_elem_name(reader->elem), err);
             continue;
+        }
+        /* A zstd frame is never longer than its bound (an unfiltered chunk is shorter still). */
+        if (stored > ZSTD_compressBound(slot->chunk_bytes) + 64) {
+            rc = es_fail(err, ES_ERR_DATA, "%s: chunk %lld (rows from %lld) is corrupt: %llu bytes stored for %zu bytes of rows",
+                         reader->name, (long long)chunk, (long long)chunk_first, (unsigned long long)stored, slot->chunk_bytes);
+            break;
         }
         if (stored > slot->packed_cap) {
             uint8_t *bigger = realloc(slot->packed, (size_t)stored);
@@ -598,9 +604,17 @@ int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es
 
 int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *out, es_error *err) {
     if (reader->elem == ES_H5_F32) return es_rows_read(reader, first, n, out, err);
-    if (reader->elem != ES_H5_BF16)
-        return es_fail(err, ES_ERR_DATA, "%s: %s values where floats were expected", reader->name,
-                       es_h5_elem_name(reader->elem));
+    if (!es_rows_is_float(reader)) {
+        char type_name[64] = "?";
+        es_h5_type_name(reader->stored, type_name, sizeof type_name);
+        return es_fail(err, ES_ERR_DATA, "%s: %s values where floats were expected", reader->name, type_name);
+    }
+    if (reader->elem == ES_H5_F64 || reader->convert) { /* HDF5 rounds to float32 */
+        if (first < 0 || n < 0 || first + n > reader->rows)
+            return es_fail(err, ES_ERR_DATA, "%s: rows %lld..%lld requested, the dataset has %lld", reader->name,
+                           (long long)first, (long long)(first + n - 1), (long long)reader->rows);
+        return n ? es_rows_read_hdf5(reader, first, n, out, H5T_NATIVE_FLOAT, "float32", err) : ES_OK;
+    }
     /* Read the bf16 bits into the upper half of the output, then widen in place from the front:
      * element i's source (at byte 2n + 2i) always lies at or past its destination (4i). */
     size_t count = (size_t)n * (size_t)reader->width;
@@ -617,6 +631,8 @@ void es_rows_close_reader(es_rows_reader *reader) {
     for (int i = 0; i < 4; i++) free(reader->cache[i]), reader->cache[i] = NULL, reader->cache_chunk[i] = -1;
     if (reader->dataset >= 0) H5Dclose(reader->dataset);
     reader->dataset = -1;
+    if (reader->stored >= 0) H5Tclose(reader->stored);
+    reader->stored = -1;
     free(reader->name);
     reader->name = NULL;
 }

@@ -78,7 +78,9 @@ int es_rows_resume(es_rows_writer *writer, hid_t parent, const char *name, const
 typedef struct es_rows_reader {
     hid_t dataset;
     char *name;
-    es_h5_elem elem;
+    es_h5_elem elem;     /* what reads deliver */
+    hid_t stored;        /* the dataset's own element type (a copy) */
+    int convert;         /* stored is not elem's type: HDF5 converts, range-checked */
     size_t elem_size;
     int64_t width, rows, chunk_rows;
     int rank;
@@ -94,17 +96,29 @@ typedef struct es_rows_reader {
     int filling;             /* the cache is being filled (no recursion) */
 } es_rows_reader;
 
-/* Opens a 1-D or 2-D dataset of a supported element type. Any layout and filter pipeline
- * HDF5 can read is accepted; the fast path needs chunks of whole rows filtered by
- * [shuffle,] zstd. */
+/* Opens a 1-D or 2-D numeric dataset. `elem` is the stored type where it is one of ours,
+ * else the nearest wider one HDF5 converts to (float16 -> float32, int16 -> int32,
+ * uint32 -> int64, an enum (h5py's bool) -> its base's, a big-endian type -> ours, ...).
+ * Any layout and filter pipeline HDF5 can read is accepted (a filter that cannot be loaded
+ * is ES_ERR_DATA naming it); the fast path needs our own type in chunks of whole rows
+ * filtered by [shuffle,] zstd. Strings, compounds and the like are ES_ERR_DATA naming the
+ * type. */
 int es_rows_open(es_rows_reader *reader, hid_t parent, const char *name, es_pool *pool, es_error *err);
-/* Reads rows [first, first + n) in the stored element type. A corrupted chunk is
- * ES_ERR_DATA naming the file, dataset and rows. A read within one chunk keeps that chunk
- * decoded, so reading a sample at a time (shuffled training) decodes each chunk once while
- * it is being read, not once per sample. */
+/* A 1-D dataset (or [n, 1]) read as `elem` whatever its stored numeric type: HDF5 converts,
+ * and a value that does not fit (out of range; to an integer type, a fraction or NaN) is
+ * ES_ERR_DATA naming the file, dataset, row and value. */
+int es_rows_open_column(es_rows_reader *reader, hid_t parent, const char *name, es_h5_elem elem, es_pool *pool,
+                        es_error *err);
+/* Reads rows [first, first + n) as `elem` (width values a row). A corrupted chunk is
+ * ES_ERR_DATA naming the file, dataset, chunk and rows. A read within one chunk keeps that
+ * chunk decoded, so reading a sample at a time (shuffled training) decodes each chunk once
+ * while it is being read, not once per sample. */
 int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err);
-/* The same into fp32 (bf16 and float32 datasets only). */
+/* The same into fp32, from any float type (bf16 widened exactly, float16 exactly, float64
+ * rounded by HDF5); integer datasets are ES_ERR_DATA. */
 int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *out, es_error *err);
+/* Whether reads of this dataset deliver floats (bf16, float32 or float64). */
+int es_rows_is_float(const es_rows_reader *reader);
 void es_rows_close_reader(es_rows_reader *reader);
 
 #endif

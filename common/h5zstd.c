@@ -28,12 +28,16 @@ fail:
     return 0; /* HDF5 reads 0 as failure */
 }
 
+size_t es_h5zstd_max_chunk_bytes = (size_t)4 << 30;
+
 /* Decompresses all frames in the buffer; frames that do not record their size are streamed
  * into a growing buffer. A checksum mismatch or any corruption returns 0 (an HDF5 read error). */
 static size_t decompress_chunk(size_t nbytes, size_t *buf_size, void **buf) {
     unsigned long long known = ZSTD_getFrameContentSize(*buf, nbytes);
     if (known == ZSTD_CONTENTSIZE_ERROR) return 0;
+    if (known != ZSTD_CONTENTSIZE_UNKNOWN && known > es_h5zstd_max_chunk_bytes) return 0; /* no chunk is that large */
     size_t cap = known != ZSTD_CONTENTSIZE_UNKNOWN ? (size_t)known : 4 * nbytes + 4096;
+    if (cap > es_h5zstd_max_chunk_bytes) cap = es_h5zstd_max_chunk_bytes;
     if (cap == 0) cap = 1;
     void *out = malloc(cap);
     ZSTD_DStream *stream = ZSTD_createDStream();
@@ -42,6 +46,8 @@ static size_t decompress_chunk(size_t nbytes, size_t *buf_size, void **buf) {
     ZSTD_outBuffer dst = {out, cap, 0};
     for (;;) {
         if (dst.pos == dst.size) {
+            if (cap >= es_h5zstd_max_chunk_bytes) goto fail; /* more than any chunk holds */
+            if (cap * 2 > es_h5zstd_max_chunk_bytes) cap = es_h5zstd_max_chunk_bytes / 2;
             void *bigger = realloc(out, cap * 2);
             if (!bigger) goto fail;
             out = bigger;

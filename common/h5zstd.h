@@ -17,6 +17,12 @@
  * Returns 0, or -1 when HDF5 refused it. */
 int es_h5zstd_register(void);
 
+/* The most bytes one chunk decompresses to: a frame that claims more, or streams past it, is
+ * refused as corrupt instead of being allocated. HDF5 1.10 chunks are under 4 GiB, the
+ * default; the fuzz target lowers it to its memory limit. Direct chunk reads (h5rows.c)
+ * take larger chunks through HDF5's own path. */
+extern size_t es_h5zstd_max_chunk_bytes;
+
 /* The filter function itself (HDF5's H5Z_func_t), exposed for tests. */
 size_t es_h5zstd_filter(unsigned int flags, size_t cd_nelmts, const unsigned int cd_values[],
                         size_t nbytes, size_t *buf_size, void **buf);

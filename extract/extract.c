@@ -353,12 +353,11 @@ int main(int argc, char **argv) {
     es_progress_finish(&progress);
 
     // 6. What made this file.
-    char hidden[32], created[64];
+    char created[64];
     char *yaml = es_config_to_yaml(&cfg);
     /* Options that only describe this run (--resume, --out, ...) leave the fingerprint alone: a resumed
      * file carries the uninterrupted one's. */
     char *yaml_results = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
-    snprintf(hidden, sizeof hidden, "%d", model_config.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     char specials[256] = "";
@@ -373,10 +372,12 @@ int main(int argc, char **argv) {
     es_sha256_hex(fingerprint_input, (size_t)(fp_len < (int)sizeof fingerprint_input ? fp_len : (int)sizeof fingerprint_input - 1), fingerprint);
     if (es_config_is_set(&cfg, "fingerprint")) snprintf(fingerprint, sizeof fingerprint, "%s", es_config_str(&cfg, "fingerprint"));
     const char *attributes[] = {"model_config", config_text, "model_fingerprint", model_fp, "tokenizer_fingerprint", tokenizer_fp,
-                                "layers", layers_text, "hidden_size", hidden, "config", yaml ? yaml : "",
+                                "layers", layers_text, "config", yaml ? yaml : "",
                                 "fingerprint", fingerprint, "tool_version", TOOL_VERSION, "created", created,
                                 "add_bos", es_add_bos_name(add_bos), "specials_template", specials};
     int64_t tokens_written = writer.samples.tokens;
+    /* The one integer attribute (docs/formats.md: integers are int64); the strings follow. */
+    if (!rc) rc = es_h5_attr_set_i64(writer.file.id, "hidden_size", model_config.hidden_size, &err);
     if (!rc) rc = teacher_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes / 2), &err);
     else teacher_abandon(&writer, err.code == ES_ERR_DATA || writer.committed == 0); /* docs/extract.md: what a failed run keeps */
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);

@@ -57,7 +57,8 @@ static void open_source(const compare_pair *pair, int which, es_pool *pool, sour
     /* uint64 needs its own memory type (int64 would saturate); the row store has no uint64. */
     int both_u64 = integer && is_u64(pair->type_a) && is_u64(pair->type_b);
     if (!both_u64 && (pair->rank == 1 || pair->rank == 2)) {
-        /* The row store refuses what it cannot read (int16, float16, ...): then HDF5 converts. */
+        /* The row store reads what it can (int16 as int32, float16 as float32, ...); what it
+         * refuses (strings, rank 3, ...) HDF5 converts below. */
         es_error ignored = {0};
         if (es_rows_open(&src->rows, file, pair->path, pool, &ignored) == ES_OK) {
             src->use_rows = 1;

@@ -12,16 +12,7 @@
 
 /* ---- summary ------------------------------------------------------------------------ */
 
-void inspect_type_name(hid_t type, char *buf, size_t size) {
-    H5T_class_t cls = H5Tget_class(type);
-    size_t bytes = H5Tget_size(type);
-    if (cls == H5T_STRING) snprintf(buf, size, H5Tis_variable_str(type) > 0 ? "string (vlen)" : "string[%zu]", bytes);
-    else if (cls == H5T_FLOAT && bytes == 2 && H5Tequal(type, es_h5_bf16_type()) > 0) snprintf(buf, size, "bf16");
-    else if (cls == H5T_FLOAT) snprintf(buf, size, "float%zu", bytes * 8);
-    else if (cls == H5T_INTEGER) snprintf(buf, size, "%sint%zu", H5Tget_sign(type) == H5T_SGN_NONE ? "u" : "", bytes * 8);
-    else if (cls == H5T_VLEN) snprintf(buf, size, "vlen");
-    else snprintf(buf, size, "class %d, %zu bytes", (int)cls, bytes);
-}
+void inspect_type_name(hid_t type, char *buf, size_t size) { es_h5_type_name(type, buf, size); }
 
 void inspect_dims_text(const hsize_t *dims, int rank, char *buf, size_t size) {
     int n = snprintf(buf, size, "[");
@@ -155,29 +146,21 @@ static long long dataset_rows(hid_t file, const char *name) {
 
 /* Sample s's id (malloc'd), or NULL. */
 static char *sample_id(hid_t file, long long s) {
-    hid_t dataset = H5Dopen2(file, "/samples/id", H5P_DEFAULT);
+    hid_t dataset = H5Lexists(file, "/samples/id", H5P_DEFAULT) > 0 ? H5Dopen2(file, "/samples/id", H5P_DEFAULT) : -1;
     if (dataset < 0) return NULL;
-    hid_t space = H5Dget_space(dataset), type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, H5T_VARIABLE);
-    H5Tset_cset(type, H5T_CSET_UTF8);
-    hsize_t start = (hsize_t)s, one = 1;
-    hid_t memory = H5Screate_simple(1, &one, NULL);
-    char *raw = NULL, *copy = NULL;
-    if (H5Sselect_hyperslab(space, H5S_SELECT_SET, &start, NULL, &one, NULL) >= 0 &&
-        H5Dread(dataset, type, memory, space, H5P_DEFAULT, &raw) >= 0 && raw) {
-        copy = strdup(raw);
-        H5free_memory(raw);
-    }
-    H5Sclose(memory), H5Tclose(type), H5Sclose(space), H5Dclose(dataset);
-    return copy;
+    char *id = NULL;
+    es_error ignored = {0};
+    es_h5_read_strings(dataset, "/samples/id", s, 1, &id, &ignored);
+    H5Dclose(dataset);
+    return id;
 }
 
 /* A student.h5's aligned fraction: overall, and the samples with the lowest and highest. */
 static int print_alignment(hid_t file, const char *path, es_error *err) {
     es_rows_reader starts, rows;
-    int rc = es_rows_open(&starts, file, "/samples/token_start", NULL, err);
+    int rc = es_rows_open_column(&starts, file, "/samples/token_start", ES_H5_I64, NULL, err);
     if (rc) return rc;
-    rc = es_rows_open(&rows, file, "/tokens/teacher_row", NULL, err);
+    rc = es_rows_open_column(&rows, file, "/tokens/teacher_row", ES_H5_I64, NULL, err);
     if (rc) {
         es_rows_close_reader(&starts);
         return rc;
@@ -286,9 +269,12 @@ static int stats_of(hid_t file, const char *dataset, es_pool *pool, es_error *er
     es_rows_reader reader;
     int rc = es_rows_open(&reader, file, dataset, pool, err);
     if (rc) return rc;
-    if (reader.rank != 2 || (reader.elem != ES_H5_BF16 && reader.elem != ES_H5_F32)) {
+    if (reader.rank != 2 || !es_rows_is_float(&reader)) {
+        char type_name[64];
+        es_h5_type_name(reader.stored, type_name, sizeof type_name);
+        rc = es_fail(err, ES_ERR_DATA, "%s: not a latent dataset (rows of floats): %d-D %s", reader.name, reader.rank, type_name);
         es_rows_close_reader(&reader);
-        return es_fail(err, ES_ERR_DATA, "%s: not a latent dataset (rows of bf16 or float32)", reader.name);
+        return rc;
     }
     const int64_t rows = reader.rows, width = reader.width;
     const int64_t block = reader.chunk_rows * 4 > 0 ? reader.chunk_rows * 4 : 256;

@@ -9,9 +9,10 @@
 #include "h5rows.h"
 #include "inspect.h"
 
-static int read_range(hid_t file, const char *name, int64_t first, int64_t n, void *out, es_error *err) {
+/* Rows [first, first + n) of a 1-D dataset as elem, whatever type the file stores. */
+static int read_range(hid_t file, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err) {
     es_rows_reader reader;
-    int rc = es_rows_open(&reader, file, name, NULL, err);
+    int rc = es_rows_open_column(&reader, file, name, elem, NULL, err);
     if (!rc) rc = es_rows_read(&reader, first, n, out, err);
     es_rows_close_reader(&reader);
     return rc;
@@ -38,7 +39,7 @@ int inspect_sample(const char *path, const es_config *cfg, es_error *err) {
     int rc = es_h5_open(&file, path, err);
     if (rc) return rc;
     es_rows_reader starts;
-    rc = es_rows_open(&starts, file.id, "/samples/token_start", NULL, err);
+    rc = es_rows_open_column(&starts, file.id, "/samples/token_start", ES_H5_I64, NULL, err);
     int64_t bounds[2] = {0, 0}, text_bounds[2] = {0, 0};
     if (!rc && (index < 0 || starts.rows < 1 || index >= starts.rows - 1)) /* index + 1 would overflow at INT64_MAX */
         rc = es_fail(err, ES_ERR_USAGE, "%s: --index %lld: the file has %lld samples", path, (long long)index,
@@ -46,16 +47,16 @@ int inspect_sample(const char *path, const es_config *cfg, es_error *err) {
     if (!rc) rc = es_rows_read(&starts, index, 2, bounds, err);
     if (starts.dataset >= 0) es_rows_close_reader(&starts);
     int has_text = !rc && H5Lexists(file.id, "/samples/text_start", H5P_DEFAULT) > 0;
-    if (has_text) rc = read_range(file.id, "/samples/text_start", index, 2, text_bounds, err);
+    if (has_text) rc = read_range(file.id, "/samples/text_start", ES_H5_I64, index, 2, text_bounds, err);
     const int64_t n = bounds[1] - bounds[0], text_len = text_bounds[1] - text_bounds[0];
     int32_t *ids = malloc((size_t)(n + 1) * sizeof *ids), *begin = malloc((size_t)(n + 1) * sizeof *begin);
     int32_t *end = malloc((size_t)(n + 1) * sizeof *end);
     unsigned char *text = malloc((size_t)text_len + 1);
     if (!rc && (!ids || !begin || !end || !text)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    if (!rc) rc = read_range(file.id, "/tokens/id", bounds[0], n, ids, err);
-    if (!rc) rc = read_range(file.id, "/tokens/byte_start", bounds[0], n, begin, err);
-    if (!rc) rc = read_range(file.id, "/tokens/byte_end", bounds[0], n, end, err);
-    if (!rc && text_len) rc = read_range(file.id, "/samples/text_bytes", text_bounds[0], text_len, text, err);
+    if (!rc) rc = read_range(file.id, "/tokens/id", ES_H5_I32, bounds[0], n, ids, err);
+    if (!rc) rc = read_range(file.id, "/tokens/byte_start", ES_H5_I32, bounds[0], n, begin, err);
+    if (!rc) rc = read_range(file.id, "/tokens/byte_end", ES_H5_I32, bounds[0], n, end, err);
+    if (!rc && text_len) rc = read_range(file.id, "/samples/text_bytes", ES_H5_U8, text_bounds[0], text_len, text, err);
     /* the latent layers: /latents in a teacher file, /targets in a student file */
     inspect_layers layers = {.count = 0};
     const char *group_name = H5Lexists(file.id, "/latents", H5P_DEFAULT) > 0 ? "/latents" : "/targets";

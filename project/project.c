@@ -617,14 +617,13 @@ int main(int argc, char **argv) {
     char created[64];
     size_t fps_size = (size_t)teacher.n_shards * ES_FINGERPRINT_HEX + 1, text_size = fps_size + (yaml ? strlen(yaml) : 0) + 512;
     char *teacher_fps = calloc(1, fps_size), *fingerprint_input = malloc(text_size);
-    char layer_map[1024] = "", layers_text[1024] = "", hidden[32], fingerprint[ES_FINGERPRINT_HEX];
+    char layer_map[1024] = "", layers_text[1024] = "", fingerprint[ES_FINGERPRINT_HEX];
     for (int s = 0; teacher_fps && s < teacher.n_shards; s++)
         strcat(strcat(teacher_fps, s ? "," : ""), teacher.shards[s].fingerprint ? teacher.shards[s].fingerprint : "");
     for (int l = 0, n = 0, k = 0; l < n_pairs; l++) {
         n += snprintf(layer_map + n, sizeof layer_map - (size_t)n, "%s%d:%d", l ? "," : "", pairs[l].teacher, pairs[l].student);
         k += snprintf(layers_text + k, sizeof layers_text - (size_t)k, "%s%d", l ? "," : "", pairs[l].student);
     }
-    snprintf(hidden, sizeof hidden, "%d", student.hidden_size);
     time_t now = time(NULL);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     if (!rc && (!teacher_fps || !fingerprint_input)) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
@@ -635,7 +634,7 @@ int main(int argc, char **argv) {
         const student_attribute attributes[] = {
             {"model_config", 's', student_config_text, 0, 0}, {"model_fingerprint", 's', model_fp, 0, 0},
             {"tokenizer_fingerprint", 's', tokenizer_fp, 0, 0}, {"layers", 's', layers_text, 0, 0},
-            {"hidden_size", 's', hidden, 0, 0}, {"config", 's', yaml ? yaml : "", 0, 0},
+            {"hidden_size", 'i', NULL, 0, student.hidden_size}, {"config", 's', yaml ? yaml : "", 0, 0},
             {"fingerprint", 's', fingerprint, 0, 0}, {"tool_version", 's', TOOL_VERSION, 0, 0},
             {"created", 's', created, 0, 0}, {"teacher_fingerprints", 's', teacher_fps, 0, 0},
             {"layer_map", 's', layer_map, 0, 0}, {"sigma", 'f', NULL, sigma, 0},

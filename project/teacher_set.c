@@ -7,18 +7,17 @@
 
 #include "h5rows.h"
 
-static int read_whole(hid_t file, const char *path, const char *name, hid_t type, int64_t n, void *out, es_error *err) {
-    hid_t dataset = H5Lexists(file, name, H5P_DEFAULT) > 0 ? H5Dopen2(file, name, H5P_DEFAULT) : -1;
-    if (dataset < 0) return es_fail(err, ES_ERR_DATA, "%s: %s is missing", path, name);
-    hid_t space = H5Dget_space(dataset);
-    hssize_t points = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
-    int rc = ES_OK;
-    if (points != n)
-        rc = es_fail(err, ES_ERR_DATA, "%s: %s has %lld values, expected %lld", path, name, (long long)points, (long long)n);
-    else if (n > 0 && H5Dread(dataset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-        rc = es_fail(err, ES_ERR_DATA, "%s: cannot read %s: %s", path, name, es_h5_last_error());
-    if (space >= 0) H5Sclose(space);
-    H5Dclose(dataset);
+/* All n values of a 1-D dataset, read as elem (HDF5 converts and we check, h5rows.h). */
+static int read_whole(hid_t file, const char *path, const char *name, es_h5_elem elem, int64_t n, void *out, es_error *err) {
+    if (H5Lexists(file, name, H5P_DEFAULT) <= 0) return es_fail(err, ES_ERR_DATA, "%s: %s is missing", path, name);
+    es_rows_reader reader;
+    int rc = es_rows_open_column(&reader, file, name, elem, NULL, err);
+    if (rc) return rc;
+    if (reader.rows != n)
+        rc = es_fail(err, ES_ERR_DATA, "%s: %s has %lld values, expected %lld", path, name, (long long)reader.rows, (long long)n);
+    else
+        rc = es_rows_read(&reader, 0, n, out, err);
+    es_rows_close_reader(&reader);
     return rc;
 }
 
@@ -60,44 +59,77 @@ static int parse_layers(const char *text, int **layers, int *count) {
     return *count ? 0 : -1;
 }
 
+/* The root attribute layers: the string "20,40" we write, or an array of integers. */
+static int read_layers(hid_t file, const char *path, int **layers, int *count, es_error *err) {
+    *layers = NULL, *count = 0;
+    hid_t attr = H5Aexists(file, "layers") > 0 ? H5Aopen(file, "layers", H5P_DEFAULT) : -1;
+    hid_t type = attr >= 0 ? H5Aget_type(attr) : -1, space = attr >= 0 ? H5Aget_space(attr) : -1;
+    hssize_t points = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
+    int rc = ES_OK;
+    if (attr < 0) {
+        rc = es_fail(err, ES_ERR_DATA, "%s: root attribute layers is missing", path);
+    } else if (type >= 0 && H5Tget_class(type) == H5T_INTEGER && points >= 1 && points <= 10000) {
+        int64_t *values = malloc((size_t)points * sizeof *values);
+        *layers = malloc((size_t)points * sizeof **layers);
+        if (!values || !*layers) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        else if (H5Aread(attr, H5T_NATIVE_INT64, values) < 0)
+            rc = es_fail(err, ES_ERR_DATA, "%s: root attribute layers cannot be read: %s", path, es_h5_last_error());
+        for (hssize_t i = 0; !rc && i < points; i++) {
+            if (values[i] < 0 || values[i] > 9999)
+                rc = es_fail(err, ES_ERR_DATA, "%s: root attribute layers holds %lld, not a layer", path, (long long)values[i]);
+            else
+                (*layers)[(*count)++] = (int)values[i];
+        }
+        free(values);
+    } else {
+        char *text = NULL;
+        rc = es_h5_attr_get_str(file, "layers", &text, err);
+        if (!rc && parse_layers(text, layers, count))
+            rc = es_fail(err, ES_ERR_DATA, "%s: root attribute layers is \"%.100s\", not a list of layers like \"20,40\"", path, text);
+        free(text);
+    }
+    if (type >= 0) H5Tclose(type);
+    if (space >= 0) H5Sclose(space);
+    if (attr >= 0) H5Aclose(attr);
+    if (rc) free(*layers), *layers = NULL, *count = 0;
+    return rc;
+}
+
 static int open_shard(teacher_set *set, teacher_shard *shard, int index, es_error *err) {
     const char *path = shard->path;
     hid_t file = shard->file.id;
-    char *format = NULL, *hidden = NULL, *layers_text = NULL;
+    char *format = NULL;
     int64_t version = 0, committed;
     int rc = ES_OK;
-    if (es_h5_attr_get_str(file, "format", &format, err) || strcmp(format, "essence.teacher")) {
-        es_error_clear(err);
-        rc = es_fail(err, ES_ERR_DATA, "%s: not an essence teacher file (format = \"%s\", expected \"essence.teacher\")", path,
-                     format ? format : "none");
-    }
-    if (!rc && (es_h5_attr_get_i64(file, "format_version", &version, err) || version != 1)) {
-        es_error_clear(err);
-        rc = es_fail(err, ES_ERR_DATA, "%s: format_version %lld is not supported (expected 1)", path, (long long)version);
+    es_error why = {0}; /* why an attribute could not be read, for the message */
+    if (es_h5_attr_get_str(file, "format", &format, &why) || strcmp(format, "essence.teacher"))
+        rc = es_fail(err, ES_ERR_DATA, "%s: not an essence teacher file (format = \"%s\", expected \"essence.teacher\")%s%s", path,
+                     format ? format : "none", why.code ? "; " : "", why.msg);
+    if (!rc && (es_h5_attr_get_i64(file, "format_version", &version, &why) || version != 1)) {
+        if (why.code) rc = es_fail(err, why.code, "%s", why.msg);
+        else rc = es_fail(err, ES_ERR_DATA, "%s: format_version %lld is not supported (expected 1)", path, (long long)version);
     }
     if (!rc && H5Aexists(file, "committed_samples") > 0)
         rc = es_fail(err, ES_ERR_DATA, "%s: an unfinished extraction (finish it with essence-extract --resume)", path);
-    if (!rc && (es_h5_attr_get_str(file, "hidden_size", &hidden, err) || atoi(hidden) < 1)) {
-        es_error_clear(err);
-        rc = es_fail(err, ES_ERR_DATA, "%s: root attribute hidden_size is missing or not a number", path);
-    }
+    /* hidden_size: int64 (older files: a string of digits; es_h5_attr_get_i64 takes both). */
+    int64_t hidden = 0;
+    if (!rc) rc = es_h5_attr_get_i64(file, "hidden_size", &hidden, err);
+    if (!rc && (hidden < 1 || hidden > (1 << 24)))
+        rc = es_fail(err, ES_ERR_DATA, "%s: root attribute hidden_size is %lld, not a hidden size", path, (long long)hidden);
     int *layers = NULL, n_layers = 0;
-    if (!rc && (es_h5_attr_get_str(file, "layers", &layers_text, err) || parse_layers(layers_text, &layers, &n_layers))) {
-        es_error_clear(err);
-        rc = es_fail(err, ES_ERR_DATA, "%s: root attribute layers is missing or not a list of layers", path);
-    }
+    if (!rc) rc = read_layers(file, path, &layers, &n_layers, err);
     if (!rc && index == 0) {
-        set->width = atoi(hidden);
+        set->width = (int)hidden;
         set->layers = layers, set->n_layers = n_layers;
         layers = NULL;
     } else if (!rc) {
-        int same = atoi(hidden) == set->width && n_layers == set->n_layers;
+        int same = hidden == set->width && n_layers == set->n_layers;
         for (int i = 0; same && i < n_layers; i++) same = layers[i] == set->layers[i];
         if (!same)
-            rc = es_fail(err, ES_ERR_DATA, "%s: hidden size %s and layers %s differ from %s's (shards of one extraction agree)",
-                         path, hidden, layers_text, set->shards[0].path);
+            rc = es_fail(err, ES_ERR_DATA, "%s: hidden size %lld and layers differ from %s's (shards of one extraction agree)",
+                         path, (long long)hidden, set->shards[0].path);
     }
-    free(layers), free(format), free(hidden), free(layers_text);
+    free(layers), free(format);
     (void)committed;
 
     // The row pointers, checked against the datasets they index.
@@ -112,8 +144,8 @@ static int open_shard(teacher_set *set, teacher_shard *shard, int index, es_erro
         shard->token_start = malloc((size_t)(shard->samples + 1) * sizeof(int64_t));
         if (!shard->text_start || !shard->token_start) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
-    if (!rc) rc = read_whole(file, path, "/samples/text_start", H5T_NATIVE_INT64, shard->samples + 1, shard->text_start, err);
-    if (!rc) rc = read_whole(file, path, "/samples/token_start", H5T_NATIVE_INT64, shard->samples + 1, shard->token_start, err);
+    if (!rc) rc = read_whole(file, path, "/samples/text_start", ES_H5_I64, shard->samples + 1, shard->text_start, err);
+    if (!rc) rc = read_whole(file, path, "/samples/token_start", ES_H5_I64, shard->samples + 1, shard->token_start, err);
     if (!rc) rc = check_pointer(shard->text_start, shard->samples, text_bytes, path, "/samples/text_start", err);
     if (!rc) rc = check_pointer(shard->token_start, shard->samples, shard->tokens, path, "/samples/token_start", err);
     const char *per_sample[] = {"/samples/truncated", "/samples/add_special_tokens"};
@@ -125,12 +157,17 @@ static int open_shard(teacher_set *set, teacher_shard *shard, int index, es_erro
         char name[64];
         snprintf(name, sizeof name, "/latents/layer_%03d", set->layers[i]);
         es_rows_reader reader;
-        if (es_rows_open(&reader, file, name, NULL, err)) {
-            es_error_clear(err);
-            rc = es_fail(err, ES_ERR_DATA, "%s: %s is missing or unreadable (the file's layers attribute lists it)", path, name);
+        if (H5Lexists(file, "/latents", H5P_DEFAULT) <= 0 || H5Lexists(file, name, H5P_DEFAULT) <= 0) {
+            rc = es_fail(err, ES_ERR_DATA, "%s: %s is missing (the file's layers attribute lists it)", path, name);
             break;
         }
-        if (reader.rank != 2 || reader.width != set->width || reader.rows != shard->tokens)
+        if ((rc = es_rows_open(&reader, file, name, NULL, err))) break; /* its message names the type or filter */
+        char type_name[64];
+        es_h5_type_name(reader.stored, type_name, sizeof type_name);
+        if (!es_rows_is_float(&reader))
+            rc = es_fail(err, ES_ERR_DATA, "%s: %s holds %s, expected floats (bf16, float16, float32 or float64)", path, name,
+                         type_name);
+        else if (reader.rank != 2 || reader.width != set->width || reader.rows != shard->tokens)
             rc = es_fail(err, ES_ERR_DATA, "%s: %s is [%lld, %lld], expected [%lld, %d]", path, name, (long long)reader.rows,
                          (long long)reader.width, (long long)shard->tokens, set->width);
         es_rows_close_reader(&reader);
@@ -224,11 +261,11 @@ int teacher_set_standardisation(const teacher_set *set, int layer, float *mean_o
         }
         int64_t shard_count = 0;
         snprintf(name, sizeof name, "%s/count", group);
-        rc = read_whole(shard->file.id, shard->path, name, H5T_NATIVE_INT64, 1, &shard_count, err);
+        rc = read_whole(shard->file.id, shard->path, name, ES_H5_I64, 1, &shard_count, err);
         snprintf(name, sizeof name, "%s/mean", group);
-        if (!rc) rc = read_whole(shard->file.id, shard->path, name, H5T_NATIVE_DOUBLE, d, shard_mean, err);
+        if (!rc) rc = read_whole(shard->file.id, shard->path, name, ES_H5_F64, d, shard_mean, err);
         snprintf(name, sizeof name, "%s/m2", group);
-        if (!rc) rc = read_whole(shard->file.id, shard->path, name, H5T_NATIVE_DOUBLE, d, shard_m2, err);
+        if (!rc) rc = read_whole(shard->file.id, shard->path, name, ES_H5_F64, d, shard_m2, err);
         if (!rc && shard_count != shard->tokens)
             rc = es_fail(err, ES_ERR_DATA, "%s: %s/count is %lld but the file has %lld tokens", shard->path, group,
                          (long long)shard_count, (long long)shard->tokens);
@@ -254,10 +291,10 @@ int teacher_set_standardisation(const teacher_set *set, int layer, float *mean_o
     return rc;
 }
 
-/* Reads rows [first, first + n) of a 1-D dataset. */
-static int read_rows(hid_t file, const char *name, int64_t first, int64_t n, void *out, es_error *err) {
+/* Reads rows [first, first + n) of a 1-D dataset as elem. */
+static int read_rows(hid_t file, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err) {
     es_rows_reader reader;
-    int rc = es_rows_open(&reader, file, name, NULL, err);
+    int rc = es_rows_open_column(&reader, file, name, elem, NULL, err);
     if (rc) return rc;
     rc = es_rows_read(&reader, first, n, out, err);
     es_rows_close_reader(&reader);
@@ -265,28 +302,12 @@ static int read_rows(hid_t file, const char *name, int64_t first, int64_t n, voi
 }
 
 static int read_ids(const teacher_shard *shard, int64_t first, int64_t count, char **ids, es_error *err) {
-    hid_t dataset = H5Dopen2(shard->file.id, "/samples/id", H5P_DEFAULT);
-    hid_t file_space = dataset >= 0 ? H5Dget_space(dataset) : -1, type = H5Dget_type(dataset);
-    hsize_t start = (hsize_t)first, n = (hsize_t)count;
-    hid_t memory_space = H5Screate_simple(1, &n, NULL), memory_type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(memory_type, H5T_VARIABLE);
-    H5Tset_cset(memory_type, H5T_CSET_UTF8);
-    char **raw = calloc((size_t)count, sizeof *raw);
-    int rc = ES_OK;
-    if (dataset < 0 || file_space < 0 || H5Tget_class(type) != H5T_STRING || !H5Tis_variable_str(type) || !raw ||
-        H5Sselect_hyperslab(file_space, H5S_SELECT_SET, &start, NULL, &n, NULL) < 0 ||
-        H5Dread(dataset, memory_type, memory_space, file_space, H5P_DEFAULT, raw) < 0) {
-        rc = es_fail(err, ES_ERR_DATA, "%s: cannot read /samples/id (vlen UTF-8 strings expected): %s", shard->path,
-                     es_h5_last_error());
-    }
-    for (int64_t i = 0; !rc && i < count; i++)
-        if (!(ids[i] = strdup(raw[i] ? raw[i] : ""))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    if (raw && memory_space >= 0 && !rc) H5Dvlen_reclaim(memory_type, memory_space, H5P_DEFAULT, raw);
-    free(raw);
-    H5Tclose(memory_type), H5Sclose(memory_space);
-    if (type >= 0) H5Tclose(type);
-    if (file_space >= 0) H5Sclose(file_space);
-    if (dataset >= 0) H5Dclose(dataset);
+    char name[4200];
+    snprintf(name, sizeof name, "%s:/samples/id", shard->path);
+    hid_t dataset = H5Lexists(shard->file.id, "/samples/id", H5P_DEFAULT) > 0 ? H5Dopen2(shard->file.id, "/samples/id", H5P_DEFAULT) : -1;
+    if (dataset < 0) return es_fail(err, ES_ERR_DATA, "%s: cannot open: %s", name, es_h5_last_error());
+    int rc = es_h5_read_strings(dataset, name, first, count, ids, err);
+    H5Dclose(dataset);
     return rc;
 }
 
@@ -316,11 +337,11 @@ int teacher_block_read(const teacher_set *set, const teacher_shard *shard, int64
     }
     hid_t file = shard->file.id;
     int rc = read_ids(shard, first, count, block->ids, err);
-    if (!rc) rc = read_rows(file, "/samples/text_bytes", text0, text_len, block->text, err);
-    if (!rc) rc = read_rows(file, "/samples/truncated", first, count, block->truncated, err);
-    if (!rc) rc = read_rows(file, "/samples/add_special_tokens", first, count, block->add_special_tokens, err);
-    if (!rc) rc = read_rows(file, "/tokens/byte_start", row0, block->tokens, block->byte_start, err);
-    if (!rc) rc = read_rows(file, "/tokens/byte_end", row0, block->tokens, block->byte_end, err);
+    if (!rc) rc = read_rows(file, "/samples/text_bytes", ES_H5_U8, text0, text_len, block->text, err);
+    if (!rc) rc = read_rows(file, "/samples/truncated", ES_H5_U8, first, count, block->truncated, err);
+    if (!rc) rc = read_rows(file, "/samples/add_special_tokens", ES_H5_U8, first, count, block->add_special_tokens, err);
+    if (!rc) rc = read_rows(file, "/tokens/byte_start", ES_H5_I32, row0, block->tokens, block->byte_start, err);
+    if (!rc) rc = read_rows(file, "/tokens/byte_end", ES_H5_I32, row0, block->tokens, block->byte_end, err);
     if (!rc) block->text[text_len] = '\0';
     /* Spans must lie in their sample's text: they index it. */
     for (int64_t i = 0; !rc && i < count; i++) {
