@@ -589,7 +589,9 @@ int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n
             const char *text = raw + (size_t)i * size;
             size_t len = strnlen(text, size);
             while (space_padded && len > 0 && text[len - 1] == ' ') len--;
-            if (!(out[i] = strndup(text, len))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            /* not strndup: a full-width string has no NUL inside the element to stop at */
+            if (!(out[i] = malloc(len + 1))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            else memcpy(out[i], text, len), out[i][len] = '\0';
         }
         free(raw);
     }

@@ -59,7 +59,9 @@ static char **read_texts(hid_t attr, hid_t type, hid_t space, size_t n) {
                 size_t len = size;
                 if (H5Tget_strpad(type) == H5T_STR_SPACEPAD) while (len > 0 && text[len - 1] == ' ') len--;
                 else len = strnlen(text, size);
-                ok = ok && (texts[i] = strndup(text, len)) != NULL;
+                /* not strndup: a full-width string has no NUL inside the element to stop at */
+                ok = ok && (texts[i] = malloc(len + 1)) != NULL;
+                if (ok) memcpy(texts[i], text, len), texts[i][len] = '\0';
             }
         }
         free(raw);
