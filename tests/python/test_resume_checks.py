@@ -71,6 +71,31 @@ def check_refusals(name, argv, out, changes):
            why)
 
 
+def check_damaged_record(argv, out):
+    """A byte flipped inside the newest commit record of a .partial: --resume refuses (exit 3)
+    naming the record, and keeps the .partial for the user to remove."""
+    if not committed_partial(argv, out):
+        report("extract_damaged_commit_record_refused", False, "could not leave a committed .partial by killing the run")
+        return
+    partial = out + ".partial"
+    with h5py.File(partial, "r") as f:
+        number = int(f.attrs["commit"])
+        record = f[f"/_commit/record_{number}"]
+        offset, size = record.id.get_offset(), record.shape[0]
+    with open(partial, "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    result = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120)
+    with h5py.File(partial, "r") as f:  # kept as it was (HDF5's open flags in the superblock aside)
+        kept = int(f.attrs["commit"]) == number and f"/_commit/record_{number}" in f
+    ok = (result.returncode == 3 and f"/_commit/record_{number}" in result.stderr and "damaged" in result.stderr
+          and partial in result.stderr and kept and not os.path.exists(out))
+    report("extract_damaged_commit_record_refused", ok, f"exit {result.returncode}: {result.stderr.strip()[-400:]}")
+    must(os.path.basename(argv[0]), *argv[1:])  # a fresh run without --resume starts again: the later checks read OUT
+
+
 def copy_model(source, dest, poison=None):
     """A real copy of a model folder; poison = (tensor name, value) writes value over that tensor."""
     os.makedirs(dest, exist_ok=True)
@@ -177,6 +202,7 @@ def main():
             ("other_model", changed("--model", other_model), ["--model"]),
             ("other_max_seq", changed("--max-seq", "100"), ["--max-seq"]),
         ])
+        check_damaged_record(extract, out)
         other_teacher = os.path.join(tmp, "t-other.h5")
         must("essence-extract", *changed("--data", other_data)[1:-6], "--out", other_teacher)
         student_h5 = os.path.join(tmp, "s.h5")
