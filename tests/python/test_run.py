@@ -284,6 +284,10 @@ def test_concurrent(folder):
         out, errs = holder.communicate()
         report("second_run_refuses", False, f"the first run never ran align: {holder.returncode} {errs[-500:]}")
         return
+    # The stage's process can be seen a moment before the runner notes its pid in the lock file.
+    deadline = time.time() + 10
+    while "stage_pid=" not in holder_text(folder) and time.time() < deadline and holder.poll() is None:
+        time.sleep(0.005)
     stage_pid = ([line[len("stage_pid="):] for line in holder_text(folder).splitlines() if line.startswith("stage_pid=")] or ["0"])[0]
     try:
         fds = [os.readlink(f"/proc/{stage_pid}/fd/{fd}") for fd in os.listdir(f"/proc/{stage_pid}/fd")]
