@@ -43,6 +43,9 @@ run_one() { # label, command...
     if [ -n "$sanitizer_reports" ] && [ -n "$(ls -A "$sanitizer_reports")" ]; then
         local report
         for report in "$sanitizer_reports"/*; do
+            # A process the test killed on purpose (SIGKILL) can leave the file its report was to go
+            # to, empty: nothing was reported.
+            if [ ! -s "$report" ]; then rm -f "$report"; continue; fi
             f=$((f + 1)); out+=$'\n'"FAIL $label: sanitizer report $(basename "$report"):"$'\n'"$(head -n 40 "$report")"
             mkdir -p "$ROOT/$BUILD/sanitizer-reports" && mv "$report" "$ROOT/$BUILD/sanitizer-reports/$label-$(basename "$report")"
         done
