@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "log.h"
 #include "resume.h"
 
 #define RECORD_GROUP "/_commit"
@@ -272,4 +273,27 @@ int es_h5_finish_partial(const char *path, const char *const *mark_names, es_err
         return rc;
     }
     return es_h5_commit(&file, err);
+}
+
+int es_h5_resume_partial(const char *path, const char *key, es_partial_state *state, es_error *err) {
+    *state = ES_PARTIAL_ABSENT;
+    int checked = es_h5_check_partial(path, key, state, err);
+    if (checked == ES_ERR_DATA) {
+        es_warn("cannot resume %s.partial (%s): starting again", path, err->msg);
+        es_error_clear(err);
+        *state = ES_PARTIAL_ABSENT;
+        return ES_OK;
+    }
+    if (checked) return checked;
+    if (*state == ES_PARTIAL_ABSENT) {
+        es_log("--resume: there is no %s.partial: starting from the first sample", path);
+    } else if (*state == ES_PARTIAL_UNCOMMITTED) {
+        es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", path);
+    } else if (*state == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
+        static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
+        int rc = es_h5_finish_partial(path, marks, err);
+        if (rc) return rc;
+        es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", path, path);
+    }
+    return ES_OK;
 }

@@ -67,5 +67,10 @@ int es_h5_check_partial(const char *path, const char *key, es_partial_state *sta
 /* Completes a FINISHED PATH.partial: removes what is left of its commits (the marks named, NULL-
  * terminated, and the records), then closes, fsyncs and renames it as es_h5_commit does. */
 int es_h5_finish_partial(const char *path, const char *const *mark_names, es_error *err);
+/* What a stage's --resume does with PATH.partial, said in the log: one HDF5 cannot open (cut short
+ * before its first commit) is started again (*state ABSENT); another run's is an error, the file
+ * kept; a FINISHED one is completed (samples and tokens marks) and *state says so: the stage has
+ * nothing left to do. */
+int es_h5_resume_partial(const char *path, const char *key, es_partial_state *state, es_error *err);
 
 #endif

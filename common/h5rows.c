@@ -383,14 +383,19 @@ int es_rows_close(es_rows_writer *writer, es_error *err) {
     return rc;
 }
 
-void es_rows_discard(es_rows_writer *writer) {
-    for (int i = 0; writer->slots && i < writer->n_slots; i++) slot_wait(writer->pool, &writer->slots[i]);
+/* Frees a writer's slots, dataset and name (its slots already waited for or never submitted). */
+static void writer_release(es_rows_writer *writer) {
     slots_free(writer->slots, writer->n_slots);
     writer->slots = NULL;
     if (writer->dataset >= 0) H5Dclose(writer->dataset);
     writer->dataset = -1;
     free(writer->name);
     writer->name = NULL;
+}
+
+void es_rows_discard(es_rows_writer *writer) {
+    for (int i = 0; writer->slots && i < writer->n_slots; i++) slot_wait(writer->pool, &writer->slots[i]);
+    writer_release(writer);
 }
 
 /* ---- reader ------------------------------------------------------------------------- */
@@ -501,6 +506,15 @@ static int finish_slot(es_rows_reader *reader, es_chunk_slot *slot, es_error *er
     return es_fail(err, ES_ERR_DATA, "%s: chunk %lld (rows %lld..%lld) is corrupt: %s", reader->name,
                    (long long)slot->chunk, (long long)first_row, (long long)((end < reader->rows ? end : reader->rows) - 1),
                    slot->message);
+}
+
+int es_rows_read_column(hid_t parent, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err) {
+    es_rows_reader reader;
+    int rc = es_rows_open_column(&reader, parent, name, elem, NULL, err);
+    if (rc) return rc;
+    rc = es_rows_read(&reader, first, n, out, err);
+    es_rows_close_reader(&reader);
+    return rc;
 }
 
 int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err) {
@@ -641,12 +655,7 @@ void es_rows_close_reader(es_rows_reader *reader) {
 
 static void reopen_failed(es_rows_writer *writer) {
     for (int i = 0; writer->slots && i < writer->n_slots; i++) writer->slots[i].submitted = 0;
-    slots_free(writer->slots, writer->n_slots);
-    writer->slots = NULL;
-    if (writer->dataset >= 0) H5Dclose(writer->dataset);
-    writer->dataset = -1;
-    free(writer->name);
-    writer->name = NULL;
+    writer_release(writer);
 }
 
 /* The writer of an existing row dataset, at its current extent; `reader` stays open (the caller

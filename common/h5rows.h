@@ -114,6 +114,8 @@ int es_rows_open_column(es_rows_reader *reader, hid_t parent, const char *name, 
  * chunk decoded, so reading a sample at a time (shuffled training) decodes each chunk once
  * while it is being read, not once per sample. */
 int es_rows_read(es_rows_reader *reader, int64_t first, int64_t n, void *out, es_error *err);
+/* Opens the 1-D dataset `name` as es_rows_open_column does, reads rows [first, first + n) and closes it. */
+int es_rows_read_column(hid_t parent, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err);
 /* The same into fp32, from any float type (bf16 widened exactly, float16 exactly, float64
  * rounded by HDF5); integer datasets are ES_ERR_DATA. */
 int es_rows_read_f32(es_rows_reader *reader, int64_t first, int64_t n, float *out, es_error *err);

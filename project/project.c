@@ -534,22 +534,8 @@ int main(int argc, char **argv) {
     if (!key_text) es_exit_error(&err);
     es_partial_state partial = ES_PARTIAL_ABSENT;
     if (es_config_bool(&cfg, "resume")) {
-        int checked = es_h5_check_partial(out, key_text, &partial, &err);
-        if (checked == ES_ERR_DATA) { /* HDF5 cannot open it: it was cut short before its first commit */
-            es_warn("cannot resume %s.partial (%s): starting again", out, err.msg);
-            es_error_clear(&err);
-        } else if (checked) {
-            es_exit_error(&err); /* another run's .partial: kept as it is */
-        } else if (partial == ES_PARTIAL_ABSENT) {
-            es_log("--resume: there is no %s.partial: starting from the first sample", out);
-        } else if (partial == ES_PARTIAL_FINISHED) { /* stopped between its last write and its rename */
-            static const char *const marks[] = {"committed_samples", "committed_tokens", NULL};
-            if (es_h5_finish_partial(out, marks, &err)) es_exit_error(&err);
-            es_log("--resume: %s.partial was complete, stopped before its rename: wrote %s", out, out);
-            return 0;
-        } else if (partial == ES_PARTIAL_UNCOMMITTED) {
-            es_log("--resume: %s.partial has no committed sample yet: starting from the first sample", out);
-        }
+        if (es_h5_resume_partial(out, key_text, &partial, &err)) es_exit_error(&err);
+        if (partial == ES_PARTIAL_FINISHED) return 0;
     }
     student_writer writer;
     int64_t done = 0;

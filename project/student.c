@@ -6,8 +6,8 @@
 
 #include "h5commit.h"
 
-int student_create(student_writer *w, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
-                   es_error *err) {
+/* A writer holding nothing yet (every handle -1) and its n_targets target writers. */
+static int writer_init(student_writer *w, int n_targets, es_error *err) {
     memset(w, 0, sizeof *w);
     w->file.id = -1;
     w->samples.ids = -1;
@@ -17,6 +17,13 @@ int student_create(student_writer *w, const char *path, const int *student_layer
     if (!w->targets) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     w->n_targets = n_targets;
     for (int i = 0; i < n_targets; i++) w->targets[i].dataset = -1;
+    return ES_OK;
+}
+
+int student_create(student_writer *w, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
+                   es_error *err) {
+    int rc0 = writer_init(w, n_targets, err);
+    if (rc0) return rc0;
     const int level = 3;
     int rc = es_h5_create(&w->file, path, err);
     if (!rc) rc = es_samples_create(&w->samples, w->file.id, level, err);
@@ -90,16 +97,9 @@ int student_commit(student_writer *w, es_error *err) {
 
 int student_resume(student_writer *w, const char *path, const int *student_layers, int n_targets, int width, es_pool *pool,
                    int64_t *samples_done, es_error *err) {
-    memset(w, 0, sizeof *w);
-    w->file.id = -1;
-    w->samples.ids = -1;
-    for (int i = 0; i < ES_SAMPLE_DATASETS; i++) w->samples.rows[i].dataset = -1;
-    w->teacher_row.dataset = -1;
     *samples_done = 0;
-    w->targets = calloc((size_t)n_targets, sizeof *w->targets);
-    if (!w->targets) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    w->n_targets = n_targets;
-    for (int i = 0; i < n_targets; i++) w->targets[i].dataset = -1;
+    int rc0 = writer_init(w, n_targets, err);
+    if (rc0) return rc0;
     es_commit_record record = {0};
     int found = 0, rc = es_h5_open_partial(&w->file, path, err);
     if (!rc) rc = es_h5_read_commit(&w->file, &record, &found, err);

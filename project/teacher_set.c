@@ -291,15 +291,6 @@ int teacher_set_standardisation(const teacher_set *set, int layer, float *mean_o
     return rc;
 }
 
-/* Reads rows [first, first + n) of a 1-D dataset as elem. */
-static int read_rows(hid_t file, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err) {
-    es_rows_reader reader;
-    int rc = es_rows_open_column(&reader, file, name, elem, NULL, err);
-    if (rc) return rc;
-    rc = es_rows_read(&reader, first, n, out, err);
-    es_rows_close_reader(&reader);
-    return rc;
-}
 
 static int read_ids(const teacher_shard *shard, int64_t first, int64_t count, char **ids, es_error *err) {
     char name[4200];
@@ -337,11 +328,11 @@ int teacher_block_read(const teacher_set *set, const teacher_shard *shard, int64
     }
     hid_t file = shard->file.id;
     int rc = read_ids(shard, first, count, block->ids, err);
-    if (!rc) rc = read_rows(file, "/samples/text_bytes", ES_H5_U8, text0, text_len, block->text, err);
-    if (!rc) rc = read_rows(file, "/samples/truncated", ES_H5_U8, first, count, block->truncated, err);
-    if (!rc) rc = read_rows(file, "/samples/add_special_tokens", ES_H5_U8, first, count, block->add_special_tokens, err);
-    if (!rc) rc = read_rows(file, "/tokens/byte_start", ES_H5_I32, row0, block->tokens, block->byte_start, err);
-    if (!rc) rc = read_rows(file, "/tokens/byte_end", ES_H5_I32, row0, block->tokens, block->byte_end, err);
+    if (!rc) rc = es_rows_read_column(file, "/samples/text_bytes", ES_H5_U8, text0, text_len, block->text, err);
+    if (!rc) rc = es_rows_read_column(file, "/samples/truncated", ES_H5_U8, first, count, block->truncated, err);
+    if (!rc) rc = es_rows_read_column(file, "/samples/add_special_tokens", ES_H5_U8, first, count, block->add_special_tokens, err);
+    if (!rc) rc = es_rows_read_column(file, "/tokens/byte_start", ES_H5_I32, row0, block->tokens, block->byte_start, err);
+    if (!rc) rc = es_rows_read_column(file, "/tokens/byte_end", ES_H5_I32, row0, block->tokens, block->byte_end, err);
     if (!rc) block->text[text_len] = '\0';
     /* Spans must lie in their sample's text: they index it. */
     for (int64_t i = 0; !rc && i < count; i++) {

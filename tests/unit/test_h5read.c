@@ -23,15 +23,6 @@ static void write_column(hid_t file, const char *name, hid_t type, hid_t mem_typ
     H5Dclose(dataset), H5Pclose(dcpl), H5Sclose(space);
 }
 
-static int read_column(hid_t file, const char *name, es_h5_elem elem, int64_t first, int64_t n, void *out, es_error *err) {
-    es_rows_reader reader;
-    int rc = es_rows_open_column(&reader, file, name, elem, NULL, err);
-    if (rc) return rc;
-    rc = es_rows_read(&reader, first, n, out, err);
-    es_rows_close_reader(&reader);
-    return rc;
-}
-
 TEST(columns_convert_to_the_type_read) {
     es_error err = {0};
     REQUIRE(es_h5_init(&err) == ES_OK);
@@ -73,28 +64,28 @@ TEST(columns_convert_to_the_type_read) {
     /* Each read lands in a buffer sized for the type read, with a guard after it. */
     int32_t ids[7];
     ids[6] = 0x5a5a5a5a;
-    CHECK(read_column(file, "wide", ES_H5_I32, 0, 6, ids, &err) == ES_OK && ids[3] == 2147483647 && ids[2] == -3 && ids[6] == 0x5a5a5a5a);
-    CHECK(read_column(file, "big_endian", ES_H5_I32, 1, 5, ids, &err) == ES_OK && ids[0] == 7 && ids[4] == 5);
+    CHECK(es_rows_read_column(file, "wide", ES_H5_I32, 0, 6, ids, &err) == ES_OK && ids[3] == 2147483647 && ids[2] == -3 && ids[6] == 0x5a5a5a5a);
+    CHECK(es_rows_read_column(file, "big_endian", ES_H5_I32, 1, 5, ids, &err) == ES_OK && ids[0] == 7 && ids[4] == 5);
     int64_t pointer[6];
-    CHECK(read_column(file, "floats", ES_H5_I64, 0, 6, pointer, &err) == ES_OK && pointer[4] == 40000 && pointer[5] == -2);
+    CHECK(es_rows_read_column(file, "floats", ES_H5_I64, 0, 6, pointer, &err) == ES_OK && pointer[4] == 40000 && pointer[5] == -2);
     uint8_t bytes[5] = {9, 9, 9, 9, 0x77};
-    CHECK(read_column(file, "bool", ES_H5_U8, 0, 4, bytes, &err) == ES_OK && bytes[1] == 1 && bytes[3] == 0 && bytes[4] == 0x77);
+    CHECK(es_rows_read_column(file, "bool", ES_H5_U8, 0, 4, bytes, &err) == ES_OK && bytes[1] == 1 && bytes[3] == 0 && bytes[4] == 0x77);
     es_error_clear(&err);
-    CHECKF(read_column(file, "too_big", ES_H5_I32, 0, 3, ids, &err) == ES_ERR_DATA && strstr(err.msg, "columns.h5:/too_big") &&
+    CHECKF(es_rows_read_column(file, "too_big", ES_H5_I32, 0, 3, ids, &err) == ES_ERR_DATA && strstr(err.msg, "columns.h5:/too_big") &&
                strstr(err.msg, "row 1") && strstr(err.msg, "above the range of int32") && strstr(err.msg, "2147483648") &&
                strstr(err.msg, "int64"),
            "%s", err.msg);
     es_error_clear(&err);
-    CHECKF(read_column(file, "fraction", ES_H5_I64, 0, 3, pointer, &err) == ES_ERR_DATA && strstr(err.msg, "row 1") &&
+    CHECKF(es_rows_read_column(file, "fraction", ES_H5_I64, 0, 3, pointer, &err) == ES_ERR_DATA && strstr(err.msg, "row 1") &&
                strstr(err.msg, "not an integer") && strstr(err.msg, "2.5"),
            "%s", err.msg);
     es_error_clear(&err);
-    CHECKF(read_column(file, "nan", ES_H5_I32, 0, 2, ids, &err) == ES_ERR_DATA && strstr(err.msg, "row 1"), "%s", err.msg);
+    CHECKF(es_rows_read_column(file, "nan", ES_H5_I32, 0, 2, ids, &err) == ES_ERR_DATA && strstr(err.msg, "row 1"), "%s", err.msg);
     es_error_clear(&err);
-    CHECKF(read_column(file, "negative", ES_H5_U8, 0, 3, bytes, &err) == ES_ERR_DATA && strstr(err.msg, "below the range of uint8"),
+    CHECKF(es_rows_read_column(file, "negative", ES_H5_U8, 0, 3, bytes, &err) == ES_ERR_DATA && strstr(err.msg, "below the range of uint8"),
            "%s", err.msg);
     es_error_clear(&err);
-    CHECKF(read_column(file, "two_d", ES_H5_I32, 0, 3, ids, &err) == ES_ERR_DATA && strstr(err.msg, "expected 1-D"), "%s", err.msg);
+    CHECKF(es_rows_read_column(file, "two_d", ES_H5_I32, 0, 3, ids, &err) == ES_ERR_DATA && strstr(err.msg, "expected 1-D"), "%s", err.msg);
     es_error_clear(&err);
     /* the natural reader: int16 is read as int32, the enum as its base (int8 -> int32) */
     es_rows_reader reader;
@@ -312,8 +303,8 @@ TEST(unwritten_and_corrupt_chunks) {
     close(fd);
 
     file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    CHECK(read_column(file, "gzip", ES_H5_I32, 0, 30, back, &err) == ES_OK && back[29] == 29007);
-    CHECKF(read_column(file, "gzip", ES_H5_I32, 5, 90, back, &err) == ES_ERR_DATA && strstr(err.msg, "chunks.h5:/gzip") &&
+    CHECK(es_rows_read_column(file, "gzip", ES_H5_I32, 0, 30, back, &err) == ES_OK && back[29] == 29007);
+    CHECKF(es_rows_read_column(file, "gzip", ES_H5_I32, 5, 90, back, &err) == ES_ERR_DATA && strstr(err.msg, "chunks.h5:/gzip") &&
                strstr(err.msg, "chunk 3 (rows 30..39)"),
            "%s", err.msg);
     H5Fclose(file);
