@@ -119,7 +119,8 @@ static int open_existing(es_h5file *file, const char *path, int partial, es_erro
         rc = es_fail(err, ES_ERR_USAGE, "%s: %s", file->open_path, strerror(errno));
     } else if (H5Fis_hdf5(file->open_path) <= 0) {
         rc = es_fail(err, ES_ERR_DATA, "%s: not an HDF5 file (or truncated)", file->open_path);
-    } else {
+    } else if (!(rc = es_h5_check_heap(file->open_path, partial, err))) {
+        /* a .partial's rows past its commit may name heap space never written: only attributes */
         file->id = H5Fopen(file->open_path, partial ? H5F_ACC_RDWR : H5F_ACC_RDONLY, H5P_DEFAULT);
         const char *why = file->id < 0 ? es_h5_last_error() : NULL;
         const char *stored_eof = why && strstr(why, "truncated file") ? strstr(why, "stored_eof = ") : NULL;
@@ -536,6 +537,35 @@ const char *es_h5_conversion_problem(const es_h5_conversion *state, const char *
     return text;
 }
 
+/* The blocks HDF5 allocates for variable-length strings during one read, kept track of here. */
+typedef struct {
+    void **blocks;
+    size_t n, cap;
+} string_allocations;
+
+static void *allocate_string(size_t size, void *data) {
+    string_allocations *made = data;
+    if (made->n == made->cap) {
+        size_t cap = made->cap ? 2 * made->cap : 64;
+        void **grown = realloc(made->blocks, cap * sizeof *grown);
+        if (!grown) return NULL;
+        made->blocks = grown, made->cap = cap;
+    }
+    void *block = malloc(size ? size : 1);
+    if (block) made->blocks[made->n++] = block;
+    return block;
+}
+
+static void free_string(void *block, void *data) {
+    string_allocations *made = data;
+    for (size_t i = made->n; block && i-- > 0;)
+        if (made->blocks[i] == block) {
+            made->blocks[i] = made->blocks[--made->n];
+            break;
+        }
+    free(block);
+}
+
 int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n, char **out, es_error *err) {
     for (int64_t i = 0; i < n; i++) out[i] = NULL;
     hid_t type = H5Dget_type(dataset), space = H5Dget_space(dataset);
@@ -559,19 +589,22 @@ int es_h5_read_strings(hid_t dataset, const char *name, int64_t first, int64_t n
         rc = es_fail(err, ES_ERR_DATA, "%s: cannot select strings %lld..%lld: %s", name, (long long)first,
                      (long long)(first + n - 1), es_h5_last_error());
     if (!rc && n > 0 && H5Tis_variable_str(type) > 0) {
-        hid_t mem_type = H5Tcopy(H5T_C_S1);
+        hid_t mem_type = H5Tcopy(H5T_C_S1), xfer = H5Pcreate(H5P_DATASET_XFER);
+        string_allocations made = {0};
         char **raw = calloc((size_t)n, sizeof *raw);
-        if (!raw) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        if (!raw || xfer < 0 || H5Pset_vlen_mem_manager(xfer, allocate_string, &made, free_string, &made) < 0)
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         else if (mem_type < 0 || H5Tset_size(mem_type, H5T_VARIABLE) < 0 || H5Tset_cset(mem_type, H5Tget_cset(type)) < 0 ||
-                 H5Dread(dataset, mem_type, memory, space, H5P_DEFAULT, raw) < 0)
+                 H5Dread(dataset, mem_type, memory, space, xfer, raw) < 0)
             rc = es_fail(err, ES_ERR_DATA, "%s: cannot read strings %lld..%lld (%s): %s", name, (long long)first,
                          (long long)(first + n - 1), type_name, es_h5_last_error());
-        else {
-            for (int64_t i = 0; !rc && i < n; i++)
-                if (!(out[i] = strdup(raw[i] ? raw[i] : ""))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-            H5Dvlen_reclaim(mem_type, memory, H5P_DEFAULT, raw);
-        }
+        for (int64_t i = 0; !rc && i < n; i++)
+            if (!(out[i] = strdup(raw[i] ? raw[i] : ""))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        /* every string HDF5 made, also those of a read that failed halfway (it loses track of them) */
+        for (size_t i = 0; i < made.n; i++) free(made.blocks[i]);
+        free(made.blocks);
         free(raw);
+        if (xfer >= 0) H5Pclose(xfer);
         if (mem_type >= 0) H5Tclose(mem_type);
     } else if (!rc && n > 0) {
         size_t size = H5Tget_size(type);

@@ -31,6 +31,15 @@ int es_h5_open_partial(es_h5file *file, const char *path, es_error *err);
 /* Opens a complete file read-only. A missing file is ES_ERR_USAGE; a file HDF5 cannot
  * read (truncated, not HDF5) is ES_ERR_DATA. */
 int es_h5_open(es_h5file *file, const char *path, es_error *err);
+/* Reads every variable-length value of the HDF5 file PATH (with `attributes_only`, those of
+ * attributes) in a child process, and says how that went: libhdf5 crashes or loops on some
+ * damaged global heaps, and a crash there must be an error (ES_ERR_DATA naming the file and the
+ * attribute or rows), not ours. es_h5_open and es_h5_open_partial call it before opening; see
+ * common/h5heap.c. */
+int es_h5_check_heap(const char *path, int attributes_only, es_error *err);
+/* CPU seconds the child may spend without progress before it counts as looping (3; the fuzzer
+ * lowers it). */
+extern double es_h5_heap_spin_seconds;
 /* Flushes the file to disk (a commit point while writing). */
 int es_h5_flush(es_h5file *file, es_error *err);
 /* Finishes a written file: close, fsync the file, rename PATH.partial -> PATH, fsync the

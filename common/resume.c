@@ -141,3 +141,13 @@ int es_model_fingerprint(const char *dir, char out[ES_FINGERPRINT_HEX], es_error
     return rc;
 }
 
+
+int es_tokenizer_config_sha256(const char *tokenizer, char out[65], es_error *err) {
+    out[0] = '\0';
+    struct stat st;
+    if (stat(tokenizer, &st) != 0 || !S_ISDIR(st.st_mode)) return ES_OK;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", tokenizer);
+    if (stat(path, &st) != 0) return ES_OK;
+    return es_sha256_file(path, out, err);
+}

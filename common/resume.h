@@ -36,4 +36,8 @@ int es_resume_key_compare(const char *stored, const char *now, const char *what,
  * (docs/teacher-h5.md, model_fingerprint). */
 int es_model_fingerprint(const char *dir, char out[65], es_error *err);
 
+/* SHA-256 of the tokenizer_config.json beside a tokenizer (`tokenizer` a folder, as
+ * es_tokenizer_load takes it), which can decide the BOS token; "" when there is none. */
+int es_tokenizer_config_sha256(const char *tokenizer, char out[65], es_error *err);
+
 #endif

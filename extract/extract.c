@@ -240,7 +240,7 @@ int main(int argc, char **argv) {
 
     // 3. What the output is made from (its resume key), the device, and the output, new or resumed.
     char model_fp[ES_FINGERPRINT_HEX] = "", tokenizer_fp[ES_FINGERPRINT_HEX] = "", data_fp[ES_FINGERPRINT_HEX] = "";
-    char layers_text[1024] = "", tokenizer_file[4200];
+    char layers_text[1024] = "", tokenizer_file[4200], tokenizer_config_fp[ES_FINGERPRINT_HEX] = "";
     for (int i = 0, n = 0; i < n_layers; i++) n += snprintf(layers_text + n, sizeof layers_text - (size_t)n, "%s%d", i ? "," : "", layers[i]);
     struct stat st;
     snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", tokenizer_path);
@@ -248,12 +248,14 @@ int main(int argc, char **argv) {
     /* ids-only input needs no tokenizer: then it has no fingerprint */
     const int have_tokenizer = stat(tokenizer_file, &st) == 0 && S_ISREG(st.st_mode);
     if (es_model_fingerprint(model_dir, model_fp, &err) || es_jsonl_sha256(&input.reader, data_fp, &err) ||
-        (have_tokenizer && es_sha256_file(tokenizer_file, tokenizer_fp, &err)))
+        (have_tokenizer && es_sha256_file(tokenizer_file, tokenizer_fp, &err)) ||
+        es_tokenizer_config_sha256(tokenizer_path, tokenizer_config_fp, &err))
         es_exit_error(&err);
     json_t *key = es_resume_key_from_config(&cfg, (const char *const[]){"model", "data", "tokenizer", NULL});
     if (key)
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp)),
-            json_object_set_new(key, "tokenizer", json_string(tokenizer_fp)), json_object_set_new(key, "layers", json_string(layers_text)),
+            json_object_set_new(key, "tokenizer", json_string(tokenizer_fp)),
+            json_object_set_new(key, "tokenizer_config.json", json_string(tokenizer_config_fp)), json_object_set_new(key, "layers", json_string(layers_text)),
             json_object_set_new(key, "tool version", json_string(TOOL_VERSION));
     char *key_text = key ? es_resume_key_text(key, &err) : NULL;
     json_decref(key);

@@ -8,6 +8,7 @@
 #include "h5rows.h"
 #include "h5zstd.h"
 #include "inspect.h"
+#include "utf8.h"
 #include "progress.h"
 
 /* ---- summary ------------------------------------------------------------------------ */
@@ -38,6 +39,20 @@ static void print_filters(hid_t dcpl, char *buf, size_t size) {
     if (!nfilters) snprintf(buf, size, "none");
 }
 
+/* A string from the file as it is where it is UTF-8; other bytes (a damaged or foreign file) and
+ * control bytes as \xNN, so that what reaches the terminal is text. */
+static void print_text(const char *text, size_t len) {
+    while (len > 0) {
+        size_t bad = es_utf8_invalid_at(text, len), good = bad == (size_t)-1 ? len : bad;
+        for (size_t i = 0; i < good; i++)
+            if ((unsigned char)text[i] < 0x20 || text[i] == 0x7f) printf("\\x%02x", (unsigned char)text[i]);
+            else putchar(text[i]);
+        if (good == len) break;
+        printf("\\x%02x", (unsigned char)text[good]);
+        text += good + 1, len -= good + 1;
+    }
+}
+
 static void print_attribute_value(hid_t attr) {
     hid_t type = H5Aget_type(attr), space = H5Aget_space(attr);
     hssize_t count = H5Sget_simple_extent_npoints(space);
@@ -52,17 +67,19 @@ static void print_attribute_value(hid_t attr) {
                 /* Long texts (configs) are shown by their first line and size. */
                 const char *newline = strchr(text, '\n');
                 size_t len = strlen(text);
-                if (newline || len > 100)
-                    printf("%.*s ... (%zu bytes)", (int)(newline && newline - text < 100 ? newline - text : 100), text, len);
-                else
-                    printf("\"%s\"", text);
+                if (newline || len > 100) {
+                    print_text(text, newline && newline - text < 100 ? (size_t)(newline - text) : 100);
+                    printf(" ... (%zu bytes)", len);
+                } else {
+                    putchar('"'), print_text(text, len), putchar('"');
+                }
                 H5free_memory(text);
             }
             H5Tclose(mem);
         } else {
             size_t size = H5Tget_size(type);
             char *fixed = calloc(size + 1, 1);
-            if (fixed && H5Aread(attr, type, fixed) >= 0) printf("\"%s\"", fixed);
+            if (fixed && H5Aread(attr, type, fixed) >= 0) putchar('"'), print_text(fixed, strlen(fixed)), putchar('"');
             free(fixed);
         }
     } else if ((cls == H5T_INTEGER || cls == H5T_FLOAT) && count >= 1 && count <= 16) {

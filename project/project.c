@@ -351,9 +351,9 @@ static void projector_free(projector *p) {
 
 /* What a --resume must share with the run that began OUT.partial (common/resume.h): the options
  * that shape the result, each teacher file by its resume key (or fingerprint), samples and tokens, and the
- * student's config.json and tokenizer.json by their SHA-256. NULL and *err set on failure. */
+ * student's config.json, tokenizer.json and tokenizer_config.json by their SHA-256. NULL and *err set on failure. */
 static char *resume_key(const es_config *cfg, const teacher_set *teacher, const char *model_fp, const char *tokenizer_fp,
-                        es_error *err) {
+                        const char *tokenizer_config_fp, es_error *err) {
     json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"in", "student", NULL});
     json_t *shards = json_array();
     for (int s = 0; key && shards && s < teacher->n_shards; s++) {
@@ -378,6 +378,7 @@ static char *resume_key(const es_config *cfg, const teacher_set *teacher, const 
         json_object_set_new(key, "in", json_string(joined));
         json_object_set_new(key, "student", json_string(model_fp));
         json_object_set_new(key, "student tokenizer.json", json_string(tokenizer_fp));
+        json_object_set_new(key, "student tokenizer_config.json", json_string(tokenizer_config_fp));
         json_object_set_new(key, "tool version", json_string(TOOL_VERSION));
         text = es_resume_key_text(key, err);
     } else {
@@ -530,7 +531,9 @@ int main(int argc, char **argv) {
     char *key_text = NULL;
     if (!rc) rc = es_sha256_file(config_path, model_fp, &err);
     if (!rc) rc = es_sha256_file(student_tokenizer_path, tokenizer_fp, &err);
-    if (!rc) key_text = resume_key(&cfg, &teacher, model_fp, tokenizer_fp, &err);
+    char tokenizer_config_fp[ES_FINGERPRINT_HEX] = "";
+    if (!rc) rc = es_tokenizer_config_sha256(student_dir, tokenizer_config_fp, &err);
+    if (!rc) key_text = resume_key(&cfg, &teacher, model_fp, tokenizer_fp, tokenizer_config_fp, &err);
     if (!key_text) es_exit_error(&err);
     es_partial_state partial = ES_PARTIAL_ABSENT;
     if (es_config_bool(&cfg, "resume")) {

@@ -99,7 +99,7 @@ for f in "$BUILD"/fuzz/fuzz_*; do
     run_one "$name" bash -c "
         corpus=\$(mktemp -d); seeds=tests/fuzz/corpus/${name#fuzz_}
         [ -d \"\$seeds\" ] && cp -r \"\$seeds\"/. \"\$corpus\"/
-        if \"$f\" -max_total_time=${TEST_FUZZ_SECONDS:-10} -rss_limit_mb=2048 -max_len=65536 -artifact_prefix=\"\$TMPDIR/$name-\" \"\$corpus\" >\"\$TMPDIR/$name.log\" 2>&1
+        if \"$f\" -max_total_time=${TEST_FUZZ_SECONDS:-10} -rss_limit_mb=2048 -malloc_limit_mb=1048576 -max_len=65536 -artifact_prefix=\"\$TMPDIR/$name-\" \"\$corpus\" >\"\$TMPDIR/$name.log\" 2>&1
         then echo 'PASS $name (${TEST_FUZZ_SECONDS:-10} s)'
         else echo 'FAIL $name: finding, see log:'; tail -n 30 \"\$TMPDIR/$name.log\"; fi"
 done

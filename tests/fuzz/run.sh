@@ -15,7 +15,7 @@ for f in "$BUILD"/fuzz/fuzz_*; do
     mkdir -p "$corpus"
     [ -d "tests/fuzz/corpus/${name#fuzz_}" ] && cp -rn "tests/fuzz/corpus/${name#fuzz_}"/. "$corpus"/
     log=$BUILD/fuzz/$name.log
-    if "$f" -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -max_len=65536 \
+    if "$f" -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -malloc_limit_mb=1048576 -max_len=65536 \
             -artifact_prefix="$findings/$name-" "$corpus" >"$log" 2>&1; then
         runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -n 1)
         echo "$name: ${runs:-done} in $SECONDS_EACH s, no finding"

@@ -6,9 +6,12 @@ fixed-length strings, attributes of other types. essence-inspect sample, essence
 essence-align must read what has the same values (and give the same results) and refuse the rest
 with exit 3 naming the file, dataset (or attribute) and row, type or filter; never a signal.
 Then the fault matrix: a flipped byte inside a compressed chunk of a latent and of a
-sample/token dataset, and files cut short at several points."""
+sample/token dataset, files cut short at several points, and damaged global heaps (where the
+variable-length strings live: libhdf5 itself crashes or loops on some)."""
 import json
 import os
+import random
+import struct
 import shutil
 import subprocess
 import sys
@@ -32,8 +35,13 @@ def program(name):
     return os.path.join(BUILD, name)
 
 
-def run(args, env=None):
-    return subprocess.run(args, capture_output=True, text=True, env=env)
+def run(args, env=None, timeout=300):
+    """A program's run; one that hangs past `timeout` is killed and reads as exit -999 (a failure)."""
+    try:
+        # a damaged file may hold any bytes, which inspect shows: read them, never fail on them
+        return subprocess.run(args, capture_output=True, text=True, errors="backslashreplace", env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, -999, "", f"timed out after {timeout} s")
 
 
 def must(args):
@@ -107,7 +115,7 @@ def same_targets(a, b):
 
 
 def signal_free(result):
-    return result.returncode >= 0
+    return result.returncode >= 0  # a hang (-999) is no better
 
 
 def refused(result, *words):
@@ -356,6 +364,97 @@ def test_truncated(files):
         report(f"truncated_{label}_at_several_points", ok, "; ".join(messages)[:1500])
 
 
+def heap_collections(raw):
+    """(offset, size, objects) of every global heap collection ("GCOL") in the bytes; objects are
+    (offset, index, size) of each object header, the free-space object (index 0) last."""
+    found, at = [], raw.find(b"GCOL")
+    while at >= 0:
+        size = struct.unpack_from("<Q", raw, at + 8)[0]
+        objects, q = [], at + 16
+        while 16 <= size <= len(raw) - at and q + 16 <= at + size:
+            index, _ = struct.unpack_from("<HH", raw, q)
+            length = struct.unpack_from("<Q", raw, q + 8)[0]
+            objects.append((q, index, length))
+            if index == 0:
+                break
+            q += 16 + (length + 7) // 8 * 8
+        if objects:
+            found.append((at, size, objects))
+        at = raw.find(b"GCOL", at + 4)
+    return found
+
+
+def damaged(source, path, edit):
+    raw = bytearray(open(source, "rb").read())
+    edit(raw)
+    with open(path, "wb") as f:
+        f.write(raw)
+    return path
+
+
+def readers(files, path, label):
+    """The programs that read such a file, each under a time limit (a hang is a failure)."""
+    runs = [run([program("essence-inspect"), path]), run([program("essence-inspect"), "sample", path, "--index", "1"])]
+    runs.append(files.project(path)[0] if label == "teacher" else files.align(path)[0])
+    return runs
+
+
+def test_damaged_global_heap(files):
+    """Fault matrix: a damaged global heap (the variable-length strings: ids and attributes). libhdf5
+    1.10 crashes or loops on some; every program refuses the file with exit 3 naming it and what
+    it was reading, never a signal or a hang. Damage HDF5 reports as an error is fine either way
+    (exit 0 when nothing needed was touched)."""
+    for source, label in ((files.teacher, "teacher"), (files.student, "student")):
+        raw = open(source, "rb").read()
+        collections = heap_collections(raw)
+        report(f"global_heap_found_{label}", bool(collections), "no GCOL in the file")
+        if not collections:
+            continue
+        at, size, objects = collections[0]
+        free_space, first = objects[-1], objects[0]
+        cases = {
+            "free_space_size_0": lambda b: struct.pack_into("<Q", b, free_space[0] + 8, 0),  # libhdf5 loops
+            "object_size_huge": lambda b: struct.pack_into("<Q", b, first[0] + 8, 1 << 40),  # libhdf5 segfaults
+            "object_index_wrong": lambda b: struct.pack_into("<H", b, first[0], 60000),
+            "collection_size_huge": lambda b: struct.pack_into("<Q", b, at + 8, 1 << 32),
+        }
+        paths = {}
+        for name, edit in cases.items():
+            path = paths[name] = damaged(source, files.path(f"heap-{label}-{name}"), edit)
+            bad = [why(r) for r in readers(files, path, label)
+                   if not (signal_free(r) and (r.returncode == 0 or refused(r, os.path.basename(path))))]
+            report(f"global_heap_{label}_{name}", not bad, "; ".join(bad)[:1500])
+        for name in ("free_space_size_0", "object_size_huge"):  # the two that libhdf5 cannot survive
+            path = paths[name]
+            result = readers(files, path, label)[0]
+            report(f"global_heap_{label}_{name}_named", refused(result, os.path.basename(path), "damaged", "global heap"),
+                   why(result))
+        # Random damage inside the collections (seeded): whatever it is, exit 0 or 3, no signal, no hang.
+        rng = random.Random(12)
+        bad = []
+        for trial in range(12):
+            def scramble(b):
+                for _ in range(rng.randint(1, 4)):
+                    at, size, _ = rng.choice(collections)
+                    spot = at + rng.randrange(min(size, len(b) - at))
+                    b[spot] ^= 1 << rng.randrange(8)
+            path = damaged(source, files.path(f"heap-{label}-random-{trial}"), scramble)
+            result = readers(files, path, label)[0]
+            if not (signal_free(result) and result.returncode in (0, 3)):
+                bad.append(f"trial {trial}: {why(result)}")
+        report(f"global_heap_{label}_random_damage", not bad, "; ".join(bad)[:1500])
+    # The ids' references themselves (in /samples/id's chunk, which our writer does not compress):
+    # a wrong heap index, a length of 4 GiB, a collection address past the end.
+    with h5py.File(files.teacher, "r") as f:
+        info = f["/samples/id"].id.get_chunk_info(0)
+    for name, offset, value, form in (("index", 12, 0xFFFF, "<I"), ("length", 0, 0xFFFFFFFF, "<I"), ("address", 4, 1 << 50, "<Q")):
+        path = damaged(files.teacher, files.path(f"heap-reference-{name}"),
+                       lambda b: struct.pack_into(form, b, info.byte_offset + 16 + offset, value))
+        bad = [why(r) for r in readers(files, path, "teacher")
+               if not (signal_free(r) and r.returncode in (0, 3) and (r.returncode == 0 or os.path.basename(path) in r.stderr))]
+        report(f"global_heap_reference_{name}", not bad, "; ".join(bad)[:1500])
+
+
 def main():
     with tempfile.TemporaryDirectory(prefix="essence-h5read-") as tmp:
         files = Files(tmp)
@@ -365,6 +464,7 @@ def main():
         test_strings_and_attributes(files)
         test_flipped_bytes(files)
         test_truncated(files)
+        test_damaged_global_heap(files)
 
 
 if __name__ == "__main__":

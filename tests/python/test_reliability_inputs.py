@@ -293,6 +293,30 @@ def check_unwritable_output(tmp, model, student, teacher_h5, student_h5):
                                                       "0"), (1, 2), target)
     report("unwritable_nothing_left", sorted(os.listdir(tmp)) == before and open(plain).read() == "x",
            f"{set(os.listdir(tmp)) ^ set(before)}")
+    # A read-only file system (a folder bind-mounted read-only onto itself; needs root and
+    # mount rights, else the check says why it was skipped). EROFS named, exit 1, nothing written.
+    read_only = os.path.join(tmp, "read-only")
+    os.makedirs(read_only)
+    mounted = subprocess.run(["mount", "--bind", read_only, read_only], capture_output=True, text=True)
+    if mounted.returncode == 0:
+        mounted = subprocess.run(["mount", "-o", "remount,bind,ro", read_only], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            subprocess.run(["umount", read_only])
+    if mounted.returncode != 0:
+        print(f"SKIP read_only_file_system: cannot mount a read-only folder here ({mounted.stderr.strip()[:200]})")
+        return
+    try:
+        where = os.path.join(read_only, "t.h5")
+        expect("extract_read_only_file_system", run("essence-extract", "--model", model, "--data", data, "--layers", "1",
+                                                    "--out", where), 1, "Read-only file system")
+        expect("project_read_only_file_system", run("essence-project", "--in", teacher_h5, "--student", student, "--out", where,
+                                                    "--layer-map", "2:1"), 1, "Read-only file system")
+        expect("align_read_only_file_system", run("essence-align", "--model", student, "--data", student_h5, "--out",
+                                                  os.path.join(read_only, "run"), "--steps", "1", "--seq-len", "24",
+                                                  "--batch-tokens", "48", "--eval-fraction", "0"), 1, "Read-only file system")
+        report("read_only_nothing_left", os.listdir(read_only) == [], f"{os.listdir(read_only)}")
+    finally:
+        subprocess.run(["umount", read_only])
 
 
 def check_memory_limits(tmp, model, data):

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from faults import h5_content, models, must, program, reset, run, same_content, write_corpus  # noqa: E402
-from testing import report, run_main  # noqa: E402
+from testing import repo_fixtures, report, run_main  # noqa: E402
 
 
 def digest(path):
@@ -201,6 +201,9 @@ def main():
             ("other_layers", changed("--layers", "1,2"), ["--layers", "1,2,4 there, 1,2 now"]),
             ("other_model", changed("--model", other_model), ["--model"]),
             ("other_max_seq", changed("--max-seq", "100"), ["--max-seq"]),
+            # the same weights and tokenizer.json, and a tokenizer_config.json naming a BOS token
+            ("other_tokenizer_config", changed("--model", repo_fixtures().teacher_folder(os.path.join(tmp, "teacher-bos"), bos_config=True)),
+             ["tokenizer_config.json"]),
         ])
         check_damaged_record(extract, out)
         other_teacher = os.path.join(tmp, "t-other.h5")
