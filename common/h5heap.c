@@ -260,11 +260,12 @@ static void child_main(const char *path, int attributes_only, int fd) {
 }
 
 #define CHILD_ENVIRONMENT "ESSENCE_H5_HEAP_CHECK"
+#define CHILD_NAME "essence-h5-heap-check"
 
 /* The child's entry: "ESSENCE_H5_HEAP_CHECK=FD,ATTRIBUTES_ONLY" and argv {name, PATH}. */
 __attribute__((constructor)) static void heap_check_entry(int argc, char **argv) {
     const char *spec = getenv(CHILD_ENVIRONMENT);
-    if (!spec) return;
+    if (!spec || argc < 1 || strcmp(argv[0], CHILD_NAME)) return; /* both, or an ordinary start */
     int fd = -1, attributes_only = 0;
     if (sscanf(spec, "%d,%d", &fd, &attributes_only) != 2 || fd < 0 || argc != 2) _exit(CHILD_BAD_START);
     child_main(argv[1], attributes_only, fd);
@@ -332,7 +333,7 @@ int es_h5_check_heap(const char *path, int attributes_only, es_error *err) {
         env[k++] = spec;
         env[k++] = "OPENBLAS_NUM_THREADS=1";
         env[k] = NULL;
-        char *argv[] = {"essence-h5-heap-check", (char *)path, NULL};
+        char *argv[] = {CHILD_NAME, (char *)path, NULL};
         spawn_rc = posix_spawn_file_actions_adddup2(&actions, fds[1], child_fd);
         if (!spawn_rc) spawn_rc = posix_spawn(&pid, self, &actions, NULL, argv, env);
     } else if (!spawn_rc) {
