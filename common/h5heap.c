@@ -177,21 +177,38 @@ static void read_dataset_if_variable(const walk *w, hid_t file, const char *path
  * a group. Each object once (by address), MAX_DEPTH deep at most. */
 enum { MAX_DEPTH = 32, MAX_OBJECTS = 1 << 16 };
 
+/* Every attribute name the programs look up by name (grep es_h5_attr_get_ and H5Aopen): kept in
+ * step with them, since a lookup by name can succeed where listing fails. */
+static const char *const attributes_read_by_name[] = {
+    "format", "format_version", "layers", "fingerprint", "model_fingerprint", "tokenizer_fingerprint", "resume_key",
+    "hidden_size", "commit", "committed_samples", "committed_tokens", "config", "model_config", "layer_map", "sigma",
+    "seed", "created", "tool_version", "specials_template", "add_bos",
+};
+
 typedef struct {
     haddr_t addresses[MAX_OBJECTS];
     int n;
 } seen_objects;
 
 static void visit(const walk *w, hid_t file, const char *path, int depth, seen_objects *seen) {
-    H5O_info_t info;
-    if (depth > MAX_DEPTH || seen->n == MAX_OBJECTS ||
-        H5Oget_info_by_name2(file, path, &info, H5O_INFO_BASIC | H5O_INFO_NUM_ATTRS, H5P_DEFAULT) < 0)
+    H5O_info_t info, counted;
+    if (depth > MAX_DEPTH || seen->n == MAX_OBJECTS || H5Oget_info_by_name2(file, path, &info, H5O_INFO_BASIC, H5P_DEFAULT) < 0)
         return;
     for (int i = 0; i < seen->n; i++)
         if (seen->addresses[i] == info.addr) return;
     seen->addresses[seen->n++] = info.addr;
-    for (hsize_t i = 0; i < info.num_attrs; i++) {
+    hsize_t n_attributes = H5Oget_info_by_name2(file, path, &counted, H5O_INFO_NUM_ATTRS, H5P_DEFAULT) >= 0 ? counted.num_attrs : 0;
+    for (hsize_t i = 0; i < n_attributes; i++) {
         hid_t attr = H5Aopen_by_idx(file, path, H5_INDEX_NAME, H5_ITER_INC, i, H5P_DEFAULT, H5P_DEFAULT);
+        if (attr < 0) continue;
+        read_attribute(w, attr, path);
+        H5Aclose(attr);
+    }
+    /* A damaged attribute table may hide attributes from listing that a lookup by name still
+     * finds: those essence reads by name are read by name too. */
+    for (size_t i = 0; i < sizeof attributes_read_by_name / sizeof *attributes_read_by_name; i++) {
+        if (H5Aexists_by_name(file, path, attributes_read_by_name[i], H5P_DEFAULT) <= 0) continue;
+        hid_t attr = H5Aopen_by_name(file, path, attributes_read_by_name[i], H5P_DEFAULT, H5P_DEFAULT);
         if (attr < 0) continue;
         read_attribute(w, attr, path);
         H5Aclose(attr);
