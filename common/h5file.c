@@ -140,7 +140,16 @@ static int open_existing(es_h5file *file, const char *path, int partial, es_erro
 }
 
 int es_h5_open_partial(es_h5file *file, const char *path, es_error *err) {
-    return open_existing(file, path, 1, err);
+    int rc = open_existing(file, path, 1, err);
+    /* A run killed inside a flush can leave metadata on disk that points at space allocated after
+     * the superblock's end-of-allocation was last written (HDF5 then refuses to read it: "addr
+     * overflow"). The bytes are there: take everything up to the end of the file as allocated
+     * (for a file not cut short that way, the same value). */
+    if (!rc && H5Fincrement_filesize(file->id, 0) < 0) {
+        rc = es_fail(err, ES_ERR_DATA, "%s: cannot take up its written space: %s", file->open_path, es_h5_last_error());
+        es_h5_close(file, 0);
+    }
+    return rc;
 }
 
 int es_h5_open(es_h5file *file, const char *path, es_error *err) {

@@ -26,7 +26,9 @@ typedef struct es_h5file {
 
 /* Creates PATH.partial (replacing an old one). */
 int es_h5_create(es_h5file *file, const char *path, es_error *err);
-/* Reopens PATH.partial to continue writing it (--resume). ES_ERR_USAGE when there is none. */
+/* Reopens PATH.partial to continue writing it (--resume). ES_ERR_USAGE when there is none. Takes
+ * the whole file as allocated (a kill during a flush can leave the superblock's end-of-allocation
+ * short of metadata already on disk). */
 int es_h5_open_partial(es_h5file *file, const char *path, es_error *err);
 /* Opens a complete file read-only. A missing file is ES_ERR_USAGE; a file HDF5 cannot
  * read (truncated, not HDF5) is ES_ERR_DATA. */
