@@ -56,7 +56,8 @@ int es_h5_read_commit(es_h5file *file, es_commit_record *record, int *found, es_
  * the records. */
 int es_h5_drop_commits(es_h5file *file, const char *const *mark_names, es_error *err);
 
-/* What --resume finds at PATH.partial, looked at read-only (the file is not changed). */
+/* What --resume finds at PATH.partial, looked at without changing it (but for the superblock's
+ * end-of-allocation when a kill left it short: es_h5_open_partial). */
 typedef enum { ES_PARTIAL_ABSENT, ES_PARTIAL_UNCOMMITTED, ES_PARTIAL_COMMITTED, ES_PARTIAL_FINISHED } es_partial_state;
 /* ES_ERR_DATA (naming the file) when it exists but HDF5 cannot open it; ES_ERR_USAGE (from
  * es_resume_key_compare) when it holds a commit and its root attribute resume_key differs from

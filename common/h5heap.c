@@ -132,7 +132,7 @@ static void read_dataset(const walk *w, hid_t dataset, const char *name) {
     void *buffer = malloc((size_t)row_elements * size * ROWS_PER_READ + 1);
     for (hsize_t first = 0; buffer && first < dims[0]; first += ROWS_PER_READ) {
         hsize_t rows = dims[0] - first < ROWS_PER_READ ? dims[0] - first : ROWS_PER_READ;
-        for (hsize_t row = first, step = rows; row < first + rows; row += step) {
+        for (hsize_t row = first, step = rows; row < first + rows;) {
             say(w, "rows %llu..%llu of %s", (unsigned long long)row, (unsigned long long)(row + step - 1), name);
             hsize_t start[H5S_MAX_RANK] = {row}, count[H5S_MAX_RANK] = {step};
             for (int i = 1; i < rank; i++) count[i] = dims[i];
@@ -142,7 +142,8 @@ static void read_dataset(const walk *w, hid_t dataset, const char *name) {
             if (ok) H5Dvlen_reclaim(memory_type, memory, H5P_DEFAULT, buffer);
             else stop_if_out_of_memory(w);
             if (memory >= 0) H5Sclose(memory);
-            if (!ok && step > 1) step = 1, row -= 1; /* again from this row, one at a time (row += 1 next) */
+            if (!ok && step > 1) step = 1; /* again from this row, one at a time */
+            else row += step;
         }
     }
     free(buffer);
@@ -159,15 +160,8 @@ static void read_dataset_if_variable(const walk *w, hid_t file, const char *path
     int wanted = has_variable_data(type);
     if (type >= 0) H5Tclose(type);
     /* A filter we lack: the parent names it (es_h5_check_filters) rather than read it. */
-    hid_t dcpl = wanted ? H5Dget_create_plist(dataset) : -1;
-    int filters = dcpl >= 0 ? H5Pget_nfilters(dcpl) : 0;
-    for (int i = 0; wanted && i < filters; i++) {
-        unsigned flags = 0, config = 0;
-        size_t n_values = 0;
-        H5Z_filter_t filter = H5Pget_filter2(dcpl, (unsigned)i, &flags, &n_values, NULL, 0, NULL, &config);
-        if (filter < 0 || H5Zfilter_avail(filter) <= 0) wanted = 0;
-    }
-    if (dcpl >= 0) H5Pclose(dcpl);
+    es_error ignored = {0};
+    if (wanted && es_h5_check_filters(dataset, path, &ignored) != ES_OK) wanted = 0;
     if (wanted) read_dataset(w, dataset, path);
     H5Dclose(dataset);
 }
