@@ -1,5 +1,5 @@
 # essence — build, test, benchmark, fuzz, install.  See README.md.
-#   make            CPU programs (+ CUDA objects when nvcc is found) into build/
+#   make            CPU programs (+ the CUDA backend, build/libessence-cuda.so, when nvcc is found) into build/
 #   make deps       install missing Debian packages and the Python test venv (.venv)
 #   make test       every test; ends with "N passed, M failed[, K skipped]"
 #   make bench      benchmarks, side by side with their baselines
@@ -7,7 +7,7 @@
 #   make sanitize   the whole test suite again on an AddressSanitizer + UBSan build (build-sanitize/),
 #                   then each program once under valgrind memcheck
 #   make soak       a long run: >= 1 M tokens through the three stages, peak memory by corpus size
-#   make install    PREFIX=/usr/local: programs, libh5zstd.so HDF5 plugin
+#   make install    PREFIX=/usr/local: programs, libh5zstd.so HDF5 plugin, the CUDA backend
 #   make demo       the README's first command
 
 PREFIX ?= /usr/local
@@ -32,7 +32,10 @@ KERNEL_SRC := $(wildcard kernels/*.c kernels/cpu/*.c)
 LIB_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(COMMON_SRC) $(KERNEL_SRC))
 LIB := $(BUILD)/libessence.a
 
-# CUDA: compiled and linked whenever nvcc exists; run only by tests/gpu/ on a GPU machine.
+# CUDA: compiled whenever nvcc exists, into a shared library the programs load only for
+# --device cuda (kernels/backend.c), so that CPU runs never map cuBLASLt and the CUDA runtime;
+# its code calls back into the program's own libessence, hence the programs export their symbols
+# and carry the whole library. Run only by tests/gpu/ on a GPU machine.
 CUDA_HOME ?= /usr/local/cuda
 NVCC := $(shell command -v nvcc 2>/dev/null || { test -x $(CUDA_HOME)/bin/nvcc && echo $(CUDA_HOME)/bin/nvcc; })
 CUDA_ARCHS := -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_100a,code=sm_100a \
@@ -40,9 +43,13 @@ CUDA_ARCHS := -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_100a,c
 ifneq ($(NVCC),)
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 CU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(CU_SRC))
+CUDA_PLUGIN := $(BUILD)/libessence-cuda.so
 ALL_CFLAGS += -DES_HAVE_CUDA -I$(CUDA_HOME)/include
-LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
+LIB_LINK = -Wl,--whole-archive $(LIB) -Wl,--no-whole-archive -rdynamic -ldl
+else
+LIB_LINK = $(LIB)
 endif
+LINK = $(CC) $(ALL_CFLAGS) -o $@ $(filter-out $(LIB),$^) $(LIB_LINK) $(LDLIBS)
 
 # MPI (data-parallel essence-align on the CPU): used when mpicc is found. Only align/comm.c
 # includes it and only essence-align links it.
@@ -71,13 +78,13 @@ TOOL_SRC := $(wildcard tests/tools/*.c)
 TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(TOOL_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
 BENCHES := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
-GPU_TEST_SRC := $(if $(NVCC),$(wildcard tests/gpu/test_*.c))
+GPU_TEST_SRC := $(if $(NVCC),$(wildcard tests/gpu/test_*.c tests/gpu/bench_*.c))
 GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/gpu/%,$(GPU_TEST_SRC))
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
 .PHONY: all deps test bench fuzz fuzzers sanitize soak install demo clean cuda-note
-all: cuda-note $(PROGRAMS) $(PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
+all: cuda-note $(PROGRAMS) $(PLUGIN) $(CUDA_PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
 
 cuda-note:
 ifeq ($(NVCC),)
@@ -90,26 +97,29 @@ $(BUILD)/obj/%.o: %.c
 
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -O2 -std=c++17 $(CUDA_ARCHS) -Icommon -Ikernels -Xcompiler -Wall,-Wextra,-Werror -c $< -o $@
+	$(NVCC) -O2 -std=c++17 $(CUDA_ARCHS) -MMD -MP -Icommon -Ikernels -Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror -c $< -o $@
 
-$(LIB): $(LIB_OBJ) $(CU_OBJ)
+$(CUDA_PLUGIN): $(CU_OBJ)
+	g++ -shared -Wl,-soname,libessence-cuda.so -o $@ $^ -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart
+
+$(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/essence-inspect: $(patsubst %.c,$(BUILD)/obj/%.o,$(INSPECT_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 $(BUILD)/essence-extract: $(patsubst %.c,$(BUILD)/obj/%.o,$(EXTRACT_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 $(BUILD)/essence-project: $(patsubst %.c,$(BUILD)/obj/%.o,$(PROJECT_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 $(BUILD)/essence-run: $(patsubst %.c,$(BUILD)/obj/%.o,$(RUN_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 $(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) $(MPI_LIBS)
+	$(LINK) $(MPI_LIBS)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
 # function, so it loads into any HDF5 1.10+ whatever version the reader was built with.
@@ -122,34 +132,34 @@ $(PLUGIN): common/h5zstd.c common/h5zstd.h
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 # The Slurm executor's unit test also links essence-run's plan code (all of pipelines/run*.c but main).
 $(BUILD)/tests/test_run_slurm: $(BUILD)/obj/tests/unit/test_run_slurm.o $(patsubst %.c,$(BUILD)/obj/%.o,$(filter-out pipelines/run.c,$(RUN_SRC))) $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 # The op harness (tests/ops/, docs/ops-harness.md): linked by the CPU run and by the CUDA run.
 OPS_HARNESS_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/ops/*.c))
 $(BUILD)/tests/test_ops: $(BUILD)/obj/tests/unit/test_ops.o $(OPS_HARNESS_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
-$(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LIB)
+	$(LINK)
+$(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LIB) $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK) -Wl,-rpath,'$$ORIGIN/..'
 
 $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 # GPU checks: built wherever nvcc is, run only by tests/gpu/run.sh on a GPU machine.
-$(BUILD)/gpu/%: $(BUILD)/obj/tests/gpu/%.o $(LIB)
+$(BUILD)/gpu/%: $(BUILD)/obj/tests/gpu/%.o $(LIB) $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK) -Wl,-rpath,'$$ORIGIN/..' -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart
 
 $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS)
+	$(LINK)
 
 # ---- dependencies -------------------------------------------------------------------
 DEB_PACKAGES := gcc make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
@@ -228,6 +238,7 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/hdf5/plugin
 	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
 	install -m 755 $(PLUGIN) $(DESTDIR)$(PREFIX)/lib/hdf5/plugin/
+	$(if $(CUDA_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/essence && install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(PREFIX)/lib/essence/)
 	install -d $(DESTDIR)$(PREFIX)/share/essence/slurm
 	install -m 644 $(wildcard pipelines/slurm/*) $(DESTDIR)$(PREFIX)/share/essence/slurm/
 	@echo "installed; for h5dump and plain h5py: export HDF5_PLUGIN_PATH=$(PREFIX)/lib/hdf5/plugin"

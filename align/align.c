@@ -386,7 +386,9 @@ int main(int argc, char **argv) {
     if (es_device_open(&dev, &device_options, &err)) fail(&comm, &err);
     es_device_log(dev);
     /* Checkpoints, the all-reduce and --dump-step read the master weights and gradients in place. */
-    if (!dev->host_memory) es_fail(&err, ES_ERR_USAGE, "%s: essence-align needs a device whose memory is the host's", dev->name), fail(&comm, &err);
+    if (!dev->host_memory)
+        es_fail(&err, ES_ERR_RUNTIME, "--device %s: training on the CUDA backend is not written yet (its backward ops and "
+                "optimizer are missing); use --device cpu", es_config_str(&cfg, "device")), fail(&comm, &err);
     const int seq_len = (int)es_config_int(&cfg, "seq-len"), batch_tokens = (int)es_config_int(&cfg, "batch-tokens");
     /* a rank's micro-batch: the token budget, one piece more when the global batch is cut over ranks */
     const int max_tokens = comm.world == 1 ? (batch_tokens > seq_len ? batch_tokens : seq_len) : batch_tokens + seq_len;

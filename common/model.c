@@ -268,7 +268,7 @@ int es_model_tensor_list(const es_model_config *c, int n_layers, int with_head, 
     return n;
 }
 
-float **es_layer_slot(es_layer_weights *w, int part) { return (float **)((char *)w + layer_tensors[part].offset); }
+void **es_layer_slot(es_layer_weights *w, int part) { return (void **)((char *)w + layer_tensors[part].offset); }
 
 int es_model_open(const char *dir, int n_layers, int with_head, es_model_store *store, es_error *err) {
     memset(store, 0, sizeof *store);

@@ -39,18 +39,21 @@ void es_rope_inv_freq(const es_model_config *config, double *inv_freq);
 
 /* One decoder layer's weights in device memory, in the backend's weight format (the CPU's is
  * fp32). The parts are also numbered (ES_PART_*), in the order of the layer's tensor table. */
+/* Device memory, in the format of whoever filled it in: a layer stream's weights are in the
+ * device's weight format (dev->weight_dtype: fp32 on the CPU, bf16 on CUDA); the training's
+ * master weights, their gradients and moments are fp32 (kernels/weights.h). */
 typedef struct es_layer_weights {
-    float *input_norm;                       /* (C) */
-    float *q, *k, *v, *o;                    /* (H*hd, C), (KV*hd, C), (KV*hd, C), (C, H*hd) */
-    float *q_bias, *k_bias, *v_bias, *o_bias; /* (H*hd), (KV*hd), (KV*hd), (C) or NULL */
-    float *post_norm;                        /* (C) */
-    float *gate, *up, *down;                 /* (I, C), (I, C), (C, I) */
-    float *gate_bias, *up_bias, *down_bias;  /* (I), (I), (C) or NULL */
+    void *input_norm;                        /* (C) */
+    void *q, *k, *v, *o;                     /* (H*hd, C), (KV*hd, C), (KV*hd, C), (C, H*hd) */
+    void *q_bias, *k_bias, *v_bias, *o_bias; /* (H*hd), (KV*hd), (KV*hd), (C) or NULL */
+    void *post_norm;                         /* (C) */
+    void *gate, *up, *down;                  /* (I, C), (I, C), (C, I) */
+    void *gate_bias, *up_bias, *down_bias;   /* (I), (I), (C) or NULL */
 } es_layer_weights;
 
 enum { ES_LAYER_PARTS = 16 };
 /* The slot of part p (0 <= p < ES_LAYER_PARTS) in w. */
-float **es_layer_slot(es_layer_weights *w, int part);
+void **es_layer_slot(es_layer_weights *w, int part);
 
 /* A tensor a checkpoint holds: its Hugging Face name and shape (cols 0: a vector). */
 typedef struct es_tensor_spec {

@@ -26,6 +26,7 @@
 #include "resume.h"
 #include "stream.h"
 #include "teacher.h"
+#include "batches.h"
 
 #define TOOL_VERSION "essence 0.1"
 
@@ -75,94 +76,6 @@ static int parse_layers(const char *text, int n_layers, int **layers, int *count
             (*layers)[j] = (*layers)[j - 1], (*layers)[j - 1] = swap;
         }
     return ES_OK;
-}
-
-typedef struct batch {
-    extract_sample *samples;
-    int n, cap;
-    int tokens;
-} batch;
-
-/* The teacher on its device: the checkpoint, the decoder's activations and the layer stream. */
-typedef struct teacher_model {
-    es_device *dev;
-    es_model_store store;
-    es_decoder *decoder;
-    es_layer_stream *layers;
-    int deepest;
-} teacher_model;
-
-/* Collects the rows of the stored layers as the forward pass produces them. */
-typedef struct collector {
-    es_device *dev;
-    const int *layers;
-    int n_layers, width;
-    float **rows; /* per stored layer: (T, width) host */
-} collector;
-
-static int collect(void *ctx, int layer, const float *hidden, int T, es_error *err) {
-    collector *c = ctx;
-    for (int i = 0; i < c->n_layers; i++)
-        if (c->layers[i] == layer) {
-            int rc = es_device_download(c->dev, c->rows[i], hidden, (size_t)T * c->width * sizeof(float), err);
-            if (rc) return rc;
-        }
-    return ES_OK;
-}
-
-/* A stored hidden state that is inf or NaN is refused, not recorded (docs/extract.md): it names
- * the sample, the layer and the token. */
-static int check_finite(const batch *b, const int32_t *seq_start, const collector *c, const char *data, const char *model_dir,
-                        es_error *err) {
-    for (int i = 0; i < c->n_layers; i++)
-        for (int s = 0; s < b->n; s++)
-            for (int t = seq_start[s]; t < seq_start[s + 1]; t++) {
-                const float *row = c->rows[i] + (size_t)t * c->width;
-                for (int k = 0; k < c->width; k++)
-                    if (!isfinite(row[k]))
-                        return es_fail(err, ES_ERR_DATA,
-                                       "%s:%ld: sample \"%s\": the teacher's hidden state at layer %d, token %d is not finite "
-                                       "(%g): the weights in %s overflow fp32 or hold inf/NaN at or before layer %d; check the "
-                                       "checkpoint (nothing of this batch was stored)",
-                                       data, b->samples[s].line, b->samples[s].id ? b->samples[s].id : "", c->layers[i],
-                                       t - seq_start[s], (double)row[k], model_dir, c->layers[i]);
-            }
-    return ES_OK;
-}
-
-static int run_batch(teacher_model *teacher, batch *b, teacher_writer *writer, collector *c, const char *data, const char *model_dir, es_error *err) {
-    int32_t *ids = malloc((size_t)b->tokens * sizeof *ids), *seq_start = malloc((size_t)(b->n + 1) * sizeof *seq_start);
-    int rc = ids && seq_start ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    for (int i = 0; !rc && i < c->n_layers; i++)
-        if (!(c->rows[i] = malloc((size_t)b->tokens * c->width * sizeof(float)))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    int at = 0;
-    for (int s = 0; !rc && s < b->n; s++) {
-        seq_start[s] = at;
-        memcpy(ids + at, b->samples[s].ids, (size_t)b->samples[s].n_tokens * sizeof *ids);
-        at += b->samples[s].n_tokens;
-    }
-    if (!rc) seq_start[b->n] = at;
-    const es_decoder_batch tokens = {ids, seq_start, b->n};
-    const es_tensor *embed = teacher->store.embed;
-    if (!rc) rc = es_decoder_forward(teacher->decoder, &tokens, embed->data, embed->dtype, teacher->layers, teacher->deepest, NULL,
-                                     collect, c, err);
-    if (!rc) rc = check_finite(b, seq_start, c, data, model_dir, err);
-    const float **sample_rows = malloc((size_t)c->n_layers * sizeof *sample_rows);
-    if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    for (int s = 0; !rc && s < b->n; s++) {
-        const extract_sample *sample = &b->samples[s];
-        for (int i = 0; i < c->n_layers; i++) sample_rows[i] = c->rows[i] + (size_t)seq_start[s] * c->width;
-        rc = teacher_add(writer, sample->id, sample->text ? sample->text : "", sample->text ? sample->text_len : 0,
-                         sample->truncated, sample->add_special_tokens, sample->ids, (const int32_t(*)[2])sample->spans,
-                         sample->n_tokens, sample_rows, err);
-    }
-    if (!rc) rc = teacher_commit(writer, err);
-    free(sample_rows);
-    for (int i = 0; i < c->n_layers; i++) free(c->rows[i]), c->rows[i] = NULL;
-    for (int s = 0; s < b->n; s++) extract_sample_free(&b->samples[s]);
-    b->n = b->tokens = 0;
-    free(ids), free(seq_start);
-    return rc;
 }
 
 /* The checkpoint up to the deepest stored layer, activations for the largest batch (the token
@@ -302,8 +215,11 @@ int main(int argc, char **argv) {
 
     // 5. Batches of whole samples under the token budget, committed one by one.
     rc = extract_input_skip(&input, first + done, &err);
-    batch b = {0};
-    collector c = {dev, layers, n_layers, model_config.hidden_size, calloc((size_t)n_layers, sizeof(float *))};
+    extract_batch b = {0};
+    extract_batches *batches = NULL;
+    if (!rc)
+        rc = extract_batches_start(&batches, &teacher, &writer, layers, n_layers, model_config.hidden_size,
+                                   batch_tokens > max_seq ? batch_tokens : max_seq, data, model_dir, &err);
     es_progress progress;
     es_progress_start(&progress, "extract", "samples", end - first);
     es_progress_add(&progress, done);
@@ -317,27 +233,22 @@ int main(int argc, char **argv) {
         if (b.n && b.tokens + sample.n_tokens > batch_tokens) {
             int n = b.n;
             es_progress_add_tokens(&progress, b.tokens);
-            rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
+            rc = extract_batches_run(batches, &b, &err);
             es_progress_add(&progress, n);
-        }
-        if (b.n == b.cap) {
-            b.cap = b.cap ? 2 * b.cap : 64;
-            b.samples = realloc(b.samples, (size_t)b.cap * sizeof *b.samples);
-            if (!b.samples) rc = es_fail(&err, ES_ERR_RUNTIME, "out of memory");
         }
         if (rc) {
             extract_sample_free(&sample);
             break;
         }
-        b.samples[b.n++] = sample;
-        b.tokens += sample.n_tokens;
+        rc = extract_batch_add(&b, &sample, &err);
     }
     if (!rc && b.n) {
         int n = b.n;
         es_progress_add_tokens(&progress, b.tokens);
-        rc = run_batch(&teacher, &b, &writer, &c, data, model_dir, &err);
+        rc = extract_batches_run(batches, &b, &err);
         es_progress_add(&progress, n);
     }
+    if (batches) rc = extract_batches_finish(batches, rc, &err); /* the writer's last commit */
     es_progress_finish(&progress);
 
     // 6. What made this file.
@@ -369,8 +280,8 @@ int main(int argc, char **argv) {
     if (!rc) rc = teacher_finish(&writer, attributes, (int)(sizeof attributes / sizeof *attributes / 2), &err);
     else teacher_abandon(&writer, err.code == ES_ERR_DATA || writer.committed == 0); /* docs/extract.md: what a failed run keeps */
     if (!rc) es_log("wrote %s: %lld samples, %lld tokens", out, (long long)(end - first), (long long)tokens_written);
-    for (int s = 0; s < b.n; s++) extract_sample_free(&b.samples[s]); /* a batch an error left unrun */
-    free(yaml), free(yaml_results), free(config_text), free(layers), free(c.rows), free(b.samples), free(key_text);
+    extract_batch_free(&b); /* a batch an error left unrun */
+    free(yaml), free(yaml_results), free(config_text), free(layers), free(key_text);
     extract_input_close(&input);
     teacher_close(&teacher);
     if (!rc) es_device_log_peak(dev);

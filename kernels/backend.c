@@ -2,11 +2,14 @@
 #include "backend.h"
 
 #include <ctype.h>
+#include <dlfcn.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend_impl.h"
 #include "log.h"
@@ -78,6 +81,43 @@ int es_device_options_from_config(const es_config *cfg, es_device_options *out, 
 
 /* ---- the device -------------------------------------------------------------------------- */
 
+#ifdef ES_HAVE_CUDA
+/* The CUDA backend is a shared library loaded only when a program asks for it (Makefile): beside
+ * the program (build/), one folder up (build/gpu/, build/tests/), or in ../lib/essence (installed);
+ * $ESSENCE_CUDA_BACKEND names another. */
+static int open_cuda(es_device *dev, const es_device_options *options, es_error *err) {
+    static const char *const places[] = {"%s/libessence-cuda.so", "%s/../libessence-cuda.so", "%s/../lib/essence/libessence-cuda.so"};
+    char exe[PATH_MAX], path[PATH_MAX + 64], tried[3 * (PATH_MAX + 64)] = "";
+    const char *chosen = getenv("ESSENCE_CUDA_BACKEND");
+    void *handle = NULL;
+    if (chosen && *chosen) {
+        handle = dlopen(chosen, RTLD_NOW | RTLD_LOCAL);
+        if (!handle)
+            return es_fail(err, ES_ERR_RUNTIME, "--device cuda: cannot load the CUDA backend $ESSENCE_CUDA_BACKEND=%s: %s", chosen,
+                           dlerror());
+    } else {
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[n > 0 ? n : 0] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash) *slash = '\0';
+        const char *why = "";
+        for (size_t i = 0; !handle && i < sizeof places / sizeof *places; i++) {
+            snprintf(path, sizeof path, places[i], exe);
+            if (access(path, F_OK)) continue;
+            if (!(handle = dlopen(path, RTLD_NOW | RTLD_LOCAL))) why = dlerror();
+            snprintf(tried + strlen(tried), sizeof tried - strlen(tried), "%s%s", *tried ? ", " : "", path);
+        }
+        if (!handle)
+            return es_fail(err, ES_ERR_RUNTIME, "--device cuda: cannot load the CUDA backend (libessence-cuda.so %s%s%s); use --device cpu",
+                           *tried ? "at " : "not found beside the program", tried, *why ? why : "");
+    }
+    int (*open_fn)(es_device *, const es_device_options *, es_error *) = NULL;
+    *(void **)&open_fn = dlsym(handle, "es_cuda_open");
+    if (!open_fn) return es_fail(err, ES_ERR_RUNTIME, "--device cuda: the CUDA backend has no es_cuda_open: %s", dlerror());
+    return open_fn(dev, options, err); /* the library stays loaded for the process */
+}
+#endif
+
 int es_device_open(es_device **out, const es_device_options *options, es_error *err) {
     *out = NULL;
     es_device *dev = calloc(1, sizeof *dev);
@@ -88,10 +128,10 @@ int es_device_open(es_device **out, const es_device_options *options, es_error *
         rc = es_cpu_open(dev, options, err);
     } else {
 #ifdef ES_HAVE_CUDA
-        rc = es_fail(err, ES_ERR_USAGE, "--device cuda: the CUDA backend's ops are not written yet (this build has its bf16 "
-                                        "conversion kernels only); use --device cpu");
+        rc = open_cuda(dev, options, err);
 #else
-        rc = es_fail(err, ES_ERR_USAGE, "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
+        rc = es_fail(err, ES_ERR_RUNTIME, "--device cuda: this build has no CUDA backend (nvcc was not found when it was built); "
+                                          "use --device cpu");
 #endif
     }
     if (rc) {
@@ -147,6 +187,41 @@ int es_device_zero(es_device *dev, void *ptr, size_t bytes, es_error *err) {
 int es_device_sync(es_device *dev, es_error *err) { PASS_THROUGH(dev->ops->sync(dev)); }
 int es_device_load_begin(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_begin(dev, job)); }
 int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_wait(dev, job)); }
+void *es_device_host_alloc(es_device *dev, size_t bytes) {
+    if (dev->ops->host_alloc) return dev->ops->host_alloc(dev, bytes ? bytes : 1);
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 1) ? NULL : p;
+}
+void es_device_host_free(es_device *dev, void *ptr) {
+    if (!ptr) return;
+    if (dev->ops->host_free) dev->ops->host_free(dev, ptr);
+    else free(ptr);
+}
+int es_device_download_begin(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err) {
+    if (!dev->ops->download_begin) return es_device_download(dev, dst, src, bytes, err);
+    PASS_THROUGH(bytes && dev->ops->download_begin(dev, dst, src, bytes));
+}
+int es_device_download_wait(es_device *dev, es_error *err) { PASS_THROUGH(dev->ops->download_wait && dev->ops->download_wait(dev)); }
+
+int es_device_load_prepare(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype, es_error *err) {
+    PASS_THROUGH(dev->ops->load_prepare && dev->ops->load_prepare(dev, tensors, n, dtype));
+}
+
+int es_device_upload_weights(es_device *dev, void *dst, const float *src, size_t n, es_error *err) {
+    if (dev->weight_dtype == ES_DT_F32) return es_device_upload(dev, dst, src, n * sizeof *src, err);
+    if (dev->weight_dtype != ES_DT_BF16) return es_fail(err, ES_ERR_RUNTIME, "%s: weights in %s", dev->name, es_dtype_name(dev->weight_dtype));
+    enum { CHUNK = 1 << 20 }; /* values per staging buffer */
+    uint16_t *staging = malloc((n < CHUNK ? n : CHUNK) * sizeof *staging + 1);
+    if (!staging) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    int rc = ES_OK;
+    for (size_t at = 0; !rc && at < n; at += CHUNK) {
+        const size_t part = n - at < CHUNK ? n - at : CHUNK;
+        es_f32_to_bf16_array(staging, src + at, part);
+        rc = es_device_upload(dev, (uint16_t *)dst + at, staging, part * sizeof *staging, err);
+    }
+    free(staging);
+    return rc;
+}
 
 /* ---- the workspace ----------------------------------------------------------------------- */
 

@@ -66,14 +66,18 @@ typedef struct es_backend es_backend;
 void es_device_prepare(char **argv);
 
 /* A unit of layer loading: tensors in their file dtype (host, e.g. mapped safetensors)
- * brought into device memory in the backend's weight format, asynchronously on the
- * device's copy stream (on the CPU: its loader thread). */
+ * brought into device memory as `dtype` (the device's weight format, or fp32 for training's
+ * master weights; a backend refuses a dtype it does not write), asynchronously on the
+ * device's copy stream (on the CPU: its loader thread; on CUDA: a copy stream the compute
+ * stream waits for, so es_device_load_wait does not block the host there). */
 typedef struct es_load_job {
     int n;
     const es_tensor *const *src; /* [n] */
-    float *const *dst;           /* [n] device memory, es_tensor_numel floats each */
+    void *const *dst;            /* [n] device memory, es_tensor_numel elements of `dtype` each */
+    es_dtype dtype;
     /* owned by the backend */
     int state;                   /* 0 idle, 1 queued, 2 done */
+    void *impl;                  /* the backend's own (CUDA: the event the compute stream waits for) */
     int rc;
     es_error error;
     struct es_load_job *next;
@@ -98,6 +102,7 @@ typedef struct es_device {
     es_device_kind kind;
     char name[160];         /* for logs: "cpu (2 threads, OpenBLAS SkylakeX)" */
     int host_memory;        /* device memory is host memory: callers may read and write it in place */
+    es_dtype weight_dtype;  /* what the ops read weights in (ops.h): ES_DT_F32 on the CPU, ES_DT_BF16 on CUDA */
     int batch_independent;  /* a token's results are the same bits whatever else shares its batch */
     size_t max_memory;      /* the budget */
     size_t used, peak;      /* bytes held now, and the most ever held */
@@ -120,12 +125,30 @@ void es_device_free(es_device *dev, void *ptr, size_t bytes);
 int es_device_upload(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 int es_device_download(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 int es_device_zero(es_device *dev, void *ptr, size_t bytes, es_error *err);
+/* Host memory that device copies reach fastest (CUDA: pinned), not counted against the budget;
+ * NULL when the host has no more. */
+void *es_device_host_alloc(es_device *dev, size_t bytes);
+void es_device_host_free(es_device *dev, void *ptr);
+/* Starts copying device memory src into host memory dst (best from es_device_host_alloc) after
+ * everything queued on the compute stream so far; ops queued after this returns may overwrite src
+ * at once (the backend takes its copy first), and dst is complete once es_device_download_wait
+ * returns, which waits for every copy begun. The CPU copies at once. */
+int es_device_download_begin(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
+int es_device_download_wait(es_device *dev, es_error *err);
+/* Host fp32 values into device memory in the device's weight format (dev->weight_dtype). */
+int es_device_upload_weights(es_device *dev, void *dst, const float *src, size_t n, es_error *err);
 /* Waits for everything queued on the compute stream. */
 int es_device_sync(es_device *dev, es_error *err);
 
-/* Layer loading on the copy stream: begin queues the job, wait returns when it is done. */
+/* Layer loading on the copy stream: begin queues the job (after everything the compute stream
+ * holds so far: a slot in use is not overwritten under it), wait returns when ops queued after
+ * it will see the weights (on the CPU: when they are in place). */
 int es_device_load_begin(es_device *dev, es_load_job *job, es_error *err);
 int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err);
+/* Says that these tensors will be loaded again and again as `dtype` (a layer stream through
+ * slots), so that the backend may keep them where its copy stream reads them fastest (CUDA:
+ * pinned host memory, not counted against --max-memory). */
+int es_device_load_prepare(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype, es_error *err);
 
 /* Makes the workspace at least as large as the backend estimates that plan needs. */
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err);

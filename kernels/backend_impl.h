@@ -25,12 +25,21 @@ struct es_backend {
     /* the copy stream */
     int (*load_begin)(es_device *dev, es_load_job *job);
     int (*load_wait)(es_device *dev, es_load_job *job);
+    /* Optional: these tensors will be loaded again and again (a layer stream through slots);
+     * keep them where the copy stream reads them fastest (CUDA: pinned host memory). */
+    int (*load_prepare)(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype);
     size_t (*workspace_estimate)(const es_device *dev, const es_workspace_plan *plan);
+    /* Optional (NULL: malloc, and downloads that wait): host memory for copies, and copies to the
+     * host that overlap the ops queued after them. */
+    void *(*host_alloc)(es_device *dev, size_t bytes);
+    void (*host_free)(es_device *dev, void *ptr);
+    int (*download_begin)(es_device *dev, void *dst, const void *src, size_t bytes);
+    int (*download_wait)(es_device *dev);
 
     /* ops */
     int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);
-    int (*rmsnorm_forward)(es_device *, float *, const float *, const float *, int, int, float);
-    int (*matmul_forward)(es_device *, float *, const float *, const float *, const float *, int, int, int);
+    int (*rmsnorm_forward)(es_device *, float *, const float *, const void *, int, int, float);
+    int (*matmul_forward)(es_device *, float *, const float *, const void *, const void *, int, int, int);
     int (*rope_forward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_forward)(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int,
                              int);
@@ -61,7 +70,9 @@ struct es_backend {
                             es_fourier_timing *);
 };
 
-/* The backends' open functions (kernels/cpu/backend.c; the CUDA backend's comes with its ops). */
+/* The backends' open functions (kernels/cpu/backend.c; kernels/cuda/backend.cu, in the CUDA
+ * backend's shared library, found by kernels/backend.c with dlsym). */
 int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err);
+int es_cuda_open(es_device *dev, const es_device_options *options, es_error *err);
 
 #endif

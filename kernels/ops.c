@@ -17,12 +17,12 @@ int es_embedding_forward(es_device *dev, float *out, const int32_t *ids, const v
     DISPATCH(embedding_forward, out, ids, table, dtype, T, C);
 }
 
-int es_rmsnorm_forward(es_device *dev, float *out, const float *in, const float *weight, int T, int C, float eps) {
+int es_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps) {
     assert(T >= 0 && C > 0 && weight);
     DISPATCH(rmsnorm_forward, out, in, weight, T, C, eps);
 }
 
-int es_matmul_forward(es_device *dev, float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
+int es_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC) {
     assert(T >= 0 && C > 0 && OC > 0 && out != in);
     DISPATCH(matmul_forward, out, in, weight, bias, T, C, OC);
 }

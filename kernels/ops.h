@@ -22,8 +22,9 @@
 
 /* ---- decoder layer, forward ------------------------------------------------------------ */
 
-/* out[t] = table[ids[t]]. The table is device memory in fp32, or (any float dtype) a host
- * mapping of the checkpoint, which a backend reads row by row. */
+/* out[t] = table[ids[t]]. The table is device memory in the device's weight format
+ * (dtype == dev->weight_dtype), or (any float dtype) a host mapping of the checkpoint, which a
+ * backend reads row by row. */
 int es_embedding_forward(es_device *dev,
                          float *out,              // (T, C)
                          const int32_t *ids,      // (T)
@@ -34,16 +35,17 @@ int es_embedding_forward(es_device *dev,
 int es_rmsnorm_forward(es_device *dev,
                        float *out,                // (T, C)
                        const float *in,           // (T, C)
-                       const float *weight,       // (C)
+                       const void *weight,        // (C) in dev->weight_dtype
                        int T, int C, float eps);
 
-/* out = in @ weightᵀ + bias. A token's row does not depend on how many other tokens share the
+/* out = in @ weightᵀ + bias, weight and bias in dev->weight_dtype (fp32 on the CPU, bf16 on
+ * CUDA, whose products take bf16 inputs with fp32 accumulation). A token's row does not depend on how many other tokens share the
  * call (fixed blocks of rows; docs/engine.md says where that holds bit for bit). */
 int es_matmul_forward(es_device *dev,
                       float *out,                 // (T, OC)
                       const float *in,            // (T, C)
-                      const float *weight,        // (OC, C)
-                      const float *bias,          // (OC) or NULL
+                      const void *weight,         // (OC, C) in dev->weight_dtype
+                      const void *bias,           // (OC) in dev->weight_dtype, or NULL
                       int T, int C, int OC);
 
 /* Rotary embedding in place, Hugging Face's rotate-half convention; angles in double. */

@@ -8,13 +8,13 @@
 #include "log.h"
 
 typedef struct slot {
-    float *arena;                    // (floats) device memory
-    size_t floats;
+    char *arena;                     // (bytes) device memory, weights in dev->weight_dtype
+    size_t bytes;
     int layer;                       /* the layer it holds or is bringing in; 0: none */
     int loading, held;
     es_layer_weights weights;        /* into arena */
     const es_tensor *src[ES_LAYER_PARTS];
-    float *dst[ES_LAYER_PARTS];
+    void *dst[ES_LAYER_PARTS];
     es_load_job job;
 } slot;
 
@@ -28,22 +28,34 @@ struct es_layer_stream {
     es_layer_weights *external;      /* es_stream_resident's */
 };
 
+/* A tensor's room in a slot: its elements in the weight format, rounded up to 256 bytes so
+ * that every tensor starts aligned for vector loads and tensor-core products. */
+static size_t tensor_bytes(const es_tensor *t, size_t element) { return (es_tensor_numel(t) * element + 255) / 256 * 256; }
+
+static size_t layer_bytes(const es_layer_view *view, size_t element) {
+    size_t bytes = 0;
+    for (int part = 0; part < ES_LAYER_PARTS; part++)
+        if (view->part[part]) bytes += tensor_bytes(view->part[part], element);
+    return bytes;
+}
+
 /* Starts bringing `layer` into s. */
 static int begin_load(es_layer_stream *stream, slot *s, int layer, es_error *err) {
     const es_layer_view *view = &stream->store->layers[layer - 1];
+    const size_t element = es_dtype_size(stream->dev->weight_dtype);
     int n = 0;
     size_t at = 0;
     memset(&s->weights, 0, sizeof s->weights);
     for (int part = 0; part < ES_LAYER_PARTS; part++) {
         const es_tensor *t = view->part[part];
         if (!t) continue;
-        float *dst = s->arena + at;
-        at += es_tensor_numel(t);
+        void *dst = s->arena + at;
+        at += tensor_bytes(t, element);
         *es_layer_slot(&s->weights, part) = dst;
         s->src[n] = t, s->dst[n] = dst, n++;
     }
-    assert(at <= s->floats);
-    s->job = (es_load_job){.n = n, .src = s->src, .dst = s->dst};
+    assert(at <= s->bytes);
+    s->job = (es_load_job){.n = n, .src = s->src, .dst = s->dst, .dtype = stream->dev->weight_dtype};
     s->layer = layer;
     int rc = es_device_load_begin(stream->dev, &s->job, err);
     s->loading = !rc;
@@ -62,26 +74,44 @@ static int finish_load(es_layer_stream *stream, slot *s, es_error *err) {
     return rc;
 }
 
+/* Layers that pass through slots come in again for every batch: the backend may keep them
+ * where its copy stream reads them fastest. */
+static int prepare_layers(es_layer_stream *stream, es_error *err) {
+    size_t n = 0;
+    for (int l = 0; l < stream->last_layer; l++)
+        for (int part = 0; part < ES_LAYER_PARTS; part++) n += stream->store->layers[l].part[part] != NULL;
+    const es_tensor **tensors = malloc(n * sizeof *tensors + 1);
+    if (!tensors) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    n = 0;
+    for (int l = 0; l < stream->last_layer; l++)
+        for (int part = 0; part < ES_LAYER_PARTS; part++)
+            if (stream->store->layers[l].part[part]) tensors[n++] = stream->store->layers[l].part[part];
+    int rc = es_device_load_prepare(stream->dev, tensors, (int)n, stream->dev->weight_dtype, err);
+    free(tensors);
+    return rc;
+}
+
 int es_stream_open(es_layer_stream **out, es_device *dev, const es_model_store *store, int last_layer, es_error *err) {
     *out = NULL;
     assert(last_layer >= 0 && last_layer <= store->n_layers);
     es_layer_stream *stream = calloc(1, sizeof *stream);
     if (!stream) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     stream->dev = dev, stream->store = store, stream->last_layer = last_layer;
+    const size_t element = es_dtype_size(dev->weight_dtype);
     size_t largest = 0, total = 0;
     for (int l = 0; l < last_layer; l++) {
-        const size_t floats = store->layers[l].numel;
-        largest = floats > largest ? floats : largest;
-        total += floats;
+        const size_t bytes = layer_bytes(&store->layers[l], element);
+        largest = bytes > largest ? bytes : largest;
+        total += bytes;
     }
     const size_t left = dev->max_memory > dev->used ? dev->max_memory - dev->used : 0;
     char need[32], one[32], room[32];
-    es_format_size(total * sizeof(float), need, sizeof need);
-    es_format_size(largest * sizeof(float), one, sizeof one);
+    es_format_size(total, need, sizeof need);
+    es_format_size(largest, one, sizeof one);
     es_format_size(left, room, sizeof room);
-    if (total * sizeof(float) <= left) stream->n_slots = last_layer;
-    else if (2 * largest * sizeof(float) <= left) stream->n_slots = 2, stream->streaming = 1;
-    else if (largest * sizeof(float) <= left) stream->n_slots = 1, stream->streaming = 1;
+    if (total <= left) stream->n_slots = last_layer;
+    else if (2 * largest <= left) stream->n_slots = 2, stream->streaming = 1;
+    else if (largest <= left) stream->n_slots = 1, stream->streaming = 1;
     else {
         free(stream);
         return es_fail(err, ES_ERR_RUNTIME, "%s: one decoder layer needs %s, and %s is left of --max-memory after the activations",
@@ -91,11 +121,12 @@ int es_stream_open(es_layer_stream **out, es_device *dev, const es_model_store *
     int rc = stream->slots ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < stream->n_slots; i++) {
         slot *s = &stream->slots[i];
-        s->floats = stream->streaming ? largest : store->layers[i].numel;
-        rc = es_device_alloc(dev, s->floats * sizeof(float), (void **)&s->arena, "a decoder layer's weights", err);
+        s->bytes = stream->streaming ? largest : layer_bytes(&store->layers[i], element);
+        rc = es_device_alloc(dev, s->bytes, (void **)&s->arena, "a decoder layer's weights", err);
         /* resident: every layer starts coming in now, in order */
         if (!rc && !stream->streaming) rc = begin_load(stream, s, i + 1, err);
     }
+    if (!rc && stream->streaming) rc = prepare_layers(stream, err);
     if (!rc && stream->streaming) rc = begin_load(stream, &stream->slots[0], 1, err);
     if (rc) {
         es_stream_close(stream);
@@ -122,7 +153,7 @@ void es_stream_close(es_layer_stream *stream) {
         slot *s = &stream->slots[i];
         es_error ignored = {0};
         finish_load(stream, s, &ignored); /* the copy stream must be done with the memory */
-        es_device_free(stream->dev, s->arena, s->floats * sizeof(float));
+        es_device_free(stream->dev, s->arena, s->bytes);
     }
     free(stream->slots);
     free(stream);

@@ -38,10 +38,10 @@ int es_params_load(es_device *dev, const es_model_store *store, es_params *p, es
     snprintf(what, sizeof what, "the %zu parameters of %s", total, store->dir);
     int rc = es_device_alloc(dev, total * sizeof(float), (void **)&p->arena, what, err);
     if (!rc) p->arena_floats = total, rc = point_tensors(p, store, err);
-    float **dst = rc ? NULL : malloc((size_t)store->n_specs * sizeof *dst);
+    void **dst = rc ? NULL : malloc((size_t)store->n_specs * sizeof *dst);
     if (!rc && !dst) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < store->n_specs; i++) dst[i] = p->tensors[i].data;
-    es_load_job job = {.n = store->n_specs, .src = store->found, .dst = dst};
+    es_load_job job = {.n = store->n_specs, .src = store->found, .dst = dst, .dtype = ES_DT_F32}; /* master weights */
     if (!rc) rc = es_device_load_begin(dev, &job, err);
     if (!rc) rc = es_device_load_wait(dev, &job, err);
     free(dst);

@@ -422,8 +422,6 @@ int main(int argc, char **argv) {
     }
     const char *in = es_config_str(&cfg, "in"), *student_dir = es_config_str(&cfg, "student"), *out = es_config_str(&cfg, "out");
     if (check_out_clear(in, student_dir, out, &err)) es_exit_error(&err);
-    if (strcmp(es_config_str(&cfg, "device"), "cpu"))
-        fail_usage(&err, "--device %s: this build projects on the cpu only", es_config_str(&cfg, "device"));
     const char *input_norm = es_config_str(&cfg, "input-norm"), *align = es_config_str(&cfg, "align");
     if (strcmp(input_norm, "standardize") && strcmp(input_norm, "rms"))
         fail_usage(&err, "--input-norm %s: expected standardize or rms", input_norm);

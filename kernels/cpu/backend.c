@@ -53,7 +53,7 @@ static int cpu_sync(es_device *dev) { return (void)dev, 0; }
 /* ---- the copy stream ----------------------------------------------------------------------- */
 
 static void run_load(es_load_job *job) {
-    job->rc = ES_OK;
+    job->rc = job->dtype == ES_DT_F32 ? ES_OK : es_fail(&job->error, ES_ERR_RUNTIME, "cpu: weights in %s", es_dtype_name(job->dtype));
     for (int i = 0; i < job->n && !job->rc; i++) job->rc = es_tensor_to_f32(job->src[i], job->dst[i], &job->error);
 }
 
@@ -230,6 +230,7 @@ int es_cpu_open(es_device *dev, const es_device_options *options, es_error *err)
     dev->ops = &cpu_backend;
     dev->impl = s;
     dev->host_memory = 1;
+    dev->weight_dtype = ES_DT_F32;
     dev->batch_independent = cpu_rows_independent();
     dev->max_memory = options->max_memory ? options->max_memory : automatic_budget();
     snprintf(dev->name, sizeof dev->name, "cpu (%d threads, OpenBLAS %s kernels)", es_pool_threads(s->pool), cpu_blas_core());

@@ -40,8 +40,8 @@ void cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const
 
 /* The ops (kernels/cpu/ops.c, backward.c, attention.c, loss.c, optimizer.c, project.c). */
 int cpu_embedding_forward(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);
-int cpu_rmsnorm_forward(es_device *, float *, const float *, const float *, int, int, float);
-int cpu_matmul_forward(es_device *, float *, const float *, const float *, const float *, int, int, int);
+int cpu_rmsnorm_forward(es_device *, float *, const float *, const void *, int, int, float);
+int cpu_matmul_forward(es_device *, float *, const float *, const void *, const void *, int, int, int);
 int cpu_rope_forward(es_device *, float *, const int32_t *, const double *, int, int, int);
 int cpu_swiglu_forward(es_device *, float *, const float *, const float *, size_t);
 int cpu_add(es_device *, float *, const float *, const float *, size_t);

@@ -51,8 +51,8 @@ static void rmsnorm_block(void *arg, size_t block, int worker) {
 
 static int rows_per_block(int C) { return C >= ELEMENT_BLOCK ? 1 : ELEMENT_BLOCK / C; }
 
-int cpu_rmsnorm_forward(es_device *dev, float *out, const float *in, const float *weight, int T, int C, float eps) {
-    rows_job job = {out, in, weight, T, C, rows_per_block(C), eps};
+int cpu_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps) {
+    rows_job job = {out, in, (const float *)weight, T, C, rows_per_block(C), eps};
     cpu_for(dev, (size_t)(T + job.rows_per_block - 1) / job.rows_per_block, rmsnorm_block, &job);
     return 0;
 }
@@ -89,7 +89,9 @@ static void fill_bias(float *out, const float *bias, int rows, int OC) {
     for (int t = 0; t < rows; t++) memcpy(out + (size_t)t * OC, bias, (size_t)OC * sizeof *out);
 }
 
-int cpu_matmul_forward(es_device *dev, float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC) {
+int cpu_matmul_forward(es_device *dev, float *out, const float *in, const void *weight_f32, const void *bias_f32, int T, int C,
+                       int OC) {
+    const float *weight = weight_f32, *bias = bias_f32; /* the CPU's weight format is fp32 */
     const int full_blocks = T / CPU_MATMUL_ROWS, rest = T - full_blocks * CPU_MATMUL_ROWS;
     matmul_job job = {out, NULL, in, NULL, weight, full_blocks, (OC + CPU_TILE_COLS - 1) / CPU_TILE_COLS, C, OC, bias ? 1.0f : 0.0f};
     if (rest) {

@@ -1,34 +1,125 @@
 #!/usr/bin/env bash
-# The one prepared GPU script (run on the device machine, from the project root):
-#   1. builds with nvcc (or uses a build carried from a Debian machine: see below),
-#   2. runs every CUDA check in build/gpu/ against the CPU reference,
-#   3. runs the GPU benchmarks against ../shared/tools/gpu_baselines.py in the same call
-#      (copied into gpu-carry/ beforehand, since ../shared does not travel).
-# Results go to $OUT (or gpu-out/). Prepare on the Debian machine:
-#   make && mkdir -p gpu-carry && ../shared/tools/gpu-bundle.sh gpu-carry build/gpu/* \
-#     && cp ../shared/tools/gpu_baselines.py gpu-carry/
-# then run with carry = [build, gpu-carry].
+# The one prepared GPU script: run on the GPU machine from the project root, in one go, after
+# tests/gpu/prepare.sh filled gpu-carry/ here (carry = [gpu-carry]). Results go to $OUT (or gpu-out/):
+# checks.txt, the benchmarks' JSON, the baselines' perf.json / offload.json, summary.md.
+#   1. the per-op harness: every CUDA op against the CPU and the double reference (test_ops),
+#      the bf16 conversions (test_convert), golden parity of the tiny models with resident and
+#      streamed layers (test_forward_cuda);
+#   2. the programs: essence-extract and essence-project with --device cuda against --device cpu,
+#      compared with essence-inspect compare;
+#   3. the benchmarks beside Hugging Face + PyTorch on the same GPU in the same call: one
+#      Llama-70B layer, 8 layers streamed under --max-memory 16G, the projection, extract end to end.
+# The offload baseline needs ~3 minutes to set up its host weights: it starts first and its set-up
+# overlaps the checks (which time nothing); every benchmark runs after it, one at a time.
 set -u
 cd "$(dirname "$0")/../.."
-BUILD=${BUILD:-build}
 OUT=${OUT:-gpu-out}
+CARRY=${CARRY:-gpu-carry}
+BIN=$CARRY/bin
 mkdir -p "$OUT"
-if [ -f gpu-carry/libs.tar.xz ]; then
-    tar xJf gpu-carry/libs.tar.xz -C gpu-carry && export LD_LIBRARY_PATH=$PWD/gpu-carry/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+START=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/checks.txt"; }
+if [ ! -x "$BIN/essence-extract" ]; then
+    echo "FAIL run.sh: no $BIN/essence-extract (run tests/gpu/prepare.sh on the build machine first)" | tee -a "$OUT/checks.txt"
+    exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+if [ -f "$CARRY/libs.tar.xz" ] && [ ! -d "$CARRY/libs" ]; then tar xJf "$CARRY/libs.tar.xz" -C "$CARRY"; fi
+export LD_LIBRARY_PATH=$PWD/$CARRY/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+date -u +%Y-%m-%d >>"$OUT/device.txt"
+
+python3 "$CARRY/gpu_offload_baselines.py" "$OUT" >"$OUT/offload.log" 2>&1 &
+offload=$!
+
+# The end-to-end run's checkpoint (2 layers of the 70B shape, a 1024-token vocabulary, ~3.4 GB of
+# random weights) is written in the background meanwhile: it is host work.
+W=$OUT/work && rm -rf "$W" && mkdir -p "$W/e2e"
+python3 - "$CARRY/llama70b/config.json" "$W/e2e" <<'EOF'
+import json, os, random, sys
+config = json.load(open(sys.argv[1])); config["vocab_size"] = 1024
+json.dump(config, open(os.path.join(sys.argv[2], "like.json"), "w"))
+random.seed(3)
+with open(os.path.join(sys.argv[2], "ids.jsonl"), "w") as f:
+    for i in range(32):
+        f.write(json.dumps({"id": f"e{i}", "ids": [random.randrange(1024) for _ in range(4096)]}) + "\n")
+EOF
+"$BIN/essence-inspect" mkmodel --like "$W/e2e/like.json" --layers 2 --out "$W/e2e/model" >"$W/e2e/mkmodel.log" 2>&1 &
+mkmodel=$!
+
 passed=0 failed=0
-for t in "$BUILD"/gpu/test_*; do
-    [ -x "$t" ] || continue
-    out=$("$t" 2>&1); rc=$?
-    echo "$out" | tee -a "$OUT/checks.txt"
+count() { # counts a check program's PASS/FAIL lines; a crash without FAIL lines is one failure
+    local out=$1 rc=$2 f
     passed=$((passed + $(grep -c '^PASS ' <<<"$out"))); f=$(grep -c '^FAIL ' <<<"$out")
     [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
     failed=$((failed + f))
+}
+check() { # name, command...: one line PASS/FAIL
+    local name=$1; shift
+    local out rc; out=$("$@" 2>&1); rc=$?
+    if [ $rc -eq 0 ]; then echo "PASS $name"; else echo "FAIL $name: $(tail -3 <<<"$out" | tr '\n' ' ')"; fi | tee -a "$OUT/checks.txt"
+    [ $rc -eq 0 ] && passed=$((passed + 1)) || failed=$((failed + 1))
+}
+
+# ---- 1. the op harness and the golden parity -------------------------------------------------------
+for t in "$BIN"/test_*; do
+    [ -x "$t" ] || continue
+    stamp "$(basename "$t")"
+    out=$(ESSENCE_FIXTURES=tests/fixtures timeout 300 "$t" 2>&1); rc=$?
+    echo "$out" >>"$OUT/checks.txt"
+    grep -E '^(PASS|FAIL|SKIP)|worst' <<<"$out" | head -80
+    count "$out" "$rc"
 done
-# build/gpu/test_ops runs the per-op harness (docs/ops-harness.md) on a CUDA device against the CPU
-# and the double reference; it prints SKIP while the CUDA backend's ops are not written.
-# GPU benchmarks: none exist yet (the CUDA backend so far is the bf16 conversion kernel).
-# When they do, run them here beside: python3 gpu-carry/gpu_baselines.py "$OUT"
+
+# ---- 2. the programs on cuda against cpu -----------------------------------------------------------
+stamp "programs"
+python3 - "$W/data.jsonl" <<'EOF'
+import json, random, sys
+random.seed(7)
+words = "the of reasoning step first then because therefore each layer token model 12 345 = + ( ) ; : é 数 🙂".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(48):
+        n = random.randint(1, 300)
+        f.write(json.dumps({"id": f"s{i}", "text": " ".join(random.choice(words) for _ in range(n))}) + "\n")
+EOF
+T=tests/fixtures/models
+for dev in cpu cuda; do
+    check "extract_$dev" "$BIN/essence-extract" --model $T/tiny-llama3 --data "$W/data.jsonl" --layers 0,2,4 --batch-tokens 2048 \
+        --out "$W/teacher_$dev.h5" --device $dev
+done
+check extract_cuda_vs_cpu "$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" --tol 2e-2
+for dev in cpu cuda; do
+    for precision in fp32 bf16; do
+        check "project_${dev}_$precision" "$BIN/essence-project" --in "$W/teacher_cpu.h5" --student $T/tiny-qwen2 --layer-map 2:1,4:3 \
+            --precision $precision --out "$W/student_${dev}_$precision.h5" --device $dev
+    done
+done
+check project_cuda_vs_cpu_fp32 "$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" --tol 1e-2
+check project_cuda_vs_cpu_bf16 "$BIN/essence-inspect" compare "$W/student_cuda_bf16.h5" "$W/student_cpu_bf16.h5" --tol 2e-2
+"$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$OUT/compare_teacher.txt" 2>&1
+"$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$OUT/compare_student.txt" 2>&1
+
+# ---- 3. benchmarks, each after the other ------------------------------------------------------------
+stamp "waiting for the offload baseline's set-up and run"
+wait $offload; echo "offload baseline exit $?" >>"$OUT/checks.txt"
+stamp "gpu_baselines.py"
+timeout 420 python3 "$CARRY/gpu_baselines.py" "$OUT" >"$OUT/baselines.log" 2>&1; echo "baselines exit $?" >>"$OUT/checks.txt"
+for b in bench_layer bench_stream bench_project; do
+    stamp "$b"
+    config=$CARRY/llama70b/config.json; [ $b = bench_project ] && config=
+    out=$(timeout 300 "$BIN/$b" "$OUT" $config 2>&1); rc=$?
+    echo "$out" | tee -a "$OUT/bench.txt"
+    count "$out" "$rc" # bench_project's precision lines are checks; the others print figures only
+done
+# extract end to end on that checkpoint: where the time goes, and whether the writer keeps up
+stamp "extract end to end"
+wait $mkmodel
+TIMED=; [ -x /usr/bin/time ] && TIMED="/usr/bin/time -v"
+$TIMED "$BIN/essence-extract" --model "$W/e2e/model" --data "$W/e2e/ids.jsonl" --layers 1,2 --batch-tokens 16384 \
+    --max-seq 4096 --out "$W/e2e/teacher.h5" --device cuda >"$OUT/extract_e2e.log" 2>&1
+grep -E "time:|tokens/s|wrote|device:|Elapsed|Maximum resident" "$OUT/extract_e2e.log" | tee -a "$OUT/bench.txt"
+rm -rf "$W/e2e/model"
+
+stamp "summary"
+python3 tests/gpu/summary.py "$OUT" | tee "$OUT/summary.md"
 echo "$passed passed, $failed failed" | tee -a "$OUT/checks.txt"
 [ "$failed" -eq 0 ]

@@ -154,6 +154,12 @@ void *ds_put(dscope *s, const void *host, size_t bytes) {
     return p;
 }
 
+void *ds_put_weights(dscope *s, const float *host, size_t n) {
+    void *p = ds_put(s, NULL, n * es_dtype_size(s->dev->weight_dtype));
+    if (p && es_device_upload_weights(s->dev, p, host, n, s->err)) return NULL;
+    return p;
+}
+
 float *ds_out(dscope *s, const float *start, size_t n) {
     if (start) return ds_put(s, start, n * sizeof *start);
     float *nan_filled = malloc((n ? n : 1) * sizeof *nan_filled);
@@ -371,7 +377,10 @@ static void run_op(const op_spec *op, es_device *dev, es_device *other, const ha
         return;
     }
     const int versus = other && op->present(other->ops);
-    verdict against_ref = {.threshold = op->threshold}, against_dev = {.threshold = op->device_threshold};
+    const int bf16 = op->bf16_threshold > 0 && (dev->weight_dtype == ES_DT_BF16 || (versus && other->weight_dtype == ES_DT_BF16));
+    verdict against_ref = {.threshold = bf16 && dev->weight_dtype == ES_DT_BF16 ? op->bf16_threshold : op->threshold},
+            against_dev = {.threshold = bf16 ? HARNESS_DEVICE_FACTOR * op->bf16_threshold : op->device_threshold};
+    res->threshold = against_ref.threshold, res->device_threshold = against_dev.threshold;
     for (int i = 0; i < op->n_cases; i++) {
         const hcase *c = harness_case(cache, op, i);
         double **got = harness_new_outputs(c), **theirs = versus ? harness_new_outputs(c) : NULL, *refs[HC_OUTPUTS] = {0};

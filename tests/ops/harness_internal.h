@@ -29,6 +29,10 @@ enum { HC_PARAMS = 8, HC_OUTPUTS = 6 };
 #define HARNESS_ELEMENTWISE 1e-12
 #define HARNESS_REDUCTION 1e-10
 #define HARNESS_DEVICE_FACTOR 4
+/* On a bf16 device (docs/ops-harness.md): one rounding to bf16 of an operand gives nmse
+ * (2^-9)^2 / 3 = 1.3e-6, a product of two rounded operands about twice that; ~8x room. */
+#define HARNESS_BF16_ROUNDING 1e-5
+#define HARNESS_BF16_PRODUCT 2e-5
 
 typedef struct hout {
     const char *name;
@@ -74,6 +78,10 @@ typedef struct op_spec {
     int n_cases;
     double threshold;        /* nmse against the double reference */
     double device_threshold; /* nmse against the reference device */
+    /* Against both, on a device whose weights and products are bf16 (dev->weight_dtype, the CUDA
+     * backend), for the ops that round their inputs there; 0: the same as on fp32 devices.
+     * docs/ops-harness.md "Thresholds on a bf16 device" says why each. */
+    double bf16_threshold;
     int (*present)(const es_backend *ops);
     void (*make)(hcase *c, int index);
     /* Runs case c on dev and writes its outputs, widened to double, into got[k] (out[k].n each).
@@ -114,6 +122,8 @@ typedef struct dscope {
 } dscope;
 
 void ds_begin(dscope *s, es_device *dev, es_error *err);
+/* Device memory holding n weights of host in the device's weight format; NULL on failure. */
+void *ds_put_weights(dscope *s, const float *host, size_t n);
 /* Device memory holding bytes of host (host NULL: uninitialised); NULL on failure. */
 void *ds_put(dscope *s, const void *host, size_t bytes);
 /* An output of n floats starting as start (NULL: every value NaN, to see that all are written). */
@@ -128,6 +138,10 @@ int ds_op_failed(dscope *s, int rc);
 #define PUT(s, var, host, bytes)                                                                    \
     do {                                                                                            \
         if (!((var) = ds_put((s), (host), (bytes)))) return ds_end((s), ES_ERR_RUNTIME);            \
+    } while (0)
+#define PUT_WEIGHTS(s, var, host, n)                                                                \
+    do {                                                                                            \
+        if (!((var) = ds_put_weights((s), (host), (n)))) return ds_end((s), ES_ERR_RUNTIME);        \
     } while (0)
 #define OUT(s, var, start, n)                                                                       \
     do {                                                                                            \

@@ -248,6 +248,23 @@ def check_threads(tmp, model, data):
     report("threads_1_2_3_byte_identical", not why, why)
 
 
+def check_writer_thread(tmp, model, data):
+    """With the writer thread (how a GPU run stores: $ESSENCE_WRITER_THREAD=1 runs it on the CPU
+    too), batches computed ahead of the one being stored give the same file, and a batch whose
+    hidden state is not finite is refused after the batches before it were committed."""
+    results = []
+    for thread in ("0", "1"):
+        out = os.path.join(tmp, f"writer{thread}.h5")
+        run = subprocess.run([EXTRACT, "--model", model, "--data", data, "--out", out, "--layers", "0,2,4", "--batch-tokens", "40"],
+                             capture_output=True, text=True, env={**os.environ, "ESSENCE_WRITER_THREAD": thread})
+        if run.returncode:
+            report("writer_thread_same_bytes", False, run.stderr.strip()[-300:])
+            return
+        results.append(datasets(out))
+    why = same_datasets(results[0], results[1])
+    report("writer_thread_same_bytes", not why, why)
+
+
 def check_mkmodel_shapes(tmp, like):
     """mkmodel makes a loadable checkpoint; a config.json that disagrees with it is named."""
     inspect = os.path.join(BUILD, "essence-inspect")
@@ -350,6 +367,7 @@ def main():
     data, _ = check_batching_and_shards(tmp, repo.teacher)
     check_resume_after_kill(tmp, repo.teacher, data)
     check_threads(tmp, repo.teacher, data)
+    check_writer_thread(tmp, repo.teacher, data)
     check_max_memory(tmp, repo.teacher, data)
     check_mkmodel_shapes(tmp, os.path.join(repo.student, "config.json"))
     check_bad_input(tmp, repo.teacher, repo.teacher_tokenizer)

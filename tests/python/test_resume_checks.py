@@ -153,6 +153,13 @@ def check_non_finite(tmp, teacher, student, data, teacher_h5, student_h5):
     ok = (result.returncode == 3 and "layer 2" in result.stderr and "not finite" in result.stderr and f"{data}:1:" in result.stderr
           and poisoned in result.stderr and not os.path.exists(out) and not os.path.exists(out + ".partial"))
     report("extract_nan_weights_refused_naming_layer", ok, f"exit {result.returncode}: {result.stderr.strip()[-400:]}")
+    # the same through the writer thread (how a GPU run stores), batches after the bad one computed ahead
+    threaded = subprocess.run([program("essence-extract"), "--model", poisoned, "--data", data, "--layers", "1,2,4", "--out", out,
+                               "--batch-tokens", "40"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "ESSENCE_WRITER_THREAD": "1"})
+    ok = (threaded.returncode == 3 and "not finite" in threaded.stderr and f"{data}:1:" in threaded.stderr
+          and not os.path.exists(out) and not os.path.exists(out + ".partial"))
+    report("extract_nan_weights_refused_through_the_writer_thread", ok, f"exit {threaded.returncode}: {threaded.stderr.strip()[-400:]}")
     # project: a NaN latent in the teacher file
     bad_teacher = os.path.join(tmp, "nan-teacher.h5")
     shutil.copy(teacher_h5, bad_teacher)

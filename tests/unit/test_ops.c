@@ -41,8 +41,9 @@ static es_device *open_cpu(int threads) {
 /* ---- broken ops: the CPU's, each with one subtle mistake --------------------------------------- */
 
 /* The bias of the last output column is left out. */
-static int broken_matmul_forward(es_device *dev, float *out, const float *in, const float *weight, const float *bias, int T, int C,
+static int broken_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias_f32, int T, int C,
                                  int OC) {
+    const float *bias = bias_f32;
     const int rc = cpu_table->matmul_forward(dev, out, in, weight, bias, T, C, OC);
     if (!rc && bias)
         for (int t = 0; t < T; t++) out[(size_t)t * OC + OC - 1] -= bias[OC - 1];
@@ -50,8 +51,9 @@ static int broken_matmul_forward(es_device *dev, float *out, const float *in, co
 }
 
 /* eps added to the rms instead of to the mean square. */
-static int broken_rmsnorm_forward(es_device *dev, float *out, const float *in, const float *weight, int T, int C, float eps) {
+static int broken_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight_f32, int T, int C, float eps) {
     (void)dev;
+    const float *weight = weight_f32;
     for (int t = 0; t < T; t++) {
         const float *x = in + (size_t)t * C;
         double sum_sq = 0;
@@ -185,7 +187,7 @@ BROKEN_TEST(harness_skips_missing_op, "scale", scale, NULL, HARNESS_SKIP)
 
 /* One ulp more in the first value when the call has an odd number of rows: right to fp32
  * accuracy, wrong by the row-independence promise. */
-static int broken_matmul_rows(es_device *dev, float *out, const float *in, const float *weight, const float *bias, int T, int C,
+static int broken_matmul_rows(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C,
                               int OC) {
     const int rc = cpu_table->matmul_forward(dev, out, in, weight, bias, T, C, OC);
     if (!rc && T % 2) out[0] = nextafterf(out[0], INFINITY);

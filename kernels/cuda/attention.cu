@@ -1,0 +1,504 @@
+// Causal attention on the GPU, forward (kernels/ops.h es_attention_forward).
+//
+// Two kernels compute the same thing:
+//  - the plain one (any head size, fp32 throughout) is the oracle the fast one is checked
+//    against and the path for head sizes the fast one does not take;
+//  - the fast one is flash-attention-2: per (query tile of one sequence, query head) it walks
+//    the key tiles up to the causal limit, S = Q Kᵀ and O += P V on tensor cores (bf16 inputs,
+//    fp32 accumulation) with an online softmax in fp32, so the T×T scores never exist.
+// Both read K and V of the shared key/value head in place through its row stride (GQA without
+// copies), and both see the sequence table only through seq_start, so a sequence's result does
+// not depend on what else shares the batch.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+namespace {
+
+// ---- warp-level primitives ---------------------------------------------------------------------
+// Kept apart from the kernels so that a host emulation of the kernels can replace them.
+
+__device__ __forceinline__ unsigned char *dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char smem[];
+    return smem;
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: the order
+// in which mma fragments hold consecutive elements.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof bits);
+    return bits;
+}
+
+// Four consecutive floats as bf16 at p (8-byte aligned, shared memory).
+__device__ __forceinline__ void store_bf16x4(uint16_t *p, float4 x) {
+    *reinterpret_cast<uint2 *>(p) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+}
+
+// Four 8×8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8 and receives in
+// r[i] row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// The same, transposed: r[i] holds rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 of matrix i.
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// Asks L2 for the 128-byte line at p ahead of its loads.
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p)); }
+
+// d += A B for one 16×8×16 tile: A (16, 16) row-major fragment, B (16, 8) column fragment
+// (b0: rows 0-7, b1: rows 8-15), d (16, 8) fp32.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ==== kernels (host emulation: /tmp, extracted between these markers) ============================
+
+constexpr int kThreads = 128; // 4 warps
+constexpr int kBlockQ = 128;  // query rows per block: 32 per warp, two m16 tiles, so every K/V
+                              // fragment read from shared memory feeds two products
+constexpr int kBlockK = 64;   // keys per step
+
+template <int D> struct FlashShape {
+    static_assert(D % 32 == 0, "whole 16-wide mma steps and 128-byte lines per row");
+    // bf16 per shared row: the 16-byte pad puts the 8 rows one ldmatrix reads in distinct banks
+    static constexpr int kStride = D + 8;
+    static constexpr int kSubK = 32; // keys per softmax step: S beside O in registers, no spills
+    static constexpr int kQElems = kBlockQ * kStride;
+    static constexpr int kKVElems = kBlockK * kStride;
+    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
+};
+
+// tile_start[s] = the first query tile of sequence s (tiles of kBlockQ rows, counted from each
+// sequence's own first token); tile_start[n_seqs] = all of them. One block: a run of sequences
+// per thread, then a scan of the runs.
+__global__ void __launch_bounds__(256) tile_start_kernel(int32_t *__restrict__ tile_start,      // (n_seqs + 1)
+                                                         const int32_t *__restrict__ seq_start, // (n_seqs + 1)
+                                                         int n_seqs) {
+    __shared__ int run_first[256];
+    const int per = (n_seqs + 255) / 256;
+    const int begin = min(n_seqs, (int)threadIdx.x * per), end = min(n_seqs, begin + per);
+    int tiles = 0;
+    for (int s = begin; s < end; s++) tiles += (seq_start[s + 1] - seq_start[s] + kBlockQ - 1) / kBlockQ;
+    run_first[threadIdx.x] = tiles;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int i = 0; i < 256; i++) {
+            const int run = run_first[i];
+            run_first[i] = total;
+            total += run;
+        }
+        tile_start[n_seqs] = total;
+    }
+    __syncthreads();
+    int next = run_first[threadIdx.x];
+    for (int s = begin; s < end; s++) {
+        tile_start[s] = next;
+        next += (seq_start[s + 1] - seq_start[s] + kBlockQ - 1) / kBlockQ;
+    }
+}
+
+// One block per (query tile, query head): blockIdx.x = tile' · H + h with tile' counted from
+// the last tile, so the costly tiles (late in their sequence) start first and the heads that
+// share a K/V head run side by side on the same keys (L2 hits).
+//
+// Warp w owns rows [32w, 32w + 32) of the tile as two m16 tiles. Per lane, with g = lane / 4 and
+// t = lane % 4, the fp32 accumulators of an m16n8 tile hold (row g, columns 2t, 2t+1) in [0], [1]
+// and (row g + 8, same columns) in [2], [3]: each lane owns rows g, g+8, 16+g, 24+g of its warp
+// (index mt * 2 + half below) and the four lanes of a quad share a row.
+template <int D>
+__global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
+    flash_forward_kernel(float *__restrict__ out,                // (T, H, D)
+                         const float *__restrict__ q,            // (T, H, D)
+                         const float *__restrict__ k,            // (T, KV, D)
+                         const float *__restrict__ v,            // (T, KV, D)
+                         const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
+                         const int32_t *__restrict__ tile_start, // (n_seqs + 1)
+                         int n_seqs, int n_tiles, int H, int KV, float scale_log2) {
+    using Shape = FlashShape<D>;
+    constexpr int kSubK = Shape::kSubK;
+    constexpr int kStride = Shape::kStride, kRowBytes = kStride * 2;
+    constexpr int kChunks = D / 4; // float4 per row
+    uint16_t *sQ = reinterpret_cast<uint16_t *>(dynamic_smem()); // (kBlockQ, kStride) bf16
+    uint16_t *sK = sQ + Shape::kQElems;                          // (kBlockK, kStride) bf16
+    uint16_t *sV = sK + Shape::kKVElems;                         // (kBlockK, kStride) bf16
+
+    const int tile = n_tiles - 1 - (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
+    int s = 0; // the last sequence whose first tile is <= tile: never an empty one
+    for (int high = n_seqs - 1; s < high;) {
+        const int mid = (s + high + 1) / 2;
+        if (tile_start[mid] <= tile) s = mid;
+        else high = mid - 1;
+    }
+    const int first = seq_start[s], L = seq_start[s + 1] - first;
+    const int q0 = (tile - tile_start[s]) * kBlockQ, rows = min(kBlockQ, L - q0);
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
+    const float *q_tile = q + ((size_t)(first + q0) * H + h) * D;     // (rows, D), row stride H*D
+    const float *k_seq = k + ((size_t)first * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
+    const float *v_seq = v + ((size_t)first * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
+    const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+    // Rows past the sequence's end are zeros: finite scores, never stored.
+#pragma unroll 8
+    for (int it = 0; it < kBlockQ * kChunks / kThreads; it++) {
+        const int i = tid + it * kThreads, r = i / kChunks, c = (i % kChunks) * 4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < rows) x = __ldg(reinterpret_cast<const float4 *>(q_tile + r * q_stride + c));
+        store_bf16x4(sQ + r * kStride + c, x);
+    }
+
+    const int row0 = q0 + warp * 32;       // the warp's first row, counted within the sequence
+    const int row_end = min(row0 + 32, L); // past its last valid row (<= row0: the warp has none)
+    const int n_key_tiles = (q0 + rows + kBlockK - 1) / kBlockK;
+
+    // ldmatrix row addresses of this lane (bytes): Q as the A operand (matrices: rows 0-7 / 8-15
+    // × columns 0-7 / 8-15, row-major), K as B (keys 0-7 × d 0-7, keys 0-7 × d 8-15, keys 8-15 ×
+    // d 0-7, keys 8-15 × d 8-15: b0 b1 of two n8 tiles), V transposed as B (keys 0-7 / 8-15 of
+    // d 0-7, then of d 8-15: b0 b1 of two n8 tiles).
+    const uint32_t q_lane = smem_address(sQ) + ((warp * 32 + lane % 16) * kStride + (lane / 16) * 8) * 2;
+    const uint32_t k_lane = smem_address(sK) + (((lane / 16) * 8 + lane % 8) * kStride + (lane / 8 % 2) * 8) * 2;
+    const uint32_t v_lane = smem_address(sV) + (((lane / 8 % 2) * 8 + lane % 8) * kStride + (lane / 16) * 8) * 2;
+
+    float o[2][D / 8][4];     // (32, D) of the warp: two m16 tiles × D/8 n8 tiles of accumulators
+    float m_run[4], l_run[4]; // per owned row: running max of the raw scores, sum of exp (this lane's columns)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][dt][e] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 4; r++) m_run[r] = -INFINITY, l_run[r] = 0.f;
+
+    for (int kt = 0; kt < n_key_tiles; kt++) {
+        const int kv0 = kt * kBlockK;
+        if (kt) __syncthreads(); // every warp is done with the previous K/V tile
+        // Keys past the sequence's end are zeros: their P is 0, and 0 · V must not meet a NaN.
+#pragma unroll 4
+        for (int it = 0; it < kBlockK * kChunks / kThreads; it++) {
+            const int i = tid + it * kThreads, r = i / kChunks, c = (i % kChunks) * 4, key = kv0 + r;
+            float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
+            if (key < L) {
+                kx = __ldg(reinterpret_cast<const float4 *>(k_seq + key * kv_stride + c));
+                vx = __ldg(reinterpret_cast<const float4 *>(v_seq + key * kv_stride + c));
+            }
+            store_bf16x4(sK + r * kStride + c, kx);
+            store_bf16x4(sV + r * kStride + c, vx);
+        }
+        __syncthreads();
+        if (kt + 1 < n_key_tiles) { // the next tile's lines, from HBM to L2 while this one computes
+            constexpr int kLinesPerRow = D / 32;
+#pragma unroll
+            for (int it = 0; it < 2 * kBlockK * kLinesPerRow / kThreads; it++) {
+                const int i = tid + it * kThreads, r = i / kLinesPerRow % kBlockK, key = kv0 + kBlockK + r;
+                const float *base = i < kBlockK * kLinesPerRow ? k_seq : v_seq;
+                if (key < L) prefetch_l2(base + key * kv_stride + (i % kLinesPerRow) * 32);
+            }
+        }
+
+        // The tile in sub-tiles of kSubK keys, each a full softmax step (a 64-key S would not fit
+        // in registers beside O for D = 128, nor let three blocks share an SM for D = 64).
+#pragma unroll 1
+        for (int sub = 0; sub < kBlockK / kSubK; sub++) {
+            const int key0 = kv0 + sub * kSubK;
+            // Warp-uniform: no valid rows, or every key from here on lies after all of them.
+            // Key 0 precedes every row, so each row's max is finite after the first step.
+            if (key0 >= row_end) break;
+            const uint32_t k_sub = k_lane + sub * kSubK * kRowBytes, v_sub = v_lane + sub * kSubK * kRowBytes;
+
+            float sc[2][kSubK / 8][4]; // S of the warp: (32, kSubK)
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < kSubK / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[mt][nt][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a0[4], a1[4];
+                ldsm_x4(a0, q_lane + kk * 32);
+                ldsm_x4(a1, q_lane + 16 * kRowBytes + kk * 32);
+#pragma unroll
+                for (int np = 0; np < kSubK / 16; np++) {
+                    uint32_t b[4];
+                    ldsm_x4(b, k_sub + np * 16 * kRowBytes + kk * 32);
+                    mma_bf16(sc[0][2 * np], a0, b[0], b[1]);
+                    mma_bf16(sc[0][2 * np + 1], a0, b[2], b[3]);
+                    mma_bf16(sc[1][2 * np], a1, b[0], b[1]);
+                    mma_bf16(sc[1][2 * np + 1], a1, b[2], b[3]);
+                }
+            }
+            if (key0 + kSubK - 1 > row0) { // the keys reach past the warp's first row: causal mask
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < kSubK / 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int row = row0 + mt * 16 + lane / 4 + (e / 2) * 8;
+                            const int key = key0 + nt * 8 + (lane % 4) * 2 + e % 2;
+                            if (key > row) sc[mt][nt][e] = -INFINITY;
+                        }
+            }
+
+            // Online softmax in the log2 domain: p = 2^(s·scale_log2 − m·scale_log2).
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int r = mt * 2 + half;
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int nt = 0; nt < kSubK / 8; nt++)
+                        mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * half], sc[mt][nt][2 * half + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = fmaxf(m_run[r], mx);
+                    // a row with no key yet would give −inf − −inf; cannot happen (key 0), costs nothing
+                    const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+                    const float alpha = exp2f(m_run[r] * scale_log2 - base); // 0 on the first step
+                    m_run[r] = m_new;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < kSubK / 8; nt++)
+#pragma unroll
+                        for (int j = 0; j < 2; j++) {
+                            const float p = exp2f(fmaf(sc[mt][nt][2 * half + j], scale_log2, -base));
+                            sc[mt][nt][2 * half + j] = p;
+                            sum += p;
+                        }
+                    l_run[r] = l_run[r] * alpha + sum;
+                    // Deep into a sequence most steps leave every max of the warp as it was
+                    // (alpha exactly 1): skip the multiplies then.
+                    if (__any_sync(0xffffffffu, alpha != 1.f)) {
+#pragma unroll
+                        for (int dt = 0; dt < D / 8; dt++) o[mt][dt][2 * half] *= alpha, o[mt][dt][2 * half + 1] *= alpha;
+                    }
+                }
+
+            // O += P V: the S accumulators of n8 tiles 2kk, 2kk+1, packed to bf16, are exactly the
+            // A fragment of keys [16kk, 16kk + 16) (a0a1: row g of tile 2kk, a2a3: row g+8 of it,
+            // a4..a7: the same of tile 2kk+1).
+#pragma unroll
+            for (int kk = 0; kk < kSubK / 16; kk++) {
+                uint32_t p0[4], p1[4];
+                p0[0] = pack_bf16(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+                p0[1] = pack_bf16(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+                p0[2] = pack_bf16(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+                p0[3] = pack_bf16(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+                p1[0] = pack_bf16(sc[1][2 * kk][0], sc[1][2 * kk][1]);
+                p1[1] = pack_bf16(sc[1][2 * kk][2], sc[1][2 * kk][3]);
+                p1[2] = pack_bf16(sc[1][2 * kk + 1][0], sc[1][2 * kk + 1][1]);
+                p1[3] = pack_bf16(sc[1][2 * kk + 1][2], sc[1][2 * kk + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    uint32_t b[4];
+                    ldsm_x4_trans(b, v_sub + kk * 16 * kRowBytes + dp * 32);
+                    mma_bf16(o[0][2 * dp], p0, b[0], b[1]);
+                    mma_bf16(o[0][2 * dp + 1], p0, b[2], b[3]);
+                    mma_bf16(o[1][2 * dp], p1, b[0], b[1]);
+                    mma_bf16(o[1][2 * dp + 1], p1, b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    if (row0 >= row_end) return; // warp-uniform
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float l = l_run[mt * 2 + half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inverse = 1.f / l;
+            const int row = row0 + mt * 16 + lane / 4 + half * 8;
+            if (row >= row_end) continue;
+            float *dst = out + ((size_t)(first + row) * H + h) * D + (lane % 4) * 2; // (D) of the row, from this lane's columns
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *reinterpret_cast<float2 *>(dst + dt * 8) =
+                    make_float2(o[mt][dt][2 * half] * inverse, o[mt][dt][2 * half + 1] * inverse);
+        }
+}
+
+// The oracle: one block per (token, query head), warp w taking keys w, w + 4, ... of the token's
+// causal range. Pass 1 finds the row's max and sum of exp (each warp online, then combined);
+// pass 2 recomputes each score, identically, and accumulates exp(s − max) · v per warp. Any hd.
+constexpr int kPlainWarps = 4;
+
+__device__ __forceinline__ float plain_score(const float *q_row, const float *k_row, int hd, int lane, float scale) {
+    float dot = 0.f; // q_row (hd) in shared memory, k_row (hd) in global memory
+    for (int d = lane; d < hd; d += 32) dot = fmaf(q_row[d], k_row[d], dot);
+    // the butterfly leaves the same bits in every lane: the sum is warp-uniform
+    for (int m = 16; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+    return dot * scale;
+}
+
+__global__ void __launch_bounds__(kPlainWarps * 32)
+    plain_forward_kernel(float *__restrict__ out,               // (T, H, hd)
+                         const float *__restrict__ q,           // (T, H, hd)
+                         const float *__restrict__ k,           // (T, KV, hd)
+                         const float *__restrict__ v,           // (T, KV, hd)
+                         const int32_t *__restrict__ seq_start, // (n_seqs + 1)
+                         int n_seqs, int H, int KV, int hd, float scale) {
+    float *q_row = reinterpret_cast<float *>(dynamic_smem()); // (hd)
+    float *acc = q_row + hd;                                  // (kPlainWarps, hd): each warp's P V
+    __shared__ float warp_max[kPlainWarps];
+    __shared__ double warp_sum[kPlainWarps];
+    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    const int t_first = seq_start[0];
+    const int items = (seq_start[n_seqs] - t_first) * H; // the host saw that it fits
+
+    for (int item = (int)blockIdx.x; item < items; item += (int)gridDim.x) {
+        const int t = t_first + item / H, h = item % H, kvh = h / (H / KV);
+        int s = 0; // the last sequence starting at or before t: never an empty one
+        for (int high = n_seqs - 1; s < high;) {
+            const int mid = (s + high + 1) / 2;
+            if (seq_start[mid] <= t) s = mid;
+            else high = mid - 1;
+        }
+        const int first = seq_start[s];
+        const float *k_head = k + (size_t)kvh * hd; // row j at k_head + j * KV * hd
+        const float *v_head = v + (size_t)kvh * hd;
+        const size_t kv_stride = (size_t)KV * hd;
+        for (int d = (int)threadIdx.x; d < hd; d += blockDim.x) q_row[d] = q[((size_t)t * H + h) * hd + d];
+        for (int d = lane; d < hd; d += 32) acc[warp * hd + d] = 0.f;
+        __syncthreads();
+
+        float m = -INFINITY;
+        double l = 0.0;
+        for (int j = first + warp; j <= t; j += kPlainWarps) {
+            const float score = plain_score(q_row, k_head + j * kv_stride, hd, lane, scale);
+            if (score > m) {
+                l = l * (double)expf(m - score) + 1.0;
+                m = score;
+            } else {
+                l += (double)expf(score - m);
+            }
+        }
+        if (lane == 0) warp_max[warp] = m, warp_sum[warp] = l;
+        __syncthreads();
+        float row_max = warp_max[0]; // warp 0 always has key `first`: finite
+        for (int w = 1; w < kPlainWarps; w++) row_max = fmaxf(row_max, warp_max[w]);
+        double total = 0.0;
+        for (int w = 0; w < kPlainWarps; w++) total += warp_sum[w] * (double)expf(warp_max[w] - row_max);
+
+        for (int j = first + warp; j <= t; j += kPlainWarps) {
+            const float p = expf(plain_score(q_row, k_head + j * kv_stride, hd, lane, scale) - row_max);
+            const float *v_row = v_head + j * kv_stride;
+            for (int d = lane; d < hd; d += 32) acc[warp * hd + d] = fmaf(p, v_row[d], acc[warp * hd + d]);
+        }
+        __syncthreads();
+        const float inverse = 1.f / (float)total;
+        for (int d = (int)threadIdx.x; d < hd; d += blockDim.x) {
+            float sum = 0.f;
+            for (int w = 0; w < kPlainWarps; w++) sum += acc[w * hd + d];
+            out[((size_t)t * H + h) * hd + d] = sum * inverse;
+        }
+        __syncthreads(); // q_row, acc and the warp totals are the next item's
+    }
+}
+
+// ==== host =======================================================================================
+
+size_t plain_smem_bytes(int hd) { return (size_t)(1 + kPlainWarps) * hd * sizeof(float); }
+
+// Lets a kernel use `bytes` of dynamic shared memory (beyond the 48 KiB default), or says why not.
+template <typename Kernel> int allow_smem(es_device *dev, const char *op, Kernel kernel, size_t bytes) {
+    if (bytes <= 48 * 1024) return ES_OK;
+    if (bytes > cuda_of(dev)->prop.sharedMemPerBlockOptin)
+        return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: needs %zu bytes of shared memory per block, the device has %zu",
+                              op, bytes, (size_t)cuda_of(dev)->prop.sharedMemPerBlockOptin);
+    CUDA_TRY(dev, op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    return ES_OK;
+}
+
+template <int D>
+int flash_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
+                  const int32_t *host, int n_seqs, int H, int KV) {
+    const char *op = "attention_forward";
+    long long tiles = 0;
+    for (int s = 0; s < n_seqs; s++) tiles += (host[s + 1] - host[s] + kBlockQ - 1) / kBlockQ;
+    if (!tiles) return ES_OK;
+    int32_t *tile_start = (int32_t *)es_device_scratch(dev, ((size_t)n_seqs + 1) * sizeof(int32_t)); // (n_seqs + 1)
+    if (!tile_start) return ES_ERR_RUNTIME;
+    const cudaStream_t stream = cuda_stream(dev);
+    tile_start_kernel<<<1, 256, 0, stream>>>(tile_start, seq_start, n_seqs);
+    CUDA_LAUNCHED(dev, op);
+
+    constexpr int smem = FlashShape<D>::kSmemBytes;
+    int rc = allow_smem(dev, op, flash_forward_kernel<D>, smem);
+    if (rc) return rc;
+    // as many blocks share an SM as registers allow (launch bounds): ask for the shared memory to hold them
+    CUDA_TRY(dev, op, cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
+    flash_forward_kernel<D><<<(unsigned)(tiles * H), kThreads, smem, stream>>>(out, q, k, v, seq_start, tile_start, n_seqs,
+                                                                              (int)tiles, H, KV, scale_log2);
+    CUDA_LAUNCHED(dev, op);
+    return ES_OK;
+}
+
+} // namespace
+
+int cuda_attention_forward_plain(es_device *dev, float *out, const float *q, const float *k, const float *v,
+                                 const int32_t *seq_start, int n_seqs, int H, int KV, int hd) {
+    const char *op = "attention_forward_plain";
+    if (n_seqs == 0) return ES_OK;
+    const int32_t *host;
+    int rc = cuda_host_seq_start(dev, seq_start, n_seqs, &host);
+    if (rc) return rc;
+    const long long items = (long long)(host[n_seqs] - host[0]) * H;
+    if (!items) return ES_OK;
+    if (items > 0x7fffffffLL)
+        return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: %d tokens x %d heads exceed the 2^31 items the kernel counts", op,
+                              host[n_seqs] - host[0], H);
+    const size_t smem = plain_smem_bytes(hd);
+    rc = allow_smem(dev, op, plain_forward_kernel, smem);
+    if (rc) return rc;
+    const unsigned blocks = (unsigned)(items < (1 << 30) ? items : (1 << 30));
+    plain_forward_kernel<<<blocks, kPlainWarps * 32, smem, cuda_stream(dev)>>>(out, q, k, v, seq_start, n_seqs, H, KV, hd,
+                                                                             1.0f / sqrtf((float)hd));
+    CUDA_LAUNCHED(dev, op);
+    return ES_OK;
+}
+
+int cuda_attention_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
+                           int n_seqs, int H, int KV, int hd) {
+    // float4 loads and float2 stores need 16-byte rows and bases
+    const bool aligned = ((uintptr_t)out | (uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
+    if ((hd != 64 && hd != 96 && hd != 128) || !aligned)
+        return cuda_attention_forward_plain(dev, out, q, k, v, seq_start, n_seqs, H, KV, hd);
+    if (n_seqs == 0) return ES_OK;
+    const int32_t *host;
+    int rc = cuda_host_seq_start(dev, seq_start, n_seqs, &host);
+    if (rc) return rc;
+    if ((long long)(host[n_seqs] / kBlockQ + n_seqs) * H > 0x7fffffffLL) // more blocks than a grid holds
+        return cuda_attention_forward_plain(dev, out, q, k, v, seq_start, n_seqs, H, KV, hd);
+    if (hd == 64) return flash_forward<64>(dev, out, q, k, v, seq_start, host, n_seqs, H, KV);
+    if (hd == 96) return flash_forward<96>(dev, out, q, k, v, seq_start, host, n_seqs, H, KV);
+    return flash_forward<128>(dev, out, q, k, v, seq_start, host, n_seqs, H, KV);
+}
+
+size_t cuda_attention_workspace(const es_workspace_plan *plan) {
+    // the fast path's tile table, one entry per sequence and one more; the plain path needs none
+    return plan->tokens > 0 ? ((size_t)plan->tokens + 1) * sizeof(int32_t) : 0;
+}

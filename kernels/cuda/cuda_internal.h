@@ -1,0 +1,121 @@
+/* Internal to kernels/cuda/: the CUDA device's state and what every op file shares.
+ *
+ * Conventions of the CUDA backend (docs/engine.md "CUDA"):
+ *  - activations are fp32 in device memory, as the seam's float pointers say; weights (matmul
+ *    weights and biases, RMSNorm weights, a device embedding table) are bf16 (dev->weight_dtype);
+ *    products run on tensor cores with bf16 inputs and fp32 accumulation.
+ *  - every op is queued on the device's compute stream and returns without waiting, except where
+ *    it needs a value on the host (a loss sum, attention's sequence table); kernels never use the
+ *    default stream.
+ *  - an op's scratch comes from es_device_scratch (the one workspace, stream-ordered);
+ *    cuBLASLt's own workspace is the device's lt_workspace.
+ *  - a failing CUDA or cuBLAS call is recorded on the device with cuda_fail / cublas_fail,
+ *    naming the op, and the op returns ES_ERR_RUNTIME. */
+#ifndef ES_KERNELS_CUDA_INTERNAL_H
+#define ES_KERNELS_CUDA_INTERNAL_H
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+#include "backend_impl.h"
+#include "ops.h"
+}
+
+typedef struct cuda_device {
+    int ordinal;
+    cudaDeviceProp prop;
+    cudaStream_t compute;          /* every op */
+    cudaStream_t copy;             /* layer loads (es_device_load_begin) */
+    cudaStream_t download;         /* copies to the host (es_device_download_begin) */
+    cudaEvent_t download_mark;     /* recorded on compute when a snapshot is taken */
+    char *snapshots;               /* device copies of what is being downloaded, snapshot_bytes */
+    size_t snapshot_bytes, snapshot_used;
+    cudaEvent_t compute_mark;      /* recorded on compute before a load may overwrite a slot */
+    cublasLtHandle_t lt;
+    void *lt_workspace;            /* cuBLASLt's scratch (device), lt_workspace_bytes */
+    size_t lt_workspace_bytes;
+    void *pinned;                  /* a small pinned host buffer (pinned_bytes) for results an op returns */
+    size_t pinned_bytes;
+    void *embed_staging;           /* pinned, embed_staging_bytes: bf16 embedding rows on their way (embedding.cu) */
+    size_t embed_staging_bytes;
+    struct cuda_host_cache *host_cache; /* layer tensors kept in pinned host memory (backend.cu) */
+    struct cuda_loader *loader;    /* the load jobs in flight (backend.cu) */
+} cuda_device;
+
+static inline cuda_device *cuda_of(es_device *dev) { return (cuda_device *)dev->impl; }
+static inline cudaStream_t cuda_stream(es_device *dev) { return cuda_of(dev)->compute; }
+
+/* Record a failure on the device ("cuda: OP: WHAT: <error string>") and return ES_ERR_RUNTIME. */
+int cuda_fail(es_device *dev, const char *op, const char *what, cudaError_t code);
+int cublas_fail(es_device *dev, const char *op, const char *what, cublasStatus_t status);
+
+#define CUDA_TRY(dev, op, call)                                                                         \
+    do {                                                                                                \
+        cudaError_t cuda_try_rc_ = (call);                                                              \
+        if (cuda_try_rc_ != cudaSuccess) return cuda_fail((dev), (op), #call, cuda_try_rc_);            \
+    } while (0)
+#define CUBLAS_TRY(dev, op, call)                                                                       \
+    do {                                                                                                \
+        cublasStatus_t cublas_try_rc_ = (call);                                                         \
+        if (cublas_try_rc_ != CUBLAS_STATUS_SUCCESS) return cublas_fail((dev), (op), #call, cublas_try_rc_); \
+    } while (0)
+/* After a kernel launch: a bad launch configuration shows here. */
+#define CUDA_LAUNCHED(dev, op) CUDA_TRY(dev, op, cudaGetLastError())
+
+/* Blocks for a grid-stride loop over n elements. */
+static inline unsigned cuda_blocks(size_t n, unsigned threads) {
+    size_t blocks = (n + threads - 1) / threads;
+    return (unsigned)(blocks < 1 ? 1 : blocks > 1048576 ? 1048576 : blocks);
+}
+
+/* ---- matrix products (gemm.cu) ------------------------------------------------------------- */
+
+/* The input formats of a product (both operands the same). */
+typedef enum { CUDA_GEMM_F32, CUDA_GEMM_TF32, CUDA_GEMM_BF16, CUDA_GEMM_FP8_E4M3 } cuda_gemm_input;
+
+/* D = alpha · A Bᵀ (+ bias), all row-major, D in fp32, accumulated in fp32, on the compute stream:
+ *   D     (M, N) fp32, leading dimension N
+ *   A     (M, K) in `input` (tf32: fp32 storage; fp8: __nv_fp8_e4m3 bytes)
+ *   B     (N, K) in `input`
+ *   bias  (N) bf16 or NULL, added to every row.
+ * M = 0 is a no-op. fp8 needs K % 16 == 0 and N % 16 == 0 (cuBLASLt's rule); the caller checks. */
+int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const void *B, const __nv_bfloat16 *bias, int M, int N,
+              int K, float alpha, cuda_gemm_input input);
+
+/* ---- workspace: bytes of es_device_scratch each family needs for a plan's largest shapes ---- */
+size_t cuda_matmul_workspace(const es_workspace_plan *plan);
+size_t cuda_attention_workspace(const es_workspace_plan *plan);
+size_t cuda_fourier_workspace(const es_workspace_plan *plan);
+
+/* ---- the ops (one file each; names as kernels/backend_impl.h's entries) ------------------------ */
+
+int cuda_embedding_forward(es_device *dev, float *out, const int32_t *ids, const void *table, es_dtype dtype, int T, int C);
+int cuda_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps);
+int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC);
+int cuda_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
+int cuda_attention_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
+                           int n_seqs, int H, int KV, int hd);
+/* The plain attention (any hd, fp32, two passes over the keys, no score buffer): the oracle the
+ * fast one is checked against (tests/gpu/), and the path for head sizes the fast kernel does not
+ * take (it takes 64, 96 and 128). */
+int cuda_attention_forward_plain(es_device *dev, float *out, const float *q, const float *k, const float *v,
+                                 const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
+int cuda_swiglu_forward(es_device *dev, float *out, const float *gate, const float *up, size_t n);
+int cuda_add(es_device *dev, float *out, const float *a, const float *b, size_t n);
+int cuda_sum_squares(es_device *dev, double *out, const float *x, size_t n);
+int cuda_scale(es_device *dev, float *x, size_t n, float scale);
+int cuda_round_precision(es_device *dev, float *x, size_t n, es_precision precision);
+int cuda_standardise(es_device *dev, float *x_hat, int64_t *first_bad, const float *rows, const int64_t *row_index,
+                     const float *mean, const float *scale, int64_t n, int d, es_precision precision);
+int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, int T, int d, int m,
+                          es_precision precision, es_fourier_timing *timing);
+
+/* Sequence table on the host: attention needs its shape to size its grid. Copies seq_start
+ * (device, n_seqs + 1) into host memory (cuda_device.pinned) after the compute stream reaches it. */
+int cuda_host_seq_start(es_device *dev, const int32_t *seq_start, int n_seqs, const int32_t **host);
+
+#endif

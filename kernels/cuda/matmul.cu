@@ -1,0 +1,24 @@
+// matmul_forward on CUDA: the fp32 activations rounded to bf16 once, then one tensor-core
+// product against the bf16 weights with fp32 accumulation and output (gemm.cu).
+#include "cuda_internal.h"
+
+// Round to nearest even, as PyTorch's .to(torch.bfloat16) does; NaN stays NaN.
+__global__ void round_rows_to_bf16(__nv_bfloat16 *out, const float *in, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(in[i]);
+}
+
+size_t cuda_matmul_workspace(const es_workspace_plan *plan) {
+    return (size_t)plan->tokens * (size_t)plan->max_in * sizeof(__nv_bfloat16);
+}
+
+int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC) {
+    // out (T, OC) fp32, in (T, C) fp32, weight (OC, C) bf16, bias (OC) bf16 or NULL
+    if (T == 0) return 0;
+    const size_t n = (size_t)T * C;
+    __nv_bfloat16 *in_bf16 = (__nv_bfloat16 *)es_device_scratch(dev, n * sizeof *in_bf16); // (T, C)
+    if (!in_bf16) return ES_ERR_RUNTIME;
+    round_rows_to_bf16<<<cuda_blocks(n, 256), 256, 0, cuda_stream(dev)>>>(in_bf16, in, n);
+    CUDA_LAUNCHED(dev, "matmul_forward");
+    return cuda_gemm(dev, "matmul_forward", out, in_bf16, weight, (const __nv_bfloat16 *)bias, T, OC, C, 1.0f, CUDA_GEMM_BF16);
+}

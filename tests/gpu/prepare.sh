@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Gets gpu-carry/ ready for tests/gpu/run.sh on a GPU machine, which has CUDA and Python with
+# PyTorch + transformers but none of our Debian libraries and no ../shared. Run on the Debian
+# build machine, from the project root, with ../shared beside it:
+#   tests/gpu/prepare.sh            # then: run "bash tests/gpu/run.sh" with carry = [gpu-carry]
+# What it puts there (well under the 64 MiB a carry may hold):
+#   bin/          the programs, the CUDA backend (libessence-cuda.so) and the build/gpu checks and
+#                 benchmarks, built for sm_90a only (smaller)
+#   libs.tar.xz   the shared libraries they load (../shared/tools/gpu-bundle.sh)
+#   gpu_baselines.py, gpu_offload_baselines.py   the Hugging Face / PyTorch baselines
+#   llama70b/config.json                          the teacher's shape, for the benchmarks
+set -eu
+cd "$(dirname "$0")/../.."
+SHARED=${SHARED:-../shared}
+BUILD=build-gpu
+ARCH=${GPU_ARCH:-"-gencode arch=compute_90a,code=sm_90a"}
+make -j"$(nproc)" BUILD=$BUILD CUDA_ARCHS="$ARCH" $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-inspect $BUILD/libessence-cuda.so \
+    $(ls tests/gpu/*.c | sed "s|tests/gpu/\(.*\)\.c|$BUILD/gpu/\1|")
+rm -rf gpu-carry && mkdir -p gpu-carry/bin gpu-carry/llama70b
+cp $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-inspect $BUILD/libessence-cuda.so $BUILD/gpu/* gpu-carry/bin/
+strip gpu-carry/bin/*
+"$SHARED/tools/gpu-bundle.sh" gpu-carry gpu-carry/bin/*
+cp "$SHARED/tools/gpu_baselines.py" "$SHARED/tools/gpu_offload_baselines.py" gpu-carry/
+cp "$SHARED/fixtures/configs/deepseek-r1-distill-llama-70b.config.json" gpu-carry/llama70b/config.json
+du -sh gpu-carry
