@@ -79,8 +79,9 @@ static int parse_layers(const char *text, int n_layers, int **layers, int *count
 }
 
 /* The checkpoint up to the deepest stored layer, activations for the largest batch (the token
- * budget, or one sample of --max-seq), the workspace, then the layers in what memory is left. */
-static int teacher_open(teacher_model *t, es_device *dev, const char *dir, int deepest, int batch_tokens, int max_seq,
+ * budget, or one sample of --max-seq), the workspace, the layers in what memory is left, then
+ * room for the stored layers' copies to the host if any is left. */
+static int teacher_open(teacher_model *t, es_device *dev, const char *dir, int deepest, int n_stored, int batch_tokens, int max_seq,
                         es_error *err) {
     memset(t, 0, sizeof *t);
     t->dev = dev, t->deepest = deepest;
@@ -90,6 +91,14 @@ static int teacher_open(teacher_model *t, es_device *dev, const char *dir, int d
     es_workspace_plan plan = {0};
     if (!rc) es_decoder_plan(t->decoder, &plan), rc = es_device_reserve(dev, &plan, err);
     if (!rc) rc = es_stream_open(&t->layers, dev, &t->store, deepest, err);
+    /* the stored layers' copies to the host overlap the compute when what the layers left has room
+     * for their snapshots: two in flight, else one, else none (each copy then waits for the GPU) */
+    const size_t one_copy = ((size_t)capacity * t->store.config.hidden_size * sizeof(float) + 255) / 256 * 256; /* as the backend pads */
+    for (int copies = n_stored < 2 ? n_stored : 2; !rc && copies > 0; copies--) {
+        es_error ignored = {0};
+        if (!es_device_download_reserve(dev, copies * one_copy, &ignored)) break;
+        if (copies == 1) es_log("no room left under --max-memory for copies of the stored layers: each copy to the host waits for the GPU");
+    }
     return rc;
 }
 
@@ -207,7 +216,7 @@ int main(int argc, char **argv) {
 
     // 4. The teacher on the device, up to its deepest requested layer.
     teacher_model teacher;
-    int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], batch_tokens, max_seq, &err);
+    int rc = teacher_open(&teacher, dev, model_dir, layers[n_layers - 1], n_layers, batch_tokens, max_seq, &err);
     if (rc) {
         teacher_abandon(&writer, writer.committed == 0);
         es_exit_error(&err);

@@ -187,6 +187,10 @@ int es_device_zero(es_device *dev, void *ptr, size_t bytes, es_error *err) {
 int es_device_sync(es_device *dev, es_error *err) { PASS_THROUGH(dev->ops->sync(dev)); }
 int es_device_load_begin(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_begin(dev, job)); }
 int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err) { PASS_THROUGH(dev->ops->load_wait(dev, job)); }
+void es_device_load_forget(es_device *dev) {
+    if (dev->ops->load_forget) dev->ops->load_forget(dev);
+}
+
 void *es_device_host_alloc(es_device *dev, size_t bytes) {
     if (dev->ops->host_alloc) return dev->ops->host_alloc(dev, bytes ? bytes : 1);
     void *p = NULL;
@@ -202,6 +206,9 @@ int es_device_download_begin(es_device *dev, void *dst, const void *src, size_t 
     PASS_THROUGH(bytes && dev->ops->download_begin(dev, dst, src, bytes));
 }
 int es_device_download_wait(es_device *dev, es_error *err) { PASS_THROUGH(dev->ops->download_wait && dev->ops->download_wait(dev)); }
+int es_device_download_reserve(es_device *dev, size_t bytes, es_error *err) {
+    PASS_THROUGH(dev->ops->download_reserve && dev->ops->download_reserve(dev, bytes));
+}
 
 int es_device_load_prepare(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype, es_error *err) {
     PASS_THROUGH(dev->ops->load_prepare && dev->ops->load_prepare(dev, tensors, n, dtype));

@@ -135,6 +135,11 @@ void es_device_host_free(es_device *dev, void *ptr);
  * returns, which waits for every copy begun. The CPU copies at once. */
 int es_device_download_begin(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err);
 int es_device_download_wait(es_device *dev, es_error *err);
+/* Room for copies to the host in flight at once, `bytes` in all (CUDA: device snapshots of what
+ * is copied, under the budget): reserve it before the layer stream plans its slots. Copies
+ * beyond the room (or without one) wait for the compute stream instead. A room that does not fit
+ * the budget is an error, and the device is left as it was. */
+int es_device_download_reserve(es_device *dev, size_t bytes, es_error *err);
 /* Host fp32 values into device memory in the device's weight format (dev->weight_dtype). */
 int es_device_upload_weights(es_device *dev, void *dst, const float *src, size_t n, es_error *err);
 /* Waits for everything queued on the compute stream. */
@@ -149,6 +154,9 @@ int es_device_load_wait(es_device *dev, es_load_job *job, es_error *err);
  * slots), so that the backend may keep them where its copy stream reads them fastest (CUDA:
  * pinned host memory, not counted against --max-memory). */
 int es_device_load_prepare(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype, es_error *err);
+/* The prepared tensors will not be loaded again (their store is closing): the backend lets go of
+ * what it kept for them. */
+void es_device_load_forget(es_device *dev);
 
 /* Makes the workspace at least as large as the backend estimates that plan needs. */
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err);

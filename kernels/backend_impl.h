@@ -28,6 +28,7 @@ struct es_backend {
     /* Optional: these tensors will be loaded again and again (a layer stream through slots);
      * keep them where the copy stream reads them fastest (CUDA: pinned host memory). */
     int (*load_prepare)(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype);
+    void (*load_forget)(es_device *dev);
     size_t (*workspace_estimate)(const es_device *dev, const es_workspace_plan *plan);
     /* Optional (NULL: malloc, and downloads that wait): host memory for copies, and copies to the
      * host that overlap the ops queued after them. */
@@ -35,6 +36,7 @@ struct es_backend {
     void (*host_free)(es_device *dev, void *ptr);
     int (*download_begin)(es_device *dev, void *dst, const void *src, size_t bytes);
     int (*download_wait)(es_device *dev);
+    int (*download_reserve)(es_device *dev, size_t bytes);
 
     /* ops */
     int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);
@@ -66,7 +68,7 @@ struct es_backend {
     int (*round_precision)(es_device *, float *, size_t, es_precision);
     int (*standardise)(es_device *, float *, int64_t *, const float *, const int64_t *, const float *, const float *, int64_t, int,
                        es_precision);
-    int (*fourier_features)(es_device *, float *, const float *, const float *, int, int, int, es_precision,
+    int (*fourier_features)(es_device *, float *, const float *, const float *, float, int, int, int, es_precision,
                             es_fourier_timing *);
 };
 

@@ -23,6 +23,13 @@ int es_cuda_synchronize(void);
 int es_cuda_bf16_to_f32(float *dst, const uint16_t *src, size_t n);   /* (n) <- (n) */
 int es_cuda_f32_to_bf16(uint16_t *dst, const float *src, size_t n);   /* (n) <- (n) */
 
+/* The plain attention kernel (fp32 throughout) on a CUDA device: the oracle the flash kernel
+ * behind es_attention_forward is checked against (tests/gpu/test_attention_cuda.c). Arguments
+ * as es_attention_forward's; dev is an es_device of kind CUDA. */
+struct es_device;
+int es_cuda_attention_forward_plain(struct es_device *dev, float *out, const float *q, const float *k, const float *v,
+                                    const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
+
 #ifdef __cplusplus
 }
 #endif

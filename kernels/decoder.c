@@ -179,7 +179,7 @@ static int upload_batch(es_decoder *d, const es_decoder_batch *batch, es_error *
 }
 
 int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void *embed, es_dtype embed_dtype,
-                       es_layer_stream *layers, int last_layer, const float *final_norm, es_layer_fn on_layer, void *ctx,
+                       es_layer_stream *layers, int last_layer, const void *final_norm, es_layer_fn on_layer, void *ctx,
                        es_error *err) {
     es_device *dev = d->dev;
     const es_model_config *c = &d->config;
@@ -189,6 +189,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         return es_fail(err, ES_ERR_RUNTIME, "a forward through %d layers: the decoder keeps %d", last_layer, d->train_layers);
     int rc = upload_batch(d, batch, err);
     if (rc) return rc;
+    int held = 0; /* the layer acquired and not yet released: an op's failure releases it at done */
     const int T = d->T;
     d->last_layer = last_layer, d->has_normed = 0;
     float *x = !d->train_layers ? d->x : last_layer ? d->acts[0].x_in : d->x_final;
@@ -197,6 +198,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
     for (int l = 1; l <= last_layer; l++) {
         const es_layer_weights *w;
         if ((rc = es_stream_acquire(layers, l, &w, err))) goto done;
+        held = l;
         /* training keeps every layer's activations; inference reuses one set and updates x in place */
         layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, x, d->normed, d->gate, d->up, d->gate};
         const layer_acts *a = d->train_layers ? &d->acts[l - 1] : &shared;
@@ -219,6 +221,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
         OP(es_add(dev, x_out, a->x_mid, d->branch, (size_t)T * C));
         es_stream_release(layers, l);
+        held = 0;
         x = x_out;
         if (on_layer && (rc = on_layer(ctx, l, x, T, err))) goto done;
     }
@@ -227,6 +230,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         d->has_normed = 1;
     }
 done:
+    if (held) es_stream_release(layers, held);
     return rc;
 }
 

@@ -40,13 +40,14 @@ typedef struct es_decoder_batch {
  * Return nonzero (an error code already set in err) to stop. */
 typedef int (*es_layer_fn)(void *ctx, int layer, const float *hidden /* (T, C) */, int T, es_error *err);
 
-/* Runs the batch through the embedding (table: device fp32, or a host mapping of the checkpoint
- * in its dtype; ids outside the vocabulary are ES_ERR_DATA) and layers 1..last_layer of
- * `layers`, calling on_layer (may be NULL) after each. With final_norm != NULL (the weight, (C))
- * the final norm's output follows (es_decoder_normed). A training decoder keeps activations
+/* Runs the batch through the embedding (table: device memory in the device's weight format, or a
+ * host mapping of the checkpoint in its dtype; ids outside the vocabulary are ES_ERR_DATA) and
+ * layers 1..last_layer of `layers`, calling on_layer (may be NULL) after each. With final_norm !=
+ * NULL (the weight, (C), in the device's weight format) the final norm's output follows
+ * (es_decoder_normed). A training decoder keeps activations
  * for es_decoder_backward (last_layer <= train_layers). */
 int es_decoder_forward(es_decoder *decoder, const es_decoder_batch *batch, const void *embed, es_dtype embed_dtype,
-                       es_layer_stream *layers, int last_layer, const float *final_norm, es_layer_fn on_layer, void *ctx,
+                       es_layer_stream *layers, int last_layer, const void *final_norm, es_layer_fn on_layer, void *ctx,
                        es_error *err);
 
 /* After a forward: the stream after `layer` (0..last_layer; a training decoder keeps every one,

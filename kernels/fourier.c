@@ -11,6 +11,17 @@ static uint64_t splitmix64(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
+float es_fourier_omega_prescale(const float *omega, size_t n, es_precision precision) {
+    if (precision != ES_PRECISION_FP8) return 1.0f;
+    float largest = 0;
+    for (size_t i = 0; i < n; i++) largest = fabsf(omega[i]) > largest ? fabsf(omega[i]) : largest;
+    if (!(largest > 0) || !isfinite(largest)) return 1.0f;
+    int k = (int)floor(log2(448.0 / largest));
+    k = k < -100 ? -100 : k > 100 ? 100 : k;
+    while (k > -100 && ldexp(largest, k) > 448.0) k--; /* log2's last bit, at a power of two */
+    return ldexpf(1.0f, k);
+}
+
 void es_fourier_omega(float *omega, int m, int d, double sigma, uint64_t seed) {
     const double scale = sigma / sqrt((double)d);
     const size_t n = (size_t)m * (size_t)d;

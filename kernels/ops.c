@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <assert.h>
+#include <math.h>
 
 #include "backend_impl.h"
 
@@ -109,8 +110,10 @@ int es_standardise(es_device *dev, float *x_hat, int64_t *first_bad, const float
     DISPATCH(standardise, x_hat, first_bad, rows, row_index, mean, scale, n, d, precision);
 }
 
-int es_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, int T, int d, int m,
-                        es_precision precision, es_fourier_timing *timing) {
-    assert(T >= 0 && d > 0 && m > 0);
-    DISPATCH(fourier_features, targets, x_hat, omega, T, d, m, precision, timing);
+int es_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, float omega_scale, int T, int d,
+                        int m, es_precision precision, es_fourier_timing *timing) {
+    int exponent;
+    assert(T >= 0 && d > 0 && m > 0 && frexpf(omega_scale, &exponent) == 0.5f);
+    (void)exponent;
+    DISPATCH(fourier_features, targets, x_hat, omega, omega_scale, T, d, m, precision, timing);
 }

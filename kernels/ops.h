@@ -220,14 +220,16 @@ typedef struct es_fourier_timing {
     double gemm_seconds, epilogue_seconds, gemm_flops;
 } es_fourier_timing;
 
-/* targets = √2 · [cos φ, sin φ], φ = x_hat Ωᵀ accumulated in fp32, the GEMM's inputs in
+/* targets = √2 · [cos φ, sin φ], φ = omega_scale · x_hat Ωᵀ accumulated in fp32, the GEMM's inputs in
  * `precision` (the caller has rounded both to it, so a backend that emulates the narrow formats
  * with an fp32 product gets what tensor cores compute); cos and sin with exact range reduction.
- * A row's result depends on that row alone. */
+ * A row's result depends on that row alone. omega_scale is a power of two (scaling by it is exact):
+ * 1, but for fp8, whose Ω the caller scales into e4m3's range before rounding (docs/project.md). */
 int es_fourier_features(es_device *dev,
                         float *targets,           // (T, 2m)
                         const float *x_hat,       // (T, d)
                         const float *omega,       // (m, d)
+                        float omega_scale,
                         int T, int d, int m, es_precision precision,
                         es_fourier_timing *timing); // host, or NULL
 

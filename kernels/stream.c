@@ -26,6 +26,7 @@ struct es_layer_stream {
     slot *slots;
     int n_slots;
     es_layer_weights *external;      /* es_stream_resident's */
+    int prepared;                    /* es_device_load_prepare was told of the layers */
 };
 
 /* A tensor's room in a slot: its elements in the weight format, rounded up to 256 bytes so
@@ -88,6 +89,7 @@ static int prepare_layers(es_layer_stream *stream, es_error *err) {
             if (stream->store->layers[l].part[part]) tensors[n++] = stream->store->layers[l].part[part];
     int rc = es_device_load_prepare(stream->dev, tensors, (int)n, stream->dev->weight_dtype, err);
     free(tensors);
+    stream->prepared = !rc;
     return rc;
 }
 
@@ -155,6 +157,7 @@ void es_stream_close(es_layer_stream *stream) {
         finish_load(stream, s, &ignored); /* the copy stream must be done with the memory */
         es_device_free(stream->dev, s->arena, s->bytes);
     }
+    if (stream->prepared) es_device_load_forget(stream->dev);
     free(stream->slots);
     free(stream);
 }

@@ -102,7 +102,8 @@ typedef struct projector {
     layer_pair *pairs;
     int n_pairs;
     int d, m;                  /* teacher width, phases (student width D = 2m) */
-    const float *omega;        // (m, d) device, rounded to --precision
+    const float *omega;        // (m, d) device, rounded to --precision (fp8: scaled by 1 / omega_scale first)
+    float omega_scale;         /* the phases' factor: 1, or for fp8 the power of two undoing Ω's scaling */
     es_precision precision;
     int rms;                   /* --input-norm rms */
     align_rule rule;
@@ -186,7 +187,7 @@ static int project_rows(projector *p, const layer_pair *pair, const int64_t *ref
                        pair->teacher, (long long)(b->shard->token_start[b->first] + row), (long long)(b->first + sample),
                        b->ids[sample]);
     }
-    if (es_fourier_features(p->dev, p->features, p->x_hat, p->omega, (int)n_ref, p->d, p->m, p->precision, &p->timing))
+    if (es_fourier_features(p->dev, p->features, p->x_hat, p->omega, p->omega_scale, (int)n_ref, p->d, p->m, p->precision, &p->timing))
         return es_device_take_error(p->dev, err);
     return ES_OK;
 }
@@ -330,9 +331,13 @@ static int projector_prepare(projector *p, const float *omega, es_error *err) {
     const size_t omega_bytes = (size_t)p->m * d * sizeof(float);
     if (!rc) rc = es_device_alloc(dev, omega_bytes, (void **)&omega_device, "Ω", err);
     if (!rc) rc = es_device_upload(dev, omega_device, omega, omega_bytes, err);
+    /* fp8: Ω is scaled into e4m3's range first (es_fourier_omega_prescale), the phases back */
+    const float prescale = es_fourier_omega_prescale(omega, (size_t)p->m * d, p->precision);
+    p->omega_scale = 1.0f / prescale;
+    if (!rc && prescale != 1.0f && es_scale(dev, omega_device, (size_t)p->m * d, prescale)) rc = es_device_take_error(dev, err);
     if (!rc && es_round_precision(dev, omega_device, (size_t)p->m * d, p->precision)) rc = es_device_take_error(dev, err);
     p->omega = omega_device;
-    es_workspace_plan plan = {.feature_in = d, .feature_phases = p->m};
+    es_workspace_plan plan = {.tokens = (int)(p->capacity < INT32_MAX ? p->capacity : INT32_MAX), .feature_in = d, .feature_phases = p->m};
     if (!rc) rc = es_device_reserve(dev, &plan, err);
     return rc;
 }

@@ -62,7 +62,7 @@ int cpu_scale(es_device *, float *, size_t, float);
 int cpu_round_precision(es_device *, float *, size_t, es_precision);
 int cpu_standardise(es_device *, float *, int64_t *, const float *, const int64_t *, const float *, const float *, int64_t, int,
                     es_precision);
-int cpu_fourier_features(es_device *, float *, const float *, const float *, int, int, int, es_precision, es_fourier_timing *);
+int cpu_fourier_features(es_device *, float *, const float *, const float *, float, int, int, int, es_precision, es_fourier_timing *);
 
 /* Scratch each op takes from the workspace for the largest shapes of a plan (bytes). */
 size_t cpu_matmul_workspace(const es_workspace_plan *plan);

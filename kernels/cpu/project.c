@@ -115,6 +115,7 @@ enum { FEATURE_ROWS = 256 };
 typedef struct feature_job {
     float *targets;
     const float *x_hat, *omega;
+    float omega_scale;                       /* a power of two: alpha of the product, exact */
     int T, d, m;
     float *scratch;                          /* per worker: phases (FEATURE_ROWS, m), padded (FEATURE_ROWS, d) */
     double *gemm_seconds, *epilogue_seconds; /* per worker */
@@ -133,7 +134,7 @@ static void feature_block(void *arg, size_t block, int worker) {
         x = padded;
     }
     const double start = es_now();
-    cpu_sgemm(0, 1, FEATURE_ROWS, m, d, 1.0f, x, d, job->omega, d, 0.0f, phases, m);
+    cpu_sgemm(0, 1, FEATURE_ROWS, m, d, job->omega_scale, x, d, job->omega, d, 0.0f, phases, m);
     const double middle = es_now();
     const double root2 = sqrt(2.0);
     for (int t = 0; t < rows; t++) {
@@ -156,8 +157,8 @@ size_t cpu_project_workspace(const es_device *dev, const es_workspace_plan *plan
     return plan->feature_in ? feature_workspace(cpu_workers(dev), plan->feature_in, plan->feature_phases) : 0;
 }
 
-int cpu_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, int T, int d, int m,
-                         es_precision precision, es_fourier_timing *timing) {
+int cpu_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, float omega_scale, int T, int d,
+                         int m, es_precision precision, es_fourier_timing *timing) {
     (void)precision; /* the inputs are rounded already: an fp32 product of them is what tensor cores compute */
     if (T <= 0) return 0;
     const int workers = cpu_workers(dev);
@@ -165,7 +166,7 @@ int cpu_fourier_features(es_device *dev, float *targets, const float *x_hat, con
     if (!scratch) return ES_ERR_RUNTIME;
     double *seconds = (double *)(scratch + (size_t)workers * FEATURE_ROWS * ((size_t)m + d));
     memset(seconds, 0, 2 * (size_t)workers * sizeof *seconds);
-    feature_job job = {targets, x_hat, omega, T, d, m, scratch, seconds, seconds + workers};
+    feature_job job = {targets, x_hat, omega, omega_scale, T, d, m, scratch, seconds, seconds + workers};
     const size_t blocks = (size_t)(T + FEATURE_ROWS - 1) / FEATURE_ROWS;
     const double start = es_now();
     cpu_for(dev, blocks, feature_block, &job);

@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
             const int key0 = kv0 + sub * kSubK;
             // Warp-uniform: no valid rows, or every key from here on lies after all of them.
             // Key 0 precedes every row, so each row's max is finite after the first step.
-            if (key0 >= row_end) break;
+            if (row0 >= row_end || key0 >= row_end) break;
             const uint32_t k_sub = k_lane + sub * kSubK * kRowBytes, v_sub = v_lane + sub * kSubK * kRowBytes;
 
             float sc[2][kSubK / 8][4]; // S of the warp: (32, kSubK)
@@ -365,10 +365,11 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
     __shared__ double warp_sum[kPlainWarps];
     const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     const int t_first = seq_start[0];
-    const int items = (seq_start[n_seqs] - t_first) * H; // the host saw that it fits
+    const long long items = (long long)(seq_start[n_seqs] - t_first) * H; // the host saw that it fits in 2^31
 
-    for (int item = (int)blockIdx.x; item < items; item += (int)gridDim.x) {
-        const int t = t_first + item / H, h = item % H, kvh = h / (H / KV);
+    // 64-bit: item + gridDim.x may pass 2^31 on the last round
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+        const int t = t_first + (int)(item / H), h = (int)(item % H), kvh = h / (H / KV);
         int s = 0; // the last sequence starting at or before t: never an empty one
         for (int high = n_seqs - 1; s < high;) {
             const int mid = (s + high + 1) / 2;

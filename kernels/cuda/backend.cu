@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda.h"
 #include "cuda_internal.h"
 
 #define _Noreturn [[noreturn]] /* log.h is C11 */
@@ -27,6 +28,7 @@ static const char *cublas_status_name(cublasStatus_t status) {
 }
 
 int cuda_fail(es_device *dev, const char *op, const char *what, cudaError_t code) {
+    (void)cudaGetLastError(); /* a failure that is not sticky must not resurface at the next launch */
     return es_device_fail(dev, ES_ERR_RUNTIME, "%s: %s: %s failed: %s", dev->name, op, what, cudaGetErrorString(code));
 }
 
@@ -85,7 +87,6 @@ static int pinned_room(es_device *dev, size_t bytes, void **out) {
     if (bytes > cd->pinned_bytes) {
         CUDA_TRY(dev, "pinned buffer", cudaStreamSynchronize(cd->compute));
         if (cd->pinned) cudaFreeHost(cd->pinned);
-    if (cd->embed_staging) cudaFreeHost(cd->embed_staging);
         cd->pinned = NULL, cd->pinned_bytes = 0;
         size_t want = bytes < ((size_t)1 << 20) ? (size_t)1 << 20 : bytes;
         CUDA_TRY(dev, "pinned buffer", cudaHostAlloc(&cd->pinned, want, cudaHostAllocDefault));
@@ -116,6 +117,8 @@ typedef struct cuda_host_cache {
     size_t bytes;
     const es_tensor **tensors;     /* [n], sorted by address */
     char **copies;                 /* [n] into pinned */
+    const void **data;             /* [n] each tensor's data and size when it was copied */
+    size_t *nbytes;
     int n;
     es_dtype dtype;
 } cuda_host_cache;
@@ -150,6 +153,12 @@ static int convert_range(const es_tensor *t, size_t first, size_t count, es_dtyp
     return rc;
 }
 
+static void free_host_cache(cuda_host_cache *cache) {
+    if (!cache) return;
+    if (cache->pinned) cudaFreeHost(cache->pinned);
+    free(cache->tensors), free(cache->copies), free(cache->data), free(cache->nbytes), free(cache);
+}
+
 static int cuda_load_prepare(es_device *dev, const es_tensor *const *tensors, int n, es_dtype dtype) {
     cuda_device *cd = cuda_of(dev);
     if (cd->host_cache || n == 0) return 0;
@@ -158,14 +167,16 @@ static int cuda_load_prepare(es_device *dev, const es_tensor *const *tensors, in
     cuda_host_cache *cache = (cuda_host_cache *)calloc(1, sizeof *cache);
     if (cache) cache->tensors = (const es_tensor **)malloc((size_t)n * sizeof *cache->tensors);
     if (cache && cache->tensors) cache->copies = (char **)malloc((size_t)n * sizeof *cache->copies);
+    if (cache && cache->copies) cache->data = (const void **)malloc((size_t)n * sizeof *cache->data);
+    if (cache && cache->data) cache->nbytes = (size_t *)malloc((size_t)n * sizeof *cache->nbytes);
     float *scratch = (float *)malloc(STAGING_BYTES);
     char size_text[32];
     es_format_size(bytes, size_text, sizeof size_text);
-    if (!cache || !cache->copies || !scratch || cudaHostAlloc(&cache->pinned, bytes, cudaHostAllocPortable) != cudaSuccess) {
+    if (!cache || !cache->nbytes || !scratch || cudaHostAlloc(&cache->pinned, bytes, cudaHostAllocPortable) != cudaSuccess) {
         cudaGetLastError();
         es_log("%s: cannot pin %s of host memory for the streamed layers: each load copies from the checkpoint's mapping "
                "(slower)", dev->name, size_text);
-        if (cache) free(cache->tensors), free(cache->copies);
+        if (cache) cache->pinned = NULL, free(cache->tensors), free(cache->copies), free(cache->data), free(cache->nbytes);
         free(cache), free(scratch);
         return 0;
     }
@@ -179,6 +190,7 @@ static int cuda_load_prepare(es_device *dev, const es_tensor *const *tensors, in
     for (int i = 0; !rc && i < n; i++) {
         const es_tensor *t = cache->tensors[i];
         cache->copies[i] = (char *)cache->pinned + at;
+        cache->data[i] = t->data, cache->nbytes[i] = t->nbytes;
         const size_t numel = es_tensor_numel(t);
         for (size_t first = 0; !rc && first < numel; first += chunk) {
             const size_t count = numel - first < chunk ? numel - first : chunk;
@@ -188,8 +200,7 @@ static int cuda_load_prepare(es_device *dev, const es_tensor *const *tensors, in
     }
     free(scratch);
     if (rc) {
-        cudaFreeHost(cache->pinned);
-        free(cache->tensors), free(cache->copies), free(cache);
+        free_host_cache(cache);
         return es_device_fail(dev, rc, "%s", err.msg);
     }
     es_log("%s: the streamed layers (%s) are held in pinned host memory", dev->name, size_text);
@@ -197,16 +208,46 @@ static int cuda_load_prepare(es_device *dev, const es_tensor *const *tensors, in
     return 0;
 }
 
+
+/* The stream that prepared the tensors is closing: no load reads the copies any more once the
+ * copy stream is done. */
+static void cuda_load_forget(es_device *dev) {
+    cuda_device *cd = cuda_of(dev);
+    cudaStreamSynchronize(cd->copy);
+    free_host_cache(cd->host_cache);
+    cd->host_cache = NULL;
+}
+
+/* The kept copy of t, found by the tensor's address and checked against its data (a tensor at
+ * the same address in another store is another tensor). */
 static const char *cached_copy(const cuda_host_cache *cache, const es_tensor *t, es_dtype dtype) {
     if (!cache || cache->dtype != dtype) return NULL;
     const es_tensor **found = (const es_tensor **)bsearch(&t, cache->tensors, (size_t)cache->n, sizeof *cache->tensors, by_address);
-    return found ? cache->copies[found - cache->tensors] : NULL;
+    if (!found) return NULL;
+    const size_t i = (size_t)(found - cache->tensors);
+    return cache->data[i] == t->data && cache->nbytes[i] == t->nbytes ? cache->copies[i] : NULL;
+}
+
+/* A tensor not kept in pinned memory: converted on the host through the staging buffer, which
+ * waits for its previous copy before it is refilled. */
+static int load_staged(es_device *dev, const es_tensor *t, void *dst, es_dtype dtype, float *scratch, es_error *error) {
+    cuda_device *cd = cuda_of(dev);
+    const size_t numel = es_tensor_numel(t), element = es_dtype_size(dtype), chunk = STAGING_BYTES / 2 / sizeof(float);
+    if (!cd->loader->staging) CUDA_TRY(dev, "layer load", cudaHostAlloc(&cd->loader->staging, STAGING_BYTES, cudaHostAllocDefault));
+    for (size_t first = 0; first < numel; first += chunk) {
+        const size_t count = numel - first < chunk ? numel - first : chunk;
+        CUDA_TRY(dev, "layer load", cudaStreamSynchronize(cd->copy)); /* the staging buffer is free again */
+        if (convert_range(t, first, count, dtype, cd->loader->staging, scratch, error))
+            return es_device_fail(dev, error->code, "%s", error->msg);
+        CUDA_TRY(dev, "layer load", cudaMemcpyAsync((char *)dst + first * element, cd->loader->staging, count * element,
+                                                    cudaMemcpyHostToDevice, cd->copy));
+    }
+    return 0;
 }
 
 /* Queues job on the copy stream after everything the compute stream holds now (the slot it
  * overwrites may still be read by ops queued before), and an event the compute stream waits for.
- * Cached tensors go as one DMA each; others are converted on the host through the staging
- * buffer, which waits for its previous copy before it is refilled. */
+ * Tensors kept in pinned memory go as one DMA each; others through load_staged. */
 static int cuda_load_begin(es_device *dev, es_load_job *job) {
     cuda_device *cd = cuda_of(dev);
     es_error_clear(&job->error);
@@ -215,34 +256,29 @@ static int cuda_load_begin(es_device *dev, es_load_job *job) {
         return es_device_fail(dev, ES_ERR_RUNTIME, "%s: weights in %s", dev->name, es_dtype_name(job->dtype));
     CUDA_TRY(dev, "layer load", cudaEventRecord(cd->compute_mark, cd->compute));
     CUDA_TRY(dev, "layer load", cudaStreamWaitEvent(cd->copy, cd->compute_mark, 0));
-    const size_t element = es_dtype_size(job->dtype), chunk = STAGING_BYTES / 2 / sizeof(float);
-    float *scratch = NULL;
-    for (int i = 0; i < job->n; i++) {
+    const size_t element = es_dtype_size(job->dtype);
+    float *scratch = NULL; // (STAGING_BYTES / 2 / 4) host, for conversions
+    int rc = 0;
+    for (int i = 0; !rc && i < job->n; i++) {
         const es_tensor *t = job->src[i];
-        const size_t numel = es_tensor_numel(t);
         const char *pinned = cached_copy(cd->host_cache, t, job->dtype);
         if (pinned) {
-            CUDA_TRY(dev, "layer load", cudaMemcpyAsync(job->dst[i], pinned, numel * element, cudaMemcpyHostToDevice, cd->copy));
+            cudaError_t copied = cudaMemcpyAsync(job->dst[i], pinned, es_tensor_numel(t) * element, cudaMemcpyHostToDevice, cd->copy);
+            if (copied != cudaSuccess) rc = cuda_fail(dev, "layer load", "cudaMemcpyAsync", copied);
             continue;
         }
-        if (!cd->loader->staging) CUDA_TRY(dev, "layer load", cudaHostAlloc(&cd->loader->staging, STAGING_BYTES, cudaHostAllocDefault));
-        if (!scratch && !(scratch = (float *)malloc(STAGING_BYTES / 2)))
-            return es_device_fail(dev, ES_ERR_RUNTIME, "%s: out of memory", dev->name);
-        for (size_t first = 0; first < numel; first += chunk) {
-            const size_t count = numel - first < chunk ? numel - first : chunk;
-            CUDA_TRY(dev, "layer load", cudaStreamSynchronize(cd->copy)); /* the staging buffer is free again */
-            if (convert_range(t, first, count, job->dtype, cd->loader->staging, scratch, &job->error)) {
-                free(scratch);
-                return es_device_fail(dev, job->error.code, "%s", job->error.msg);
-            }
-            CUDA_TRY(dev, "layer load", cudaMemcpyAsync((char *)job->dst[i] + first * element, cd->loader->staging, count * element,
-                                                        cudaMemcpyHostToDevice, cd->copy));
-        }
+        if (!scratch && !(scratch = (float *)malloc(STAGING_BYTES / 2))) rc = es_device_fail(dev, ES_ERR_RUNTIME, "%s: out of memory", dev->name);
+        if (!rc) rc = load_staged(dev, t, job->dst[i], job->dtype, scratch, &job->error);
     }
     free(scratch);
+    if (rc) return rc;
     cudaEvent_t done;
     CUDA_TRY(dev, "layer load", cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    CUDA_TRY(dev, "layer load", cudaEventRecord(done, cd->copy));
+    cudaError_t recorded = cudaEventRecord(done, cd->copy);
+    if (recorded != cudaSuccess) {
+        cudaEventDestroy(done);
+        return cuda_fail(dev, "layer load", "cudaEventRecord", recorded);
+    }
     job->impl = (void *)done;
     return 0;
 }
@@ -277,24 +313,21 @@ static void cuda_host_free(es_device *dev, void *ptr) {
 }
 
 /* src is copied aside on the device (a snapshot, at the device's bandwidth), and the snapshot goes
- * to the host on the download stream while the compute stream goes on. The snapshots' room holds
- * twice the largest download seen; when it is full, the copies from it are waited for (long done,
- * as a rule) and it is used again from the start. It is allocated under the budget, once it has
- * grown to the run's largest download (the first batch). */
+ * to the host on the download stream while the compute stream goes on. The snapshots' room is
+ * reserved up front (es_device_download_reserve); when the next copy does not fit in what is left,
+ * the copies from it are waited for (long done, as a rule) and it is used again from the start.
+ * A copy larger than the whole room (or without one) waits for the compute stream instead. */
 static int cuda_download_begin(es_device *dev, void *dst, const void *src, size_t bytes) {
     cuda_device *cd = cuda_of(dev);
     const size_t room = padded(bytes);
+    if (room > cd->snapshot_bytes) {
+        CUDA_TRY(dev, "download", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cd->compute));
+        CUDA_TRY(dev, "download", cudaStreamSynchronize(cd->compute));
+        return 0;
+    }
     if (cd->snapshot_used + room > cd->snapshot_bytes) {
         CUDA_TRY(dev, "download", cudaStreamSynchronize(cd->download));
         cd->snapshot_used = 0;
-    }
-    if (room > cd->snapshot_bytes) {
-        if (cd->snapshots) es_device_free(dev, cd->snapshots, cd->snapshot_bytes);
-        cd->snapshots = NULL, cd->snapshot_bytes = 0;
-        es_error err = {};
-        if (es_device_alloc(dev, 2 * room, (void **)&cd->snapshots, "copies of the layers going to the host", &err))
-            return es_device_fail(dev, err.code, "%s", err.msg);
-        cd->snapshot_bytes = 2 * room;
     }
     char *snapshot = cd->snapshots + cd->snapshot_used;
     cd->snapshot_used += room;
@@ -302,6 +335,20 @@ static int cuda_download_begin(es_device *dev, void *dst, const void *src, size_
     CUDA_TRY(dev, "download", cudaEventRecord(cd->download_mark, cd->compute));
     CUDA_TRY(dev, "download", cudaStreamWaitEvent(cd->download, cd->download_mark, 0));
     CUDA_TRY(dev, "download", cudaMemcpyAsync(dst, snapshot, bytes, cudaMemcpyDeviceToHost, cd->download));
+    return 0;
+}
+
+static int cuda_download_reserve(es_device *dev, size_t bytes) {
+    cuda_device *cd = cuda_of(dev);
+    const size_t room = padded(bytes);
+    if (room <= cd->snapshot_bytes) return 0;
+    CUDA_TRY(dev, "download", cudaStreamSynchronize(cd->download));
+    char *grown = NULL;
+    es_error err = {};
+    if (es_device_alloc(dev, room, (void **)&grown, "copies of the stored layers on their way to the host", &err))
+        return es_device_fail(dev, err.code, "%s", err.msg);
+    if (cd->snapshots) es_device_free(dev, cd->snapshots, cd->snapshot_bytes);
+    cd->snapshots = grown, cd->snapshot_bytes = room, cd->snapshot_used = 0;
     return 0;
 }
 
@@ -335,10 +382,8 @@ static void cuda_close(es_device *dev) {
     if (cd->lt_workspace) cudaFree(cd->lt_workspace), dev->used -= cd->lt_workspace_bytes;
     if (cd->lt) cublasLtDestroy(cd->lt);
     if (cd->pinned) cudaFreeHost(cd->pinned);
-    if (cd->host_cache) {
-        cudaFreeHost(cd->host_cache->pinned);
-        free(cd->host_cache->tensors), free(cd->host_cache->copies), free(cd->host_cache);
-    }
+    if (cd->embed_staging) cudaFreeHost(cd->embed_staging);
+    free_host_cache(cd->host_cache);
     if (cd->loader) {
         if (cd->loader->staging) cudaFreeHost(cd->loader->staging);
         free(cd->loader);
@@ -364,11 +409,13 @@ static const es_backend cuda_backend = {
     .load_begin = cuda_load_begin,
     .load_wait = cuda_load_wait,
     .load_prepare = cuda_load_prepare,
+    .load_forget = cuda_load_forget,
     .workspace_estimate = cuda_workspace_estimate,
     .host_alloc = cuda_host_alloc,
     .host_free = cuda_host_free,
     .download_begin = cuda_download_begin,
     .download_wait = cuda_download_wait,
+    .download_reserve = cuda_download_reserve,
 
     .embedding_forward = cuda_embedding_forward,
     .rmsnorm_forward = cuda_rmsnorm_forward,
@@ -395,6 +442,16 @@ static const es_backend cuda_backend = {
     .fourier_features = cuda_fourier_features,
 };
 
+extern "C" int es_cuda_attention_forward_plain(es_device *dev, float *out, const float *q, const float *k, const float *v,
+                                               const int32_t *seq_start, int n_seqs, int H, int KV, int hd) {
+    return cuda_attention_forward_plain(dev, out, q, k, v, seq_start, n_seqs, H, KV, hd);
+}
+
+/* Never launched: whether this build holds machine code for the GPU is asked of it at open. */
+__global__ void probe_kernel(int *unused) {
+    if (unused) *unused = 0;
+}
+
 /* An open that fails part way leaves the device closable: every handle starts NULL. */
 static int open_device(es_device *dev, cuda_device *cd, const es_device_options *options, es_error *err) {
     int count = 0;
@@ -414,9 +471,13 @@ static int open_device(es_device *dev, cuda_device *cd, const es_device_options 
     cd->ordinal = options->ordinal;
     OPEN_TRY(cudaSetDevice(cd->ordinal));
     OPEN_TRY(cudaGetDeviceProperties(&cd->prop, cd->ordinal));
-    if (cd->prop.major < 8)
-        return es_fail(err, ES_ERR_RUNTIME, "cuda:%d: %s (compute capability %d.%d): the CUDA backend needs bf16 tensor cores (8.0 or newer)",
-                       cd->ordinal, cd->prop.name, cd->prop.major, cd->prop.minor);
+    cudaFuncAttributes probe;
+    if (cudaFuncGetAttributes(&probe, probe_kernel) != cudaSuccess) {
+        cudaGetLastError();
+        return es_fail(err, ES_ERR_RUNTIME, "cuda:%d: %s (sm_%d%d): this build has kernels for sm_90a, sm_100a and sm_120 only "
+                       "(rebuild with CUDA_ARCHS for this GPU, or use --device cpu)", cd->ordinal, cd->prop.name, cd->prop.major,
+                       cd->prop.minor);
+    }
     OPEN_TRY(cudaStreamCreateWithFlags(&cd->compute, cudaStreamNonBlocking));
     OPEN_TRY(cudaStreamCreateWithFlags(&cd->copy, cudaStreamNonBlocking));
     OPEN_TRY(cudaEventCreateWithFlags(&cd->compute_mark, cudaEventDisableTiming));

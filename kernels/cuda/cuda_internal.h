@@ -111,7 +111,7 @@ int cuda_scale(es_device *dev, float *x, size_t n, float scale);
 int cuda_round_precision(es_device *dev, float *x, size_t n, es_precision precision);
 int cuda_standardise(es_device *dev, float *x_hat, int64_t *first_bad, const float *rows, const int64_t *row_index,
                      const float *mean, const float *scale, int64_t n, int d, es_precision precision);
-int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, int T, int d, int m,
+int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, float omega_scale, int T, int d, int m,
                           es_precision precision, es_fourier_timing *timing);
 
 /* Sequence table on the host: attention needs its shape to size its grid. Copies seq_start

@@ -244,7 +244,7 @@ struct feature_events {
     }
 };
 
-int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, int T, int d, int m,
+int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, float omega_scale, int T, int d, int m,
                           es_precision precision, es_fourier_timing *timing) {
     const char *op = "fourier_features";
     if (T <= 0) return 0;
@@ -297,7 +297,7 @@ int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, co
     }
     // turns = x_hat Ωᵀ / 2π, accumulated in fp32: the phases in turns, for the exact reduction below.
     const float inverse_two_pi = 0.15915494309189535f;
-    const int rc = cuda_gemm(dev, op, turns, a, b, nullptr, T, m, d, inverse_two_pi, input);
+    const int rc = cuda_gemm(dev, op, turns, a, b, nullptr, T, m, d, inverse_two_pi * omega_scale, input); /* a power of two: exact */
     if (rc) return rc;
     if (timing) CUDA_TRY(dev, op, cudaEventRecord(events.product, stream));
     const size_t total = (size_t)T * m;

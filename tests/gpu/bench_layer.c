@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../ops/rng.h"
 #include "backend.h"
 #include "decoder.h"
 #include "dtype.h"
@@ -67,11 +68,12 @@ static void check(int rc) {
 /* An op failed: its message is held by the device. */
 #define OP(dev, call) check((call) ? es_device_take_error(dev, &err) : ES_OK)
 
+/* splitmix64 (tests/ops/rng.h) from a plain state */
 static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    rng r = {*state};
+    const uint64_t value = rng_next(&r);
+    *state = r.state;
+    return value;
 }
 /* Uniform on ±sqrt(3)·sd: standard deviation sd, like the baseline's normal_(0, 0.02). */
 static void fill_uniform(float *x, size_t n, double sd, uint64_t seed) {

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../ops/rng.h"
 #include "backend.h"
 #include "fourier.h"
 #include "log.h"
@@ -77,11 +78,12 @@ static void check(int rc) {
 /* An op failed: its message is held by the device. */
 #define OP(dev, call) check((call) ? es_device_take_error(dev, &err) : ES_OK)
 
+/* splitmix64 (tests/ops/rng.h) from a plain state */
 static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    rng r = {*state};
+    const uint64_t value = rng_next(&r);
+    *state = r.state;
+    return value;
 }
 
 static double now(void) {
@@ -96,6 +98,7 @@ typedef struct proj_run {
     int64_t *row_index;                    // (N) device: the identity
     int64_t n;
     es_precision precision;
+    float omega_scale;                     /* as essence-project: fp8's Ω scaled into range (kernels/fourier.h) */
     es_fourier_timing timing;
 } proj_run;
 
@@ -106,7 +109,7 @@ static void run_standardise(proj_run *r) {
 }
 static void run_features(void *ctx) {
     proj_run *r = ctx;
-    OP(r->dev, es_fourier_features(r->dev, r->targets, r->x_hat, r->omega, (int)r->n, D, M, r->precision, &r->timing));
+    OP(r->dev, es_fourier_features(r->dev, r->targets, r->x_hat, r->omega, r->omega_scale, (int)r->n, D, M, r->precision, &r->timing));
 }
 static void run_both(void *ctx) {
     run_standardise(ctx);
@@ -133,6 +136,9 @@ static double timed(es_device *dev, void (*work)(void *), void *ctx, int reps) {
 /* Ω for σ onto the device, rounded there to the run's precision (as essence-project does). */
 static void load_omega(proj_run *r, const float *omega) {
     check(es_device_upload(r->dev, r->omega, omega, (size_t)M * D * sizeof(float), &err));
+    const float prescale = es_fourier_omega_prescale(omega, (size_t)M * D, r->precision);
+    r->omega_scale = 1.0f / prescale;
+    if (prescale != 1.0f) OP(r->dev, es_scale(r->dev, r->omega, (size_t)M * D, prescale));
     OP(r->dev, es_round_precision(r->dev, r->omega, (size_t)M * D, r->precision));
 }
 

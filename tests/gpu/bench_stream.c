@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../ops/rng.h"
 #include "backend.h"
 #include "decoder.h"
 #include "dtype.h"
@@ -72,11 +73,12 @@ static void check(int rc) {
     exit(1);
 }
 
+/* splitmix64 (tests/ops/rng.h) from a plain state */
 static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    rng r = {*state};
+    const uint64_t value = rng_next(&r);
+    *state = r.state;
+    return value;
 }
 
 static double now(void) {

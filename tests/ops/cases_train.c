@@ -434,6 +434,7 @@ typedef struct fourier_case {
     int T, d, m, timing;
     es_precision precision;
     float *x_hat, *omega;
+    float omega_scale;
 } fourier_case;
 
 /* σ up to 30 rad: the phases' fp32 accumulation error grows with them (DESIGN.md's table) */
@@ -442,15 +443,19 @@ static const struct {
     double sigma;
     es_precision precision;
     int timing;
+    int prescale_log2; /* Ω times 2^k before rounding, the phases times 2^-k (fp8's range, kernels/fourier.h) */
 } fourier_grid[] = {
-    {1, 1, 1, 1, ES_PRECISION_FP32, 0},     {5, 24, 8, 1, ES_PRECISION_FP32, 1},
-    {255, 64, 300, 3, ES_PRECISION_TF32, 0}, {257, 130, 513, 10, ES_PRECISION_BF16, 1} /* 2 blocks of 256 rows */,
-    {600, 40, 64, 30, ES_PRECISION_FP32, 0}, {256, 515, 8, 1, ES_PRECISION_FP8, 0},
-    {0, 8, 4, 1, ES_PRECISION_FP32, 1},     {3, 8192, 16, 1, ES_PRECISION_FP32, 0} /* the teacher's width */,
+    {1, 1, 1, 1, ES_PRECISION_FP32, 0, 0},     {5, 24, 8, 1, ES_PRECISION_FP32, 1, 0},
+    {255, 64, 300, 3, ES_PRECISION_TF32, 0, 0}, {257, 130, 513, 10, ES_PRECISION_BF16, 1, 0} /* 2 blocks of 256 rows */,
+    {600, 40, 64, 30, ES_PRECISION_FP32, 0, 0}, {256, 515, 8, 1, ES_PRECISION_FP8, 0, 0},
+    {0, 8, 4, 1, ES_PRECISION_FP32, 1, 0},     {3, 8192, 16, 1, ES_PRECISION_FP32, 0, 0} /* the teacher's width */,
     /* d = 1 in bf16: each phase is one product of two 8-bit significands, exact in fp32, so only
      * cos and sin of phases up to ~4e4 rad are measured (an fp32 range reduction by one constant
      * 2π, as fast intrinsics do, gives nmse ~1e-7 here) */
-    {300, 1, 64, 10000, ES_PRECISION_BF16, 0},
+    {300, 1, 64, 10000, ES_PRECISION_BF16, 0, 0},
+    /* fp8 with Ω (sd 0.044, largest ~0.2) scaled into e4m3's normal range as essence-project scales
+     * it: times 2^10 before rounding, omega_scale 2^-10 */
+    {256, 512, 16, 1, ES_PRECISION_FP8, 0, 10},
 };
 
 static void make_fourier_features(hcase *c, int index) {
@@ -462,12 +467,17 @@ static void make_fourier_features(hcase *c, int index) {
     f->x_hat = hc_normals(c, &r, nx, 1.0);
     f->omega = hc_normals(c, &r, nw, fourier_grid[index].sigma / sqrt((double)f->d));
     /* the caller rounds both inputs to the precision (ops.h): here with the reference's rounding */
+    const int k = fourier_grid[index].prescale_log2;
+    f->omega_scale = (float)ldexp(1.0, -k);
     for (size_t i = 0; i < nx; i++) f->x_hat[i] = (float)ref_round(f->x_hat[i], f->precision);
-    for (size_t i = 0; i < nw; i++) f->omega[i] = (float)ref_round(f->omega[i], f->precision);
+    for (size_t i = 0; i < nw; i++) f->omega[i] = (float)ref_round(ldexp(f->omega[i], k), f->precision);
+    double *omega_used = hc_widen(c, f->omega, nw); /* the phases' Ω: the rounded one scaled back, exactly */
+    for (size_t i = 0; i < nw; i++) omega_used[i] = ldexp(omega_used[i], -k);
     hc_param(c, "T", f->T), hc_param(c, "d", f->d), hc_param(c, "m", f->m);
-    hc_note(c, "sigma %g, %s%s", fourier_grid[index].sigma, precision_names[f->precision], f->timing ? ", timing" : "");
-    ref_fourier_features(hc_output(c, "targets", (size_t)f->T * 2 * f->m, 0), hc_widen(c, f->x_hat, nx), hc_widen(c, f->omega, nw),
-                         f->T, f->d, f->m);
+    hc_note(c, "sigma %g, %s%s%s", fourier_grid[index].sigma, precision_names[f->precision], f->timing ? ", timing" : "",
+            k ? ", Ω prescaled" : "");
+    ref_fourier_features(hc_output(c, "targets", (size_t)f->T * 2 * f->m, 0), hc_widen(c, f->x_hat, nx), omega_used, f->T, f->d,
+                         f->m);
     if (f->timing) *hc_output(c, "timing added to", 1, 1) = 1; /* host fields only grow, and stay finite */
 }
 
@@ -489,7 +499,7 @@ static int call_fourier_features(es_device *dev, const hcase *c, double *const *
     PUT(&s, omega, f->omega, nw * sizeof *omega);
     OUT(&s, targets, NULL, nt);
     es_fourier_timing timing = {1.0, 1.0, 1.0};
-    OP(&s, es_fourier_features(dev, targets, x_hat, omega, f->T, f->d, f->m, f->precision, f->timing ? &timing : NULL));
+    OP(&s, es_fourier_features(dev, targets, x_hat, omega, f->omega_scale, f->T, f->d, f->m, f->precision, f->timing ? &timing : NULL));
     GET(&s, got[0], targets, nt);
     if (f->timing)
         got[1][0] = isfinite(timing.gemm_seconds + timing.epilogue_seconds + timing.gemm_flops) && timing.gemm_seconds >= 1.0 &&
