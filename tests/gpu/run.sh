@@ -11,6 +11,10 @@
 #      Llama-70B layer, 8 layers streamed under --max-memory 16G, the projection, extract end to end.
 # The offload baseline needs ~3 minutes to set up its host weights: it starts first and its set-up
 # overlaps the checks (which time nothing); every benchmark runs after it, one at a time.
+#
+# SECTIONS (default "checks programs baselines bench e2e") picks parts for a rerun; BUDGET (seconds,
+# default 540, under the device's 600 s per call) stops starting new parts once spent, saying so,
+# and the summary is written whatever ran.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -18,6 +22,13 @@ CARRY=${CARRY:-gpu-carry}
 BIN=$CARRY/bin
 mkdir -p "$OUT"
 START=$(date +%s)
+SECTIONS=${SECTIONS:-checks programs baselines bench e2e}
+BUDGET=${BUDGET:-540}
+wanted() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+in_time() { # name: whether there is time left to start it (else a SKIP line)
+    if [ $(( $(date +%s) - START )) -lt "$BUDGET" ]; then return 0; fi
+    echo "SKIP $1: the run's budget of $BUDGET s is spent" | tee -a "$OUT/checks.txt"; return 1
+}
 stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/checks.txt"; }
 if [ ! -x "$BIN/essence-extract" ]; then
     echo "FAIL run.sh: no $BIN/essence-extract (run tests/gpu/prepare.sh on the build machine first)" | tee -a "$OUT/checks.txt"
@@ -28,8 +39,11 @@ export LD_LIBRARY_PATH=$PWD/$CARRY/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 date -u +%Y-%m-%d >>"$OUT/device.txt"
 
-python3 "$CARRY/gpu_offload_baselines.py" "$OUT" >"$OUT/offload.log" 2>&1 &
-offload=$!
+offload=
+if wanted baselines; then
+    timeout $(( BUDGET - 120 > 60 ? BUDGET - 120 : 60 )) python3 "$CARRY/gpu_offload_baselines.py" "$OUT" >"$OUT/offload.log" 2>&1 &
+    offload=$!
+fi
 
 # The end-to-end run's checkpoint (2 layers of the 70B shape, a 1024-token vocabulary, ~3.4 GB of
 # random weights) is written in the background meanwhile: it is host work.
@@ -43,8 +57,11 @@ with open(os.path.join(sys.argv[2], "ids.jsonl"), "w") as f:
     for i in range(32):
         f.write(json.dumps({"id": f"e{i}", "ids": [random.randrange(1024) for _ in range(4096)]}) + "\n")
 EOF
-"$BIN/essence-inspect" mkmodel --like "$W/e2e/like.json" --layers 2 --out "$W/e2e/model" >"$W/e2e/mkmodel.log" 2>&1 &
-mkmodel=$!
+mkmodel=
+if wanted e2e; then
+    "$BIN/essence-inspect" mkmodel --like "$W/e2e/like.json" --layers 2 --out "$W/e2e/model" >"$W/e2e/mkmodel.log" 2>&1 &
+    mkmodel=$!
+fi
 
 passed=0 failed=0
 count() { # counts a check program's PASS/FAIL lines; a crash without FAIL lines is one failure
@@ -61,7 +78,7 @@ check() { # name, command...: one line PASS/FAIL
 }
 
 # ---- 1. the op harness and the golden parity -------------------------------------------------------
-for t in "$BIN"/test_*; do
+wanted checks && for t in "$BIN"/test_*; do
     [ -x "$t" ] || continue
     stamp "$(basename "$t")"
     out=$(ESSENCE_FIXTURES=tests/fixtures timeout 300 "$t" 2>&1); rc=$?
@@ -71,6 +88,7 @@ for t in "$BIN"/test_*; do
 done
 
 # ---- 2. the programs on cuda against cpu -----------------------------------------------------------
+if wanted programs && in_time programs; then
 stamp "programs"
 python3 - "$W/data.jsonl" <<'EOF'
 import json, random, sys
@@ -97,13 +115,19 @@ check project_cuda_vs_cpu_fp32 "$BIN/essence-inspect" compare "$W/student_cuda_f
 check project_cuda_vs_cpu_bf16 "$BIN/essence-inspect" compare "$W/student_cuda_bf16.h5" "$W/student_cpu_bf16.h5" --tol 2e-2
 "$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$OUT/compare_teacher.txt" 2>&1
 "$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$OUT/compare_student.txt" 2>&1
+fi
 
 # ---- 3. benchmarks, each after the other ------------------------------------------------------------
-stamp "waiting for the offload baseline's set-up and run"
-wait $offload; echo "offload baseline exit $?" >>"$OUT/checks.txt"
-stamp "gpu_baselines.py"
-timeout 420 python3 "$CARRY/gpu_baselines.py" "$OUT" >"$OUT/baselines.log" 2>&1; echo "baselines exit $?" >>"$OUT/checks.txt"
-for b in bench_layer bench_stream bench_project; do
+if [ -n "$offload" ]; then
+    stamp "waiting for the offload baseline's set-up and run"
+    wait $offload; echo "offload baseline exit $?" >>"$OUT/checks.txt"
+fi
+if wanted baselines && in_time gpu_baselines; then
+    stamp "gpu_baselines.py"
+    timeout 300 python3 "$CARRY/gpu_baselines.py" "$OUT" >"$OUT/baselines.log" 2>&1; echo "baselines exit $?" >>"$OUT/checks.txt"
+fi
+wanted bench && for b in bench_layer bench_stream bench_project; do
+    in_time "$b" || continue
     stamp "$b"
     config=$CARRY/llama70b/config.json; [ $b = bench_project ] && config=
     out=$(timeout 300 "$BIN/$b" "$OUT" $config 2>&1); rc=$?
@@ -111,6 +135,7 @@ for b in bench_layer bench_stream bench_project; do
     count "$out" "$rc" # bench_project's precision lines are checks; the others print figures only
 done
 # extract end to end on that checkpoint: where the time goes, and whether the writer keeps up
+if [ -n "$mkmodel" ] && in_time extract_end_to_end; then
 stamp "extract end to end"
 wait $mkmodel
 TIMED=; [ -x /usr/bin/time ] && TIMED="/usr/bin/time -v"
@@ -118,6 +143,8 @@ $TIMED "$BIN/essence-extract" --model "$W/e2e/model" --data "$W/e2e/ids.jsonl" -
     --max-seq 4096 --out "$W/e2e/teacher.h5" --device cuda >"$OUT/extract_e2e.log" 2>&1
 grep -E "time:|tokens/s|wrote|device:|Elapsed|Maximum resident" "$OUT/extract_e2e.log" | tee -a "$OUT/bench.txt"
 rm -rf "$W/e2e/model"
+fi
+[ -n "$mkmodel" ] && kill $mkmodel 2>/dev/null
 
 stamp "summary"
 python3 tests/gpu/summary.py "$OUT" | tee "$OUT/summary.md"
