@@ -8,6 +8,7 @@
  *   essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR
  *   essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--decode]
  *   essence-inspect plot METRICS.jsonl -o OUT.png
+ *   essence-inspect geometry STUDENT.h5 [--teacher T.h5,...] [--rows N] [--pairs N] [--k K] [--sigma-sweep] [--json]
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +27,9 @@ static const char usage[] =
     "       essence-inspect compare A.h5 B.h5 [--tol X] [--threads N]\n"
     "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
     "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--add-bos MODE] [--decode]\n"
-    "       essence-inspect plot METRICS.jsonl -o OUT.png";
+    "       essence-inspect plot METRICS.jsonl -o OUT.png\n"
+    "       essence-inspect geometry STUDENT.h5 [--teacher T.h5,...] [--layer S] [--rows N] [--pairs N] [--k K] [--seed N]\n"
+    "                                [--sigma-sweep] [--json]";
 
 static const char description[] =
     "Shows what an essence file holds. FILE.h5: format, samples, tokens, every dataset's shape, type,\n"
@@ -40,15 +43,20 @@ static const char description[] =
     "Root attributes that differ (created, ...) are listed, not counted.\n"
     "tokenize: JSONL {\"text\": ...} lines (or plain text lines on stdin) -> {\"ids\": [...], \"byte_offsets\": [[s, e], ...]};\n"
     "with --decode, {\"ids\": [...]} -> {\"text\": ...}.\n"
-    "plot: essence-align's metrics.jsonl as a PNG (loss terms and eval MSEs; learning rate), drawn by gnuplot.";
+    "plot: essence-align's metrics.jsonl as a PNG (loss terms and eval MSEs; learning rate), drawn by gnuplot.\n"
+    "geometry: how well a student.h5's targets keep its teacher's geometry, per layer pair, on a seeded sample of\n"
+    "aligned rows: kernel fidelity (t.t'/D against exp(-sigma^2 |x^-x^'|^2/(2d)), measured error beside the error\n"
+    "random-feature theory predicts), mutual k-NN overlap and linear CKA between x^ and t beside their values with\n"
+    "the rows shuffled (chance), the best input-independent MSEs; --sigma-sweep: the same for sigma 0.25 ... 8.\n"
+    "The teacher files default to the \"in\" the student file's config records. docs/geometry.md.";
 
 static const es_option options[] = {
-    {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file)", "[0,)"},
+    {"layer", ES_OPT_INT, NULL, "stats: only this layer (default: every layer in the file); geometry: only this student layer", "[0,)"},
     {"index", ES_OPT_INT, NULL, "sample: the sample to show (0-based)", "[0,)"},
     {"like", ES_OPT_STRING, NULL, "mkmodel: the config.json whose shape to copy", NULL},
     {"layers", ES_OPT_INT, NULL, "mkmodel: number of decoder layers (default: the config's)", "[1,1073741824]"},
     {"hidden", ES_OPT_INT, NULL, "mkmodel: hidden size (default: the config's)", "[1,1073741824]"},
-    {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights", NULL},
+    {"seed", ES_OPT_INT, "0", "mkmodel: random seed of the weights; geometry: seed of the row and pair sample", NULL},
     {"out", ES_OPT_STRING, NULL, "mkmodel: the folder to write; plot: the PNG to write (-o for short)", NULL},
     {"threads", ES_OPT_INT, "0", "decompression (and compare) threads (0: one per CPU)", "[0,4096]"},
     {"tol", ES_OPT_FLOAT, NULL, "compare: the largest max relative error that still agrees (default: identical only)", "[0,)"},
@@ -57,6 +65,12 @@ static const es_option options[] = {
     {"add-special-tokens", ES_OPT_BOOL, "false", "tokenize: add the post-processor's specials (BOS)", NULL},
     {"add-bos", ES_OPT_STRING, "auto", "tokenize: auto, always or never: whether the specials start with the BOS (docs/tokenizer.md)", NULL},
     {"decode", ES_OPT_BOOL, "false", "tokenize: read {\"ids\": [...]} lines and write {\"text\": ...}", NULL},
+    {"teacher", ES_OPT_STRING, NULL, "geometry: the teacher.h5 (or its shards in order, a.h5,b.h5) (default: the student file's recorded --in)", NULL},
+    {"rows", ES_OPT_INT, "2000", "geometry: aligned rows (distinct teacher rows) sampled for the neighbourhoods and pairs", "[3,100000]"},
+    {"pairs", ES_OPT_INT, "2000", "geometry: random pairs of sampled rows for kernel fidelity", "[1,100000000]"},
+    {"k", ES_OPT_INT, "10", "geometry: neighbours per row for the k-NN overlap", "[1,10000]"},
+    {"sigma-sweep", ES_OPT_BOOL, "false", "geometry: also a table over sigma 0.25 ... 8 (overlap, CKA, input-independent MSEs)", NULL},
+    {"json", ES_OPT_BOOL, "false", "geometry: print one JSON document instead of the tables", NULL},
     {NULL, 0, NULL, NULL, NULL},
 };
 
@@ -129,6 +143,9 @@ int main(int argc, char **argv) {
     } else if (strcmp(command, "plot") == 0) {
         rc = cfg.n_positional == 2 ? inspect_plot(cfg.positional[1], &cfg, &err)
                                    : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect plot METRICS.jsonl -o OUT.png");
+    } else if (strcmp(command, "geometry") == 0) {
+        rc = cfg.n_positional == 2 ? inspect_geometry(cfg.positional[1], &cfg, &err)
+                                   : es_fail(&err, ES_ERR_USAGE, "usage: essence-inspect geometry STUDENT.h5 [--teacher T.h5,...]");
     } else if (cfg.n_positional != 1) {
         rc = es_fail(&err, ES_ERR_USAGE, "unknown command \"%s\"\nusage: %s", command, usage);
     } else if (ends_with(command, ".safetensors") || is_directory(command)) {

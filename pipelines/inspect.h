@@ -30,5 +30,8 @@ int inspect_mkmodel(const es_config *cfg, es_error *err);
 int inspect_compare(const char *path_a, const char *path_b, const es_config *cfg, es_error *err);
 /* plot METRICS.jsonl --out OUT.png (-o): essence-align's curves as a PNG, drawn by gnuplot. */
 int inspect_plot(const char *metrics, const es_config *cfg, es_error *err);
+/* geometry STUDENT.h5 [--teacher ...]: kernel fidelity, neighbourhood overlap and CKA against their
+ * shuffled nulls, and the σ sweep (inspect_geometry.c, docs/geometry.md). */
+int inspect_geometry(const char *path, const es_config *cfg, es_error *err);
 
 #endif
