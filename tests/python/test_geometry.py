@@ -105,7 +105,7 @@ def main():
              "--sigma", 1.0, "--seed", 3)
 
         result, doc = geometry(student, "--teacher", teacher, "--json", "--sigma-sweep")
-        report("geometry runs", result.returncode == 0 and doc is not None, result.stderr.strip())
+        report("geometry_runs", result.returncode == 0 and doc is not None, result.stderr.strip())
         if doc is None:
             return
         p = doc["pairs"][0]
@@ -113,42 +113,42 @@ def main():
         print(f"  {rows} teacher rows, {doc['rows']} sampled; overlap {nb['overlap']:.3f} (null {nb['overlap_null']:.3f}, "
               f"chance {p['chance']:.3f}); CKA {nb['cka']:.3f} (null {nb['cka_null']:.3f}); kernel rms {p['error_rms']:.4f} "
               f"predicted {p['predicted_rms']:.4f} ratio {p['ratio']:.3f}, mean error {p['error_mean']:+.4f}")
-        report("one layer pair 2:1 with D = 48, d = 64", len(doc["pairs"]) == 1 and p["teacher_layer"] == LAYER and p["student_layer"] == 1
+        report("geometry_one_layer_pair_2_1", len(doc["pairs"]) == 1 and p["teacher_layer"] == LAYER and p["student_layer"] == 1
                and p["D"] == 48 and p["d"] == 64 and p["sigma"] == 1.0, json.dumps(p)[:300])
-        report("overlap far above its shuffled null", nb["overlap"] > 0.3 and nb["overlap"] > 5 * max(nb["overlap_null"], p["chance"]),
+        report("geometry_overlap_far_above_shuffled_null", nb["overlap"] > 0.3 and nb["overlap"] > 5 * max(nb["overlap_null"], p["chance"]),
                json.dumps(nb))
-        report("CKA above its shuffled null", nb["cka"] > nb["cka_null"] + 0.2, json.dumps(nb))
-        report("kernel-fidelity RMS within 0.5-2x of the prediction", 0.5 < p["ratio"] < 2 and abs(p["error_mean"]) < 3 * p["predicted_rms"],
+        report("geometry_cka_above_shuffled_null", nb["cka"] > nb["cka_null"] + 0.2, json.dumps(nb))
+        report("geometry_kernel_fidelity_rms_within_prediction", 0.5 < p["ratio"] < 2 and abs(p["error_mean"]) < 3 * p["predicted_rms"],
                json.dumps(p)[:400])
         sweep = p.get("sweep", [])
         sigmas = [s["sigma"] for s in sweep]
         mse = [s["mean_mse"] for s in sweep]
-        report("sigma sweep: 6 rows, the mean-target MSE rising towards 1",
+        report("geometry_sigma_sweep_mse_rises_towards_1",
                sigmas == [0.25, 0.5, 1, 2, 4, 8] and all(a < b + 1e-3 for a, b in zip(mse, mse[1:])) and 0.9 < mse[-1] < 1.05
                and mse[0] < 0.2, json.dumps(sweep))
         at_one = sweep[2] if len(sweep) == 6 else {}
-        report("sigma sweep at the file's sigma reproduces the stored targets' overlap",
+        report("geometry_sigma_sweep_reproduces_stored_targets",
                abs(at_one.get("overlap", -1) - nb["overlap"]) < 0.05 and abs(at_one.get("mean_mse", -1) - p["mean_mse"]) < 0.01,
                f"{at_one} vs {nb} {p['mean_mse']}")
 
         result, again = geometry(student, "--json")
-        report("teacher defaults to the recorded --in", result.returncode == 0 and again and again["pairs"][0]["neighbourhood"] == nb,
+        report("geometry_teacher_defaults_to_recorded_in", result.returncode == 0 and again and again["pairs"][0]["neighbourhood"] == nb,
                result.stderr.strip())
         text = run("essence-inspect", "geometry", student, "--teacher", teacher)
-        report("text output", text.returncode == 0 and "mutual k-NN overlap" in text.stdout and "predicted rms" in text.stdout, text.stderr)
+        report("geometry_text_output", text.returncode == 0 and "mutual k-NN overlap" in text.stdout and "predicted rms" in text.stdout, text.stderr)
 
         missing = run("essence-inspect", "geometry", os.path.join(tmp, "none.h5"), "--teacher", teacher)
-        report("missing student file: exit 2", missing.returncode == 2, f"{missing.returncode} {missing.stderr.strip()}")
+        report("geometry_missing_student_exit_2", missing.returncode == 2, f"{missing.returncode} {missing.stderr.strip()}")
         missing = run("essence-inspect", "geometry", student, "--teacher", os.path.join(tmp, "none.h5"))
-        report("missing teacher file: exit 2", missing.returncode == 2 and "none.h5" in missing.stderr, f"{missing.returncode} {missing.stderr.strip()}")
+        report("geometry_missing_teacher_exit_2", missing.returncode == 2 and "none.h5" in missing.stderr, f"{missing.returncode} {missing.stderr.strip()}")
         short = run("essence-inspect", "geometry", student, "--teacher", short_teacher)
-        report("teacher of the wrong length: exit 3", short.returncode == 3 and "t-short.h5" in short.stderr, f"{short.returncode} {short.stderr.strip()}")
+        report("geometry_teacher_wrong_length_exit_3", short.returncode == 3 and "t-short.h5" in short.stderr, f"{short.returncode} {short.stderr.strip()}")
         unmarked = os.path.join(tmp, "s-unmarked.h5")
         shutil.copy(student, unmarked)
         with h5py.File(unmarked, "r+") as f:
             del f.attrs["teacher_fingerprints"]
         short = run("essence-inspect", "geometry", unmarked, "--teacher", short_teacher)
-        report("teacher too short for teacher_row (no fingerprints to compare): exit 3",
+        report("geometry_teacher_too_short_for_teacher_row_exit_3",
                short.returncode == 3 and "teacher_row" in short.stderr and "rows" in short.stderr, f"{short.returncode} {short.stderr.strip()}")
         bad = os.path.join(tmp, "t-nan.h5")
         shutil.copy(teacher, bad)
@@ -156,12 +156,12 @@ def main():
             data = f[f"latents/layer_{LAYER:03d}"]
             data[:, 0] = np.nan  # every row: whichever are sampled
         nan = run("essence-inspect", "geometry", student, "--teacher", bad)
-        report("non-finite teacher latent: exit 3 naming file and dataset",
+        report("geometry_non_finite_latent_exit_3",
                nan.returncode == 3 and "t-nan.h5" in nan.stderr and f"layer_{LAYER:03d}" in nan.stderr, f"{nan.returncode} {nan.stderr.strip()}")
         wrong = run("essence-inspect", "geometry", teacher, "--teacher", teacher)
-        report("a teacher file as the student: exit 3", wrong.returncode == 3, f"{wrong.returncode} {wrong.stderr.strip()}")
+        report("geometry_teacher_file_as_student_exit_3", wrong.returncode == 3, f"{wrong.returncode} {wrong.stderr.strip()}")
         usage = run("essence-inspect", "geometry")
-        report("no file: exit 2", usage.returncode == 2, f"{usage.returncode} {usage.stderr.strip()}")
+        report("geometry_no_file_exit_2", usage.returncode == 2, f"{usage.returncode} {usage.stderr.strip()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
