@@ -1,4 +1,5 @@
-/* essence-align: fine-tunes the student to match the projected teacher latents (docs/align.md).
+/* essence-align: fine-tunes the student to match the projected teacher latents (docs/align.md),
+ * or trains it on a JSONL of texts with the next-token cross entropy alone.
  *
  * main() is the story: read the configuration, join the other ranks, open student.h5 and the
  * student, resume from the newest checkpoint if asked, then step by step: accumulate gradients
@@ -35,7 +36,7 @@ extern char **environ;
 
 static const es_option options[] = {
     {"model", ES_OPT_STRING, NULL, "student model folder (config.json, safetensors, tokenizer files)", NULL},
-    {"data", ES_OPT_STRING, NULL, "student.h5 written by essence-project", NULL},
+    {"data", ES_OPT_STRING, NULL, "student.h5 written by essence-project, or texts.jsonl (tokenised with --model's tokenizer; cross entropy only)", NULL},
     {"out", ES_OPT_STRING, NULL, "output folder: checkpoint-STEP/ folders, the final model, metrics.jsonl, loss.png", NULL},
     {"steps", ES_OPT_INT, "500", "optimizer steps", "[1,)"},
     {"lr", ES_OPT_FLOAT, "1e-4", "peak learning rate", "(0,)"},
@@ -43,8 +44,8 @@ static const es_option options[] = {
     {"batch-tokens", ES_OPT_INT, "8192", "tokens per micro-batch and rank", "[1,2147483647]"},
     {"seq-len", ES_OPT_INT, "2048", "longest attention sequence: longer samples are cut into pieces", "[2,2147483647]"},
     {"grad-accum", ES_OPT_INT, "1", "micro-batches per optimizer step", "[1,2147483647]"},
-    {"latent-weight", ES_OPT_FLOAT, "1.0", "weight of the latent MSE (mean over mapped layers)", "[0,)"},
-    {"ce-weight", ES_OPT_FLOAT, "0.0", "weight of the next-token cross entropy (0: only layers up to the deepest mapped one run)", "[0,)"},
+    {"latent-weight", ES_OPT_FLOAT, "1.0", "weight of the latent MSE (mean over mapped layers; texts.jsonl: 0, the only value allowed)", "[0,)"},
+    {"ce-weight", ES_OPT_FLOAT, "0.0", "weight of the next-token cross entropy (0: only layers up to the deepest mapped one run; texts.jsonl: default 1, must be > 0)", "[0,)"},
     {"student-head", ES_OPT_STRING, "none", "none, or linear: a learned D×D map per mapped layer (identity at start)", NULL},
     {"weight-decay", ES_OPT_FLOAT, "0.1", "AdamW decoupled weight decay", "[0,)"},
     {"beta1", ES_OPT_FLOAT, "0.9", "AdamW β1", "[0,1)"},
@@ -65,7 +66,7 @@ static const es_option options[] = {
     {NULL, 0, NULL, NULL, NULL},
 };
 
-static const char usage[] = "essence-align --model DIR --data student.h5 --out DIR [options]";
+static const char usage[] = "essence-align --model DIR --data student.h5|texts.jsonl --out DIR [options]";
 
 /* Everything the optimizer owns (device memory): the AdamW moments of the master weights (the
  * parameter arena's layout) and of the heads. */
@@ -291,7 +292,8 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
 
 /* What a --resume must share with the run that wrote the checkpoint (common/resume.h): the options
  * that shape the training, the model's files and the data by their content (student.h5 by its
- * resume_key attribute, a JSONL by its SHA-256), and the number of ranks. NULL and *err set on
+ * resume_key attribute, a JSONL by its SHA-256 and, as the model folder's tokenizer encodes it,
+ * tokenizer.json and tokenizer_config.json by theirs), and the number of ranks. NULL and *err set on
  * failure. */
 static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
     const char *model = es_config_str(cfg, "model"), *data = es_config_str(cfg, "data");
@@ -313,18 +315,38 @@ static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
     } else if (es_sha256_file(data, data_fp, err)) {
         return NULL;
     }
+    /* texts are tokenised by the model folder's tokenizer, which the model's fingerprint leaves out */
+    char tokenizer_fp[ES_FINGERPRINT_HEX] = "", tokenizer_config_fp[ES_FINGERPRINT_HEX] = "";
+    const int texts = align_data_path_is_text(data);
+    if (texts) {
+        char path[4200];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/tokenizer.json", model);
+        if ((stat(path, &st) == 0 && es_sha256_file(path, tokenizer_fp, err)) || es_tokenizer_config_sha256(model, tokenizer_config_fp, err))
+            return NULL;
+    }
     snprintf(ranks, sizeof ranks, "%d", world);
     json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", NULL});
     char *text = NULL;
     if (key) {
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp));
         json_object_set_new(key, "number of ranks", json_string(ranks));
+        if (texts)
+            json_object_set_new(key, "tokenizer.json", json_string(tokenizer_fp)),
+                json_object_set_new(key, "tokenizer_config.json", json_string(tokenizer_config_fp));
         text = es_resume_key_text(key, err);
     } else {
         es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
     json_decref(key);
     return text;
+}
+
+/* Given by the user (a flag or the YAML file), not the table's default. */
+static int given(const es_config *cfg, const char *name) {
+    for (int i = 0; i < cfg->n_options; i++)
+        if (!strcmp(cfg->options[i].name, name)) return cfg->sources[i] == ES_SRC_FILE || cfg->sources[i] == ES_SRC_FLAG;
+    return 0;
 }
 
 static _Noreturn void fail(align_comm *comm, const es_error *err) {
@@ -342,7 +364,8 @@ int main(int argc, char **argv) {
     es_config cfg;
     static const char *const required[] = {"model", "data", "out", NULL};
     int begun = es_config_start(&cfg, options, argc, argv, usage,
-                                "Fine-tunes the student to match the projected teacher latents (latent MSE, optionally + next-token CE).",
+                                "Fine-tunes the student to match the projected teacher latents (latent MSE, optionally + next-token CE), "
+                                "or, from a JSONL of texts, with the next-token CE alone.",
                                 required, &err);
     if (begun > 0) fail(&comm, &err);
     if (begun == ES_CONFIG_DONE) {
@@ -356,6 +379,26 @@ int main(int argc, char **argv) {
     if (strcmp(head_kind, "none") && strcmp(head_kind, "linear"))
         es_fail(&err, ES_ERR_USAGE, "--student-head %s: expected none or linear", head_kind), fail(&comm, &err);
     const char *model_dir = es_config_str(&cfg, "model"), *out_dir = es_config_str(&cfg, "out");
+    /* Texts have no targets: CE alone. The effective weights are written into the configuration
+     * so the resume key and the fingerprint hold what trains. */
+    const int texts = align_data_path_is_text(es_config_str(&cfg, "data"));
+    if (texts) {
+        if (given(&cfg, "latent-weight") && es_config_float(&cfg, "latent-weight") != 0)
+            es_fail(&err, ES_ERR_USAGE, "--latent-weight %g: %s is a JSONL of texts, which has no teacher targets (cross entropy only; "
+                    "leave --latent-weight out or give 0)", es_config_float(&cfg, "latent-weight"), es_config_str(&cfg, "data")),
+                fail(&comm, &err);
+        if (!strcmp(head_kind, "linear"))
+            es_fail(&err, ES_ERR_USAGE, "--student-head linear: %s is a JSONL of texts, which has no teacher targets for a head to map to",
+                    es_config_str(&cfg, "data")),
+                fail(&comm, &err);
+        if (given(&cfg, "ce-weight") && !(es_config_float(&cfg, "ce-weight") > 0))
+            es_fail(&err, ES_ERR_USAGE, "--ce-weight %g: a JSONL of texts trains on the cross entropy alone, so it must be > 0",
+                    es_config_float(&cfg, "ce-weight")),
+                fail(&comm, &err);
+        if ((!given(&cfg, "ce-weight") && es_config_set(&cfg, "ce-weight", "1", &err)) ||
+            es_config_set(&cfg, "latent-weight", "0", &err))
+            fail(&comm, &err);
+    }
     const es_named_path inputs[] = {{"model", model_dir}, {"data", es_config_str(&cfg, "data")}};
     if (es_check_output_clear("out", out_dir, 0, inputs, 2, &err)) fail(&comm, &err);
     const int64_t steps = es_config_int(&cfg, "steps"), warmup = es_config_int(&cfg, "warmup");
@@ -375,7 +418,7 @@ int main(int argc, char **argv) {
     align_data_options data_options = {es_config_str(&cfg, "data"), student.hidden_size, student.n_layers, student.vocab_size,
                                        eval_fraction, (uint64_t)es_config_int(&cfg, "seed"), !es_config_bool(&cfg, "no-shuffle"),
                                        (int)es_config_int(&cfg, "seq-len"), (int)es_config_int(&cfg, "batch-tokens"),
-                                       comm.rank, comm.world};
+                                       comm.rank, comm.world, model_dir};
     align_data *data;
     if (align_data_open(&data, &data_options, &err)) fail(&comm, &err);
     const int *mapped;
@@ -409,9 +452,14 @@ int main(int argc, char **argv) {
         fail(&comm, &err);
     saved_tensors saved;
     if (build_saved(&saved, &tm, &opt, &err)) fail(&comm, &err);
-    es_log("rank %d/%d: %lld train and %lld eval samples; target layers %d..%d; %d of %d layers run", comm.rank, comm.world,
-           (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data), mapped[0], mapped[n_mapped - 1],
-           tm.run_layers, student.n_layers);
+    if (n_mapped)
+        es_log("rank %d/%d: %lld train and %lld eval samples; target layers %d..%d; %d of %d layers run", comm.rank, comm.world,
+               (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data), mapped[0], mapped[n_mapped - 1],
+               tm.run_layers, student.n_layers);
+    else
+        es_log("rank %d/%d: %lld train and %lld eval texts (%s): cross entropy only (weight %g), all %d layers run", comm.rank,
+               comm.world, (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data),
+               es_config_str(&cfg, "data"), tm.ce_weight, student.n_layers);
 
     // 3. Resume: weights, moments, step and data position from the newest checkpoint.
     int64_t step = 0;
@@ -553,7 +601,11 @@ int main(int argc, char **argv) {
         // eval and checkpoints
         if ((eval_every && step % eval_every == 0) || step == steps) {
             eval_result result;
-            if (align_data_eval_samples(data) > 0 && !(rc = evaluate(&tm, data, &comm, &result, &err)) && metrics) {
+            if (align_data_eval_samples(data) > 0 && !(rc = evaluate(&tm, data, &comm, &result, &err)) && metrics && !n_mapped) {
+                fprintf(metrics, "{\"step\":%lld,\"eval_ce\":%.9g}\n", (long long)step, result.ce);
+                fflush(metrics);
+                es_log("step %lld: eval CE %.4f", (long long)step, result.ce);
+            } else if (!rc && align_data_eval_samples(data) > 0 && metrics) {
                 fprintf(metrics, "{\"step\":%lld,\"eval_latent_mse\":%.9g,\"eval_cosine\":%.9g,\"eval_ce\":%.9g,\"eval_const_mse\":%.9g,\"eval_r2\":%.9g}\n",
                         (long long)step, result.latent_mse, result.cosine, result.ce, result.const_mse, result.r2);
                 fflush(metrics);

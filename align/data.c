@@ -32,7 +32,14 @@
  * read). Eval and set_position first cancel the prefetch (waiting for a read in flight and dropping
  * its batch; the position is unchanged, so the next training call reads it again), then eval reads
  * synchronously on the caller's thread into the idle buffer. So exactly one thread touches the
- * file at any time, and eval costs one extra batch read, not a third batch of memory. */
+ * file at any time, and eval costs one extra batch read, not a third batch of memory.
+ *
+ * Texts (a .jsonl --data): the records are read and tokenised once at open (common/inputs.h:
+ * {"id","text"} with the tokenizer's specials, {"id","prompt","response"} rendered with
+ * essence-extract's default template, {"id","ids"} as given; add_bos "auto"), their ids kept in
+ * memory with the same token_start index; the samples are the records in file order. There is no
+ * teacher_row (every mask 0, global_aligned 0) and no target layer; batches are the same pieces as
+ * a student.h5 with those samples would give. */
 #include "data.h"
 
 #include <hdf5.h>
@@ -45,6 +52,7 @@
 
 #include "h5file.h"
 #include "h5rows.h"
+#include "inputs.h"
 #include "threadpool.h"
 
 /* One attention sequence: rows [row, row + len) of sample `sample`. */
@@ -74,6 +82,9 @@ struct align_data {
     es_rows_reader ids, teacher_row, *targets;
     int *layers, n_targets;
     int64_t samples, tokens, *token_start;
+    int text;                    /* a JSONL of texts: ids in memory, no teacher rows or targets */
+    int32_t *text_ids;           /* (tokens) */
+    char **text_names;           /* (samples) the records' ids, for messages */
     uint8_t *is_eval;            /* bitmap over samples */
     int64_t *eval, n_eval;       /* eval samples, file order */
     int64_t *order, n_train;     /* the train samples in epoch order_epoch's order */
@@ -202,6 +213,10 @@ static int read_pieces(es_rows_reader *reader, const piece *pieces, int lo, int 
 /* A sample's id for messages ("?" when it cannot be read). */
 static void sample_id(const align_data *d, int64_t s, char *out, size_t size) {
     snprintf(out, size, "?");
+    if (d->text) {
+        if (d->text_names && d->text_names[s]) snprintf(out, size, "%s", d->text_names[s]);
+        return;
+    }
     hid_t dataset = H5Lexists(d->file.id, "/samples/id", H5P_DEFAULT) > 0 ? H5Dopen2(d->file.id, "/samples/id", H5P_DEFAULT) : -1;
     char *value = NULL;
     es_error ignored = {0};
@@ -265,7 +280,9 @@ static int fill(align_data *d, batch_buffer *b, int eval, align_data_position *p
 
     if (grow(&b->teacher_row, &b->rows_cap, (size_t)total, sizeof *b->teacher_row))
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    int rc = read_pieces(&d->teacher_row, b->pieces, 0, k, b->teacher_row, sizeof *b->teacher_row, 0, err);
+    int rc = ES_OK;
+    if (d->text) for (int64_t t = 0; t < total; t++) b->teacher_row[t] = -1; /* texts: no teacher, nothing aligned */
+    else rc = read_pieces(&d->teacher_row, b->pieces, 0, k, b->teacher_row, sizeof *b->teacher_row, 0, err);
     if (rc) return rc;
     for (int64_t t = 0; t < total; t++) out->global_aligned += b->teacher_row[t] >= 0;
 
@@ -282,7 +299,16 @@ static int fill(align_data *d, batch_buffer *b, int eval, align_data_position *p
         return ES_OK;
     }
 
-    rc = read_pieces(&d->ids, b->pieces, lo, hi, out->ids, sizeof *out->ids, 0, err);
+    if (d->text) {
+        size_t at = 0;
+        for (int i = lo; i < hi; i++) {
+            memcpy(out->ids + at, d->text_ids + b->pieces[i].row, (size_t)b->pieces[i].len * sizeof *out->ids);
+            at += (size_t)b->pieces[i].len;
+        }
+        rc = ES_OK;
+    } else {
+        rc = read_pieces(&d->ids, b->pieces, lo, hi, out->ids, sizeof *out->ids, 0, err);
+    }
     for (int l = 0; !rc && l < d->n_targets; l++)
         rc = read_pieces(&d->targets[l], b->pieces, lo, hi, out->targets[l], (size_t)D * sizeof(float), 1, err);
     if (rc) return rc;
@@ -361,7 +387,9 @@ static void prefetch_cancel(align_data *d) {
 /* ---- open ------------------------------------------------------------------------------ */
 
 static int options_check(const align_data_options *o, es_error *err) {
-    if (!o->path || !*o->path) return es_fail(err, ES_ERR_USAGE, "no student.h5 given (--data)");
+    if (!o->path || !*o->path) return es_fail(err, ES_ERR_USAGE, "no student.h5 or texts.jsonl given (--data)");
+    if (align_data_path_is_text(o->path) && (!o->model_dir || !*o->model_dir))
+        return es_fail(err, ES_ERR_USAGE, "%s: a JSONL of texts needs the student folder's tokenizer (--model)", o->path);
     if (o->hidden_size < 1 || o->n_layers < 1 || o->vocab_size < 1)
         return es_fail(err, ES_ERR_USAGE, "%s: the model's hidden_size, layers and vocab_size must be positive (%d, %d, %d)",
                        o->path, o->hidden_size, o->n_layers, o->vocab_size);
@@ -492,6 +520,49 @@ static int split(align_data *d, es_error *err) {
     return ES_OK;
 }
 
+int align_data_path_is_text(const char *path) {
+    size_t n = path ? strlen(path) : 0;
+    return n > 6 && !strcmp(path + n - 6, ".jsonl");
+}
+
+/* Texts: every record tokenised (common/inputs.h), the ids appended in file order. */
+static int open_text(align_data *d, es_error *err) {
+    extract_input input;
+    int rc = extract_input_open(&input, d->path, d->opt.model_dir, ES_ADD_BOS_AUTO, EXTRACT_DEFAULT_TEMPLATE, 0, 0,
+                                d->opt.vocab_size, err);
+    int64_t cap_samples = input.total > 0 ? input.total : 1;
+    size_t cap_tokens = 0;
+    d->token_start = rc ? NULL : malloc((size_t)(cap_samples + 1) * sizeof *d->token_start);
+    d->text_names = rc ? NULL : calloc((size_t)cap_samples, sizeof *d->text_names);
+    if (!rc && (!d->token_start || !d->text_names)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory for the index of %lld texts", (long long)cap_samples);
+    if (!rc) d->token_start[0] = 0;
+    while (!rc) {
+        extract_sample sample;
+        int got = extract_input_next(&input, &sample, err);
+        if (got < 0) rc = err->code ? err->code : ES_ERR_DATA;
+        if (got <= 0) break;
+        if (d->samples >= cap_samples) { /* more records than counted: cannot happen for a file */
+            extract_sample_free(&sample);
+            rc = es_fail(err, ES_ERR_DATA, "%s: changed while it was read (more than %lld records)", d->path, (long long)cap_samples);
+            break;
+        }
+        if (grow(&d->text_ids, &cap_tokens, (size_t)(d->tokens + sample.n_tokens), sizeof *d->text_ids)) {
+            extract_sample_free(&sample);
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory for the tokens of %s (%lld so far)", d->path, (long long)d->tokens);
+            break;
+        }
+        memcpy(d->text_ids + d->tokens, sample.ids, (size_t)sample.n_tokens * sizeof *d->text_ids);
+        d->tokens += sample.n_tokens;
+        d->text_names[d->samples] = sample.id, sample.id = NULL;
+        d->token_start[++d->samples] = d->tokens;
+        extract_sample_free(&sample);
+    }
+    extract_input_close(&input);
+    if (rc) return rc;
+    if (d->samples == 0) return es_fail(err, ES_ERR_DATA, "%s: the file has no records (nothing to train on)", d->path);
+    return split(d, err);
+}
+
 static int open_file(align_data *d, es_error *err) {
     const char *path = d->path;
     int rc = es_h5_open(&d->file, path, err);
@@ -567,10 +638,11 @@ int align_data_open(align_data **out, const align_data_options *options, es_erro
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (!rc && !(d->pool = es_pool_create(cpus >= 4 ? 4 : cpus > 1 ? (int)cpus : 1)))
         rc = es_fail(err, ES_ERR_RUNTIME, "cannot start the data reader's threads");
-    if (!rc) rc = open_file(d, err);
+    d->text = align_data_path_is_text(d->path);
+    if (!rc) rc = d->text ? open_text(d, err) : open_file(d, err);
     for (int i = 0; !rc && i < 2; i++) {
         batch_buffer *b = &d->buffers[i];
-        if (!(b->batch.targets = calloc((size_t)d->n_targets, sizeof *b->batch.targets))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        if (!(b->batch.targets = calloc((size_t)d->n_targets + 1, sizeof *b->batch.targets))) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
     if (!rc) {
         if (pthread_create(&d->thread, NULL, prefetch_main, d)) rc = es_fail(err, ES_ERR_RUNTIME, "cannot start the prefetch thread");
@@ -607,6 +679,8 @@ void align_data_close(align_data *d) {
     if (d->pool) es_pool_destroy(d->pool);
     pthread_mutex_destroy(&d->lock);
     pthread_cond_destroy(&d->cond);
+    for (int64_t s = 0; d->text_names && s < d->samples; s++) free(d->text_names[s]);
+    free(d->text_names), free(d->text_ids);
     free(d->targets), free(d->layers), free(d->token_start), free(d->is_eval), free(d->eval), free(d->order), free(d->path);
     free(d);
 }

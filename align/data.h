@@ -1,4 +1,8 @@
-/* essence-align's input: student.h5 (docs/student-h5.md) streamed in batches.
+/* essence-align's input: student.h5 (docs/student-h5.md) streamed in batches, or a JSONL of texts
+ * (a path ending in .jsonl): every record tokenised at open with the student's own tokenizer
+ * (common/inputs.h, the rules essence-extract uses) into ids held in memory (int32, 4 bytes a
+ * token); it has no targets (no target layers, mask 0 everywhere, global_aligned 0), and every
+ * rule below applies to its records, in file order, as to student.h5's samples.
  *
  * Samples are split once into train and eval sets (a seeded choice of round(eval_fraction · S)
  * samples, at least one when eval_fraction > 0 and S > 1). Train samples are visited epoch
@@ -26,7 +30,7 @@
 typedef struct align_data align_data;
 
 typedef struct align_data_options {
-    const char *path;         /* student.h5 */
+    const char *path;         /* student.h5, or texts.jsonl (align_data_path_is_text) */
     int hidden_size;          /* the student's D: every /targets/layer_LLL must be [M, D] */
     int n_layers;             /* the student's depth: every target layer must be <= it */
     int vocab_size;           /* token ids must be < it */
@@ -36,6 +40,7 @@ typedef struct align_data_options {
     int seq_len;
     int batch_tokens;         /* per rank */
     int rank, world;
+    const char *model_dir;    /* texts: the student folder whose tokenizer.json (+ tokenizer_config.json) encodes them */
 } align_data_options;
 
 typedef struct align_batch {
@@ -52,8 +57,12 @@ typedef struct align_batch {
 
 /* Opens and validates the file: format, an empty dataset, target width != hidden_size, a target
  * layer > n_layers, token ids outside the vocabulary, inconsistent pointers -> ES_ERR_DATA
- * naming the file (and dataset); a missing file -> ES_ERR_USAGE. */
+ * naming the file (and dataset); a missing file -> ES_ERR_USAGE. Texts: a bad record (not JSON, no
+ * "text", "prompt"+"response" or "ids", an id outside the vocabulary, no tokens) -> ES_ERR_DATA
+ * naming FILE:LINE; no records -> ES_ERR_DATA naming the file. */
 int align_data_open(align_data **data, const align_data_options *options, es_error *err);
+/* 1 when --data names a JSONL of texts (it ends in .jsonl), 0 for student.h5. */
+int align_data_path_is_text(const char *path);
 void align_data_close(align_data *data);
 
 /* The student layers that have targets, ascending (the file's /targets/layer_LLL). */

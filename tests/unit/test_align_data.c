@@ -543,6 +543,71 @@ TEST(errors_of_the_input) {
     es_error_clear(&err);
 }
 
+/* A JSONL of {"id","ids"} records with split.h5's samples gives the same batches (pieces, ids,
+ * labels, sample indices, global counts), the same eval split and the same resumed positions,
+ * on one rank and two; with no targets: no target layers, every mask 0, nothing aligned. */
+static int same_as_h5(const align_batch *a, const align_batch *t) {
+    if (a->T != t->T || a->n_seqs != t->n_seqs || a->global_tokens != t->global_tokens || a->global_labels != t->global_labels ||
+        t->global_aligned != 0)
+        return 0;
+    for (int i = 0; i < t->T; i++)
+        if (t->mask[i]) return 0;
+    return !memcmp(a->seq_start, t->seq_start, sizeof(int32_t) * (size_t)(a->n_seqs + 1)) &&
+           !memcmp(a->sample, t->sample, sizeof(int64_t) * (size_t)a->n_seqs) && !memcmp(a->ids, t->ids, sizeof(int32_t) * (size_t)a->T) &&
+           !memcmp(a->labels, t->labels, sizeof(int32_t) * (size_t)a->T);
+}
+
+TEST(texts_batch_like_student_h5) {
+    char jsonl[1100];
+    snprintf(jsonl, sizeof jsonl, "%s", test_path("split.jsonl"));
+    FILE *f = fopen(jsonl, "w");
+    REQUIRE(f != NULL);
+    for (int s = 0; s < 40; s++) {
+        fprintf(f, "{\"id\": \"id-%d\", \"ids\": [", s);
+        for (int t = 0; t < split_lens[s]; t++) fprintf(f, "%s%d", t ? ", " : "", id_of(s, t));
+        fprintf(f, "]}\n");
+    }
+    fclose(f);
+    CHECK(align_data_path_is_text(jsonl) && !align_data_path_is_text(split_path));
+    es_error err = {0};
+    for (int world = 1; world <= 2; world++)
+        for (int rank = 0; rank < world; rank++) {
+            align_data_options o = base_options(split_path), ot = base_options(jsonl);
+            o.seq_len = ot.seq_len = 5, o.batch_tokens = ot.batch_tokens = 23; /* pieces, several epochs */
+            o.world = ot.world = world, o.rank = ot.rank = rank;
+            ot.model_dir = "unused: the ids form needs no tokenizer";
+            align_data *h5 = NULL, *texts = NULL;
+            REQUIRE(align_data_open(&h5, &o, &err) == 0);
+            if (align_data_open(&texts, &ot, &err)) {
+                printf("  open %s: %s\n", jsonl, err.msg);
+                align_data_close(h5);
+                CHECK(0);
+                return;
+            }
+            const int *layers;
+            CHECK(align_data_target_layers(texts, &layers) == 0);
+            CHECK(align_data_train_samples(texts) == align_data_train_samples(h5) && align_data_eval_samples(texts) == align_data_eval_samples(h5));
+            int same = 1;
+            for (int i = 0; i < 40 && same; i++) {
+                align_batch a, t;
+                same = !align_data_next_train(h5, &a, &err) && !align_data_next_train(texts, &t, &err) && same_as_h5(&a, &t);
+                if (i == 20) { /* a resumed position */
+                    align_data_position p = align_data_get_position(h5), q = align_data_get_position(texts);
+                    same = same && p.epoch == q.epoch && p.index == q.index && p.piece == q.piece && !align_data_set_position(texts, p, &err);
+                }
+            }
+            CHECKF(same, "world %d rank %d: the texts' batches differ from student.h5's", world, rank);
+            int64_t eval_a[40], eval_t[40];
+            int na = eval_samples(h5, eval_a, 40), nt = eval_samples(texts, eval_t, 40);
+            CHECK(na > 0 && na == nt && !memcmp(eval_a, eval_t, sizeof(int64_t) * (size_t)na));
+            align_data_close(h5), align_data_close(texts);
+        }
+    align_data_options o = base_options(jsonl); /* texts need the model folder's tokenizer */
+    align_data *none = NULL;
+    CHECK(align_data_open(&none, &o, &err) == ES_ERR_USAGE && none == NULL);
+    es_error_clear(&err);
+}
+
 int main(void) {
     for (int s = 0; s < 40; s++) split_lens[s] = 3 + (s * 5) % 11;
     snprintf(split_path, sizeof split_path, "%s", test_path("split.h5"));
@@ -559,5 +624,6 @@ int main(void) {
     RUN(resume_position);
     RUN(errors_in_the_file);
     RUN(errors_of_the_input);
+    RUN(texts_batch_like_student_h5);
     return test_summary();
 }

@@ -1,9 +1,10 @@
-/* essence-extract's input: JSONL samples in their three forms, rendered and tokenised.
+/* JSONL samples in their three forms, rendered and tokenised: essence-extract's input, and
+ * essence-align's text corpus (align/data.c), so both tokenise a record the same way.
  *   {"id": ..., "text": "..."}                    encoded with add_special_tokens
  *   {"id": ..., "prompt": "...", "response": "..."} rendered with the template, no specials added
  *   {"id": ..., "ids": [1, 2, 3]}                 already tokenised (no text: project refuses it) */
-#ifndef ES_EXTRACT_INPUTS_H
-#define ES_EXTRACT_INPUTS_H
+#ifndef ES_INPUTS_H
+#define ES_INPUTS_H
 
 #include <stdint.h>
 
