@@ -47,7 +47,7 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     tm->dev = dev;
     if (n_mapped > TRAIN_MAX_MAPPED) return es_fail(err, ES_ERR_DATA, "%d target layers: at most %d are supported", n_mapped, TRAIN_MAX_MAPPED);
     tm->n_mapped = n_mapped;
-    memcpy(tm->mapped, mapped, (size_t)n_mapped * sizeof *mapped);
+    if (n_mapped) memcpy(tm->mapped, mapped, (size_t)n_mapped * sizeof *mapped); /* texts: no target layers, mapped NULL */
     tm->latent_weight = latent_weight, tm->ce_weight = ce_weight;
     tm->with_ce = ce_weight != 0;
     tm->max_tokens = max_tokens;
