@@ -154,6 +154,7 @@ $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	$(LINK)
 
 # GPU checks: built wherever nvcc is, run only by tests/gpu/run.sh on a GPU machine.
+$(BUILD)/gpu/bench_project: $(BUILD)/obj/project/precision.o # DESIGN.md's precision table, as project has it
 $(BUILD)/gpu/%: $(BUILD)/obj/tests/gpu/%.o $(LIB) $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
 	$(LINK) -Wl,-rpath,'$$ORIGIN/..' -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart

@@ -5,9 +5,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "log.h"
+#include "progress.h"
 
 /* A batch that went forward: its samples, sequence table and stored layers' rows, to be stored. */
 typedef struct computed_batch {
@@ -41,12 +41,6 @@ struct extract_batches {
     double forward, download, check, store, waited; /* download: waiting for the copies after the forward */
     int64_t batches_run;
 };
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 void extract_batch_free(extract_batch *b) {
     for (int s = 0; s < b->n; s++) extract_sample_free(&b->samples[s]);
@@ -134,13 +128,13 @@ static int compute(extract_batches *x, extract_batch *b, computed_batch *c, es_e
     const es_decoder_batch tokens = {ids, c->seq_start, n};
     const es_tensor *embed = x->teacher->store.embed;
     collector gather = {x, c->rows};
-    const double start = now();
+    const double start = es_now();
     if (!rc) rc = es_decoder_forward(x->teacher->decoder, &tokens, embed->data, embed->dtype, x->teacher->layers, x->teacher->deepest,
                                      NULL, collect, &gather, err);
-    const double copied = now();
+    const double copied = es_now();
     const int copies_rc = es_device_download_wait(x->teacher->dev, err); /* also after a failure: no copy may still land */
     if (!rc) rc = copies_rc;
-    x->forward += copied - start, x->download += now() - copied;
+    x->forward += copied - start, x->download += es_now() - copied;
     free(ids);
     return rc;
 }
@@ -149,9 +143,9 @@ static int compute(extract_batches *x, extract_batch *b, computed_batch *c, es_e
 
 /* Checks, then stores and commits c (on the writer thread when there is one). */
 static int store(extract_batches *x, computed_batch *c, es_error *err) {
-    const double checked = now();
+    const double checked = es_now();
     int rc = check_finite(x, c, err);
-    const double start = now();
+    const double start = es_now();
     x->check += start - checked;
     const float **sample_rows = rc ? NULL : malloc((size_t)x->n_layers * sizeof *sample_rows + 1);
     if (!rc && !sample_rows) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
@@ -165,7 +159,7 @@ static int store(extract_batches *x, computed_batch *c, es_error *err) {
     if (!rc) rc = teacher_commit(x->writer, err);
     free(sample_rows);
     computed_free(c);
-    x->store += now() - start;
+    x->store += es_now() - start;
     return rc;
 }
 
@@ -242,10 +236,10 @@ int extract_batches_run(extract_batches *x, extract_batch *b, es_error *err) {
         return rc;
     }
     if (!x->threaded) return store(x, &c, err);
-    const double start = now();
+    const double start = es_now();
     pthread_mutex_lock(&x->lock);
     while (x->has_pending && !x->writer_rc) pthread_cond_wait(&x->changed, &x->lock);
-    x->waited += now() - start;
+    x->waited += es_now() - start;
     if ((rc = x->writer_rc)) {
         es_fail(err, rc, "%s", x->writer_error.msg);
         pthread_mutex_unlock(&x->lock);
@@ -260,10 +254,10 @@ int extract_batches_run(extract_batches *x, extract_batch *b, es_error *err) {
 
 int extract_batches_finish(extract_batches *x, int rc, es_error *err) {
     if (x->started) {
-        const double start = now();
+        const double start = es_now();
         pthread_mutex_lock(&x->lock);
         while (x->has_pending) pthread_cond_wait(&x->changed, &x->lock);
-        x->waited += now() - start;
+        x->waited += es_now() - start;
         x->stopping = 1;
         pthread_cond_broadcast(&x->changed);
         pthread_mutex_unlock(&x->lock);

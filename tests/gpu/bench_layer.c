@@ -10,7 +10,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../ops/rng.h"
+#include "bench_report.h"
 #include "backend.h"
 #include "decoder.h"
 #include "dtype.h"
@@ -23,84 +23,10 @@
 #define SEQ_LEN 4096
 #define TOKENS (SEQS * SEQ_LEN)
 #define BLOCK ((size_t)1 << 24) /* random values generated once, uploaded again and again */
-#define GIB (1024.0 * 1024.0 * 1024.0)
 
-static es_error err;
-static char json[16384];
-static size_t json_len;
-static char json_path[4096];
-
-/* The JSON is rewritten after every figure, so a failure part way keeps what was measured. */
-static void json_flush(void) {
-    FILE *f = fopen(json_path, "w");
-    if (!f) return;
-    fprintf(f, "{\n%s\n}\n", json);
-    fclose(f);
-}
-static void json_add(const char *key, const char *value_text) {
-    json_len += (size_t)snprintf(json + json_len, sizeof json - json_len, "%s  \"%s\": %s", json_len ? ",\n" : "", key, value_text);
-    if (json_len >= sizeof json) json_len = sizeof json - 1;
-    json_flush();
-}
-static void json_str(const char *key, const char *value) {
-    char text[1200];
-    size_t n = 0;
-    text[n++] = '"';
-    for (const char *c = value; *c && n < sizeof text - 3; c++)
-        if (*c == '"' || *c == '\\') text[n++] = '\\', text[n++] = *c;
-        else text[n++] = (unsigned char)*c < 0x20 ? ' ' : *c;
-    text[n++] = '"', text[n] = 0;
-    json_add(key, text);
-}
-static void figure(const char *key, double value, const char *what) {
-    char text[64];
-    snprintf(text, sizeof text, "%.6g", value);
-    json_add(key, text);
-    printf("bench_layer: %-44s %12.4f  (%s)\n", what, value, key);
-}
-
-static void check(int rc) {
-    if (!rc) return;
-    printf("FAIL bench_layer: %s\n", err.msg);
-    json_str("error", err.msg);
-    exit(1);
-}
-/* An op failed: its message is held by the device. */
-#define OP(dev, call) check((call) ? es_device_take_error(dev, &err) : ES_OK)
-
-/* splitmix64 (tests/ops/rng.h) from a plain state */
-static uint64_t splitmix64(uint64_t *state) {
-    rng r = {*state};
-    const uint64_t value = rng_next(&r);
-    *state = r.state;
-    return value;
-}
 /* Uniform on ±sqrt(3)·sd: standard deviation sd, like the baseline's normal_(0, 0.02). */
 static void fill_uniform(float *x, size_t n, double sd, uint64_t seed) {
     for (size_t i = 0; i < n; i++) x[i] = (float)(((double)(splitmix64(&seed) >> 11) / 9007199254740992.0 * 2 - 1) * 1.7320508075688772 * sd);
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* One warm-up, then the median of reps runs, each bracketed by syncs (ops are asynchronous). */
-static double timed(es_device *dev, void (*work)(void *), void *ctx, int reps) {
-    double t[8];
-    work(ctx);
-    check(es_device_sync(dev, &err));
-    for (int r = 0; r < reps; r++) {
-        check(es_device_sync(dev, &err));
-        double t0 = now();
-        work(ctx);
-        check(es_device_sync(dev, &err));
-        t[r] = now() - t0;
-    }
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double s = t[j]; t[j] = t[j - 1], t[j - 1] = s; }
-    return t[reps / 2];
 }
 
 /* n values of `block` (repeated) into device memory: bf16 bits as they are, fp32 as activations,
@@ -162,14 +88,14 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: bench_layer OUT_DIR CONFIG\n");
         return ES_ERR_USAGE;
     }
-    snprintf(json_path, sizeof json_path, "%s/bench_layer.json", argv[1]);
+    bench_start("bench_layer", argv[1]);
     es_device_options options = {.kind = ES_DEVICE_CUDA};
     es_device *dev = NULL;
     if (es_device_open(&dev, &options, &err)) {
         printf("SKIP bench_layer: %s\n", err.msg);
         return 0;
     }
-    json_str("device", dev->name);
+    bench_str("device", dev->name);
     es_model_config config;
     check(es_model_config_load(argv[2], &config, NULL, &err));
     config.vocab_size = 1024, config.n_layers = 1; /* the baseline's shape: one layer, a small table */

@@ -12,7 +12,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "../ops/rng.h"
+#include "bench_report.h"
+#include "precision.h"
 #include "backend.h"
 #include "fourier.h"
 #include "log.h"
@@ -24,73 +25,8 @@
 #define N_TOKENS 131072
 #define REF_ROWS 2048     /* rows generated on the host (the rest repeat them) and checked in double */
 #define SEED 1234
-#define GIB (1024.0 * 1024.0 * 1024.0)
 
-static const char *const precision_names[4] = {"fp32", "tf32", "bf16", "fp8"};
 static const double sigmas[4] = {1, 3, 10, 30};
-/* DESIGN.md's table: relative feature error by σ (rows) and precision (columns), on an H200 */
-static const double table[4][4] = {{0, 0.0003, 0.003, 0.037}, {0, 0.0009, 0.009, 0.11}, {0, 0.003, 0.029, 0.37}, {1e-5, 0.009, 0.086, 0.97}};
-
-static es_error err;
-static char json[16384];
-static size_t json_len;
-static char json_path[4096];
-
-/* The JSON is rewritten after every figure, so a failure part way keeps what was measured. */
-static void json_flush(void) {
-    FILE *f = fopen(json_path, "w");
-    if (!f) return;
-    fprintf(f, "{\n%s\n}\n", json);
-    fclose(f);
-}
-static void json_add(const char *key, const char *value_text) {
-    json_len += (size_t)snprintf(json + json_len, sizeof json - json_len, "%s  \"%s\": %s", json_len ? ",\n" : "", key, value_text);
-    if (json_len >= sizeof json) json_len = sizeof json - 1;
-    json_flush();
-}
-static void json_str(const char *key, const char *value) {
-    char text[1200];
-    size_t n = 0;
-    text[n++] = '"';
-    for (const char *c = value; *c && n < sizeof text - 3; c++)
-        if (*c == '"' || *c == '\\') text[n++] = '\\', text[n++] = *c;
-        else text[n++] = (unsigned char)*c < 0x20 ? ' ' : *c;
-    text[n++] = '"', text[n] = 0;
-    json_add(key, text);
-}
-static void json_num(const char *key, double value) {
-    char text[64];
-    if (isfinite(value)) snprintf(text, sizeof text, "%.6g", value);
-    else snprintf(text, sizeof text, "null");
-    json_add(key, text);
-}
-static void figure(const char *key, double value, const char *what) {
-    json_num(key, value);
-    printf("bench_project: %-48s %14.6g  (%s)\n", what, value, key);
-}
-
-static void check(int rc) {
-    if (!rc) return;
-    printf("FAIL bench_project: %s\n", err.msg);
-    json_str("error", err.msg);
-    exit(1);
-}
-/* An op failed: its message is held by the device. */
-#define OP(dev, call) check((call) ? es_device_take_error(dev, &err) : ES_OK)
-
-/* splitmix64 (tests/ops/rng.h) from a plain state */
-static uint64_t splitmix64(uint64_t *state) {
-    rng r = {*state};
-    const uint64_t value = rng_next(&r);
-    *state = r.state;
-    return value;
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 typedef struct proj_run {
     es_device *dev;
@@ -114,23 +50,6 @@ static void run_features(void *ctx) {
 static void run_both(void *ctx) {
     run_standardise(ctx);
     run_features(ctx);
-}
-
-/* One warm-up, then the median of reps runs, each bracketed by syncs (ops are asynchronous). */
-static double timed(es_device *dev, void (*work)(void *), void *ctx, int reps) {
-    double t[8];
-    work(ctx);
-    check(es_device_sync(dev, &err));
-    for (int r = 0; r < reps; r++) {
-        check(es_device_sync(dev, &err));
-        double t0 = now();
-        work(ctx);
-        check(es_device_sync(dev, &err));
-        t[r] = now() - t0;
-    }
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double s = t[j]; t[j] = t[j - 1], t[j - 1] = s; }
-    return t[reps / 2];
 }
 
 /* Ω for σ onto the device, rounded there to the run's precision (as essence-project does). */
@@ -171,7 +90,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: bench_project OUT_DIR\n");
         return ES_ERR_USAGE;
     }
-    snprintf(json_path, sizeof json_path, "%s/bench_project.json", argv[1]);
+    bench_start("bench_project", argv[1]);
     es_device_options options = {.kind = ES_DEVICE_CUDA};
     proj_run r = {0};
     if (es_device_open(&r.dev, &options, &err)) {
@@ -179,7 +98,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     es_device *dev = r.dev;
-    json_str("device", dev->name);
+    bench_str("device", dev->name);
 
     /* REF_ROWS rows x ~ N(0, 1) (Box-Muller over splitmix64), generated once; the device's N rows
      * repeat them (speed does not depend on the values; precision is checked on the first ones). */
@@ -231,18 +150,18 @@ int main(int argc, char **argv) {
         const double both = timed(dev, run_both, &r, 5);
         r.timing = (es_fourier_timing){0};
         const double alone = timed(dev, run_features, &r, 5);
-        snprintf(key, sizeof key, "proj_%s_tok_per_s", precision_names[p]);
-        snprintf(what, sizeof what, "%s: standardise + features, tokens/s", precision_names[p]);
+        snprintf(key, sizeof key, "proj_%s_tok_per_s", precision_name((es_precision)p));
+        snprintf(what, sizeof what, "%s: standardise + features, tokens/s", precision_name((es_precision)p));
         figure(key, (double)n_all / both, what);
-        snprintf(key, sizeof key, "proj_%s_features_tok_per_s", precision_names[p]);
-        snprintf(what, sizeof what, "%s: features alone, tokens/s", precision_names[p]);
+        snprintf(key, sizeof key, "proj_%s_features_tok_per_s", precision_name((es_precision)p));
+        snprintf(what, sizeof what, "%s: features alone, tokens/s", precision_name((es_precision)p));
         figure(key, (double)n_all / alone, what);
         if (r.timing.gemm_seconds > 0) { /* the backend's own split, per call (6: the warm-up too) */
-            snprintf(key, sizeof key, "proj_%s_gemm_s", precision_names[p]);
-            snprintf(what, sizeof what, "%s: features' product, s per call", precision_names[p]);
+            snprintf(key, sizeof key, "proj_%s_gemm_s", precision_name((es_precision)p));
+            snprintf(what, sizeof what, "%s: features' product, s per call", precision_name((es_precision)p));
             figure(key, r.timing.gemm_seconds / 6, what);
-            snprintf(key, sizeof key, "proj_%s_epilogue_s", precision_names[p]);
-            snprintf(what, sizeof what, "%s: features' cos/sin, s per call", precision_names[p]);
+            snprintf(key, sizeof key, "proj_%s_epilogue_s", precision_name((es_precision)p));
+            snprintf(what, sizeof what, "%s: features' cos/sin, s per call", precision_name((es_precision)p));
             figure(key, r.timing.epilogue_seconds / 6, what);
         }
     }
@@ -261,9 +180,9 @@ int main(int argc, char **argv) {
         es_fourier_omega(omega, M, D, sigmas[s], SEED);
         for (size_t i = 0; i < (size_t)M * D; i++) omega_ref[i] = omega[i];
         reference ref = {x_ref, omega_ref, phase};
-        double t0 = now();
+        double t0 = es_now();
         es_pool_for(pool, REF_ROWS / 4, reference_rows, &ref);
-        printf("bench_project: sigma %g: double reference in %.2f s\n", sigmas[s], now() - t0);
+        printf("bench_project: sigma %g: double reference in %.2f s\n", sigmas[s], es_now() - t0);
         for (int p = 0; p < 4; p++) {
             r.precision = (es_precision)p;
             load_omega(&r, omega);
@@ -276,18 +195,18 @@ int main(int argc, char **argv) {
                 const double dc = features[row * 2 * M + j] - c, ds = features[row * 2 * M + M + j] - sn;
                 diff += dc * dc + ds * ds, norm += c * c + sn * sn;
             }
-            const double error = sqrt(diff / norm), expected = table[s][p], limit = p == 0 ? 1e-4 : 1.5 * expected;
+            const double error = sqrt(diff / norm), expected = precision_predicted_error((es_precision)p, sigmas[s]), /* DESIGN.md's table */ limit = p == 0 ? 1e-4 : 1.5 * expected;
             const int pass = error <= limit; /* NaN fails */
             failures += !pass;
-            snprintf(key, sizeof key, "proj_err_s%g_%s", sigmas[s], precision_names[p]);
-            json_num(key, error);
-            snprintf(key, sizeof key, "proj_table_s%g_%s", sigmas[s], precision_names[p]);
-            json_num(key, expected);
+            snprintf(key, sizeof key, "proj_err_s%g_%s", sigmas[s], precision_name((es_precision)p));
+            bench_num(key, error);
+            snprintf(key, sizeof key, "proj_table_s%g_%s", sigmas[s], precision_name((es_precision)p));
+            bench_num(key, expected);
             printf("%s bench_project: sigma %g %s: feature_rel_err %.3g (DESIGN.md %g, bound %g)\n", pass ? "PASS" : "FAIL", sigmas[s],
-                   precision_names[p], error, expected, limit);
+                   precision_name((es_precision)p), error, expected, limit);
         }
     }
-    json_num("proj_precision_failures", failures);
+    bench_num("proj_precision_failures", failures);
 
     es_device_free(dev, r.rows, (size_t)n_all * D * sizeof(float)), es_device_free(dev, r.x_hat, (size_t)n_all * D * sizeof(float));
     es_device_free(dev, r.targets, (size_t)n_all * 2 * M * sizeof(float));

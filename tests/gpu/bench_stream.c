@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../ops/rng.h"
+#include "bench_report.h"
 #include "backend.h"
 #include "decoder.h"
 #include "dtype.h"
@@ -30,62 +30,6 @@
 #define TOKENS (SEQS * SEQ_LEN)
 #define VOCAB 1024
 #define BLOCK ((size_t)1 << 24) /* random bf16 values generated once, copied again and again */
-#define GIB (1024.0 * 1024.0 * 1024.0)
-
-static es_error err;
-static char json[16384];
-static size_t json_len;
-static char json_path[4096];
-
-/* The JSON is rewritten after every figure, so a failure part way keeps what was measured. */
-static void json_flush(void) {
-    FILE *f = fopen(json_path, "w");
-    if (!f) return;
-    fprintf(f, "{\n%s\n}\n", json);
-    fclose(f);
-}
-static void json_add(const char *key, const char *value_text) {
-    json_len += (size_t)snprintf(json + json_len, sizeof json - json_len, "%s  \"%s\": %s", json_len ? ",\n" : "", key, value_text);
-    if (json_len >= sizeof json) json_len = sizeof json - 1;
-    json_flush();
-}
-static void json_str(const char *key, const char *value) {
-    char text[1200];
-    size_t n = 0;
-    text[n++] = '"';
-    for (const char *c = value; *c && n < sizeof text - 3; c++)
-        if (*c == '"' || *c == '\\') text[n++] = '\\', text[n++] = *c;
-        else text[n++] = (unsigned char)*c < 0x20 ? ' ' : *c;
-    text[n++] = '"', text[n] = 0;
-    json_add(key, text);
-}
-static void figure(const char *key, double value, const char *what) {
-    char text[64];
-    snprintf(text, sizeof text, "%.6g", value);
-    json_add(key, text);
-    printf("bench_stream: %-46s %12.4f  (%s)\n", what, value, key);
-}
-
-static void check(int rc) {
-    if (!rc) return;
-    printf("FAIL bench_stream: %s\n", err.msg);
-    json_str("error", err.msg);
-    exit(1);
-}
-
-/* splitmix64 (tests/ops/rng.h) from a plain state */
-static uint64_t splitmix64(uint64_t *state) {
-    rng r = {*state};
-    const uint64_t value = rng_next(&r);
-    *state = r.state;
-    return value;
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Bytes of VRAM in use on the device (the whole device's: this process's context included). */
 static size_t vram_used(void) {
@@ -117,23 +61,6 @@ static void run_forward(void *ctx) {
     r->vram_peak = used > r->vram_peak ? used : r->vram_peak;
 }
 
-/* One warm-up, then the median of reps runs, each bracketed by syncs (ops are asynchronous). */
-static double timed(es_device *dev, void (*work)(void *), void *ctx, int reps) {
-    double t[8];
-    work(ctx);
-    check(es_device_sync(dev, &err));
-    for (int r = 0; r < reps; r++) {
-        check(es_device_sync(dev, &err));
-        double t0 = now();
-        work(ctx);
-        check(es_device_sync(dev, &err));
-        t[r] = now() - t0;
-    }
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double s = t[j]; t[j] = t[j - 1], t[j - 1] = s; }
-    return t[reps / 2];
-}
-
 /* The 8 layers on dev (closed at the end), the figures under `prefix`. */
 static void run_case(const char *prefix, es_device *dev, const es_model_store *store, const es_decoder_batch *batch) {
     stream_run r = {.dev = dev, .batch = *batch, .store = store, .last_layer = NL};
@@ -145,9 +72,9 @@ static void run_case(const char *prefix, es_device *dev, const es_model_store *s
     es_decoder_plan(r.decoder, &plan);
     check(es_device_reserve(dev, &plan, &err));
     /* after the activations and the workspace: the stream plans against what is left */
-    double t0 = now();
+    double t0 = es_now();
     check(es_stream_open(&r.layers, dev, store, NL, &err));
-    FIGURE("open_s", now() - t0, "opening the stream (pinning, first loads), s");
+    FIGURE("open_s", es_now() - t0, "opening the stream (pinning, first loads), s");
     FIGURE("slots", es_stream_slots(r.layers), "slots (0: resident)");
     const double total = timed(dev, run_forward, &r, 3);
     FIGURE("s_per_layer_16k_tokens", total / NL, "seconds per layer (16384 tokens)");
@@ -170,7 +97,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: bench_stream OUT_DIR CONFIG\n");
         return ES_ERR_USAGE;
     }
-    snprintf(json_path, sizeof json_path, "%s/bench_stream.json", argv[1]);
+    bench_start("bench_stream", argv[1]);
     /* the streaming case's device first: without one, nothing else is worth building */
     es_device_options options = {.kind = ES_DEVICE_CUDA, .max_memory = (size_t)16 << 30};
     es_device *dev = NULL;
@@ -178,7 +105,7 @@ int main(int argc, char **argv) {
         printf("SKIP bench_stream: %s\n", err.msg);
         return 0;
     }
-    json_str("device", dev->name);
+    bench_str("device", dev->name);
     es_model_store store;
     memset(&store, 0, sizeof store);
     check(es_model_config_load(argv[2], &store.config, NULL, &err));

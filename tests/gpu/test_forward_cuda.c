@@ -7,22 +7,13 @@
 #include <math.h>
 
 #include "../testlib.h"
+#include "../unit/goldens.h"
 #include "decoder.h"
 #include "model.h"
 #include "safetensors.h"
 #include "stream.h"
 
 #define TOLERANCE 2e-2
-
-static double relative_error(const float *ours, const float *golden, size_t n) {
-    double max_diff = 0, max_ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = fabs((double)ours[i] - golden[i]);
-        if (diff > max_diff || isnan(diff)) max_diff = isnan(diff) ? INFINITY : diff;
-        if (fabs(golden[i]) > max_ref) max_ref = fabs(golden[i]);
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
-}
 
 typedef struct forward_result {
     float **hidden; /* [n_layers + 1] (T, C) host */
@@ -104,25 +95,6 @@ static int same_result(const forward_result *a, const forward_result *b, int n_l
     return same;
 }
 
-static float *golden_values(const es_safetensors *goldens, const char *seq, const char *what, size_t *n) {
-    char name[64];
-    snprintf(name, sizeof name, "%s/%s", seq, what);
-    const es_tensor *t = es_safetensors_find(goldens, name);
-    if (!t) return NULL;
-    *n = es_tensor_numel(t);
-    float *values = malloc(*n * sizeof *values);
-    if (t->dtype == ES_DT_I64) {
-        for (size_t i = 0; i < *n; i++) {
-            int64_t v;
-            memcpy(&v, (const char *)t->data + i * 8, 8);
-            values[i] = (float)v;
-        }
-    } else {
-        es_tensor_to_f32(t, values, NULL);
-    }
-    return values;
-}
-
 static void check_model(const char *tl_name, const char *name) {
     char dir[800], goldens_path[900];
     snprintf(dir, sizeof dir, "%s/models/%s", test_fixtures(), name);
@@ -142,7 +114,7 @@ static void check_model(const char *tl_name, const char *name) {
         char seq[16];
         snprintf(seq, sizeof seq, "seq%d", s);
         size_t T = 0, n = 0;
-        float *ids_f = golden_values(goldens, seq, "input_ids", &T);
+        float *ids_f = golden_f32(goldens, seq, "input_ids", &T);
         REQUIRE(ids_f);
         int32_t *ids = malloc(T * sizeof *ids);
         for (size_t t = 0; t < T; t++) ids[t] = (int32_t)ids_f[t];
@@ -161,11 +133,11 @@ static void check_model(const char *tl_name, const char *name) {
             if (l == 0) snprintf(what, sizeof what, "embed");
             else if (l <= L) snprintf(what, sizeof what, "layer%02d", l);
             else snprintf(what, sizeof what, "final_norm");
-            float *golden = golden_values(goldens, seq, what, &n);
+            float *golden = golden_f32(goldens, seq, what, &n);
             CHECKF(golden != NULL, "%s: no golden %s/%s", name, seq, what);
             if (!golden) continue;
             const float *ours = l <= L ? resident.hidden[l] : resident.final;
-            const double error = ours ? relative_error(ours, golden, T * C) : INFINITY;
+            const double error = ours ? golden_relative_error(ours, golden, T * C) : INFINITY;
             if (error > worst || isnan(error)) worst = error, snprintf(worst_name, sizeof worst_name, "%s/%s", seq, what);
             free(golden);
         }

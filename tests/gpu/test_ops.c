@@ -1,7 +1,8 @@
 /* GPU check (tests/gpu/run.sh, on a GPU machine): every op of the CUDA backend over the op
  * harness's grid (tests/ops/, docs/ops-harness.md), against the double reference and against the
  * CPU backend, with the row-independence check on CUDA. Prints "SKIP ops_cuda: <why>" when no
- * CUDA device opens (no GPU, or a build whose CUDA backend has no ops yet).
+ * CUDA device opens (no GPU, no driver, or no CUDA backend library). Training ops the CUDA table
+ * leaves NULL print SKIP lines (issue 14).
  *
  * $ESSENCE_OPS=matmul_forward,attention_backward limits the run to those ops; $ESSENCE_OPS_VERBOSE=1
  * adds a line per shape with its nmse. */

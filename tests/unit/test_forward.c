@@ -9,6 +9,7 @@
 
 #include "../testlib.h"
 #include "decoder.h"
+#include "goldens.h"
 #include "model.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -17,16 +18,6 @@
 #include "weights.h"
 
 #define TOLERANCE 1e-4
-
-static double relative_error(const float *ours, const float *golden, size_t n) {
-    double max_diff = 0, max_ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = fabs((double)ours[i] - golden[i]);
-        if (diff > max_diff || isnan(diff)) max_diff = isnan(diff) ? INFINITY : diff;
-        if (fabs(golden[i]) > max_ref) max_ref = fabs(golden[i]);
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
-}
 
 typedef struct {
     const es_safetensors *goldens;
@@ -57,27 +48,8 @@ static void compare_layer(void *ctx, int layer, const float *hidden, int T, es_e
     }
     float *values = malloc(es_tensor_numel(golden) * sizeof *values);
     es_tensor_to_f32(golden, values, NULL);
-    note(check, name + strlen(check->seq) + 1, relative_error(hidden, values, (size_t)T * check->C));
+    note(check, name + strlen(check->seq) + 1, golden_relative_error(hidden, values, (size_t)T * check->C));
     free(values);
-}
-
-static float *golden_f32(const es_safetensors *goldens, const char *seq, const char *what, size_t *n) {
-    char name[64];
-    snprintf(name, sizeof name, "%s/%s", seq, what);
-    const es_tensor *t = es_safetensors_find(goldens, name);
-    if (!t) return NULL;
-    *n = es_tensor_numel(t);
-    float *values = malloc(*n * sizeof *values);
-    if (t->dtype == ES_DT_I64) {
-        for (size_t i = 0; i < *n; i++) {
-            int64_t v;
-            memcpy(&v, (const char *)t->data + i * 8, 8);
-            values[i] = (float)v;
-        }
-    } else {
-        es_tensor_to_f32(t, values, NULL);
-    }
-    return values;
 }
 
 /* Every layer's output (and the final norm's) of one forward, copied out. */
@@ -195,7 +167,7 @@ static void check_model(const char *tl_name, const char *fixtures, const char *n
         for (int l = 0; l <= L; l++) compare_layer(&check, l, streamed.hidden[l], (int)T, &err);
         CHECK(check.missing == 0);
         float *golden_final = golden_f32(goldens, seq, "final_norm", &n_check);
-        note(&check, "final_norm", relative_error(streamed.final, golden_final, T * C));
+        note(&check, "final_norm", golden_relative_error(streamed.final, golden_final, T * C));
         /* Logits over the whole vocabulary: the listed columns, argmax and logsumexp. */
         float *cols = golden_f32(goldens, seq, "logits_cols", &n_cols);
         float *golden_logits = golden_f32(goldens, seq, "logits", &n_check);
@@ -216,8 +188,8 @@ static void check_model(const char *tl_name, const char *fixtures, const char *n
             for (size_t j = 0; j < n_cols; j++) picked[t * n_cols + j] = row[(int)cols[j]];
             argmax_bad += best != (int)golden_argmax[t];
         }
-        note(&check, "logits", relative_error(picked, golden_logits, T * n_cols));
-        note(&check, "logsumexp", relative_error(lse, golden_lse, T));
+        note(&check, "logits", golden_relative_error(picked, golden_logits, T * n_cols));
+        note(&check, "logsumexp", golden_relative_error(lse, golden_lse, T));
         CHECKF(argmax_bad == 0, "%s %s: %d argmax differ", name, seq, argmax_bad);
         CHECKF(check.worst <= TOLERANCE, "%s: worst %s relative error %.3g", name, check.worst_name, check.worst);
         printf("  %s %s (T=%zu): worst relative error %.2e (%s)\n", name, seq, T, check.worst, check.worst_name);
