@@ -144,7 +144,7 @@ int train_forward_backward(train_model *tm, const align_batch *batch, int backwa
     for (int t = 0; t < T; t++) sums->aligned += batch->mask[t] != 0, sums->labelled += batch->labels[t] >= 0;
     int rc = upload_batch(tm, batch, err);
     if (rc) return rc;
-    const es_decoder_batch tokens = {batch->ids, batch->seq_start, batch->n_seqs};
+    const es_decoder_batch tokens = {.ids = batch->ids, .seq_start = batch->seq_start, .n_seqs = batch->n_seqs};
     const double aligned = (double)(batch->global_aligned ? batch->global_aligned : 1);
     const double labelled = (double)(batch->global_labels ? batch->global_labels : 1);
     if (!backward) {

@@ -125,7 +125,7 @@ static int compute(extract_batches *x, extract_batch *b, computed_batch *c, es_e
         at += c->b.samples[s].n_tokens;
     }
     if (!rc) c->seq_start[n] = at;
-    const es_decoder_batch tokens = {ids, c->seq_start, n};
+    const es_decoder_batch tokens = {.ids = ids, .seq_start = c->seq_start, .n_seqs = n};
     const es_tensor *embed = x->teacher->store.embed;
     collector gather = {x, c->rows};
     const double start = es_now();

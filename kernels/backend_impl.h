@@ -45,6 +45,8 @@ struct es_backend {
     int (*rope_forward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_forward)(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int,
                              int);
+    int (*attention_cached_forward)(es_device *, float *, float *, float *, const float *, const float *, const float *,
+                                    const int32_t *, const int32_t *, const int32_t *, int, int, int, int, int);
     int (*swiglu_forward)(es_device *, float *, const float *, const float *, size_t);
     int (*add)(es_device *, float *, const float *, const float *, size_t);
 

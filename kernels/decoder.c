@@ -26,6 +26,49 @@ typedef struct named_buffer {
     size_t bytes;
 } named_buffer;
 
+struct es_kv_cache {
+    es_device *dev;
+    int n_layers, slots, max_seq, row; /* row: KV * hd */
+    float *keys, *values;  // (n_layers, slots, max_seq, row) each
+    size_t bytes;          /* of each */
+    int *length;           /* [slots] host */
+};
+
+int es_kv_cache_create(es_kv_cache **out, es_device *dev, const es_model_config *config, int n_layers, int slots, int max_seq,
+                       es_error *err) {
+    *out = NULL;
+    es_kv_cache *cache = calloc(1, sizeof *cache);
+    if (!cache || !(cache->length = calloc((size_t)(slots > 0 ? slots : 1), sizeof *cache->length))) {
+        free(cache);
+        return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    cache->dev = dev, cache->n_layers = n_layers, cache->slots = slots, cache->max_seq = max_seq;
+    cache->row = config->n_kv_heads * config->head_dim;
+    cache->bytes = (size_t)n_layers * slots * max_seq * cache->row * sizeof(float);
+    char what[160];
+    snprintf(what, sizeof what, "the key/value cache (%d layers, %d sequences of %d tokens)", n_layers, slots, max_seq);
+    int rc = es_device_alloc(dev, cache->bytes ? cache->bytes : 64, (void **)&cache->keys, what, err);
+    if (!rc) rc = es_device_alloc(dev, cache->bytes ? cache->bytes : 64, (void **)&cache->values, what, err);
+    if (rc) {
+        es_kv_cache_free(cache);
+        return rc;
+    }
+    *out = cache;
+    return ES_OK;
+}
+
+void es_kv_cache_free(es_kv_cache *cache) {
+    if (!cache) return;
+    const size_t bytes = cache->bytes ? cache->bytes : 64;
+    if (cache->keys) es_device_free(cache->dev, cache->keys, bytes);
+    if (cache->values) es_device_free(cache->dev, cache->values, bytes);
+    free(cache->length);
+    free(cache);
+}
+
+int es_kv_cache_length(const es_kv_cache *cache, int slot) { return cache->length[slot]; }
+void es_kv_cache_clear(es_kv_cache *cache, int slot) { cache->length[slot] = 0; }
+
 struct es_decoder {
     es_device *dev;
     es_model_config config;
@@ -37,6 +80,8 @@ struct es_decoder {
     int32_t *host_positions;     // (max_tokens) host
     /* inputs */
     int32_t *ids, *seq_start, *positions; // (T), (n_seqs + 1), (T)
+    int32_t *past, *slots;       // (n_seqs), (n_seqs): a cached batch's lengths before it, and its slots
+    int32_t *host_past;          // (max_tokens) host
     double *inv_freq;            // (hd / 2)
     /* inference: one set of buffers reused by every layer, the stream x updated in place */
     float *x, *normed, *q, *k, *v, *att, *gate, *up, *branch; // (T, C|Q|KVd|I)
@@ -70,6 +115,8 @@ static int build_table(es_decoder *d) {
     BUFFER("ids", ids, n * sizeof(int32_t));
     BUFFER("seq_start", seq_start, (n + 1) * sizeof(int32_t));
     BUFFER("positions", positions, n * sizeof(int32_t));
+    BUFFER("past", past, n * sizeof(int32_t));
+    BUFFER("slots", slots, n * sizeof(int32_t));
     BUFFER("inv_freq", inv_freq, (size_t)c->head_dim / 2 * sizeof(double));
     BUFFER("normed_final", normed_final, n * C * f);
     BUFFER("branch", branch, n * C * f);
@@ -104,7 +151,8 @@ int es_decoder_create(es_decoder **out, es_device *dev, const es_model_config *c
     d->max_tokens = max_tokens > 0 ? max_tokens : 1, d->max_seq = max_seq, d->train_layers = train_layers;
     d->acts = calloc((size_t)train_layers + 1, sizeof *d->acts);
     d->host_positions = malloc((size_t)d->max_tokens * sizeof *d->host_positions);
-    int rc = d->acts && d->host_positions && !build_table(d) ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    d->host_past = malloc((size_t)d->max_tokens * sizeof *d->host_past);
+    int rc = d->acts && d->host_positions && d->host_past && !build_table(d) ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; i < d->n_table; i++) d->arena_bytes += d->table[i].bytes;
     char what[160];
     snprintf(what, sizeof what, "the activations of %d tokens%s", d->max_tokens, train_layers ? " for training" : "");
@@ -127,7 +175,7 @@ int es_decoder_create(es_decoder **out, es_device *dev, const es_model_config *c
 void es_decoder_free(es_decoder *d) {
     if (!d) return;
     es_device_free(d->dev, d->arena, d->arena_bytes);
-    free(d->table), free(d->acts), free(d->host_positions);
+    free(d->table), free(d->acts), free(d->host_positions), free(d->host_past);
     free(d);
 }
 
@@ -169,9 +217,23 @@ static int upload_batch(es_decoder *d, const es_decoder_batch *batch, es_error *
     for (int t = 0; t < T; t++)
         if (batch->ids[t] < 0 || batch->ids[t] >= c->vocab_size)
             return es_fail(err, ES_ERR_DATA, "token %d: id %d is outside the vocabulary (%d)", t, batch->ids[t], c->vocab_size);
+    const es_kv_cache *cache = batch->cache;
+    if (cache && d->train_layers) return es_fail(err, ES_ERR_RUNTIME, "a key/value cache on a decoder made for training");
+    for (int s = 0; cache && s < batch->n_seqs; s++) {
+        const int slot = batch->slots[s], L = batch->seq_start[s + 1] - batch->seq_start[s];
+        if (slot < 0 || slot >= cache->slots || cache->length[slot] + L > cache->max_seq)
+            return es_fail(err, ES_ERR_RUNTIME, "sequence %d: %d more tokens in cache slot %d (of %d), which holds %d of %d", s, L, slot,
+                           cache->slots, slot >= 0 && slot < cache->slots ? cache->length[slot] : 0, cache->max_seq);
+        for (int u = 0; u < s; u++)
+            if (batch->slots[u] == slot) return es_fail(err, ES_ERR_RUNTIME, "sequences %d and %d share cache slot %d", u, s, slot);
+        d->host_past[s] = cache->length[slot];
+    }
     for (int s = 0; s < batch->n_seqs; s++)
-        for (int t = batch->seq_start[s]; t < batch->seq_start[s + 1]; t++) d->host_positions[t] = t - batch->seq_start[s];
+        for (int t = batch->seq_start[s]; t < batch->seq_start[s + 1]; t++)
+            d->host_positions[t] = (cache ? d->host_past[s] : 0) + t - batch->seq_start[s];
     int rc = es_device_upload(d->dev, d->ids, batch->ids, (size_t)T * sizeof(int32_t), err);
+    if (!rc && cache) rc = es_device_upload(d->dev, d->past, d->host_past, (size_t)batch->n_seqs * sizeof(int32_t), err);
+    if (!rc && cache) rc = es_device_upload(d->dev, d->slots, batch->slots, (size_t)batch->n_seqs * sizeof(int32_t), err);
     if (!rc) rc = es_device_upload(d->dev, d->seq_start, batch->seq_start, ((size_t)batch->n_seqs + 1) * sizeof(int32_t), err);
     if (!rc) rc = es_device_upload(d->dev, d->positions, d->host_positions, (size_t)T * sizeof(int32_t), err);
     d->T = T, d->n_seqs = batch->n_seqs;
@@ -187,6 +249,9 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
     const float eps = (float)c->rms_norm_eps;
     if (d->train_layers && last_layer > d->train_layers)
         return es_fail(err, ES_ERR_RUNTIME, "a forward through %d layers: the decoder keeps %d", last_layer, d->train_layers);
+    es_kv_cache *cache = batch->cache;
+    if (cache && last_layer > cache->n_layers)
+        return es_fail(err, ES_ERR_RUNTIME, "a forward through %d layers: the key/value cache holds %d", last_layer, cache->n_layers);
     int rc = upload_batch(d, batch, err);
     if (rc) return rc;
     int held = 0; /* the layer acquired and not yet released: an op's failure releases it at done */
@@ -210,7 +275,14 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         OP(es_matmul_forward(dev, a->v, a->normed1, w->v, w->v_bias, T, C, KV * hd));
         OP(es_rope_forward(dev, a->q, d->positions, d->inv_freq, T, H, hd));
         OP(es_rope_forward(dev, a->k, d->positions, d->inv_freq, T, KV, hd));
-        OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
+        if (cache) {
+            const size_t layer_floats = (size_t)cache->slots * cache->max_seq * cache->row;
+            OP(es_attention_cached_forward(dev, a->att, cache->keys + (size_t)(l - 1) * layer_floats,
+                                           cache->values + (size_t)(l - 1) * layer_floats, a->q, a->k, a->v, d->seq_start, d->past,
+                                           d->slots, d->n_seqs, cache->max_seq, H, KV, hd));
+        } else {
+            OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
+        }
         OP(es_matmul_forward(dev, d->branch, a->att, w->o, w->o_bias, T, H * hd, C));
         OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
         // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
@@ -229,6 +301,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         OP(es_rmsnorm_forward(dev, d->normed_final, x, final_norm, T, C, eps));
         d->has_normed = 1;
     }
+    for (int s = 0; cache && s < batch->n_seqs; s++) cache->length[batch->slots[s]] += batch->seq_start[s + 1] - batch->seq_start[s];
 done:
     if (held) es_stream_release(layers, held);
     return rc;

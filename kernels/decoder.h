@@ -18,6 +18,17 @@
 
 typedef struct es_decoder es_decoder;
 
+/* Keys and values of the tokens generated so far, for a forward that continues them: per decoder
+ * layer, `slots` sequences of up to max_seq tokens each (device memory, fp32). */
+typedef struct es_kv_cache es_kv_cache;
+int es_kv_cache_create(es_kv_cache **out, es_device *dev, const es_model_config *config, int n_layers, int slots, int max_seq,
+                       es_error *err);
+void es_kv_cache_free(es_kv_cache *cache);
+/* The tokens slot holds (0 when new or cleared). */
+int es_kv_cache_length(const es_kv_cache *cache, int slot);
+/* Forgets the slot's tokens: its next sequence starts at position 0. */
+void es_kv_cache_clear(es_kv_cache *cache, int slot);
+
 /* Activations for up to max_tokens tokens per batch, sequences up to max_seq long (it sizes the
  * workspace plan only); train_layers > 0 keeps what the backward of that many layers reads, and
  * its gradient buffers. */
@@ -33,6 +44,11 @@ typedef struct es_decoder_batch {
     const int32_t *ids;        // (T) host
     const int32_t *seq_start;  // (n_seqs + 1) host; T = seq_start[n_seqs]
     int n_seqs;
+    /* Generation (an inference decoder): with a cache, sequence s continues the tokens held in
+     * cache slot slots[s] (positions go on from there, attention sees them) and the forward
+     * appends its tokens to that slot. NULL: every sequence starts at position 0. */
+    es_kv_cache *cache;
+    const int32_t *slots;      // (n_seqs) host, distinct
 } es_decoder_batch;
 
 /* Called with the residual stream after each layer: layer 0 is the embedding output, layer L

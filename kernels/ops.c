@@ -39,6 +39,13 @@ int es_attention_forward(es_device *dev, float *out, const float *q, const float
     DISPATCH(attention_forward, out, q, k, v, seq_start, n_seqs, H, KV, hd);
 }
 
+int es_attention_cached_forward(es_device *dev, float *out, float *k_cache, float *v_cache, const float *q, const float *k,
+                                const float *v, const int32_t *seq_start, const int32_t *past, const int32_t *slot, int n_seqs,
+                                int max_seq, int H, int KV, int hd) {
+    assert(n_seqs >= 0 && max_seq > 0 && H > 0 && KV > 0 && H % KV == 0 && hd > 0);
+    DISPATCH(attention_cached_forward, out, k_cache, v_cache, q, k, v, seq_start, past, slot, n_seqs, max_seq, H, KV, hd);
+}
+
 int es_swiglu_forward(es_device *dev, float *out, const float *gate, const float *up, size_t n) {
     DISPATCH(swiglu_forward, out, gate, up, n);
 }

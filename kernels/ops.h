@@ -65,6 +65,24 @@ int es_attention_forward(es_device *dev,
                          const int32_t *seq_start, // (n_seqs + 1)
                          int n_seqs, int H, int KV, int hd);
 
+/* Attention over a key/value cache, for generation. Sequence s of the batch, tokens
+ * [seq_start[s], seq_start[s+1]), continues the past[s] tokens whose keys and values are rows
+ * [0, past[s]) of cache slot slot[s]: its own keys and values are first written to rows
+ * past[s].. of that slot, then its i-th token (position past[s] + i) attends to rows
+ * 0..past[s] + i. With every past[s] = 0 this is es_attention_forward. past[s] + the sequence's
+ * length is at most max_seq; no two sequences share a slot. */
+int es_attention_cached_forward(es_device *dev,
+                                float *out,             // (T, H, hd)
+                                float *k_cache,         // (slots, max_seq, KV, hd) rows written
+                                float *v_cache,         // (slots, max_seq, KV, hd) rows written
+                                const float *q,         // (T, H, hd) after RoPE
+                                const float *k,         // (T, KV, hd) after RoPE
+                                const float *v,         // (T, KV, hd)
+                                const int32_t *seq_start, // (n_seqs + 1)
+                                const int32_t *past,    // (n_seqs)
+                                const int32_t *slot,    // (n_seqs)
+                                int n_seqs, int max_seq, int H, int KV, int hd);
+
 /* out = silu(gate) * up. out may alias gate or up. */
 int es_swiglu_forward(es_device *dev,
                       float *out,                 // (n)

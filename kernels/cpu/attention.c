@@ -4,6 +4,7 @@
  * is cut into blocks of query rows counted from its own first token. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu.h"
 
@@ -15,9 +16,10 @@ enum { QUERY_BLOCK = 128 };
 
 typedef struct attention_job {
     float *out;
-    const float *q, *k, *v;
+    const float *q, *k, *v;   /* k, v: the batch's rows, or the cache's (slots, max_seq) rows */
     const int32_t *seq_start;
-    int n_seqs, H, KV, hd, longest;
+    const int32_t *past, *slot; /* NULL, or (n_seqs) each: the cached tokens before the batch's, and where they are */
+    int n_seqs, H, KV, hd, longest, max_seq; /* longest: of the keys a sequence's last token sees */
     int *block_start;     /* (n_seqs + 1): the first task of each sequence, over its blocks and heads */
     float *scores;        /* (workers, QUERY_BLOCK, longest) */
 } attention_job;
@@ -50,14 +52,17 @@ static void attend_block(void *arg, size_t task, int worker) {
     }
     const int first = job->seq_start[s], L = job->seq_start[s + 1] - first, blocks = blocks_of(L);
     const int local = (int)task - job->block_start[s], h = local / blocks, a = (local % blocks) * QUERY_BLOCK;
-    const int rows = L - a < QUERY_BLOCK ? L - a : QUERY_BLOCK, keys = a + rows, kv = h / (H / KV);
+    /* with a cache, the sequence's token i sits at position past + i and its keys start at its slot's row 0 */
+    const int past = job->past ? job->past[s] : 0;
+    const size_t key_row0 = job->past ? (size_t)job->slot[s] * (size_t)job->max_seq : (size_t)first;
+    const int rows = L - a < QUERY_BLOCK ? L - a : QUERY_BLOCK, keys = past + a + rows, kv = h / (H / KV);
     float *scores = job->scores + (size_t)worker * QUERY_BLOCK * job->longest; // (rows, keys), row stride `keys`
     const float *q_rows = job->q + ((size_t)(first + a) * H + h) * hd;        // (rows, hd), row stride H*hd
-    const float *k_h = job->k + ((size_t)first * KV + kv) * hd;              // (keys, hd), row stride KV*hd
-    const float *v_h = job->v + ((size_t)first * KV + kv) * hd;              // (keys, hd), row stride KV*hd
+    const float *k_h = job->k + (key_row0 * KV + kv) * hd;                    // (keys, hd), row stride KV*hd
+    const float *v_h = job->v + (key_row0 * KV + kv) * hd;                    // (keys, hd), row stride KV*hd
     float *out_rows = job->out + ((size_t)(first + a) * H + h) * hd;          // (rows, hd), row stride H*hd
     cpu_sgemm(0, 1, rows, keys, hd, 1.0f / sqrtf((float)hd), q_rows, H * hd, k_h, KV * hd, 0.0f, scores, keys);
-    softmax_causal_rows(scores, rows, a, keys, keys);
+    softmax_causal_rows(scores, rows, past + a, keys, keys);
     cpu_sgemm(0, 0, rows, hd, keys, 1.0f, scores, keys, v_h, KV * hd, 0.0f, out_rows, H * hd);
 }
 
@@ -72,18 +77,44 @@ static size_t forward_workspace(int workers, int longest, int n_seqs) {
     return (size_t)workers * QUERY_BLOCK * (size_t)longest * sizeof(float) + ((size_t)n_seqs + 1) * sizeof(int) + 64;
 }
 
+/* The blocks of every sequence and head, over the keys in k and v (the batch's, or a cache's). */
+static int attend(es_device *dev, attention_job *job) {
+    const int n_seqs = job->n_seqs;
+    char *scratch = es_device_scratch(dev, forward_workspace(cpu_workers(dev), job->longest, n_seqs));
+    if (!scratch) return ES_ERR_RUNTIME;
+    job->block_start = (int *)scratch;
+    job->scores = (float *)(scratch + (((size_t)n_seqs + 1) * sizeof(int) + 63) / 64 * 64);
+    job->block_start[0] = 0;
+    for (int s = 0; s < n_seqs; s++)
+        job->block_start[s + 1] = job->block_start[s] + job->H * blocks_of(job->seq_start[s + 1] - job->seq_start[s]);
+    cpu_for(dev, (size_t)job->block_start[n_seqs], attend_block, job);
+    return 0;
+}
+
 int cpu_attention_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
                           int n_seqs, int H, int KV, int hd) {
     const int longest = longest_of(seq_start, n_seqs);
     if (!longest) return 0;
-    char *scratch = es_device_scratch(dev, forward_workspace(cpu_workers(dev), longest, n_seqs));
-    if (!scratch) return ES_ERR_RUNTIME;
-    attention_job job = {out, q, k, v, seq_start, n_seqs, H, KV, hd, longest, (int *)scratch,
-                         (float *)(scratch + (((size_t)n_seqs + 1) * sizeof(int) + 63) / 64 * 64)};
-    job.block_start[0] = 0;
-    for (int s = 0; s < n_seqs; s++) job.block_start[s + 1] = job.block_start[s] + H * blocks_of(seq_start[s + 1] - seq_start[s]);
-    cpu_for(dev, (size_t)job.block_start[n_seqs], attend_block, &job);
-    return 0;
+    attention_job job = {out, q, k, v, seq_start, NULL, NULL, n_seqs, H, KV, hd, longest, 0, NULL, NULL};
+    return attend(dev, &job);
+}
+
+int cpu_attention_cached_forward(es_device *dev, float *out, float *k_cache, float *v_cache, const float *q, const float *k,
+                                 const float *v, const int32_t *seq_start, const int32_t *past, const int32_t *slot, int n_seqs,
+                                 int max_seq, int H, int KV, int hd) {
+    const size_t row = (size_t)KV * hd;
+    int longest = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const int L = seq_start[s + 1] - seq_start[s];
+        float *k_rows = k_cache + ((size_t)slot[s] * max_seq + past[s]) * row; // (L, KV, hd)
+        float *v_rows = v_cache + ((size_t)slot[s] * max_seq + past[s]) * row;
+        if (L) memcpy(k_rows, k + (size_t)seq_start[s] * row, (size_t)L * row * sizeof(float));
+        if (L) memcpy(v_rows, v + (size_t)seq_start[s] * row, (size_t)L * row * sizeof(float));
+        if (L && past[s] + L > longest) longest = past[s] + L;
+    }
+    if (!longest) return 0;
+    attention_job job = {out, q, k_cache, v_cache, seq_start, past, slot, n_seqs, H, KV, hd, longest, max_seq, NULL, NULL};
+    return attend(dev, &job);
 }
 
 /* ---- backward ------------------------------------------------------------------------------ */

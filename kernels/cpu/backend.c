@@ -155,6 +155,7 @@ static const es_backend cpu_backend = {
     .matmul_forward = cpu_matmul_forward,
     .rope_forward = cpu_rope_forward,
     .attention_forward = cpu_attention_forward,
+    .attention_cached_forward = cpu_attention_cached_forward,
     .swiglu_forward = cpu_swiglu_forward,
     .add = cpu_add,
     .embedding_backward = cpu_embedding_backward,

@@ -51,6 +51,8 @@ int cpu_matmul_backward(es_device *, float *, float *, float *, const float *, c
 int cpu_rope_backward(es_device *, float *, const int32_t *, const double *, int, int, int);
 int cpu_swiglu_backward(es_device *, float *, float *, const float *, const float *, const float *, size_t);
 int cpu_attention_forward(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int, int);
+int cpu_attention_cached_forward(es_device *, float *, float *, float *, const float *, const float *, const float *,
+                                 const int32_t *, const int32_t *, const int32_t *, int, int, int, int, int);
 int cpu_attention_backward(es_device *, float *, float *, float *, const float *, const float *, const float *, const float *,
                            const int32_t *, int, int, int, int);
 int cpu_latent_mse(es_device *, double *, double *, float *, float *, const float *, const float *, const uint8_t *, const float *,

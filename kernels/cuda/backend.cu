@@ -422,6 +422,7 @@ static const es_backend cuda_backend = {
     .matmul_forward = cuda_matmul_forward,
     .rope_forward = cuda_rope_forward,
     .attention_forward = cuda_attention_forward,
+    .attention_cached_forward = cuda_attention_cached_forward,
     .swiglu_forward = cuda_swiglu_forward,
     .add = cuda_add,
     /* training (the backward, the losses, AdamW): not on this backend yet */

@@ -104,6 +104,9 @@ int cuda_attention_forward(es_device *dev, float *out, const float *q, const flo
  * take (it takes 64, 96 and 128). */
 int cuda_attention_forward_plain(es_device *dev, float *out, const float *q, const float *k, const float *v,
                                  const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
+int cuda_attention_cached_forward(es_device *dev, float *out, float *k_cache, float *v_cache, const float *q, const float *k,
+                                  const float *v, const int32_t *seq_start, const int32_t *past, const int32_t *slot,
+                                  int n_seqs, int max_seq, int H, int KV, int hd);
 int cuda_swiglu_forward(es_device *dev, float *out, const float *gate, const float *up, size_t n);
 int cuda_add(es_device *dev, float *out, const float *a, const float *b, size_t n);
 int cuda_sum_squares(es_device *dev, double *out, const float *x, size_t n);

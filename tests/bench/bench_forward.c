@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
         ids[t] = (int32_t)((state >> 33) % (uint64_t)store.config.vocab_size);
     }
     for (int s = 0; s <= sequences; s++) seq_start[s] = s * tokens;
-    const es_decoder_batch batch = {ids, seq_start, sequences};
+    const es_decoder_batch batch = {.ids = ids, .seq_start = seq_start, .n_seqs = sequences};
     double best = 1e30;
     const char *repeats_text = getenv("ESSENCE_BENCH_REPEATS");
     int repeats = repeats_text && atoi(repeats_text) > 0 ? atoi(repeats_text) : 10;

@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
     uint64_t state = 3;
     for (int t = 0; t < TOKENS; t++) ids[t] = (int32_t)(splitmix64(&state) % (uint64_t)c->vocab_size);
     for (int s = 0; s <= SEQS; s++) seq_start[s] = s * SEQ_LEN;
-    r.batch = (es_decoder_batch){ids, seq_start, SEQS};
+    r.batch = (es_decoder_batch){.ids = ids, .seq_start = seq_start, .n_seqs = SEQS};
 
     /* The baseline's formula, flops = 2·(2·P)·toks + 2·2·(4·8192·T/2)·toks for two layers, halved; with
      * P = 8192·(8192·2 + 1024·2) + 3·8192·28672, which is C·(2Q + 2KVd) + 3·C·I for this config. */

@@ -161,7 +161,7 @@ int main(int argc, char **argv) {
     if (!ids) check(es_fail(&err, ES_ERR_RUNTIME, "out of host memory"));
     for (int t = 0; t < TOKENS; t++) ids[t] = (int32_t)(splitmix64(&seed) % VOCAB);
     for (int s = 0; s <= SEQS; s++) seq_start[s] = s * SEQ_LEN;
-    const es_decoder_batch batch = {ids, seq_start, SEQS};
+    const es_decoder_batch batch = {.ids = ids, .seq_start = seq_start, .n_seqs = SEQS};
 
     figure("layer_GiB", (double)layer_bytes / GIB, "one layer's weights (bf16), GiB");
     run_case("stream", dev, &store, &batch);

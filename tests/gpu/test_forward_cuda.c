@@ -75,7 +75,7 @@ static int run_forward(const es_model_store *store, size_t max_memory, const int
     out->used = dev->used;
     if (!rc) rc = es_stream_open(&layers, dev, store, c->n_layers, err);
     const int32_t seq_start[2] = {0, T};
-    const es_decoder_batch batch = {ids, seq_start, 1};
+    const es_decoder_batch batch = {.ids = ids, .seq_start = seq_start, .n_seqs = 1};
     keep_layers keep = {dev, out, c->hidden_size};
     if (!rc) rc = es_decoder_forward(decoder, &batch, store->embed->data, store->embed->dtype, layers, c->n_layers, final_norm,
                                      keep_layer, &keep, err);

@@ -13,7 +13,7 @@
 
 #include "harness_internal.h"
 
-static const char *const threaded_ops[] = {"matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
+static const char *const threaded_ops[] = {"matmul_forward", "matmul_backward", "attention_forward", "attention_cached_forward", "attention_backward",
                                            "latent_mse",     "cross_entropy",   "sum_squares"};
 
 static const op_spec *find_op(const char *name) {

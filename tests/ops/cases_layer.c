@@ -485,6 +485,96 @@ static int call_attention_backward(es_device *dev, const hcase *c, double *const
     return call_attention(dev, c, got, err, 1);
 }
 
+/* ---- attention over a key/value cache ---------------------------------------------------------- */
+
+typedef struct cached_case {
+    int n_seqs, T, H, KV, hd, max_seq, slots;
+    int32_t *seq_start, *past, *slot;
+    float *q, *k, *v, *k_cache, *v_cache; /* the caches as they are before the call */
+} cached_case;
+
+/* a decode step (one new token each, past crossing a query block), chunked prefill (several new
+ * tokens after a past), no past at all (es_attention_forward's case), an empty sequence, a
+ * student's heads, no sequence; slots in reverse order with one left unused */
+static const struct {
+    int n_seqs, lengths[4], past[4], H, KV, hd, max_seq;
+} cached_grid[] = {
+    {1, {1}, {0}, 2, 2, 8, 4},
+    {3, {1, 1, 1}, {5, 0, 130}, 8, 2, 16, 140},
+    {2, {7, 3}, {9, 0}, 4, 1, 64, 20},
+    {1, {130}, {3}, 4, 4, 8, 140},
+    {4, {1, 0, 1, 1}, {1, 3, 200, 17}, 16, 2, 128, 256},
+    {0, {0}, {0}, 2, 1, 8, 8},
+};
+
+static void make_attention_cached_forward(hcase *c, int index) {
+    rng r = rng_seeded(3100 + (uint64_t)index);
+    cached_case *a = c->data = hc_alloc(c, sizeof *a);
+    a->n_seqs = cached_grid[index].n_seqs, a->H = cached_grid[index].H, a->KV = cached_grid[index].KV;
+    a->hd = cached_grid[index].hd, a->max_seq = cached_grid[index].max_seq, a->slots = a->n_seqs + 1;
+    const int n = a->n_seqs;
+    a->seq_start = hc_alloc(c, ((size_t)n + 1) * sizeof *a->seq_start);
+    a->past = hc_alloc(c, ((size_t)n + 1) * sizeof *a->past);
+    a->slot = hc_alloc(c, ((size_t)n + 1) * sizeof *a->slot);
+    for (int s = 0; s < n; s++) {
+        a->seq_start[s + 1] = a->seq_start[s] + cached_grid[index].lengths[s];
+        a->past[s] = cached_grid[index].past[s], a->slot[s] = n - 1 - s;
+    }
+    a->T = a->seq_start[n];
+    const size_t row = (size_t)a->KV * a->hd, nq = (size_t)a->T * a->H * a->hd, nkv = (size_t)a->T * row;
+    const size_t ncache = (size_t)a->slots * a->max_seq * row;
+    a->q = hc_normals(c, &r, nq, 1.5);
+    a->k = hc_normals(c, &r, nkv, 1.0);
+    a->v = hc_normals(c, &r, nkv, 1.0);
+    a->k_cache = hc_normals(c, &r, ncache, 1.0); /* rows past a sequence's end too: the op must not read them */
+    a->v_cache = hc_normals(c, &r, ncache, 1.0);
+    hc_param(c, "T", a->T), hc_param(c, "seqs", n), hc_param(c, "max_seq", a->max_seq);
+    hc_param(c, "H", a->H), hc_param(c, "KV", a->KV), hc_param(c, "hd", a->hd);
+    // the reference: each sequence whole (its past rows from the cache, then its new rows) through
+    // the plain causal attention, keeping the new rows; the caches with the new rows written
+    double *out = hc_output(c, "out", nq, 0);
+    double *k_after = hc_output(c, "k_cache", ncache, 1), *v_after = hc_output(c, "v_cache", ncache, 1);
+    const double *kc = hc_widen(c, a->k_cache, ncache), *vc = hc_widen(c, a->v_cache, ncache);
+    memcpy(k_after, kc, ncache * sizeof *k_after), memcpy(v_after, vc, ncache * sizeof *v_after);
+    for (int s = 0; s < n; s++) {
+        const int L = a->seq_start[s + 1] - a->seq_start[s], P = a->past[s], first = a->seq_start[s];
+        double *k_rows = k_after + ((size_t)a->slot[s] * a->max_seq) * row, *v_rows = v_after + ((size_t)a->slot[s] * a->max_seq) * row;
+        for (size_t i = 0; i < (size_t)L * row; i++) k_rows[P * row + i] = a->k[first * row + i], v_rows[P * row + i] = a->v[first * row + i];
+        if (!L) continue;
+        const size_t qrow = (size_t)a->H * a->hd;
+        double *q_whole = hc_doubles(c, (size_t)(P + L) * qrow), *out_whole = hc_doubles(c, (size_t)(P + L) * qrow);
+        for (size_t i = 0; i < (size_t)L * qrow; i++) q_whole[P * qrow + i] = a->q[first * qrow + i];
+        const int32_t whole[2] = {0, P + L};
+        ref_attention_forward(out_whole, q_whole, k_rows, v_rows, whole, 1, a->H, a->KV, a->hd);
+        memcpy(out + first * qrow, out_whole + P * qrow, (size_t)L * qrow * sizeof *out);
+    }
+}
+
+static int call_attention_cached_forward(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const cached_case *a = c->data;
+    const size_t row = (size_t)a->KV * a->hd, nq = (size_t)a->T * a->H * a->hd, nkv = (size_t)a->T * row;
+    const size_t ncache = (size_t)a->slots * a->max_seq * row, nseq = (size_t)a->n_seqs + 1;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *q, *k, *v, *out, *k_cache, *v_cache;
+    int32_t *seq_start, *past, *slot;
+    PUT(&s, q, a->q, nq * sizeof *q);
+    PUT(&s, k, a->k, nkv * sizeof *k);
+    PUT(&s, v, a->v, nkv * sizeof *v);
+    PUT(&s, seq_start, a->seq_start, nseq * sizeof *seq_start);
+    PUT(&s, past, a->past, nseq * sizeof *past);
+    PUT(&s, slot, a->slot, nseq * sizeof *slot);
+    OUT(&s, out, NULL, nq);
+    OUT(&s, k_cache, a->k_cache, ncache);
+    OUT(&s, v_cache, a->v_cache, ncache);
+    OP(&s, es_attention_cached_forward(dev, out, k_cache, v_cache, q, k, v, seq_start, past, slot, a->n_seqs, a->max_seq, a->H,
+                                       a->KV, a->hd));
+    GET(&s, got[0], out, nq);
+    GET(&s, got[1], k_cache, ncache);
+    GET(&s, got[2], v_cache, ncache);
+    return ds_end(&s, ES_OK);
+}
+
 /* ---- element-wise: SwiGLU and add ------------------------------------------------------------------ */
 
 typedef struct elementwise_case {
@@ -582,6 +672,7 @@ PRESENT(rmsnorm_forward)
 PRESENT(matmul_forward)
 PRESENT(rope_forward)
 PRESENT(attention_forward)
+PRESENT(attention_cached_forward)
 PRESENT(swiglu_forward)
 PRESENT(add)
 PRESENT(embedding_backward)
@@ -606,6 +697,8 @@ const op_spec harness_layer_ops[] = {
     SPEC(rope_forward, rope_grid, HARNESS_ELEMENTWISE),       /* 1.9e-15 (angles in double) */
     /* 1.5e-13; bf16: q, k, v and the probabilities rounded for the tensor cores */
     SPEC(attention_forward, attention_grid, HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT),
+    /* fp32 on every backend (generation is latency-bound: no tensor cores); the caches exact */
+    SPEC(attention_cached_forward, cached_grid, HARNESS_REDUCTION),
     SPEC(swiglu_forward, swiglu_grid, HARNESS_ELEMENTWISE),   /* 2.3e-15 */
     SPEC(add, add_grid, HARNESS_ELEMENTWISE),                 /* 1.3e-15 */
     SPEC(embedding_backward, embedding_backward_grid, HARNESS_REDUCTION), /* 1.7e-14: sums over repeated ids */

@@ -103,7 +103,7 @@ static int run_forward(const es_model_store *store, const es_params *params, siz
     out->used = dev->used;
     if (!rc) rc = params ? es_stream_resident(&layers, resident.layers, c->n_layers, err) : es_stream_open(&layers, dev, store, c->n_layers, err);
     const int32_t seq_start[2] = {0, T};
-    const es_decoder_batch batch = {ids, seq_start, 1};
+    const es_decoder_batch batch = {.ids = ids, .seq_start = seq_start, .n_seqs = 1};
     keep_layers keep = {out, c->hidden_size};
     const void *embed = params ? (const void *)resident.embed : store->embed->data;
     if (!rc) rc = es_decoder_forward(decoder, &batch, embed, params ? ES_DT_F32 : store->embed->dtype, layers, c->n_layers, final_norm,
