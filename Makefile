@@ -23,7 +23,7 @@ BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 
 WARN := -Wall -Wextra -Werror
 CFLAGS ?= -O2 -g
-ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels -Iextract -Iproject -Ialign $(HDF5_CFLAGS) $(BLAS_CFLAGS)
+ALL_CFLAGS := -std=c11 $(CFLAGS) $(WARN) -D_GNU_SOURCE -pthread -MMD -MP -Icommon -Ikernels -Iextract -Iproject -Ialign -Ialign/eval $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 BASE_LIBS := $(HDF5_LIBS) -lopenblas -lzstd -lyaml -ljansson -lcrypto -lutf8proc -lpcre2-8 -lcjson -lpthread -lm
 LDLIBS := $(BASE_LIBS)
 
@@ -65,12 +65,13 @@ INSPECT_SRC := $(wildcard pipelines/inspect*.c)
 EXTRACT_SRC := $(wildcard extract/*.c)
 PROJECT_SRC := $(wildcard project/*.c)
 ALIGN_SRC := $(wildcard align/*.c)
+EVAL_SRC := $(wildcard align/eval/*.c)
 RUN_SRC := $(wildcard pipelines/run*.c)
-PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project $(BUILD)/essence-align $(if $(wildcard pipelines/run.c),$(BUILD)/essence-run)
+PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-project $(BUILD)/essence-align $(BUILD)/essence-eval $(if $(wildcard pipelines/run.c),$(BUILD)/essence-run)
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
-STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c align/comm.c,$(wildcard extract/*.c project/*.c align/*.c))
+STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c align/comm.c align/eval/eval.c,$(wildcard extract/*.c project/*.c align/*.c align/eval/*.c))
 STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
@@ -121,6 +122,10 @@ $(BUILD)/essence-run: $(patsubst %.c,$(BUILD)/obj/%.o,$(RUN_SRC)) $(LIB)
 
 $(BUILD)/essence-align: $(patsubst %.c,$(BUILD)/obj/%.o,$(ALIGN_SRC)) $(LIB)
 	$(LINK) $(MPI_LIBS)
+
+# essence-eval measures what essence-align trained: its sources live beside align's (align/eval/)
+$(BUILD)/essence-eval: $(patsubst %.c,$(BUILD)/obj/%.o,$(EVAL_SRC)) $(LIB)
+	$(LINK)
 
 # The filter plugin for other HDF5 readers (h5dump, plain h5py). It calls no HDF5
 # function, so it loads into any HDF5 1.10+ whatever version the reader was built with.

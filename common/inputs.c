@@ -117,10 +117,30 @@ int extract_input_next(extract_input *input, extract_sample *sample, es_error *e
             if (sample->text) memcpy(sample->text, text, text_len), sample->text[text_len] = '\0';
             sample->text_len = text_len;
             sample->add_special_tokens = 1;
+        } else if (prompt && input->answers) {
+            const json_t *answer = json_object_get(object, "answer");
+            if (response) {
+                rc = es_fail(err, ES_ERR_DATA, "%s:%ld: a prompt to evaluate has an \"answer\", not a \"response\"", where, line);
+            } else if (json_is_string(answer)) {
+                sample->answer = strdup(json_string_value(answer));
+            } else if (json_is_number(answer)) {
+                sample->answer = json_dumps(answer, JSON_ENCODE_ANY); /* as the number's JSON text */
+            } else {
+                rc = es_fail(err, ES_ERR_DATA, "%s:%ld: a prompt needs an \"answer\" (a string or a number)", where, line);
+            }
+            /* the text the model continues: the template up to where the response would go */
+            const char *cut = strstr(input->template_text, "{response}");
+            const size_t head = cut ? (size_t)(cut - input->template_text) : strlen(input->template_text);
+            char *prefix = strndup(input->template_text, head);
+            if (!rc && (!sample->answer || !prefix)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+            if (!rc) sample->text = render(prefix, prompt, prompt_len, "", 0, &sample->text_len);
+            free(prefix);
         } else if (prompt && response) {
             sample->text = render(input->template_text, prompt, prompt_len, response, response_len, &sample->text_len);
         } else {
-            rc = es_fail(err, ES_ERR_DATA, "%s:%ld: a sample needs \"text\", \"prompt\" and \"response\", or \"ids\"", where, line);
+            rc = es_fail(err, ES_ERR_DATA, input->answers ? "%s:%ld: a sample needs \"text\", \"prompt\" and \"answer\", or \"ids\""
+                                                          : "%s:%ld: a sample needs \"text\", \"prompt\" and \"response\", or \"ids\"",
+                         where, line);
         }
         if (!rc && !sample->text) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
         if (!rc && sample->text_len == 0) rc = es_fail(err, ES_ERR_DATA, "%s:%ld: the text is empty", where, line);
@@ -176,7 +196,7 @@ int extract_input_skip(extract_input *input, int64_t n, es_error *err) {
 }
 
 void extract_sample_free(extract_sample *sample) {
-    free(sample->id), free(sample->text), free(sample->ids), free(sample->spans);
+    free(sample->id), free(sample->text), free(sample->ids), free(sample->spans), free(sample->answer);
     memset(sample, 0, sizeof *sample);
 }
 

@@ -2,7 +2,9 @@
  * essence-align's text corpus (align/data.c), so both tokenise a record the same way.
  *   {"id": ..., "text": "..."}                    encoded with add_special_tokens
  *   {"id": ..., "prompt": "...", "response": "..."} rendered with the template, no specials added
- *   {"id": ..., "ids": [1, 2, 3]}                 already tokenised (no text: project refuses it) */
+ *   {"id": ..., "ids": [1, 2, 3]}                 already tokenised (no text: project refuses it)
+ * and, for essence-eval (extract_input.answers set):
+ *   {"id": ..., "prompt": "...", "answer": ...}   rendered with the template up to {response} */
 #ifndef ES_INPUTS_H
 #define ES_INPUTS_H
 
@@ -21,6 +23,7 @@ typedef struct extract_sample {
     size_t text_len;
     int add_special_tokens;
     int truncated;
+    char *answer;              /* a prompt/answer record's answer (a number is kept as written) */
     int32_t *ids;              /* (n_tokens) */
     int32_t (*spans)[2];       /* (n_tokens) byte spans in text; [0, 0] for the ids form */
     int n_tokens;
@@ -35,6 +38,7 @@ typedef struct extract_input {
     es_add_bos add_bos;        /* applied to the tokenizer when it is loaded */
     int max_seq;
     int truncate;              /* cut longer samples instead of refusing them */
+    int answers;               /* prompts come with an "answer", not a "response" (essence-eval) */
     int vocab_size;
     es_encoding encoding;
     int64_t total;             /* samples (non-blank lines) in the input, counted at open */
