@@ -213,7 +213,7 @@ bench: deps
 FUZZ_FLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -pthread -Icommon -Ikernels $(HDF5_CFLAGS) $(BLAS_CFLAGS)
 fuzzers: $(FUZZERS)
 # A target may include a stage file (fuzz_pipeline includes pipelines/run_plan.c): any source is a dependency.
-$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h pipelines/*.c pipelines/*.h)
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(wildcard common/*.h pipelines/*.c pipelines/*.h align/eval/*.c align/eval/*.h)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(BASE_LIBS)
 
@@ -251,14 +251,14 @@ install: all
 	@echo "installed; for h5dump and plain h5py: export HDF5_PLUGIN_PATH=$(PREFIX)/lib/hdf5/plugin"
 
 # The demo: tiny random teacher and student, a generated corpus (pipelines/demo/prepare.sh, which
-# skips what is already made), then the three stages of pipelines/demo.yaml through essence-run,
+# skips what is already made), then the four stages of pipelines/demo.yaml through essence-run,
 # which re-runs only what changed: a second `make demo` runs nothing.
 demo: deps
 	@$(MAKE) --no-print-directory all
 	@BUILD=$(BUILD) sh pipelines/demo/prepare.sh
-	@missing=""; for p in essence-extract essence-project essence-align essence-run; do \
+	@missing=""; for p in essence-extract essence-project essence-align essence-eval essence-run; do \
 	  [ -x $(BUILD)/$$p ] || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "make demo: not built yet:$$missing (the demo needs all three stages and essence-run)"; exit 1; fi
+	if [ -n "$$missing" ]; then echo "make demo: not built yet:$$missing (the demo needs all four stages and essence-run)"; exit 1; fi
 	$(BUILD)/essence-run pipelines/demo.yaml run
 	@BUILD=$(BUILD) sh pipelines/demo/summary.sh
 

@@ -206,6 +206,29 @@ static int input_fingerprint(run_lock *lock, const char *path, char out[ES_FINGE
     return rc;
 }
 
+/* A JSONL of results (essence-eval's): the "fingerprint" of its last line, the summary. */
+static int jsonl_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX], const char **why) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        *why = "unreadable";
+        return 0;
+    }
+    char *line = NULL, *last = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) >= 0)
+        if (line[strspn(line, " \t\r\n")]) free(last), last = strdup(line);
+    free(line);
+    fclose(f);
+    json_t *summary = last ? json_loads(last, 0, NULL) : NULL;
+    const char *text = json_string_value(json_object_get(summary, "fingerprint"));
+    const int found = text && strlen(text) == ES_FINGERPRINT_HEX - 1;
+    if (found) memcpy(fingerprint, text, ES_FINGERPRINT_HEX);
+    else *why = "without a fingerprint (no summary line)";
+    json_decref(summary);
+    free(last);
+    return found;
+}
+
 int run_output_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX], const char **why) {
     struct stat st;
     char partial[PATH_MAX + 16];
@@ -232,6 +255,8 @@ int run_output_fingerprint(const char *path, char fingerprint[ES_FINGERPRINT_HEX
         memcpy(fingerprint, line, ES_FINGERPRINT_HEX);
         return 1;
     }
+    const size_t n = strlen(path);
+    if (n > 6 && !strcmp(path + n - 6, ".jsonl")) return jsonl_fingerprint(path, fingerprint, why);
     es_h5file file;
     es_error ignored = {0};
     if (es_h5_open(&file, path, &ignored)) {

@@ -116,6 +116,7 @@ static int is_number(const char *text, size_t len) {
 }
 
 char *eval_answer_normalise(const char *text, size_t len) {
+    len = strnlen(text, len); /* answers are C strings: a NUL byte ends one */
     while (len && isspace((unsigned char)*text)) text++, len--;
     while (len && isspace((unsigned char)text[len - 1])) len--;
     char *out = malloc(len + 2);
@@ -128,11 +129,11 @@ char *eval_answer_normalise(const char *text, size_t len) {
     size_t n = 0, i = 0;
     const int negative = text[0] == '-';
     if (text[0] == '-' || text[0] == '+') i++;
-    while (i + 1 < len && text[i] == '0' && text[i + 1] != '.') i++; /* leading zeros (commas cannot follow a lone 0) */
     if (negative) out[n++] = '-';
     const size_t digits = n;
-    for (; i < len && text[i] != '.'; i++)
-        if (text[i] != ',') out[n++] = text[i];
+    for (; i < len && text[i] != '.'; i++) /* the whole part without its commas or leading zeros, "0" at least */
+        if (text[i] != ',' && !(n == digits && text[i] == '0')) out[n++] = text[i];
+    if (n == digits) out[n++] = '0';
     if (i < len) { /* the fraction, without trailing zeros */
         size_t last = len;
         while (last > i + 1 && text[last - 1] == '0') last--;

@@ -20,7 +20,7 @@ void eval_answer_rule_free(eval_answer_rule *rule);
  * normalised; NULL when the rule finds none (or out of memory: *oom set). */
 char *eval_answer_extract(const eval_answer_rule *rule, const char *text, size_t len, int *oom);
 
-/* The form answers are compared in, malloc'd: white space trimmed; a number (sign, digits with
+/* The form answers are compared in, malloc'd: cut at a NUL byte, white space trimmed; a number (sign, digits with
  * or without thousands commas, a fraction) written plainly: no '+', commas, leading zeros or
  * trailing fractional zeros, "-0" as "0". NULL when out of memory. */
 char *eval_answer_normalise(const char *text, size_t len);

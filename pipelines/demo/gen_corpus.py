@@ -2,6 +2,7 @@
 """The demo's corpus: short reasoning-style texts in the two JSONL forms essence-extract reads.
 
     python3 gen_corpus.py [--count N] [--seed S] [--out FILE]
+    python3 gen_corpus.py --tasks [--count N] [--seed S] [--out FILE]   # essence-eval's records
 
 Each sample is a small problem (arithmetic, algebra, a logic puzzle, a piece of code to trace,
 a word problem) with its worked reasoning. About three in four are chat samples
@@ -145,16 +146,29 @@ def sample(rng, index):
     return {"id": f"{tag}-{index:04d}", "prompt": prompt, "response": f"<think>\n{thinking}\n</think>\n\n{answer}"}
 
 
+def task(rng, index):
+    """One of essence-eval's records: an arithmetic question and its number (checked against the
+    last number the model writes), or every fourth a worked note to score by cross entropy."""
+    if index % 4 == 3:
+        tag, make = KINDS[index % len(KINDS)]
+        prompt, steps, answer = make(rng)
+        text = f"Problem: {prompt}\n\nReasoning:\n" + "\n".join(f"- {s}" for s in steps) + f"\n\nAnswer: {answer}"
+        return {"id": f"note-{index:04d}", "text": text}
+    prompt, _, answer = arithmetic(rng)
+    return {"id": f"task-{index:04d}", "prompt": prompt, "answer": int(answer.split("**")[1])}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="-")
+    parser.add_argument("--tasks", action="store_true", help="essence-eval's records instead of the corpus")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8", newline="\n")
     for i in range(args.count):
-        out.write(json.dumps(sample(rng, i), ensure_ascii=False) + "\n")
+        out.write(json.dumps((task if args.tasks else sample)(rng, i), ensure_ascii=False) + "\n")
     if out is not sys.stdout:
         out.close()
 

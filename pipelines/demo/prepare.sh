@@ -64,3 +64,9 @@ if ! up_to_date "$corpus" "$demo/gen_corpus.py"; then
     mv "$corpus.tmp" "$corpus"
     echo "$corpus: $(wc -l < "$corpus") samples"
 fi
+tasks=$work/data/tasks.jsonl
+if ! up_to_date "$tasks" "$demo/gen_corpus.py"; then
+    python3 "$demo/gen_corpus.py" --tasks --count 32 --seed 2 --out "$tasks.tmp"
+    mv "$tasks.tmp" "$tasks"
+    echo "$tasks: $(wc -l < "$tasks") evaluation records"
+fi

@@ -20,6 +20,15 @@ aligned=$("$build/essence-inspect" $w/student.h5 2>/dev/null | sed -n 's/^aligne
 last_eval=$(grep eval_latent_mse $w/aligned/metrics.jsonl 2>/dev/null | tail -n 1 |
        sed 's/.*"step":\([0-9]*\).*"eval_latent_mse":\([^,]*\).*"eval_const_mse":\([^,]*\),"eval_r2":\([^,}]*\).*/step \1: held-out latent MSE \2 (constant baseline \3, R² \4)/')
 
+# The summary line of eval.jsonl: accuracy with its interval, and the notes' cross entropy
+evaluated=$(tail -n 1 $w/eval.jsonl 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+g, t = s["generate"], s["text"]
+low, high = g["wilson95"]
+print("%d/%d answers right (95%% interval %.2f..%.2f); notes: mean CE %.3f" % (g["correct"], g["samples"], low, high, t["mean_ce"]))
+' 2>/dev/null || true)
+
 cat <<EOF
 
 make demo: done. Everything it made is under $w/:
@@ -31,6 +40,8 @@ make demo: done. Everything it made is under $w/:
                                     aligned: ${aligned:-?}
   aligned/                          align: the trained student (transformers' from_pretrained loads it);
                                     ${last_eval:-no evaluation found}
+  eval.jsonl                        eval: $(wc -l < $w/data/tasks.jsonl 2>/dev/null || echo 0) records of data/tasks.jsonl;
+                                    ${evaluated:-no summary found}
 
 Open next:
   $build/essence-inspect ${shard:-$w/teacher.h5}

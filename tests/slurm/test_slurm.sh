@@ -64,7 +64,7 @@ only_up_to_date() {
 
 # same_outputs: the HDF5 datasets and attributes of both runs equal (but when they were made, and
 # with the runs' folders, which the stored configurations name, set aside), and the aligned
-# checkpoints byte for byte.
+# checkpoints and the evaluations byte for byte.
 same_outputs() {
     "$PY" - "$work/local" "$work/onslurm" <<'EOF'
 import os, sys
@@ -94,6 +94,8 @@ for n in names:
 for n in ("model.safetensors", "config.json", "fingerprint"):
     with open(os.path.join(a, "aligned", n), "rb") as f1, open(os.path.join(b, "aligned", n), "rb") as f2:
         if f1.read() != f2.read(): bad.append(f"aligned/{n} differs")
+with open(os.path.join(a, "eval.jsonl"), "rb") as f1, open(os.path.join(b, "eval.jsonl"), "rb") as f2:
+    if f1.read() != f2.read(): bad.append("eval.jsonl differs")
 print("\n".join(bad[:10]), file=sys.stderr)
 sys.exit(1 if bad else 0)
 EOF
