@@ -152,6 +152,7 @@ void eval_wilson_interval(long correct, long n, double *low, double *high) {
     const double z = 1.959963984540054, p = (double)correct / (double)n, z2n = z * z / (double)n;
     const double centre = (p + z2n / 2) / (1 + z2n);
     const double half = z * sqrt(p * (1 - p) / (double)n + z2n / (4.0 * (double)n)) / (1 + z2n);
-    *low = centre - half < 0 ? 0 : centre - half;
-    *high = centre + half > 1 ? 1 : centre + half;
+    /* at p̂ = 0 or 1 the bound is exactly 0 or 1, which rounding would miss by an ulp */
+    *low = correct <= 0 || centre - half < 0 ? 0 : centre - half;
+    *high = correct >= n || centre + half > 1 ? 1 : centre + half;
 }

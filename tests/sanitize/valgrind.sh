@@ -17,6 +17,8 @@ for i in $(seq 1 12); do
     printf '{"text": "Sample %d: let me think step by step. %d + %d = %d, so the answer is %d."}\n' \
         "$i" "$i" "$((i * 7))" "$((i * 8))" "$((i * 8))"
 done > "$work/texts.jsonl"
+{ printf '{"id": "p%d", "prompt": "What is %d + %d?", "answer": %d}\n' 1 2 3 5 2 40 2 42 3 7 8 15
+  printf '{"id": "t1", "text": "Sample: 3 + 4 = 7."}\n'; } > "$work/tasks.jsonl"
 cat > "$work/pipeline.yaml" <<YAML
 stages:
   extract:
@@ -46,6 +48,8 @@ memcheck essence-project "$work/student.h5" "$BUILD/essence-project" --in "$work
     --layer-map 2:1,4:3 --threads 2 --out "$work/student.h5"
 memcheck essence-align "$work/aligned/model.safetensors" "$BUILD/essence-align" --model "$FIXTURES/tiny-qwen2" --data "$work/student.h5" \
     --steps 3 --batch-tokens 256 --eval-every 3 --save-every 3 --threads 2 --out "$work/aligned"
+memcheck essence-eval "$work/eval.jsonl" "$BUILD/essence-eval" --model "$work/aligned" --data "$work/tasks.jsonl" \
+    --max-new-tokens 6 --batch 2 --batch-tokens 8 --threads 2 --out "$work/eval.jsonl"
 memcheck essence-inspect "$work/student.h5" "$BUILD/essence-inspect" stats "$work/student.h5" --threads 2
 memcheck essence-run "$work/run/teacher.h5" "$BUILD/essence-run" "$work/pipeline.yaml" run
 echo "$passed passed, $failed failed"
