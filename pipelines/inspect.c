@@ -28,7 +28,7 @@ static const char usage[] =
     "       essence-inspect mkmodel --like CONFIG.json [--layers N] [--hidden N] [--seed N] --out DIR\n"
     "       essence-inspect tokenize --tokenizer DIR_OR_JSON [--jsonl FILE] [--add-special-tokens] [--add-bos MODE] [--decode]\n"
     "       essence-inspect plot METRICS.jsonl -o OUT.png\n"
-    "       essence-inspect geometry STUDENT.h5 [--teacher T.h5,...] [--layer S] [--rows N] [--pairs N] [--k K] [--seed N]\n"
+    "       essence-inspect geometry STUDENT.h5 [--teacher T.h5,...] [--model DIR] [--layer S] [--rows N] [--pairs N] [--k K] [--seed N]\n"
     "                                [--sigma-sweep] [--json]";
 
 static const char description[] =
@@ -71,6 +71,7 @@ static const es_option options[] = {
     {"k", ES_OPT_INT, "10", "geometry: neighbours per row for the k-NN overlap", "[1,10000]"},
     {"sigma-sweep", ES_OPT_BOOL, "false", "geometry: also a table over sigma 0.25 ... 8 (overlap, CKA, input-independent MSEs)", NULL},
     {"json", ES_OPT_BOOL, "false", "geometry: print one JSON document instead of the tables", NULL},
+    {"model", ES_OPT_STRING, NULL, "geometry: a student checkpoint whose hidden states to compare with the targets (and the teacher)", NULL},
     {NULL, 0, NULL, NULL, NULL},
 };
 

@@ -33,5 +33,9 @@ int inspect_plot(const char *metrics, const es_config *cfg, es_error *err);
 /* geometry STUDENT.h5 [--teacher ...]: kernel fidelity, neighbourhood overlap and CKA against their
  * shuffled nulls, and the σ sweep (inspect_geometry.c, docs/geometry.md). */
 int inspect_geometry(const char *path, const es_config *cfg, es_error *err);
+/* geometry --model: the checkpoint's states after each of layers[0, n_layers) at student tokens
+ * tokens[0, n) of the student file, normalised as align's latent loss sees them: states[l] (n, width). */
+int geometry_model_states(const char *model_dir, const char *path, hid_t file, const int64_t *tokens, int n, const int *layers,
+                          int n_layers, int width, int threads, double **states, es_error *err);
 
 #endif

@@ -437,6 +437,50 @@ static int measure(const geometry_input *in, const double *x_hat, const double *
     return rc;
 }
 
+/* (c) A student checkpoint's normalised states h (n, D) at the sampled tokens: the latent MSE it
+ * reaches against the targets and its R² against the norm-√D constant (align's eval_r2), and its
+ * neighbourhoods against the targets' and the teacher's. */
+typedef struct model_result {
+    double mse, r2;
+    neighbourhood targets, teacher;
+} model_result;
+
+static int measure_model(const geometry_input *in, const double *h, const double *x_hat, const double *t, int n, int k, double const_mse,
+                         uint64_t *rng, model_result *r, es_error *err) {
+    const int width = in->width;
+    double sq = 0;
+    for (size_t i = 0; i < (size_t)n * width; i++) sq += (h[i] - t[i]) * (h[i] - t[i]);
+    r->mse = sq / ((double)n * width), r->r2 = const_mse > 0 ? 1 - r->mse / const_mse : 0;
+    double *kh = malloc((size_t)n * n * sizeof *kh), *dist = malloc((size_t)k * sizeof *dist);
+    int *nn_h = malloc((size_t)n * k * sizeof *nn_h), *perm = malloc((size_t)n * sizeof *perm), *inverse = malloc((size_t)n * sizeof *inverse);
+    int rc = !kh || !dist || !nn_h || !perm || !inverse ? es_fail(err, ES_ERR_RUNTIME, "out of memory") : ES_OK;
+    if (!rc) {
+        for (int i = 0; i < n; i++) perm[i] = i;
+        for (int i = n - 1; i > 0; i--) {
+            int j = (int)below(rng, i + 1), swap = perm[i];
+            perm[i] = perm[j], perm[j] = swap;
+        }
+        for (int i = 0; i < n; i++) inverse[perm[i]] = i;
+        gram(h, n, width, kh);
+        knn(kh, n, k, nn_h, dist);
+        centre(kh, n);
+        if (neighbourhood_of(t, n, width, k, nn_h, kh, perm, inverse, &r->targets) ||
+            neighbourhood_of(x_hat, n, in->d, k, nn_h, kh, perm, inverse, &r->teacher))
+            rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    }
+    free(kh), free(dist), free(nn_h), free(perm), free(inverse);
+    return rc;
+}
+
+static void print_model(const char *model, const model_result *m) {
+    printf("  student checkpoint %s at this layer (states normalised as align's latent loss):\n", model);
+    printf("    latent MSE %.4f against the targets, R^2 %.4f (against the norm-sqrt(D) constant)\n", m->mse, m->r2);
+    printf("    with the targets: mutual k-NN overlap %.4f, rows shuffled %.4f; linear CKA %.4f, rows shuffled %.4f\n",
+           m->targets.overlap, m->targets.overlap_null, m->targets.cka, m->targets.cka_null);
+    printf("    with the teacher's x^: mutual k-NN overlap %.4f, rows shuffled %.4f; linear CKA %.4f, rows shuffled %.4f\n",
+           m->teacher.overlap, m->teacher.overlap_null, m->teacher.cka, m->teacher.cka_null);
+}
+
 static void print_text(const geometry_input *in, int l, int n, int k, int sweep, const pair_result *r) {
     printf("layer pair %d:%d (teacher layer %d -> student layer %d): sigma %g, d %d, D %d\n", in->teacher_layers[l],
            in->student_layers[l], in->teacher_layers[l], in->student_layers[l], in->sigma, in->d, in->width);
@@ -525,14 +569,40 @@ int inspect_geometry(const char *path, const es_config *cfg, es_error *err) {
         printf("geometry of %s against %s: %d of %lld aligned teacher rows sampled (--seed %lld), %lld student tokens\n", path,
                teacher_paths, n, (long long)unique, (long long)es_config_int(cfg, "seed"), (long long)in.tokens);
     }
+    // (c) the checkpoint's states at the sampled tokens, every mapped layer in one pass
+    const char *model = es_config_is_set(cfg, "model") ? es_config_str(cfg, "model") : NULL;
+    double *states[INSPECT_MAX_LAYERS] = {0};
+    int64_t *sampled = NULL;
+    if (!rc && model) {
+        sampled = malloc((size_t)n * sizeof *sampled);
+        for (int l = 0; l < in.n_pairs; l++) states[l] = malloc((size_t)n * in.width * sizeof **states);
+        for (int l = 0; l < in.n_pairs; l++)
+            if (!states[l]) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        if (!rc && !sampled) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
+        for (int i = 0; !rc && i < n; i++) sampled[i] = rows[i].token;
+        if (!rc) rc = geometry_model_states(model, path, in.file.id, sampled, n, in.student_layers, in.n_pairs, in.width,
+                                            (int)es_config_int(cfg, "threads"), states, err);
+    }
     for (int l = 0; !rc && l < in.n_pairs; l++) {
         pair_result r;
+        model_result m;
         memset(&r, 0, sizeof r);
         rc = read_pair(&in, &set, in.teacher_layers[l], in.student_layers[l], rows, n, x_hat, t, err);
         if (!rc) rc = measure(&in, x_hat, t, n, k, pairs, sweep, &rng, &r, err);
-        if (!rc && as_json) json_array_append_new(list, pair_json(&in, l, n, k, sweep, &r));
-        else if (!rc) print_text(&in, l, n, k, sweep, &r);
+        if (!rc && model) rc = measure_model(&in, states[l], x_hat, t, n, k, r.const_mse, &rng, &m, err);
+        if (!rc && as_json) {
+            json_t *o = pair_json(&in, l, n, k, sweep, &r);
+            if (model)
+                json_object_set_new(o, "model", json_pack("{s:s,s:f,s:f,s:o,s:o}", "path", model, "latent_mse", m.mse, "r2", m.r2,
+                                                          "targets", nb_json(&m.targets), "teacher", nb_json(&m.teacher)));
+            json_array_append_new(list, o);
+        } else if (!rc) {
+            print_text(&in, l, n, k, sweep, &r);
+            if (model) print_model(model, &m);
+        }
     }
+    for (int l = 0; l < in.n_pairs; l++) free(states[l]);
+    free(sampled);
     if (!rc && doc) {
         char *text = json_dumps(doc, JSON_INDENT(1) | JSON_REAL_PRECISION(10));
         if (!text) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");

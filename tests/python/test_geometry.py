@@ -82,6 +82,37 @@ def geometry(*args):
     return result, (json.loads(result.stdout) if result.returncode == 0 and "--json" in args else None)
 
 
+def test_model(tmp, fixtures, student, teacher):
+    """(c) --model: the untrained student (tiny-qwen2) against one essence-align trained on these
+    targets: the trained one's states reach a lower latent MSE, a higher R², and neighbourhoods
+    closer to the targets'; the figures of the file itself do not change; a checkpoint of another
+    width is exit 3 naming it."""
+    aligned = os.path.join(tmp, "aligned")
+    must("essence-align", "--model", fixtures.student, "--data", student, "--out", aligned, "--steps", 120, "--lr", 3e-3, "--warmup", 5,
+         "--batch-tokens", 512, "--eval-every", 0, "--save-every", 0, "--eval-fraction", 0, "--threads", 2)
+    figures = {}
+    for label, model in (("untrained", fixtures.student), ("trained", aligned)):
+        result, doc = geometry(student, "--teacher", teacher, "--json", "--model", model)
+        if doc is None:
+            report(f"geometry_model_{label}_runs", False, result.stderr.strip()[-400:])
+            return
+        figures[label] = doc["pairs"][0]
+    u, t = figures["untrained"]["model"], figures["trained"]["model"]
+    print(f"  --model: untrained MSE {u['latent_mse']:.4f} R2 {u['r2']:.3f} overlap {u['targets']['overlap']:.3f} "
+          f"(null {u['targets']['overlap_null']:.3f}); trained MSE {t['latent_mse']:.4f} R2 {t['r2']:.3f} "
+          f"overlap {t['targets']['overlap']:.3f} (null {t['targets']['overlap_null']:.3f}), with x^ {t['teacher']['overlap']:.3f}")
+    report("geometry_model_trained_closer_to_targets",
+           t["latent_mse"] < 0.8 * u["latent_mse"] and t["r2"] > u["r2"] + 0.1 and t["targets"]["overlap"] > u["targets"]["overlap"]
+           and t["targets"]["overlap"] > 3 * max(t["targets"]["overlap_null"], figures["trained"]["chance"]), json.dumps(figures)[:600])
+    same = {k: v for k, v in figures["untrained"].items() if k != "model"} == {k: v for k, v in figures["trained"].items() if k != "model"}
+    report("geometry_model_leaves_file_figures", same, "the file's own figures changed with --model")
+    text = run("essence-inspect", "geometry", student, "--teacher", teacher, "--model", aligned)
+    report("geometry_model_text_output", text.returncode == 0 and "student checkpoint" in text.stdout and "R^2" in text.stdout, text.stderr)
+    wrong = run("essence-inspect", "geometry", student, "--teacher", teacher, "--model", fixtures.teacher)
+    report("geometry_model_other_width_exit_3", wrong.returncode == 3 and "tiny-llama3" in wrong.stderr and "width" in wrong.stderr,
+           f"{wrong.returncode} {wrong.stderr.strip()}")
+
+
 def main():
     fixtures = repo_fixtures()
     tmp = tempfile.mkdtemp(prefix="essence-geometry-")
@@ -162,6 +193,7 @@ def main():
         report("geometry_teacher_file_as_student_exit_3", wrong.returncode == 3, f"{wrong.returncode} {wrong.stderr.strip()}")
         usage = run("essence-inspect", "geometry")
         report("geometry_no_file_exit_2", usage.returncode == 2, f"{usage.returncode} {usage.stderr.strip()}")
+        test_model(tmp, fixtures, student, teacher)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
