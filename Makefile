@@ -9,6 +9,7 @@
 #   make soak       a long run: >= 1 M tokens through the three stages, peak memory by corpus size
 #   make install    PREFIX=/usr/local: programs, libh5zstd.so HDF5 plugin, the CUDA backend
 #   make demo       the README's first command
+#   make experiment the distillation experiment (docs/experiments.md; under an hour on 2 cores)
 
 PREFIX ?= /usr/local
 BUILD ?= build
@@ -84,7 +85,7 @@ GPU_TESTS := $(patsubst tests/gpu/%.c,$(BUILD)/gpu/%,$(GPU_TEST_SRC))
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test bench fuzz fuzzers sanitize soak install demo clean cuda-note
+.PHONY: all deps test bench fuzz fuzzers sanitize soak install demo experiment clean cuda-note
 all: cuda-note $(PROGRAMS) $(PLUGIN) $(CUDA_PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
 
 cuda-note:
@@ -261,6 +262,16 @@ demo: deps
 	if [ -n "$$missing" ]; then echo "make demo: not built yet:$$missing (the demo needs all four stages and essence-run)"; exit 1; fi
 	$(BUILD)/essence-run pipelines/demo.yaml run
 	@BUILD=$(BUILD) sh pipelines/demo/summary.sh
+
+# The distillation experiment (docs/experiments.md): data, random initial models, then the pipeline
+# pipelines/experiments/addition.yaml (teacher, extract, project, 9 students, 10 evaluations), then
+# report.py (curves over the checkpoints, the table into docs/experiments.md and README.md).
+experiment: deps
+	@$(MAKE) --no-print-directory all
+	@start=$$(date +%s); \
+	BUILD=$(BUILD) sh pipelines/experiments/prepare.sh && \
+	$(BUILD)/essence-run pipelines/experiments/addition.yaml run && \
+	BUILD=$(BUILD) EXPERIMENT_START=$$start python3 pipelines/experiments/report.py
 
 clean:
 	rm -rf $(BUILD)

@@ -153,6 +153,7 @@ def test_bad_files(tmp):
         "program_not_essence": (PIPELINE.replace("program: essence-project", "program: bash"), 15, 'program "bash" is not a program of essence'),
         "program_a_path": (PIPELINE.replace("program: essence-project", "program: /bin/sh"), 15, "is not a program of essence"),
         "program_inspect": (PIPELINE.replace("program: essence-project", "program: essence-inspect"), 15, "is not a program of essence"),
+        # (run by a copy of essence-run in a folder without essence-eval: programs are looked for beside it)
         "program_not_built": (PIPELINE.replace("program: essence-project", "program: essence-eval"), 15, "not found beside essence-run"),
         # one file under several spellings
         "same_output_dot": (PIPELINE.replace("out: work/aligned", "out: work/./student.h5"), 25, "writes work/./student.h5, as stage project"),
@@ -186,7 +187,17 @@ def test_bad_files(tmp):
         os.symlink("real" if name != "same_output_link_dotdot" else "deep/elsewhere", os.path.join(folder, "alias"))
         with open(os.path.join(folder, "pipeline.yaml"), "w") as f:
             f.write(text)
-        result = essence_run(folder, "status")
+        if name == "program_not_built":
+            lonely = os.path.join(tmp, "lonely")
+            os.makedirs(lonely, exist_ok=True)
+            shutil.copy(RUN, lonely)
+            for program in ("essence-extract", "essence-project", "essence-align"):  # all but essence-eval
+                if not os.path.lexists(os.path.join(lonely, program)):
+                    os.symlink(os.path.abspath(os.path.join(BUILD, program)), os.path.join(lonely, program))
+            result = subprocess.run([os.path.join(lonely, "essence-run"), os.path.join(folder, "pipeline.yaml"), "status"],
+                                    capture_output=True, text=True)
+        else:
+            result = essence_run(folder, "status")
         where = f"pipeline.yaml:{line}:" if line else "pipeline.yaml:"
         report(f"bad_pipeline_{name}", result.returncode == 2 and where in result.stderr and words in result.stderr, result.stderr.strip())
 
