@@ -17,9 +17,10 @@ ARCH=${GPU_ARCH:-"-gencode arch=compute_90a,code=sm_90a"}
 make -j"$(nproc)" BUILD=$BUILD CUDA_ARCHS="$ARCH" $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-inspect $BUILD/libessence-cuda.so \
     $(ls tests/gpu/*.c | sed "s|tests/gpu/\(.*\)\.c|$BUILD/gpu/\1|")
 rm -rf gpu-carry && mkdir -p gpu-carry/bin gpu-carry/llama70b
-cp $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-inspect $BUILD/libessence-cuda.so $BUILD/gpu/* gpu-carry/bin/
+cp $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-eval $BUILD/essence-inspect $BUILD/libessence-cuda.so $BUILD/gpu/* gpu-carry/bin/
 strip gpu-carry/bin/*
 "$SHARED/tools/gpu-bundle.sh" gpu-carry gpu-carry/bin/*
+cp tests/gpu/eval_vs_golden.py gpu-carry/
 cp "$SHARED/tools/gpu_baselines.py" "$SHARED/tools/gpu_offload_baselines.py" gpu-carry/
 cp "$SHARED/fixtures/configs/deepseek-r1-distill-llama-70b.config.json" gpu-carry/llama70b/config.json
 du -sh gpu-carry
