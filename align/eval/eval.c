@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -177,10 +178,18 @@ int main(int argc, char **argv) {
         es_exit_error(&err);
     input.answers = 1;
     char model_fp[ES_FINGERPRINT_HEX] = "", data_fp[ES_FINGERPRINT_HEX] = "", fingerprint[ES_FINGERPRINT_HEX] = "";
-    if (es_model_fingerprint(model_dir, model_fp, &err) || es_jsonl_sha256(&input.reader, data_fp, &err)) es_exit_error(&err);
+    char tokenizer_fp[ES_FINGERPRINT_HEX] = "", tokenizer_config_fp[ES_FINGERPRINT_HEX] = "", tokenizer_file[4200];
+    struct stat st;
+    snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", tokenizer_path);
+    if (stat(tokenizer_file, &st) != 0 || !S_ISREG(st.st_mode)) snprintf(tokenizer_file, sizeof tokenizer_file, "%s", tokenizer_path);
+    const int have_tokenizer = stat(tokenizer_file, &st) == 0 && S_ISREG(st.st_mode); /* ids records need none */
+    if (es_model_fingerprint(model_dir, model_fp, &err) || es_jsonl_sha256(&input.reader, data_fp, &err) ||
+        (have_tokenizer && es_sha256_file(tokenizer_file, tokenizer_fp, &err)) ||
+        es_tokenizer_config_sha256(tokenizer_path, tokenizer_config_fp, &err))
+        es_exit_error(&err);
     char *yaml = es_config_to_yaml_without(&cfg, ES_RUN_ONLY_OPTIONS);
     char *recipe = NULL;
-    if (!yaml || asprintf(&recipe, "%s\n%s\n%s\n%s", yaml, model_fp, data_fp, TOOL_VERSION) < 0) {
+    if (!yaml || asprintf(&recipe, "%s\n%s\n%s\n%s\n%s\n%s", yaml, model_fp, data_fp, tokenizer_fp, tokenizer_config_fp, TOOL_VERSION) < 0) {
         es_fail(&err, ES_ERR_RUNTIME, "out of memory");
         es_exit_error(&err);
     }

@@ -85,12 +85,21 @@ def plot(table, png):
             f.write("\n\n")
     plots = ", ".join(f"'{data}' index {i} using 1:2:3 with yerrorlines title '{ARMS[arm]}'" for i, arm in enumerate(table))
     script = (f"set terminal png size 800,500\nset output '{png}'\nset xlabel 'training step'\n"
-              f"set ylabel 'accuracy on 200 held-out problems (mean and sd of 3 seeds)'\nset yrange [0:1]\nset key bottom right\n"
+              f"set ylabel 'accuracy on 200 held-out problems (mean and sd of 3 seeds)'\nset yrange [0:1]\nset key top left\n"
               f"set grid\nplot {plots}\n")
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
 
 def machine(device_line):
+    if not device_line:  # every score was already there: ask one short evaluation which kernels the CPU runs
+        data = os.path.join(WORK, "curves", "one.jsonl")
+        with open(os.path.join(WORK, "data", "curve.jsonl")) as f, open(data, "w") as out:
+            out.write(f.readline())
+        result = subprocess.run([os.path.join(BUILD, "essence-eval"), "--model", os.path.join(WORK, "teacher"), "--data", data, "--out",
+                                 os.path.join(WORK, "curves", "one-out.jsonl"), "--template", TEMPLATE, "--max-new-tokens", "1"],
+                                capture_output=True, text=True)
+        os.remove(os.path.join(WORK, "curves", "one-out.jsonl")) if result.returncode == 0 else None
+        device_line = next((line for line in result.stderr.splitlines() if "device: cpu" in line), "")
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
