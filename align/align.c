@@ -29,6 +29,7 @@
 #include "optimizer.h"
 #include "progress.h"
 #include "resume.h"
+#include "state.h"
 #include "safetensors.h"
 #include "train.h"
 
@@ -95,7 +96,8 @@ typedef struct saved_tensors {
     int n_weights, n_head, n_state;
 } saved_tensors;
 
-static int build_saved(saved_tensors *s, const train_model *tm, const optimizer *opt, es_error *err) {
+/* The checkpoint reads and writes the host's view of the state (align/state.h). */
+static int build_saved(saved_tensors *s, const train_model *tm, const optimizer *opt, const host_state *host, es_error *err) {
     const es_params *model = &tm->params;
     const int C = model->config.hidden_size;
     s->n_weights = model->n_tensors, s->n_head = tm->heads ? tm->n_mapped : 0, s->n_state = s->n_weights + s->n_head;
@@ -124,6 +126,10 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
             s->head[h] = t;
         }
         int64_t numel = t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0];
+        data = host_state_at(host, data), m = host_state_at(host, m), v = host_state_at(host, v);
+        t.data = data;
+        if (i < s->n_weights) s->weights[i] = t;
+        else s->head[i - s->n_weights] = t;
         s->master[i] = t, s->m[i] = t, s->v[i] = t;
         s->m[i].data = m, s->v[i].data = v;
         s->load_master[i] = (checkpoint_buffer){t.name, data, numel};
@@ -189,8 +195,13 @@ static int evaluate(train_model *tm, align_data *data, align_comm *comm, eval_re
 }
 
 /* --dump-step: the loss terms and every gradient (fp32, Hugging Face names) of the first step. */
-static int dump_step(const char *path, const train_model *tm, double loss, double latent, double ce, es_error *err) {
+static int dump_step(const char *path, const train_model *tm, host_state *host, double loss, double latent, double ce,
+                     es_error *err) {
     const es_params *model = &tm->params;
+    const int C = model->config.hidden_size;
+    int pulled = host_state_pull_grads(host, tm->grads.arena, tm->grads.arena_floats, err);
+    if (!pulled && tm->heads) pulled = host_state_pull_grads(host, tm->head_grads, (size_t)tm->n_mapped * C * C, err);
+    if (pulled) return pulled;
     int n = model->n_tensors + (tm->heads ? tm->n_mapped : 0) + 3;
     es_tensor *entries = calloc((size_t)n, sizeof *entries);
     char (*names)[128] = calloc((size_t)n, sizeof *names);
@@ -208,13 +219,12 @@ static int dump_step(const char *path, const train_model *tm, double loss, doubl
         snprintf(names[k], sizeof names[k], "grad/%s", t->name);
         size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
         entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = t->ndim, .shape = {t->shape[0], t->shape[1]},
-                                 .data = train_grad_of(tm, t->data), .nbytes = numel * 4};
+                                 .data = host_state_at(host, train_grad_of(tm, t->data)), .nbytes = numel * 4};
     }
-    const int C = model->config.hidden_size;
     for (int i = 0; tm->heads && i < tm->n_mapped; i++, k++) {
         snprintf(names[k], sizeof names[k], "grad/student_head.layer_%03d.weight", tm->mapped[i]);
         entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = 2, .shape = {C, C},
-                                 .data = tm->head_grads + (size_t)i * C * C, .nbytes = (size_t)C * C * 4};
+                                 .data = host_state_at(host, tm->head_grads + (size_t)i * C * C), .nbytes = (size_t)C * C * 4};
     }
     int rc = es_safetensors_write(path, entries, (size_t)k, NULL, 0, err);
     free(entries), free(names);
@@ -428,10 +438,6 @@ int main(int argc, char **argv) {
     es_device *dev;
     if (es_device_open(&dev, &device_options, &err)) fail(&comm, &err);
     es_device_log(dev);
-    /* Checkpoints, the all-reduce and --dump-step read the master weights and gradients in place. */
-    if (!dev->host_memory)
-        es_fail(&err, ES_ERR_RUNTIME, "--device %s: training on the CUDA backend is not written yet (its backward ops and "
-                "optimizer are missing); use --device cpu", es_config_str(&cfg, "device")), fail(&comm, &err);
     const int seq_len = (int)es_config_int(&cfg, "seq-len"), batch_tokens = (int)es_config_int(&cfg, "batch-tokens");
     /* a rank's micro-batch: the token budget, one piece more when the global batch is cut over ranks */
     const int max_tokens = comm.world == 1 ? (batch_tokens > seq_len ? batch_tokens : seq_len) : batch_tokens + seq_len;
@@ -450,8 +456,17 @@ int main(int argc, char **argv) {
                     es_device_zero(dev, opt.head_m, n_head * sizeof(float), &err) ||
                     es_device_zero(dev, opt.head_v, n_head * sizeof(float), &err))))
         fail(&comm, &err);
+    /* what checkpoints, the all-reduce and --dump-step see of the state on the host */
+    host_state host;
+    {
+        const size_t arena = tm.params.arena_floats;
+        float *const arrays[HOST_ARRAYS] = {tm.params.arena, opt.m.arena, opt.v.arena, tm.grads.arena,
+                                            tm.heads, opt.head_m, opt.head_v, tm.head_grads};
+        const size_t sizes[HOST_ARRAYS] = {arena, arena, arena, arena, n_head, n_head, n_head, n_head};
+        if (host_state_init(&host, dev, arrays, sizes, &err)) fail(&comm, &err);
+    }
     saved_tensors saved;
-    if (build_saved(&saved, &tm, &opt, &err)) fail(&comm, &err);
+    if (build_saved(&saved, &tm, &opt, &host, &err)) fail(&comm, &err);
     if (n_mapped)
         es_log("rank %d/%d: %lld train and %lld eval samples; target layers %d..%d; %d of %d layers run", comm.rank, comm.world,
                (long long)align_data_train_samples(data), (long long)align_data_eval_samples(data), mapped[0], mapped[n_mapped - 1],
@@ -485,7 +500,8 @@ int main(int argc, char **argv) {
             /* the stopped run's lines of steps that no checkpoint kept */
             if (comm.rank == 0 && trim_metrics(metrics_path, 0, &err)) fail(&comm, &err);
         } else {
-            if (checkpoint_load_state(checkpoint, saved.load_master, saved.load_m, saved.load_v, saved.n_state, &state, &err))
+            if (checkpoint_load_state(checkpoint, saved.load_master, saved.load_m, saved.load_v, saved.n_state, &state, &err) ||
+                host_state_push(&host, &err) || es_working_refresh(dev, &tm.params, &tm.working, &err))
                 fail(&comm, &err);
             json_t *root = json_loads(state, 0, NULL);
             /* Another run's checkpoint (other data, model or options) is refused, naming what differs. */
@@ -533,7 +549,7 @@ int main(int argc, char **argv) {
     es_param_group *groups = calloc((size_t)tm.params.n_tensors + 2, sizeof *groups);
     int n_groups = 0;
     if (!groups) es_fail(&err, ES_ERR_RUNTIME, "out of memory"), fail(&comm, &err);
-    if (n_head) groups[n_groups++] = (es_param_group){tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head};
+    if (n_head) groups[n_groups++] = (es_param_group){tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head, NULL}; /* fp32 */
     for (int i = 0; i < tm.params.n_tensors; i++) {
         const es_named_tensor *t = &tm.params.tensors[i];
         if (!tensor_trains(&tm, t->name)) continue;
@@ -544,7 +560,8 @@ int main(int argc, char **argv) {
             else if (groups[g].params + groups[g].n == t->data) groups[g].n += numel, merged = 1;
         if (!merged)
             groups[n_groups++] = (es_param_group){t->data, train_grad_of(&tm, t->data), es_params_at(&tm.params, &opt.m, t->data),
-                                                  es_params_at(&tm.params, &opt.v, t->data), numel};
+                                                  es_params_at(&tm.params, &opt.v, t->data), numel,
+                                                  es_working_at(&tm.working, &tm.params, t->data)};
     }
     es_progress progress;
     es_progress_start(&progress, "align", "steps", steps);
@@ -568,7 +585,7 @@ int main(int argc, char **argv) {
             aligned += batch.global_aligned;
         }
         // sum over ranks: gradients and the loss terms (each already divided by global counts)
-        for (int g = 0; !rc && g < n_groups; g++) rc = comm_allreduce_f32(&comm, groups[g].grads, groups[g].n, &err);
+        for (int g = 0; !rc && g < n_groups; g++) rc = host_state_allreduce_grads(&host, &comm, groups[g].grads, groups[g].n, &err);
         if (!rc) rc = comm_allreduce_f64(&comm, totals, 3 + (size_t)n_mapped, &err);
         if (rc) break;
         double latent = 0, ce = totals[0];
@@ -579,7 +596,7 @@ int main(int argc, char **argv) {
             break;
         }
         if (dump && step == 0 && comm.rank == 0) {
-            rc = dump_step(dump, &tm, loss, latent, ce, &err);
+            rc = dump_step(dump, &tm, &host, loss, latent, ce, &err);
             if (rc) break;
             es_log("wrote the first step's loss and gradients to %s", dump);
         }
@@ -626,7 +643,8 @@ int main(int argc, char **argv) {
             }
             checkpoint_content content = {model_dir, saved.weights, saved.n_weights, saved.head, saved.n_head,
                                           saved.master, saved.m, saved.v, saved.n_state, state};
-            int failed = comm.rank == 0 ? checkpoint_save(out_dir, step, &content, (int)es_config_int(&cfg, "keep-checkpoints"), &err) : 0;
+            int failed = comm.rank == 0 ? host_state_pull(&host, &err) : 0;
+            if (!failed && comm.rank == 0) failed = checkpoint_save(out_dir, step, &content, (int)es_config_int(&cfg, "keep-checkpoints"), &err);
             free(state);
             failed = comm_max_int(&comm, failed);
             if (failed) rc = comm.rank == 0 ? failed : es_fail(&err, failed, "rank 0 could not write the checkpoint");
@@ -640,6 +658,7 @@ int main(int argc, char **argv) {
         if (write_fingerprint(fingerprint_path, &cfg, &err)) fail(&comm, &err);
     }
     free_saved(&saved);
+    host_state_free(&host);
     free(groups), free(key_text);
     es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
     es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));

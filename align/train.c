@@ -54,6 +54,7 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     int rc = es_model_open(model_dir, -1, 1, &tm->store, err);
     if (!rc) rc = es_params_load(dev, &tm->store, &tm->params, err);
     if (!rc) rc = es_params_alloc_like(dev, &tm->params, "the gradients", &tm->grads, err);
+    if (!rc) rc = es_working_create(dev, &tm->params, &tm->working, err);
     if (rc) {
         train_model_free(tm);
         return rc;
@@ -64,7 +65,7 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     if (!tm->dhidden) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     if (!rc) rc = es_decoder_create(&tm->decoder, dev, c, max_tokens, max_seq, tm->run_layers, err);
     if (!rc) rc = es_decoder_create(&tm->eval_decoder, dev, c, max_tokens, max_seq, 0, err);
-    if (!rc) rc = es_stream_resident(&tm->layers, tm->params.layers, c->n_layers, err);
+    if (!rc) rc = es_stream_resident(&tm->layers, tm->working.layers, c->n_layers, err);
     if (!rc) rc = alloc_loss_buffers(tm, err);
     if (!rc && head_linear) rc = init_heads(tm, err);
     es_workspace_plan plan = {.latent_width = c->hidden_size, .vocab = c->vocab_size, .ce_width = c->hidden_size,
@@ -83,6 +84,7 @@ void train_model_free(train_model *tm) {
     es_device_free(tm->dev, tm->heads, heads), es_device_free(tm->dev, tm->head_grads, heads);
     es_stream_close(tm->layers);
     es_decoder_free(tm->decoder), es_decoder_free(tm->eval_decoder);
+    es_working_free(tm->dev, &tm->working);
     es_params_free(tm->dev, &tm->grads), es_params_free(tm->dev, &tm->params);
     es_model_close(&tm->store);
     free(tm->dhidden);
@@ -137,6 +139,7 @@ int train_forward_backward(train_model *tm, const align_batch *batch, int backwa
                            es_error *err) {
     es_device *dev = tm->dev;
     const es_params *p = &tm->params;
+    const es_working *w = &tm->working; /* what the ops read; gradients go to the master's layout */
     const es_model_config *c = &p->config;
     const int T = batch->T, C = c->hidden_size, V = c->vocab_size;
     memset(sums, 0, sizeof *sums);
@@ -149,15 +152,15 @@ int train_forward_backward(train_model *tm, const align_batch *batch, int backwa
     const double labelled = (double)(batch->global_labels ? batch->global_labels : 1);
     if (!backward) {
         eval_pass pass = {tm, sums};
-        rc = es_decoder_forward(tm->eval_decoder, &tokens, p->embed, ES_DT_F32, tm->layers, c->n_layers, p->final_norm,
-                                eval_layer, &pass, err);
-        if (!rc) OP(es_cross_entropy(dev, &sums->ce, NULL, NULL, es_decoder_normed(tm->eval_decoder), p->lm_head, tm->labels, T, C,
+        rc = es_decoder_forward(tm->eval_decoder, &tokens, w->embed, w->dtype, tm->layers, c->n_layers, w->final_norm, eval_layer,
+                                &pass, err);
+        if (!rc) OP(es_cross_entropy(dev, &sums->ce, NULL, NULL, es_decoder_normed(tm->eval_decoder), w->lm_head, tm->labels, T, C,
                                      V, 0.0f));
         return rc;
     }
     // ---- forward, keeping what the backward reads
-    rc = es_decoder_forward(tm->decoder, &tokens, p->embed, ES_DT_F32, tm->layers, tm->run_layers,
-                            tm->with_ce ? p->final_norm : NULL, NULL, NULL, err);
+    rc = es_decoder_forward(tm->decoder, &tokens, w->embed, w->dtype, tm->layers, tm->run_layers, tm->with_ce ? w->final_norm : NULL,
+                            NULL, NULL, err);
     if (rc) return rc;
     // ---- the loss terms: gradients of the mapped states (dh) and of the final norm's output (dnormed)
     const float **dhidden = tm->dhidden; /* indexed by layer 0..run_layers */
@@ -170,8 +173,8 @@ int train_forward_backward(train_model *tm, const align_batch *batch, int backwa
         dhidden[layer] = tm->dh + (size_t)i * T * C;
     }
     if (tm->with_ce)
-        OP(es_cross_entropy(dev, &sums->ce, tm->dnormed, train_grad_of(tm, p->lm_head), es_decoder_normed(tm->decoder), p->lm_head,
+        OP(es_cross_entropy(dev, &sums->ce, tm->dnormed, train_grad_of(tm, p->lm_head), es_decoder_normed(tm->decoder), w->lm_head,
                             tm->labels, T, C, V, (float)(scale * tm->ce_weight / labelled)));
     // ---- backward, top layer first
-    return es_decoder_backward(tm->decoder, p, &tm->grads, tm->with_ce ? tm->dnormed : NULL, dhidden, err);
+    return es_decoder_backward(tm->decoder, w, &tm->grads, tm->with_ce ? tm->dnormed : NULL, dhidden, err);
 }

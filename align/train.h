@@ -21,6 +21,7 @@ typedef struct train_model {
     es_model_store store;
     es_params params;        /* every layer, the final norm and the head: fp32 master weights */
     es_params grads;         /* the gradient of each parameter, same layout */
+    es_working working;      /* what the ops read: the master weights, or their bf16 copy (CUDA) */
     int n_mapped;
     int mapped[TRAIN_MAX_MAPPED]; /* student layers with targets, ascending (1-based) */
     int run_layers;          /* layers the training forward and backward go through */
@@ -31,7 +32,7 @@ typedef struct train_model {
     int max_tokens;          /* tokens per micro-batch the buffers hold */
     es_decoder *decoder;     /* training: keeps run_layers layers' activations */
     es_decoder *eval_decoder; /* inference through every layer, for eval */
-    es_layer_stream *layers; /* the master weights, resident */
+    es_layer_stream *layers; /* the working weights, resident */
     /* the loss terms' buffers (device) */
     float *targets;          // (n_mapped, max_tokens, C)
     float *dh;               // (n_mapped, max_tokens, C) gradients of the mapped layers' states

@@ -51,8 +51,8 @@ struct es_backend {
     int (*add)(es_device *, float *, const float *, const float *, size_t);
 
     int (*embedding_backward)(es_device *, float *, const int32_t *, const float *, int, int);
-    int (*rmsnorm_backward)(es_device *, float *, float *, const float *, const float *, const float *, int, int, float);
-    int (*matmul_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, int, int, int);
+    int (*rmsnorm_backward)(es_device *, float *, float *, const float *, const float *, const void *, int, int, float);
+    int (*matmul_backward)(es_device *, float *, float *, float *, const float *, const float *, const void *, int, int, int);
     int (*rope_backward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, const float *,
                               const int32_t *, int, int, int, int);
@@ -60,10 +60,12 @@ struct es_backend {
 
     int (*latent_mse)(es_device *, double *, double *, float *, float *, const float *, const float *, const uint8_t *,
                       const float *, int, int, float, float);
-    int (*cross_entropy)(es_device *, double *, float *, float *, const float *, const float *, const int32_t *, int, int, int,
+    int (*cross_entropy)(es_device *, double *, float *, float *, const float *, const void *, const int32_t *, int, int, int,
                          float);
 
-    int (*adamw_update)(es_device *, float *, const float *, float *, float *, size_t, int64_t, double, const es_adamw_config *);
+    int (*adamw_update)(es_device *, float *, void *, const float *, float *, float *, size_t, int64_t, double,
+                        const es_adamw_config *);
+    int (*round_weights)(es_device *, void *, const float *, size_t);
     int (*sum_squares)(es_device *, double *, const float *, size_t);
     int (*scale)(es_device *, float *, size_t, float);
 

@@ -307,7 +307,7 @@ done:
     return rc;
 }
 
-int es_decoder_backward(es_decoder *d, const es_params *weights, es_params *grads, const float *dnormed,
+int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *grads, const float *dnormed,
                         const float *const *dhidden, es_error *err) {
     es_device *dev = d->dev;
     const es_model_config *c = &d->config;

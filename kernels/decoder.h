@@ -75,7 +75,7 @@ float *es_decoder_normed(es_decoder *decoder);
  * (or NULL when no loss reads it), and dhidden[l] for l in 0..last_layer, the gradient of the
  * stream after layer l (NULL where none), feed the gradients ACCUMULATED into grads (same
  * layout as weights: embedding, every layer run, and the final norm when dnormed is given). */
-int es_decoder_backward(es_decoder *decoder, const es_params *weights, es_params *grads, const float *dnormed,
+int es_decoder_backward(es_decoder *decoder, const es_working *weights, es_params *grads, const float *dnormed,
                         const float *const *dhidden, es_error *err);
 
 #endif

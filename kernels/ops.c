@@ -57,14 +57,14 @@ int es_embedding_backward(es_device *dev, float *dtable, const int32_t *ids, con
     DISPATCH(embedding_backward, dtable, ids, dout, T, C);
 }
 
-int es_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in, const float *weight, int T,
+int es_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in, const void *weight, int T,
                         int C, float eps) {
     assert(T >= 0 && C > 0 && din != dout);
     DISPATCH(rmsnorm_backward, din, dweight, dout, in, weight, T, C, eps);
 }
 
 int es_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
-                       const float *weight, int T, int C, int OC) {
+                       const void *weight, int T, int C, int OC) {
     assert(T >= 0 && C > 0 && OC > 0 && dweight);
     DISPATCH(matmul_backward, din, dweight, dbias, dout, in, weight, T, C, OC);
 }
@@ -91,16 +91,20 @@ int es_latent_mse(es_device *dev, double *loss_sum, double *cosine_sum, float *d
     DISPATCH(latent_mse, loss_sum, cosine_sum, dh, dhead, h, target, mask, head, T, C, eps, scale);
 }
 
-int es_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const float *W,
+int es_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const void *W,
                      const int32_t *labels, int T, int C, int V, float scale) {
     assert(T >= 0 && C > 0 && V > 0 && loss_sum && (!dW || dx));
     DISPATCH(cross_entropy, loss_sum, dx, dW, x, W, labels, T, C, V, scale);
 }
 
-int es_adamw_update(es_device *dev, float *params, const float *grads, float *m, float *v, size_t n, int64_t step, double lr,
-                    const es_adamw_config *config) {
-    assert(step >= 1 && config);
-    DISPATCH(adamw_update, params, grads, m, v, n, step, lr, config);
+int es_adamw_update(es_device *dev, float *params, void *working, const float *grads, float *m, float *v, size_t n, int64_t step,
+                    double lr, const es_adamw_config *config) {
+    assert(step >= 1 && config && working != (void *)grads);
+    DISPATCH(adamw_update, params, working, grads, m, v, n, step, lr, config);
+}
+
+int es_round_weights(es_device *dev, void *working, const float *master, size_t n) {
+    DISPATCH(round_weights, working, master, n);
 }
 
 int es_sum_squares(es_device *dev, double *out, const float *x, size_t n) { DISPATCH(sum_squares, out, x, n); }

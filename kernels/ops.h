@@ -112,17 +112,18 @@ int es_rmsnorm_backward(es_device *dev,
                         float *dweight,           // (C) accumulated, or NULL (a unit weight's gradient is not wanted)
                         const float *dout,        // (T, C)
                         const float *in,          // (T, C) the forward's input
-                        const float *weight,      // (C)
+                        const void *weight,       // (C) in dev->weight_dtype
                         int T, int C, float eps);
 
-/* din written (NULL: not needed), dweight and dbias accumulated (dbias NULL: no bias). */
+/* din written (NULL: not needed), dweight and dbias accumulated (dbias NULL: no bias). The
+ * weight is the one the forward read (dev->weight_dtype); the gradients are fp32. */
 int es_matmul_backward(es_device *dev,
                        float *din,                // (T, C) or NULL
                        float *dweight,            // (OC, C) accumulated
                        float *dbias,              // (OC) accumulated, or NULL
                        const float *dout,         // (T, OC)
                        const float *in,           // (T, C)
-                       const float *weight,       // (OC, C)
+                       const void *weight,        // (OC, C) in dev->weight_dtype
                        int T, int C, int OC);
 
 /* In place: dx, the gradient of the rotated x, becomes that of the unrotated x. */
@@ -181,7 +182,7 @@ int es_cross_entropy(es_device *dev,
                      float *dx,                   // (T, C) or NULL
                      float *dW,                   // (V, C) accumulated, or NULL
                      const float *x,              // (T, C)
-                     const float *W,              // (V, C)
+                     const void *W,               // (V, C) in dev->weight_dtype
                      const int32_t *labels,       // (T)
                      int T, int C, int V, float scale);
 
@@ -194,13 +195,25 @@ typedef struct es_adamw_config {
 /* One AdamW update, torch.optim.AdamW's order of operations in fp32, `step` counting from 1:
  *   p ← p · (1 − lr·wd);  m ← m + (g − m)(1 − β1);  v ← β2·v + (1 − β2)·g²
  *   p ← p − lr/(1 − β1^step) · m / (sqrt(v) / sqrt(1 − β2^step) + eps)
- * (lr is this step's rate; config->lr is not read). */
+ * (lr is this step's rate; config->lr is not read). With working != NULL the new p is also
+ * written there in dev->weight_dtype (bf16 on CUDA: the copy the next forward reads), rounded as
+ * es_round_weights rounds, in the same pass. */
 int es_adamw_update(es_device *dev,
-                    float *params,                // (n)
+                    float *params,                // (n) fp32 master weights
+                    void *working,                // (n) in dev->weight_dtype, or NULL
                     const float *grads,           // (n)
                     float *m,                     // (n)
                     float *v,                     // (n)
                     size_t n, int64_t step, double lr, const es_adamw_config *config);
+
+/* working = master in dev->weight_dtype, rounded as es_device_upload_weights rounds weights
+ * (common/dtype.h: to nearest, ties away from zero, saturating), so that a working copy holds the
+ * bits an upload of the same values would; on an fp32 device a copy (nothing when the two are the
+ * same memory). */
+int es_round_weights(es_device *dev,
+                     void *working,               // (n) in dev->weight_dtype
+                     const float *master,         // (n)
+                     size_t n);
 
 /* *out (host) = Σ x², in double, over fixed blocks added in order. */
 int es_sum_squares(es_device *dev, double *out, const float *x /* (n) */, size_t n);

@@ -19,7 +19,7 @@ int es_adamw_step(es_device *dev, const es_param_group *groups, int n_groups, fl
     for (int i = 0; i < n_groups; i++) {
         const es_param_group *g = &groups[i];
         if ((clip_scale != 1.0f && es_scale(dev, g->grads, g->n, clip_scale)) ||
-            es_adamw_update(dev, g->params, g->grads, g->m, g->v, g->n, step, lr, config) || es_scale(dev, g->grads, g->n, 0.0f))
+            es_adamw_update(dev, g->params, g->working, g->grads, g->m, g->v, g->n, step, lr, config) || es_scale(dev, g->grads, g->n, 0.0f))
             return es_device_take_error(dev, err);
     }
     return ES_OK;

@@ -8,10 +8,13 @@
 
 #include "ops.h"
 
-/* Parameters that train together: n values with their gradients and AdamW moments (device). */
+/* Parameters that train together: n values with their gradients and AdamW moments (device), and
+ * the copy of them in the device's weight format that the ops read, or NULL when they read the
+ * parameters themselves (es_adamw_update). */
 typedef struct es_param_group {
     float *params, *grads, *m, *v;
     size_t n;
+    void *working;
 } es_param_group;
 
 /* The global gradient norm over the groups (sums of squares in a fixed order). */

@@ -1,6 +1,8 @@
 /* The parameter arena (kernels/weights.h). */
 #include "weights.h"
 
+#include "ops.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,4 +84,48 @@ void es_params_free(es_device *dev, es_params *p) {
     es_device_free(dev, p->arena, p->arena_floats * sizeof(float));
     free(p->tensors), free(p->layers);
     memset(p, 0, sizeof *p);
+}
+
+int es_working_create(es_device *dev, const es_params *master, es_working *out, es_error *err) {
+    memset(out, 0, sizeof *out);
+    out->dtype = dev->weight_dtype, out->n = master->arena_floats, out->n_layers = master->n_layers;
+    if (!(out->layers = malloc((size_t)master->n_layers * sizeof *out->layers + 1))) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (dev->weight_dtype == ES_DT_F32) {
+        out->arena = master->arena;
+        out->embed = master->embed, out->final_norm = master->final_norm, out->lm_head = master->lm_head;
+        memcpy(out->layers, master->layers, (size_t)master->n_layers * sizeof *out->layers);
+        return ES_OK;
+    }
+    char what[128];
+    snprintf(what, sizeof what, "the working copy (%s) of %zu parameters", es_dtype_name(dev->weight_dtype), master->arena_floats);
+    int rc = es_device_alloc(dev, master->arena_floats * es_dtype_size(dev->weight_dtype), &out->arena, what, err);
+    if (rc) {
+        free(out->layers);
+        memset(out, 0, sizeof *out);
+        return rc;
+    }
+    out->owned = 1;
+#define WORKING(pointer) ((pointer) ? es_working_at(out, master, (pointer)) : NULL)
+    out->embed = WORKING(master->embed), out->final_norm = WORKING(master->final_norm), out->lm_head = WORKING(master->lm_head);
+    for (int l = 0; l < master->n_layers; l++) {
+        es_layer_weights source = master->layers[l];
+        for (int part = 0; part < ES_LAYER_PARTS; part++)
+            *es_layer_slot(&out->layers[l], part) = WORKING((const float *)*es_layer_slot(&source, part));
+    }
+#undef WORKING
+    rc = es_working_refresh(dev, master, out, err);
+    if (rc) es_working_free(dev, out);
+    return rc;
+}
+
+int es_working_refresh(es_device *dev, const es_params *master, es_working *working, es_error *err) {
+    if (!working->owned) return ES_OK;
+    if (es_round_weights(dev, working->arena, master->arena, master->arena_floats)) return es_device_take_error(dev, err);
+    return ES_OK;
+}
+
+void es_working_free(es_device *dev, es_working *working) {
+    if (working->owned) es_device_free(dev, working->arena, working->n * es_dtype_size(working->dtype));
+    free(working->layers);
+    memset(working, 0, sizeof *working);
 }

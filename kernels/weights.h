@@ -41,5 +41,28 @@ static inline float *es_params_at(const es_params *params, const es_params *othe
     return other->arena + (param - params->arena);
 }
 
+/* The weights the ops read (dev->weight_dtype, ops.h), in the master's layout: on a device that
+ * reads fp32 (the CPU) the master weights themselves; on one that reads bf16 (CUDA) a bf16 copy
+ * of them, which AdamW refreshes in the same pass as it updates the master (es_adamw_update). */
+typedef struct es_working {
+    void *arena;                  // (arena elements) device memory, es_dtype_size(dtype) each
+    es_dtype dtype;
+    int owned;                    /* a copy (freed with it), not the master itself */
+    size_t n;                     /* elements, as the master's arena_floats */
+    void *embed, *final_norm, *lm_head;
+    es_layer_weights *layers;     /* [n_layers] */
+    int n_layers;
+} es_working;
+
+/* The working weights of master, filled from it. */
+int es_working_create(es_device *dev, const es_params *master, es_working *out, es_error *err);
+/* Fills working from master again (after the master was written some other way: a checkpoint). */
+int es_working_refresh(es_device *dev, const es_params *master, es_working *working, es_error *err);
+void es_working_free(es_device *dev, es_working *working);
+/* The working copy of a master parameter (NULL when the working weights are the master's). */
+static inline void *es_working_at(const es_working *working, const es_params *master, const float *param) {
+    if (!working->owned) return NULL;
+    return (char *)working->arena + (size_t)(param - master->arena) * es_dtype_size(working->dtype);
+}
 
 #endif

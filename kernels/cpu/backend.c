@@ -167,6 +167,7 @@ static const es_backend cpu_backend = {
     .latent_mse = cpu_latent_mse,
     .cross_entropy = cpu_cross_entropy,
     .adamw_update = cpu_adamw_update,
+    .round_weights = cpu_round_weights,
     .sum_squares = cpu_sum_squares,
     .scale = cpu_scale,
     .round_precision = cpu_round_precision,

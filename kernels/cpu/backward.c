@@ -67,8 +67,9 @@ static void rmsnorm_grad_columns(void *arg, size_t block, int worker) {
     }
 }
 
-int cpu_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in, const float *weight, int T,
-                         int C, float eps) {
+int cpu_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in, const void *weight_any,
+                         int T, int C, float eps) {
+    const float *weight = weight_any; /* the CPU's weight format is fp32 */
     if (T <= 0) return 0;
     float *r = es_device_scratch(dev, (size_t)T * sizeof *r);
     if (!r) return ES_ERR_RUNTIME;
@@ -100,7 +101,8 @@ static void bias_grad_columns(void *arg, size_t block, int worker) {
 }
 
 int cpu_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
-                        const float *weight, int T, int C, int OC) {
+                        const void *weight_any, int T, int C, int OC) {
+    const float *weight = weight_any; /* the CPU's weight format is fp32 */
     if (T <= 0) return 0;
     // din = dout @ weight  (T, C)
     if (din) cpu_gemm(dev, 0, 0, T, C, OC, 1.0f, dout, OC, weight, C, 0.0f, din, C);

@@ -46,8 +46,8 @@ int cpu_rope_forward(es_device *, float *, const int32_t *, const double *, int,
 int cpu_swiglu_forward(es_device *, float *, const float *, const float *, size_t);
 int cpu_add(es_device *, float *, const float *, const float *, size_t);
 int cpu_embedding_backward(es_device *, float *, const int32_t *, const float *, int, int);
-int cpu_rmsnorm_backward(es_device *, float *, float *, const float *, const float *, const float *, int, int, float);
-int cpu_matmul_backward(es_device *, float *, float *, float *, const float *, const float *, const float *, int, int, int);
+int cpu_rmsnorm_backward(es_device *, float *, float *, const float *, const float *, const void *, int, int, float);
+int cpu_matmul_backward(es_device *, float *, float *, float *, const float *, const float *, const void *, int, int, int);
 int cpu_rope_backward(es_device *, float *, const int32_t *, const double *, int, int, int);
 int cpu_swiglu_backward(es_device *, float *, float *, const float *, const float *, const float *, size_t);
 int cpu_attention_forward(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int, int);
@@ -57,8 +57,9 @@ int cpu_attention_backward(es_device *, float *, float *, float *, const float *
                            const int32_t *, int, int, int, int);
 int cpu_latent_mse(es_device *, double *, double *, float *, float *, const float *, const float *, const uint8_t *, const float *,
                    int, int, float, float);
-int cpu_cross_entropy(es_device *, double *, float *, float *, const float *, const float *, const int32_t *, int, int, int, float);
-int cpu_adamw_update(es_device *, float *, const float *, float *, float *, size_t, int64_t, double, const es_adamw_config *);
+int cpu_cross_entropy(es_device *, double *, float *, float *, const float *, const void *, const int32_t *, int, int, int, float);
+int cpu_adamw_update(es_device *, float *, void *, const float *, float *, float *, size_t, int64_t, double, const es_adamw_config *);
+int cpu_round_weights(es_device *, void *, const float *, size_t);
 int cpu_sum_squares(es_device *, double *, const float *, size_t);
 int cpu_scale(es_device *, float *, size_t, float);
 int cpu_round_precision(es_device *, float *, size_t, es_precision);

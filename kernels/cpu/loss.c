@@ -176,8 +176,9 @@ static void ce_backward_tile(void *arg, size_t j, int worker) {
               job->dx_part + j * job->rows * C, C);
 }
 
-int cpu_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const float *W,
+int cpu_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const void *W_any,
                       const int32_t *labels, int T, int C, int V, float scale) {
+    const float *W = W_any; /* the CPU's weight format is fp32 */
     *loss_sum = 0;
     int labelled = 0;
     for (int t = 0; t < T; t++) {

@@ -11,6 +11,7 @@ static size_t blocks_of(size_t n) { return (n + BLOCK - 1) / BLOCK; }
 
 typedef struct adamw_job {
     float *params, *m, *v;
+    float *working; /* NULL, or a copy of params to keep (the CPU's weight format is fp32) */
     const float *grads;
     size_t n;
     float decay, one_minus_beta1, beta2, one_minus_beta2, step_size, root_correction2, eps;
@@ -28,16 +29,23 @@ static void adamw_block(void *arg, size_t block, int worker) {
         const float denominator = sqrtf(job->v[i]) / job->root_correction2 + job->eps;
         job->params[i] -= job->step_size * (job->m[i] / denominator);
     }
+    if (job->working) memcpy(job->working + begin, job->params + begin, (end - begin) * sizeof *job->params);
 }
 
-int cpu_adamw_update(es_device *dev, float *params, const float *grads, float *m, float *v, size_t n, int64_t step, double lr,
-                     const es_adamw_config *config) {
+int cpu_adamw_update(es_device *dev, float *params, void *working, const float *grads, float *m, float *v, size_t n, int64_t step,
+                     double lr, const es_adamw_config *config) {
     const double bias_correction1 = 1.0 - pow(config->beta1, (double)step);
     const double bias_correction2 = 1.0 - pow(config->beta2, (double)step);
-    adamw_job job = {params, m, v, grads, n, (float)(1.0 - lr * config->weight_decay), (float)(1.0 - config->beta1),
+    adamw_job job = {params, m, v, working == (void *)params ? NULL : working, grads, n, (float)(1.0 - lr * config->weight_decay), (float)(1.0 - config->beta1),
                      (float)config->beta2, (float)(1.0 - config->beta2), (float)(lr / bias_correction1),
                      (float)sqrt(bias_correction2), (float)config->eps};
     cpu_for(dev, blocks_of(n), adamw_block, &job);
+    return 0;
+}
+
+int cpu_round_weights(es_device *dev, void *working, const float *master, size_t n) {
+    (void)dev;
+    if (working != (const void *)master) memmove(working, master, n * sizeof *master);
     return 0;
 }
 

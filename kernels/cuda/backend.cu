@@ -82,7 +82,7 @@ static int cuda_sync(es_device *dev) {
 }
 
 /* The pinned landing place of small results (losses, sequence tables), grown when needed. */
-static int pinned_room(es_device *dev, size_t bytes, void **out) {
+int cuda_pinned_room(es_device *dev, size_t bytes, void **out) {
     cuda_device *cd = cuda_of(dev);
     if (bytes > cd->pinned_bytes) {
         CUDA_TRY(dev, "pinned buffer", cudaStreamSynchronize(cd->compute));
@@ -99,7 +99,7 @@ static int pinned_room(es_device *dev, size_t bytes, void **out) {
 int cuda_host_seq_start(es_device *dev, const int32_t *seq_start, int n_seqs, const int32_t **host) {
     void *room = NULL;
     const size_t bytes = ((size_t)n_seqs + 1) * sizeof(int32_t);
-    int rc = pinned_room(dev, bytes, &room);
+    int rc = cuda_pinned_room(dev, bytes, &room);
     if (rc) return rc;
     CUDA_TRY(dev, "attention", cudaMemcpyAsync(room, seq_start, bytes, cudaMemcpyDeviceToHost, cuda_stream(dev)));
     CUDA_TRY(dev, "attention", cudaStreamSynchronize(cuda_stream(dev)));
@@ -367,6 +367,9 @@ static size_t cuda_workspace_estimate(const es_device *dev, const es_workspace_p
     (void)dev;
     size_t bytes = cuda_matmul_workspace(plan);
     bytes = larger(bytes, cuda_attention_workspace(plan));
+    bytes = larger(bytes, cuda_backward_workspace(plan));
+    bytes = larger(bytes, cuda_attention_backward_workspace(plan));
+    bytes = larger(bytes, cuda_loss_workspace(plan));
     return larger(bytes, cuda_fourier_workspace(plan));
 }
 
@@ -425,16 +428,16 @@ static const es_backend cuda_backend = {
     .attention_cached_forward = cuda_attention_cached_forward,
     .swiglu_forward = cuda_swiglu_forward,
     .add = cuda_add,
-    /* training (the backward, the losses, AdamW): not on this backend yet */
-    .embedding_backward = NULL,
-    .rmsnorm_backward = NULL,
-    .matmul_backward = NULL,
-    .rope_backward = NULL,
-    .attention_backward = NULL,
-    .swiglu_backward = NULL,
-    .latent_mse = NULL,
-    .cross_entropy = NULL,
-    .adamw_update = NULL,
+    .embedding_backward = cuda_embedding_backward,
+    .rmsnorm_backward = cuda_rmsnorm_backward,
+    .matmul_backward = cuda_matmul_backward,
+    .rope_backward = cuda_rope_backward,
+    .attention_backward = cuda_attention_backward,
+    .swiglu_backward = cuda_swiglu_backward,
+    .latent_mse = cuda_latent_mse,
+    .cross_entropy = cuda_cross_entropy,
+    .adamw_update = cuda_adamw_update,
+    .round_weights = cuda_round_weights,
     .sum_squares = cuda_sum_squares,
     .scale = cuda_scale,
 

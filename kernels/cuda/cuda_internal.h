@@ -86,10 +86,37 @@ typedef enum { CUDA_GEMM_F32, CUDA_GEMM_TF32, CUDA_GEMM_BF16, CUDA_GEMM_FP8_E4M3
 int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const void *B, const __nv_bfloat16 *bias, int M, int N,
               int K, float alpha, cuda_gemm_input input);
 
+/* Training's products (gemm_train.cu): D (M, N) = alpha · op(A) · op(B) + beta · D, row-major,
+ * op(A) (M, K) being A (M, K) or, with trans_a, the transpose of A stored (K, M); op(B) (K, N)
+ * being B (K, N) or, with trans_b, the transpose of B stored (N, K). Inputs fp32 or bf16 (both
+ * operands the same), D fp32; no split K, one algorithm per shape. */
+int cuda_gemm_train(es_device *dev, const char *op, float *D, const void *A, int trans_a, const void *B, int trans_b, int M, int N,
+                    int K, float alpha, float beta, cuda_gemm_input input);
+
+/* Pinned host memory for small results an op returns (cuda_device.pinned, grown when needed;
+ * valid until the next op asks for it). */
+int cuda_pinned_room(es_device *dev, size_t bytes, void **room);
+
+/* fp32 -> bf16 bits as common/dtype.h rounds (to nearest, ties away from zero, saturating; NaN
+ * quiet with its sign): the rounding of every weight upload, so a copy made on the device holds
+ * the bits an upload of the same values would. */
+__device__ __forceinline__ uint16_t cuda_f32_to_bf16_bits(float value) {
+    uint32_t u = __float_as_uint(value);
+    uint32_t sign = u & 0x80000000u, mag = u & 0x7fffffffu;
+    if (mag > 0x7f800000u) return (uint16_t)((sign >> 16) | 0x7fffu);
+    if (mag == 0x7f800000u) return (uint16_t)(u >> 16);
+    mag += 0x8000u;
+    if (mag >= 0x7f800000u) mag = 0x7f7f0000u;
+    return (uint16_t)((sign | mag) >> 16);
+}
+
 /* ---- workspace: bytes of es_device_scratch each family needs for a plan's largest shapes ---- */
 size_t cuda_matmul_workspace(const es_workspace_plan *plan);
 size_t cuda_attention_workspace(const es_workspace_plan *plan);
 size_t cuda_fourier_workspace(const es_workspace_plan *plan);
+size_t cuda_backward_workspace(const es_workspace_plan *plan);
+size_t cuda_attention_backward_workspace(const es_workspace_plan *plan);
+size_t cuda_loss_workspace(const es_workspace_plan *plan);
 
 /* ---- the ops (one file each; names as kernels/backend_impl.h's entries) ------------------------ */
 
@@ -116,6 +143,24 @@ int cuda_standardise(es_device *dev, float *x_hat, int64_t *first_bad, const flo
                      const float *mean, const float *scale, int64_t n, int d, es_precision precision);
 int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, const float *omega, float omega_scale, int T, int d, int m,
                           es_precision precision, es_fourier_timing *timing);
+
+/* training (backward.cu, attention_backward.cu, loss.cu, optimizer.cu) */
+int cuda_embedding_backward(es_device *dev, float *dtable, const int32_t *ids, const float *dout, int T, int C);
+int cuda_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in, const void *weight, int T,
+                          int C, float eps);
+int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
+                         const void *weight, int T, int C, int OC);
+int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
+int cuda_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n);
+int cuda_attention_backward(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                            const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
+int cuda_latent_mse(es_device *dev, double *loss_sum, double *cosine_sum, float *dh, float *dhead, const float *h,
+                    const float *target, const uint8_t *mask, const float *head, int T, int C, float eps, float scale);
+int cuda_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const void *W,
+                       const int32_t *labels, int T, int C, int V, float scale);
+int cuda_adamw_update(es_device *dev, float *params, void *working, const float *grads, float *m, float *v, size_t n,
+                      int64_t step, double lr, const es_adamw_config *config);
+int cuda_round_weights(es_device *dev, void *working, const float *master, size_t n);
 
 /* Sequence table on the host: attention needs its shape to size its grid. Copies seq_start
  * (device, n_seqs + 1) into host memory (cuda_device.pinned) after the compute stream reaches it. */

@@ -219,9 +219,10 @@ static int call_rmsnorm_backward(es_device *dev, const hcase *c, double *const *
     const size_t size = (size_t)n->T * n->C;
     dscope s;
     ds_begin(&s, dev, err);
-    float *in, *weight, *dout, *din, *dweight = NULL;
+    float *in, *dout, *din, *dweight = NULL;
+    void *weight;
     PUT(&s, in, n->in, size * sizeof *in);
-    PUT(&s, weight, n->weight, (size_t)n->C * sizeof *weight);
+    PUT_WEIGHTS(&s, weight, n->weight, (size_t)n->C);
     PUT(&s, dout, n->dout, size * sizeof *dout);
     OUT(&s, din, NULL, size);
     if (n->with_dweight) OUT(&s, dweight, n->dweight_start, (size_t)n->C);
@@ -316,9 +317,10 @@ static int call_matmul_backward(es_device *dev, const hcase *c, double *const *g
     const matmul_case *m = c->data;
     dscope s;
     ds_begin(&s, dev, err);
-    float *in, *weight, *dout, *din = NULL, *dweight, *dbias = NULL;
+    float *in, *dout, *din = NULL, *dweight, *dbias = NULL;
+    void *weight;
     PUT(&s, in, m->in, (size_t)m->T * m->C * sizeof *in);
-    PUT(&s, weight, m->weight, (size_t)m->OC * m->C * sizeof *weight);
+    PUT_WEIGHTS(&s, weight, m->weight, (size_t)m->OC * m->C);
     PUT(&s, dout, m->dout, (size_t)m->T * m->OC * sizeof *dout);
     if (m->with_din) OUT(&s, din, NULL, (size_t)m->T * m->C);
     OUT(&s, dweight, m->dweight_start, (size_t)m->OC * m->C);
@@ -702,8 +704,10 @@ const op_spec harness_layer_ops[] = {
     SPEC(swiglu_forward, swiglu_grid, HARNESS_ELEMENTWISE),   /* 2.3e-15 */
     SPEC(add, add_grid, HARNESS_ELEMENTWISE),                 /* 1.3e-15 */
     SPEC(embedding_backward, embedding_backward_grid, HARNESS_REDUCTION), /* 1.7e-14: sums over repeated ids */
-    SPEC(rmsnorm_backward, rmsnorm_backward_grid, HARNESS_REDUCTION),     /* 3.1e-15; dweight sums over tokens */
-    SPEC(matmul_backward, matmul_backward_grid, HARNESS_REDUCTION),       /* 1.0e-13 */
+    /* 3.1e-15; dweight sums over tokens; bf16: the weight's rounding */
+    SPEC(rmsnorm_backward, rmsnorm_backward_grid, HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_ROUNDING),
+    /* 1.0e-13; bf16: dout, the weight and (for dweight) the input rounded for the tensor cores */
+    SPEC(matmul_backward, matmul_backward_grid, HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT),
     SPEC(rope_backward, rope_grid, HARNESS_ELEMENTWISE),                  /* 1.8e-15 */
     SPEC(attention_backward, attention_grid, HARNESS_REDUCTION),          /* 2.5e-13 */
     SPEC(swiglu_backward, swiglu_backward_grid, HARNESS_ELEMENTWISE),     /* 9.8e-15 */

@@ -141,10 +141,11 @@ static int call_cross_entropy(es_device *dev, const hcase *c, double *const *got
     const size_t nx = (size_t)e->T * e->C, nw = (size_t)e->V * e->C;
     dscope s;
     ds_begin(&s, dev, err);
-    float *x, *W, *dx = NULL, *dW = NULL;
+    float *x, *dx = NULL, *dW = NULL;
+    void *W;
     int32_t *labels;
     PUT(&s, x, e->x, nx * sizeof *x);
-    PUT(&s, W, e->W, nw * sizeof *W);
+    PUT_WEIGHTS(&s, W, e->W, nw);
     PUT(&s, labels, e->labels, (size_t)e->T * sizeof *labels);
     if (e->dx) OUT(&s, dx, NULL, nx);
     if (e->dx && e->dW) OUT(&s, dW, e->dW_start, nw);
@@ -206,15 +207,79 @@ static int call_adamw_update(es_device *dev, const hcase *c, double *const *got,
     dscope s;
     ds_begin(&s, dev, err);
     float *p, *g, *m, *v;
+    void *working;
+    const size_t wide = es_dtype_size(dev->weight_dtype);
     OUT(&s, p, a->x, a->n);
     PUT(&s, g, a->grads, a->n * sizeof *g);
     OUT(&s, m, a->m, a->n);
     OUT(&s, v, a->v, a->n);
-    OP(&s, es_adamw_update(dev, p, g, m, v, a->n, a->step, a->lr, &a->config));
+    PUT(&s, working, NULL, a->n * wide);
+    OP(&s, es_adamw_update(dev, p, working, g, m, v, a->n, a->step, a->lr, &a->config));
     GET(&s, got[0], p, a->n);
     GET(&s, got[1], m, a->n);
     GET(&s, got[2], v, a->n);
-    return ds_end(&s, ES_OK);
+    /* the working copy holds exactly the new params in the device's weight format */
+    float *params = malloc(a->n * sizeof *params + 1);
+    unsigned char *copy = malloc(a->n * wide + 1);
+    int rc = params && copy ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (!rc) rc = es_device_download(dev, params, p, a->n * sizeof *params, err);
+    if (!rc) rc = es_device_download(dev, copy, working, a->n * wide, err);
+    for (size_t i = 0; !rc && i < a->n; i++) {
+        uint32_t want, have;
+        if (dev->weight_dtype == ES_DT_F32) memcpy(&want, &params[i], 4), memcpy(&have, copy + 4 * i, 4);
+        else want = es_f32_to_bf16(params[i]), have = (uint32_t)copy[2 * i] | (uint32_t)copy[2 * i + 1] << 8;
+        if (want != have)
+            rc = es_fail(err, ES_ERR_RUNTIME, "adamw_update: the working copy's element %zu is 0x%x, not the new param's 0x%x", i,
+                         have, want);
+    }
+    free(params), free(copy);
+    return ds_end(&s, rc);
+}
+
+/* ---- the working copy of weights ------------------------------------------------------------ */
+
+static const size_t round_weights_grid[] = {0, 1, 7, 65537, 300001};
+
+static void make_round_weights(hcase *c, int index) {
+    rng r = rng_seeded(3250 + (uint64_t)index);
+    vector_case *a = c->data = hc_alloc(c, sizeof *a);
+    a->n = round_weights_grid[index];
+    hc_param(c, "n", (long)a->n);
+    a->x = hc_normals(c, &r, a->n, 1.0);
+    /* ties, subnormals and the saturating top, where rounding rules differ */
+    const float special[] = {1.00390625f /* 1 + 2^-8: a tie */, -1.01171875f, 1e-40f, 3.4e38f, 0.0f, -0.0f};
+    for (size_t i = 0; i < a->n && i < sizeof special / sizeof *special; i++) a->x[i] = special[i];
+    double *want = hc_output(c, "working", a->n, 0);
+    for (size_t i = 0; i < a->n; i++) want[i] = a->x[i];
+}
+
+/* The copy, widened back to fp32 (exact), and checked bit for bit against common/dtype.h's rounding. */
+static int call_round_weights(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const vector_case *a = c->data;
+    const size_t wide = es_dtype_size(dev->weight_dtype);
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *master;
+    void *working;
+    PUT(&s, master, a->x, a->n * sizeof *master);
+    PUT(&s, working, NULL, a->n * wide);
+    OP(&s, es_round_weights(dev, working, master, a->n));
+    unsigned char *copy = malloc(a->n * wide + 1);
+    int rc = copy ? es_device_download(dev, copy, working, a->n * wide, err) : es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    for (size_t i = 0; !rc && i < a->n; i++) {
+        float value;
+        if (dev->weight_dtype == ES_DT_F32) memcpy(&value, copy + 4 * i, 4);
+        else {
+            const uint16_t bits = (uint16_t)(copy[2 * i] | copy[2 * i + 1] << 8);
+            if (bits != es_f32_to_bf16(a->x[i]))
+                rc = es_fail(err, ES_ERR_RUNTIME, "round_weights: element %zu (%a) became 0x%04x, not 0x%04x", i, a->x[i], bits,
+                             es_f32_to_bf16(a->x[i]));
+            value = es_bf16_to_f32(bits);
+        }
+        got[0][i] = value;
+    }
+    free(copy);
+    return ds_end(&s, rc);
 }
 
 static const size_t sum_squares_grid[] = {0, 1, 7, 65536, 65537, 300001};
@@ -512,6 +577,7 @@ static int call_fourier_features(es_device *dev, const hcase *c, double *const *
 PRESENT(latent_mse)
 PRESENT(cross_entropy)
 PRESENT(adamw_update)
+PRESENT(round_weights)
 PRESENT(sum_squares)
 PRESENT(scale)
 PRESENT(round_precision)
@@ -524,10 +590,13 @@ PRESENT(fourier_features)
 
 const op_spec harness_train_ops[] = {
     SPEC("latent_mse", latent_grid, HARNESS_REDUCTION, latent_mse, make_latent_mse),          /* measured 2.1e-13 */
-    SPEC("cross_entropy", ce_grid, HARNESS_REDUCTION, cross_entropy, make_cross_entropy),     /* 9.2e-14 */
+    /* 9.2e-14; bf16: x, the head and the logits' gradient rounded for the tensor cores */
+    SPEC("cross_entropy", ce_grid, HARNESS_REDUCTION, cross_entropy, make_cross_entropy, .bf16_threshold = HARNESS_BF16_PRODUCT),
     /* 2.3e-14; tighter than a reduction's, since the update is small against p and an error in
      * it (a bias correction, eps's place) shows only as a small change of p */
     SPEC("adamw_update", adamw_grid, 1e-11, adamw_update, make_adamw_update),
+    /* a copy on fp32 devices; bf16: one rounding, checked bit for bit inside the call */
+    SPEC("round_weights", round_weights_grid, 0, round_weights, make_round_weights, .bf16_threshold = HARNESS_BF16_ROUNDING),
     /* 2.2e-28: ops.h promises a sum in double; fp32 partial sums would give ~1e-14 */
     SPEC("sum_squares", sum_squares_grid, 1e-20, sum_squares, make_sum_squares),
     SPEC("scale", scale_grid, HARNESS_ELEMENTWISE, scale, make_scale), /* 6.4e-16: one rounding */

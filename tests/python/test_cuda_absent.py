@@ -1,4 +1,4 @@
-"""--device cuda where no GPU can be used (a build without nvcc, or no CUDA device): each stage
+"""--device cuda where no GPU can be used (a build without nvcc, or no CUDA device): each stage (extract, project, align)
 fails with exit 1 and a message naming --device cuda, and leaves no output (no file, no .partial).
 On a machine with a usable GPU the checks print SKIP: tests/gpu/ covers the GPU there."""
 import json
@@ -67,6 +67,17 @@ def main():
         report("project_device_cuda_without_gpu_exit_1",
                project.returncode == 1 and "--device cuda" in project.stderr and not left_behind(tmp, "student_cuda"),
                f"rc {project.returncode}, stderr {project.stderr.strip()[-300:]!r}, left {left_behind(tmp, 'student_cuda')}")
+        # align: its targets made on the CPU; training on cuda fails before OUT exists
+        student = run("essence-project", "--in", os.path.join(tmp, "teacher.h5"), "--student", os.path.join(MODELS, "tiny-qwen2"),
+                      "--out", os.path.join(tmp, "student.h5"), "--layer-map", "2:1")
+        if student.returncode:
+            report("align_device_cuda_without_gpu_exit_1", False, f"the CPU project failed: {student.stderr.strip()[-300:]}")
+            return
+        align = run("essence-align", "--model", os.path.join(MODELS, "tiny-qwen2"), "--data", os.path.join(tmp, "student.h5"),
+                    "--out", os.path.join(tmp, "run_cuda"), "--steps", "2", "--device", "cuda")
+        report("align_device_cuda_without_gpu_exit_1",
+               align.returncode == 1 and "--device cuda" in align.stderr and not left_behind(tmp, "run_cuda"),
+               f"rc {align.returncode}, stderr {align.stderr.strip()[-300:]!r}, left {left_behind(tmp, 'run_cuda')}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

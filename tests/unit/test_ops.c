@@ -98,7 +98,7 @@ static int broken_attention_forward(es_device *dev, float *out, const float *q, 
 }
 
 /* The labels shifted once more: row t is scored against labels[t + 1]. */
-static int broken_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const float *W,
+static int broken_cross_entropy(es_device *dev, double *loss_sum, float *dx, float *dW, const float *x, const void *W,
                                 const int32_t *labels, int T, int C, int V, float scale) {
     int32_t *shifted = malloc(((size_t)T + 1) * sizeof *shifted);
     if (!shifted) return es_device_fail(dev, ES_ERR_RUNTIME, "out of memory");
@@ -110,7 +110,7 @@ static int broken_cross_entropy(es_device *dev, double *loss_sum, float *dx, flo
 
 /* dweight and dbias overwritten instead of added to. */
 static int broken_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
-                                  const float *weight, int T, int C, int OC) {
+                                  const void *weight, int T, int C, int OC) {
     memset(dweight, 0, (size_t)OC * C * sizeof *dweight);
     if (dbias) memset(dbias, 0, (size_t)OC * sizeof *dbias);
     return cpu_table->matmul_backward(dev, din, dweight, dbias, dout, in, weight, T, C, OC);
@@ -118,7 +118,7 @@ static int broken_matmul_backward(es_device *dev, float *din, float *dweight, fl
 
 /* The last token's row of din is never written (dweight is right). */
 static int broken_rmsnorm_backward(es_device *dev, float *din, float *dweight, const float *dout, const float *in,
-                                   const float *weight, int T, int C, float eps) {
+                                   const void *weight, int T, int C, float eps) {
     float *kept = malloc((size_t)C * sizeof *kept);
     if (!kept) return es_device_fail(dev, ES_ERR_RUNTIME, "out of memory");
     if (T > 0) memcpy(kept, din + (size_t)(T - 1) * C, (size_t)C * sizeof *kept);
