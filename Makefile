@@ -161,6 +161,7 @@ $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 
 # GPU checks: built wherever nvcc is, run only by tests/gpu/run.sh on a GPU machine.
 $(BUILD)/gpu/bench_project: $(BUILD)/obj/project/precision.o # DESIGN.md's precision table, as project has it
+$(BUILD)/gpu/test_train_cuda $(BUILD)/gpu/bench_train: $(STAGE_OBJ) # the student under training (align/train.c)
 $(BUILD)/gpu/%: $(BUILD)/obj/tests/gpu/%.o $(LIB) $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
 	$(LINK) -Wl,-rpath,'$$ORIGIN/..' -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart

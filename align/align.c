@@ -303,8 +303,9 @@ static int write_fingerprint(const char *path, const es_config *cfg, es_error *e
 /* What a --resume must share with the run that wrote the checkpoint (common/resume.h): the options
  * that shape the training, the model's files and the data by their content (student.h5 by its
  * resume_key attribute, a JSONL by its SHA-256 and, as the model folder's tokenizer encodes it,
- * tokenizer.json and tokenizer_config.json by theirs), and the number of ranks. NULL and *err set on
- * failure. */
+ * tokenizer.json and tokenizer_config.json by theirs), and the number of ranks. Not the device: the
+ * state is fp32 master weights and moments on every backend, so a run may continue on another
+ * (docs/align.md "Resuming"). NULL and *err set on failure. */
 static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
     const char *model = es_config_str(cfg, "model"), *data = es_config_str(cfg, "data");
     char model_fp[ES_FINGERPRINT_HEX], data_fp[ES_FINGERPRINT_HEX] = "", ranks[32];
@@ -336,7 +337,7 @@ static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
             return NULL;
     }
     snprintf(ranks, sizeof ranks, "%d", world);
-    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", NULL});
+    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", "device", NULL});
     char *text = NULL;
     if (key) {
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp));

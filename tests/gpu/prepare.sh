@@ -8,19 +8,21 @@
 #                 benchmarks, built for sm_90a only (smaller)
 #   libs.tar.xz   the shared libraries they load (../shared/tools/gpu-bundle.sh)
 #   gpu_baselines.py, gpu_offload_baselines.py   the Hugging Face / PyTorch baselines
-#   llama70b/config.json                          the teacher's shape, for the benchmarks
+#   llama70b/config.json, qwen1.5b/config.json    the teacher's and the student's shapes, for the benchmarks
 set -eu
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-../shared}
 BUILD=build-gpu
 ARCH=${GPU_ARCH:-"-gencode arch=compute_90a,code=sm_90a"}
-make -j"$(nproc)" BUILD=$BUILD CUDA_ARCHS="$ARCH" $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-inspect $BUILD/libessence-cuda.so \
+make -j"$(nproc)" BUILD=$BUILD CUDA_ARCHS="$ARCH" $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-align $BUILD/essence-eval \
+    $BUILD/essence-inspect $BUILD/libessence-cuda.so \
     $(ls tests/gpu/*.c | sed "s|tests/gpu/\(.*\)\.c|$BUILD/gpu/\1|")
-rm -rf gpu-carry && mkdir -p gpu-carry/bin gpu-carry/llama70b
-cp $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-eval $BUILD/essence-inspect $BUILD/libessence-cuda.so $BUILD/gpu/* gpu-carry/bin/
+rm -rf gpu-carry && mkdir -p gpu-carry/bin gpu-carry/llama70b gpu-carry/qwen1.5b
+cp $BUILD/essence-extract $BUILD/essence-project $BUILD/essence-align $BUILD/essence-eval $BUILD/essence-inspect $BUILD/libessence-cuda.so $BUILD/gpu/* gpu-carry/bin/
 strip gpu-carry/bin/*
 "$SHARED/tools/gpu-bundle.sh" gpu-carry gpu-carry/bin/*
-cp tests/gpu/eval_vs_golden.py gpu-carry/
+cp tests/gpu/eval_vs_golden.py tests/gpu/align_parity.py gpu-carry/
 cp "$SHARED/tools/gpu_baselines.py" "$SHARED/tools/gpu_offload_baselines.py" gpu-carry/
 cp "$SHARED/fixtures/configs/deepseek-r1-distill-llama-70b.config.json" gpu-carry/llama70b/config.json
+cp "$SHARED/fixtures/configs/deepseek-r1-distill-qwen-1.5b.config.json" gpu-carry/qwen1.5b/config.json
 du -sh gpu-carry

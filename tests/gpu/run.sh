@@ -6,9 +6,11 @@
 #      the bf16 conversions (test_convert), golden parity of the tiny models with resident and
 #      streamed layers (test_forward_cuda);
 #   2. the programs: essence-extract and essence-project with --device cuda against --device cpu,
-#      compared with essence-inspect compare;
+#      compared with essence-inspect compare; essence-eval against the goldens; essence-align's
+#      losses on cuda against cpu, and checkpoints continued on the other device;
 #   3. the benchmarks beside Hugging Face + PyTorch on the same GPU in the same call: one
-#      Llama-70B layer, 8 layers streamed under --max-memory 16G, the projection, extract end to end.
+#      Llama-70B layer, 8 layers streamed under --max-memory 16G, the projection, Qwen2-1.5B training
+#      steps, extract end to end.
 # The offload baseline needs ~3 minutes to set up its host weights: it starts first and its set-up
 # overlaps the checks (which time nothing); every benchmark runs after it, one at a time.
 #
@@ -61,6 +63,12 @@ mkmodel=
 if wanted e2e; then
     "$BIN/essence-inspect" mkmodel --like "$W/e2e/like.json" --layers 2 --out "$W/e2e/model" >"$W/e2e/mkmodel.log" 2>&1 &
     mkmodel=$!
+fi
+# the student's real shape (1.78 B parameters, 3.6 GB in bf16) for the training benchmark
+mkqwen=
+if wanted bench; then
+    "$BIN/essence-inspect" mkmodel --like "$CARRY/qwen1.5b/config.json" --out "$W/qwen1.5b" >"$W/mkqwen.log" 2>&1 &
+    mkqwen=$!
 fi
 
 passed=0 failed=0
@@ -129,6 +137,22 @@ EOF
         --template "$(cat "$W/eval_$model.template")" --max-new-tokens 32 --batch 4 --batch-tokens 16 --device cuda
     check "eval_cuda_vs_golden_$model" python3 "$CARRY/eval_vs_golden.py" "$T/$model/golden_generate.json" "$W/eval_${model}_cuda.out.jsonl"
 done
+# essence-align on cuda against cpu: 20 steps of tiny-qwen2 on the CPU's student.h5, CE and latent
+# terms, losses within 2% step by step; then each run's step-10 checkpoint continued on the other
+# device (the state is fp32 on both), its steps 11..20 within 2% of the uninterrupted run's
+for dev in cpu cuda; do
+    check "align_$dev" "$BIN/essence-align" --model $T/tiny-qwen2 --data "$W/student_cpu_fp32.h5" --out "$W/align_$dev" \
+        --steps 20 --save-every 10 --keep-checkpoints 2 --ce-weight 0.5 --eval-every 10 --device $dev
+done
+check align_cuda_vs_cpu_losses python3 "$CARRY/align_parity.py" "$W/align_cuda/metrics.jsonl" "$W/align_cpu/metrics.jsonl" 0.02
+for pair in cuda:cpu cpu:cuda; do
+    from=${pair%%:*} to=${pair##*:}
+    rm -rf "$W/resume_$from" && cp -r "$W/align_$from" "$W/resume_$from" && rm -rf "$W/resume_$from/checkpoint-20"
+    check "align_resume_${from}_on_$to" "$BIN/essence-align" --model $T/tiny-qwen2 --data "$W/student_cpu_fp32.h5" \
+        --out "$W/resume_$from" --steps 20 --save-every 10 --keep-checkpoints 2 --ce-weight 0.5 --eval-every 10 --device $to --resume
+    check "align_resume_${from}_on_${to}_losses" python3 "$CARRY/align_parity.py" "$W/resume_$from/metrics.jsonl" \
+        "$W/align_$to/metrics.jsonl" 0.02 11
+done
 "$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$OUT/compare_teacher.txt" 2>&1
 "$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$OUT/compare_student.txt" 2>&1
 fi
@@ -150,6 +174,16 @@ wanted bench && for b in bench_layer bench_stream bench_project; do
     echo "$out" | tee -a "$OUT/bench.txt"
     count "$out" "$rc" # bench_project's precision lines are checks; the others print figures only
 done
+# training: the Qwen2-1.5B shape, 4 x 2048 tokens a step, beside the baseline's qwen2_1p5b_train
+if wanted bench && [ -n "$mkqwen" ] && in_time bench_train; then
+    stamp "bench_train"
+    wait $mkqwen
+    out=$(timeout 300 "$BIN/bench_train" "$OUT" "$W/qwen1.5b" 2>&1); rc=$?
+    echo "$out" | tee -a "$OUT/bench.txt"
+    count "$out" "$rc"
+fi
+rm -rf "$W/qwen1.5b"
+[ -n "$mkqwen" ] && kill $mkqwen 2>/dev/null
 # extract end to end on that checkpoint: where the time goes, and whether the writer keeps up
 if [ -n "$mkmodel" ] && in_time extract_end_to_end; then
 stamp "extract end to end"

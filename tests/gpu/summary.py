@@ -1,6 +1,6 @@
 """The short table at the end of tests/gpu/run.sh: essence against Hugging Face + PyTorch measured in
 the same call (perf.json from gpu_baselines.py, offload.json from gpu_offload_baselines.py) and the
-goals of the CUDA inference issue. Missing figures print as "-" with the file that lacks them."""
+goals of the CUDA inference and training issues. Missing figures print as "-" with the file that lacks them."""
 import json
 import os
 import sys
@@ -45,6 +45,7 @@ def ratio(ours, theirs, higher_is_better):
 
 hf, offload = load("perf.json"), load("offload.json")
 layer, stream, project = load("bench_layer.json"), load("bench_stream.json"), load("bench_project.json")
+train = load("bench_train.json")
 device = open(os.path.join(OUT, "device.txt")).read().strip().replace("\n", ", ") if os.path.exists(os.path.join(OUT, "device.txt")) else "-"
 rows = []
 ours = pick(layer, "llama_layer_fwd_s", "s_per_layer")
@@ -69,13 +70,22 @@ for precision in ("bf16", "fp8", "tf32", "fp32"):
     ours = project.get(f"proj_{precision}_features_tok_per_s")
     rows.append((f"projection 8192->1536, {precision} (tokens/s)", fmt(ours), fmt(pick(hf, "proj_torch_eager_tok_per_s")),
                  ratio(ours, pick(hf, "proj_torch_eager_tok_per_s"), True), ">= 40 M tokens/s"))
+hf_train = hf.get("qwen2_amp_fp32_master", {}) if isinstance(hf.get("qwen2_amp_fp32_master"), dict) else {}
+ours = train.get("qwen2_latent_ce_tok_per_s")
+rows.append(("Qwen2-1.5B train, 4 x 2048, latent@14 + CE (tokens/s)", fmt(ours), fmt(hf_train.get("tok_per_s")),
+             ratio(ours, hf_train.get("tok_per_s"), True), ">= 1.25x HF mixed precision"))
+rows.append(("  TFLOPS / MFU (989 dense bf16)", fmt(train.get("qwen2_latent_ce_tflops")) + " / " + fmt(train.get("qwen2_latent_ce_mfu")),
+             fmt(hf_train.get("tflops")), ratio(train.get("qwen2_latent_ce_tflops"), hf_train.get("tflops"), True), ""))
+rows.append(("  peak memory (GiB)", fmt(train.get("qwen2_latent_ce_peak_GiB")), fmt(hf_train.get("peak_GiB")), "-", "<= 40 GiB"))
+rows.append(("  latent only (--ce-weight 0), tokens/s", fmt(train.get("qwen2_latent_only_tok_per_s")), "-", "-",
+             "peak " + fmt(train.get("qwen2_latent_only_peak_GiB")) + " GiB"))
 print(f"# GPU run: {device}\n")
 print("| figure | essence | Hugging Face / PyTorch | ratio | goal |")
 print("|---|---|---|---|---|")
 for row in rows:
     print("| " + " | ".join(row) + " |")
 missing = [name for name, d in (("perf.json", hf), ("offload.json", offload), ("bench_layer.json", layer),
-                                ("bench_stream.json", stream), ("bench_project.json", project)) if not d]
+                                ("bench_stream.json", stream), ("bench_project.json", project), ("bench_train.json", train)) if not d]
 if missing:
     print(f"\nmissing: {', '.join(missing)}")
 print("\nAll figures: the JSON files beside this summary; checks in checks.txt.")
