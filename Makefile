@@ -102,7 +102,7 @@ $(BUILD)/obj/%.o: %.cu
 	$(NVCC) -O2 -std=c++17 $(CUDA_ARCHS) -MMD -MP -Icommon -Ikernels -Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror -c $< -o $@
 
 $(CUDA_PLUGIN): $(CU_OBJ)
-	g++ -shared -Wl,-soname,libessence-cuda.so -o $@ $^ -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart
+	g++ -shared -Wl,-soname,libessence-cuda.so -o $@ $^ -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -ldl
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)

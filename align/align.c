@@ -439,6 +439,8 @@ int main(int argc, char **argv) {
     es_device *dev;
     if (es_device_open(&dev, &device_options, &err)) fail(&comm, &err);
     es_device_log(dev);
+    /* more than one rank: a device group where the device has one (NCCL), else MPI on the host */
+    if (comm_join_device(&comm, dev, out_dir, &err)) fail(&comm, &err);
     const int seq_len = (int)es_config_int(&cfg, "seq-len"), batch_tokens = (int)es_config_int(&cfg, "batch-tokens");
     /* a rank's micro-batch: the token budget, one piece more when the global batch is cut over ranks */
     const int max_tokens = comm.world == 1 ? (batch_tokens > seq_len ? batch_tokens : seq_len) : batch_tokens + seq_len;
@@ -665,6 +667,7 @@ int main(int argc, char **argv) {
     es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));
     train_model_free(&tm);
     es_device_log_peak(dev);
+    comm_leave_device(&comm);
     es_device_close(dev);
     align_data_close(data);
     es_config_free(&cfg);

@@ -1,7 +1,13 @@
 #include "comm.h"
 
+#include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "group_file.h"
 
 #ifdef ES_HAVE_MPI
 #include <mpi.h>
@@ -22,6 +28,67 @@ int comm_init(align_comm *comm, int *argc, char ***argv, es_error *err) {
     if (getenv("OMPI_COMM_WORLD_SIZE") && atoi(getenv("OMPI_COMM_WORLD_SIZE")) > 1)
         return es_fail(err, ES_ERR_USAGE, "started by mpirun, but this build has no MPI (install libopenmpi-dev and rebuild)");
 #endif
+    /* srun without MPI: Slurm's ranks; they sum through a device group (comm_join_device) */
+    const char *procid = getenv("SLURM_PROCID"), *ntasks = getenv("SLURM_NTASKS");
+    if (!comm->mpi && procid && ntasks && atoi(ntasks) > 1) {
+        comm->rank = atoi(procid), comm->world = atoi(ntasks);
+        if (comm->rank < 0 || comm->rank >= comm->world)
+            return es_fail(err, ES_ERR_USAGE, "SLURM_PROCID %s is not a rank of SLURM_NTASKS %s", procid, ntasks);
+    }
+    return ES_OK;
+}
+
+/* Rank 0's group id to every rank: MPI's broadcast, or the bootstrap file. */
+static int share_id(align_comm *comm, unsigned char *id, const char *dir, es_error *err) {
+#ifdef ES_HAVE_MPI
+    if (comm->mpi) {
+        if (MPI_Bcast(id, ES_GROUP_ID_BYTES, MPI_BYTE, 0, MPI_COMM_WORLD) != MPI_SUCCESS)
+            return es_fail(err, ES_ERR_RUNTIME, "MPI_Bcast of the device group's id failed");
+        return ES_OK;
+    }
+#endif
+    const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID");
+    if (!job) return es_fail(err, ES_ERR_USAGE, "%d ranks without MPI and without SLURM_JOB_ID: no way to share the group's id", comm->world);
+    if (comm->rank == 0 && mkdir(dir, 0777) && errno != EEXIST) return es_fail(err, ES_ERR_RUNTIME, "%s: %s", dir, strerror(errno));
+    return group_file_share(dir, job, step ? step : "0", comm->rank, id, ES_GROUP_ID_BYTES, 600.0, err);
+}
+
+int comm_join_device(align_comm *comm, es_device *dev, const char *dir, es_error *err) {
+    if (comm->world == 1) return ES_OK;
+    if (!es_device_has_group(dev)) {
+        if (comm->mpi) return ES_OK; /* the host path */
+        return es_fail(err, ES_ERR_USAGE, "%d ranks started without MPI need a device with collectives (--device cuda); on %s, start "
+                       "them with mpirun or srun --mpi=pmix", comm->world, dev->name);
+    }
+    unsigned char id[ES_GROUP_ID_BYTES] = {0};
+    int rc = comm->rank == 0 ? es_device_group_id(dev, id, err) : ES_OK;
+    if (!rc) rc = share_id(comm, id, dir, err);
+    if (!rc) rc = es_device_group_join(dev, id, comm->rank, comm->world, err);
+    if (!rc) rc = es_device_alloc(dev, COMM_SCRATCH_BYTES, &comm->scratch, "the all-reduce's scratch", err);
+    if (rc) return rc;
+    comm->group = dev;
+    /* every rank has joined once this returns: the bootstrap file has done its work */
+    comm_barrier(comm);
+    if (!comm->mpi && comm->rank == 0)
+        group_file_remove(dir, getenv("SLURM_JOB_ID"), getenv("SLURM_STEP_ID") ? getenv("SLURM_STEP_ID") : "0");
+    return ES_OK;
+}
+
+int comm_allreduce_device_f32(align_comm *comm, float *device_data, size_t n, es_error *err) {
+    if (!comm->group) return es_fail(err, ES_ERR_RUNTIME, "an all-reduce on the device without a device group");
+    return es_device_group_allreduce(comm->group, device_data, n, ES_GROUP_SUM_F32, err);
+}
+
+/* Host values combined through the device group (ranks without MPI): up, combined, down. */
+static int through_group(align_comm *comm, void *data, size_t bytes, size_t n, es_group_op op, es_error *err) {
+    for (size_t done = 0; done < bytes;) {
+        const size_t part = bytes - done < COMM_SCRATCH_BYTES ? bytes - done : COMM_SCRATCH_BYTES;
+        int rc = es_device_upload(comm->group, comm->scratch, (char *)data + done, part, err);
+        if (!rc) rc = es_device_group_allreduce(comm->group, comm->scratch, part / (bytes / n), op, err);
+        if (!rc) rc = es_device_download(comm->group, (char *)data + done, comm->scratch, part, err);
+        if (rc) return rc;
+        done += part;
+    }
     return ES_OK;
 }
 
@@ -41,6 +108,7 @@ int comm_allreduce_f32(align_comm *comm, float *data, size_t n, es_error *err) {
 }
 
 int comm_allreduce_f64(align_comm *comm, double *data, size_t n, es_error *err) {
+    if (comm->world > 1 && !comm->mpi && comm->group) return through_group(comm, data, n * sizeof *data, n, ES_GROUP_SUM_F64, err);
 #ifdef ES_HAVE_MPI
     if (comm->mpi && comm->world > 1 &&
         MPI_Allreduce(MPI_IN_PLACE, data, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS)
@@ -52,6 +120,13 @@ int comm_allreduce_f64(align_comm *comm, double *data, size_t n, es_error *err) 
 }
 
 int comm_max_int(align_comm *comm, int value) {
+    if (comm->world > 1 && !comm->mpi && comm->group) {
+        int32_t combined = value;
+        es_error ignored = {0};
+        /* a failed collective counts as a failure on some rank */
+        return through_group(comm, &combined, sizeof combined, 1, ES_GROUP_MAX_I32, &ignored) ? (value ? value : ES_ERR_RUNTIME)
+                                                                                              : (int)combined;
+    }
 #ifdef ES_HAVE_MPI
     int result = value;
     if (comm->mpi && comm->world > 1) MPI_Allreduce(&value, &result, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
@@ -63,11 +138,20 @@ int comm_max_int(align_comm *comm, int value) {
 }
 
 void comm_barrier(align_comm *comm) {
+    if (comm->world > 1 && !comm->mpi && comm->group) {
+        (void)comm_max_int(comm, 0);
+        return;
+    }
 #ifdef ES_HAVE_MPI
     if (comm->mpi && comm->world > 1) MPI_Barrier(MPI_COMM_WORLD);
 #else
     (void)comm;
 #endif
+}
+
+void comm_leave_device(align_comm *comm) {
+    if (comm->group && comm->scratch) es_device_free(comm->group, comm->scratch, COMM_SCRATCH_BYTES);
+    comm->group = NULL, comm->scratch = NULL;
 }
 
 void comm_finalize(align_comm *comm) {

@@ -1,19 +1,35 @@
-/* Data parallelism: the all-reduce essence-align needs, behind one small interface that the
- * CPU build implements with MPI (mpirun -np N) and the GPU build will implement with NCCL.
- * Without MPI at build time, or when not started by mpirun, the world is this one process. */
+/* Data parallelism: the all-reduce essence-align needs, behind one small interface. The ranks
+ * are MPI's (mpirun -np N, or srun with PMI), or, started by srun without MPI, Slurm's
+ * (SLURM_PROCID of SLURM_NTASKS). On a device with collectives (CUDA: NCCL) the ranks join a device
+ * group, bootstrapped through MPI or through a file in --out named by the Slurm job and step
+ * (align/group_file.h), and gradients are summed on the devices; otherwise (the CPU) through MPI
+ * on the host. Without MPI or Slurm ranks, the world is this one process. */
 #ifndef ES_ALIGN_COMM_H
 #define ES_ALIGN_COMM_H
 
 #include <stddef.h>
 
+#include "backend.h"
 #include "error.h"
 
 typedef struct align_comm {
     int rank, world;
     int mpi;             /* MPI was initialised (and must be finalised) */
+    es_device *group;    /* the device whose group the ranks joined, or NULL */
+    void *scratch;       /* (COMM_SCRATCH_BYTES) device memory: host values summed through the group */
 } align_comm;
 
+enum { COMM_SCRATCH_BYTES = 4096 };
+
 int comm_init(align_comm *comm, int *argc, char ***argv, es_error *err);
+/* With more than one rank: joins dev's group if it has collectives (dir: where the bootstrap file
+ * goes without MPI; rank 0 creates it), else keeps MPI's host path; no MPI and no collectives is
+ * ES_ERR_USAGE. */
+int comm_join_device(align_comm *comm, es_device *dev, const char *dir, es_error *err);
+/* Lets go of what the group holds on the device (before the device closes). */
+void comm_leave_device(align_comm *comm);
+/* Sums n floats in device memory over the ranks in place (a joined group only). */
+int comm_allreduce_device_f32(align_comm *comm, float *device_data, size_t n, es_error *err);
 /* Element-wise sums over every rank, in place; the result is identical on every rank. */
 int comm_allreduce_f32(align_comm *comm, float *data, size_t n, es_error *err);
 int comm_allreduce_f64(align_comm *comm, double *data, size_t n, es_error *err);

@@ -178,6 +178,19 @@ void es_device_free(es_device *dev, void *ptr, size_t bytes) {
 int es_device_upload(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err) {
     PASS_THROUGH(bytes && dev->ops->upload(dev, dst, src, bytes));
 }
+int es_device_has_group(const es_device *dev) { return dev->ops->group_join != NULL; }
+int es_device_group_id(es_device *dev, unsigned char id[ES_GROUP_ID_BYTES], es_error *err) {
+    if (!dev->ops->group_id) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
+    PASS_THROUGH(dev->ops->group_id(dev, id));
+}
+int es_device_group_join(es_device *dev, const unsigned char id[ES_GROUP_ID_BYTES], int rank, int world, es_error *err) {
+    if (!dev->ops->group_join) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
+    PASS_THROUGH(dev->ops->group_join(dev, id, rank, world));
+}
+int es_device_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op, es_error *err) {
+    if (!dev->ops->group_allreduce) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
+    PASS_THROUGH(n && dev->ops->group_allreduce(dev, data, n, op));
+}
 int es_device_download(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err) {
     PASS_THROUGH(bytes && dev->ops->download(dev, dst, src, bytes));
 }

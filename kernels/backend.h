@@ -158,6 +158,19 @@ int es_device_load_prepare(es_device *dev, const es_tensor *const *tensors, int 
  * what it kept for them. */
 void es_device_load_forget(es_device *dev);
 
+/* ---- collectives: one device per process, `world` processes summing arrays in device memory ---
+ * (CUDA: NCCL, loaded when first asked for). A backend without them (the CPU: its ranks sum
+ * through MPI on the host) answers es_device_has_group 0. */
+enum { ES_GROUP_ID_BYTES = 128 };
+typedef enum { ES_GROUP_SUM_F32, ES_GROUP_SUM_F64, ES_GROUP_MAX_I32 } es_group_op;
+int es_device_has_group(const es_device *dev);
+/* Rank 0 makes the group's id; every rank joins with it (blocking until all have). */
+int es_device_group_id(es_device *dev, unsigned char id[ES_GROUP_ID_BYTES], es_error *err);
+int es_device_group_join(es_device *dev, const unsigned char id[ES_GROUP_ID_BYTES], int rank, int world, es_error *err);
+/* data (device memory, n values of the op's type) combined over the ranks in place, queued on the
+ * compute stream after what is there (every rank in the same order of calls). */
+int es_device_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op, es_error *err);
+
 /* Makes the workspace at least as large as the backend estimates that plan needs. */
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err);
 

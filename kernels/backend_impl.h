@@ -37,6 +37,10 @@ struct es_backend {
     int (*download_begin)(es_device *dev, void *dst, const void *src, size_t bytes);
     int (*download_wait)(es_device *dev);
     int (*download_reserve)(es_device *dev, size_t bytes);
+    /* Optional (NULL: no collectives), backend.h "collectives"; the group is left at close. */
+    int (*group_id)(es_device *dev, unsigned char *id);
+    int (*group_join)(es_device *dev, const unsigned char *id, int rank, int world);
+    int (*group_allreduce)(es_device *dev, void *data, size_t n, es_group_op op);
 
     /* ops */
     int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);

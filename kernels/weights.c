@@ -7,6 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Each tensor starts on a multiple of ALIGN_FLOATS (256 bytes in fp32, 128 in the bf16 working
+ * copy): the products' kernels read their operands with wide loads, and every arena of the same
+ * layout (gradients, moments, the working copy) is aligned alike. */
+enum { ALIGN_FLOATS = 64 };
+static size_t padded(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
+
 /* Points the named table and the per-layer pointers of p into p->arena, in the store's order. */
 static int point_tensors(es_params *p, const es_model_store *store, es_error *err) {
     p->tensors = calloc((size_t)store->n_specs + 1, sizeof *p->tensors);
@@ -18,7 +24,7 @@ static int point_tensors(es_params *p, const es_model_store *store, es_error *er
     for (int i = 0; i < store->n_specs; i++) {
         const es_tensor_spec *spec = &store->specs[i];
         float *data = p->arena + at;
-        at += es_tensor_numel(store->found[i]);
+        at += padded(es_tensor_numel(store->found[i]));
         es_named_tensor *named = &p->tensors[p->n_tensors++];
         snprintf(named->name, sizeof named->name, "%s", spec->name);
         named->data = data, named->ndim = spec->ndim;
@@ -35,11 +41,13 @@ static int point_tensors(es_params *p, const es_model_store *store, es_error *er
 int es_params_load(es_device *dev, const es_model_store *store, es_params *p, es_error *err) {
     memset(p, 0, sizeof *p);
     size_t total = 0;
-    for (int i = 0; i < store->n_specs; i++) total += es_tensor_numel(store->found[i]);
+    size_t numel = 0;
+    for (int i = 0; i < store->n_specs; i++) total += padded(es_tensor_numel(store->found[i])), numel += es_tensor_numel(store->found[i]);
     char what[128];
-    snprintf(what, sizeof what, "the %zu parameters of %s", total, store->dir);
+    snprintf(what, sizeof what, "the %zu parameters of %s", numel, store->dir);
     int rc = es_device_alloc(dev, total * sizeof(float), (void **)&p->arena, what, err);
-    if (!rc) p->arena_floats = total, rc = point_tensors(p, store, err);
+    if (!rc) p->arena_floats = total, rc = es_device_zero(dev, p->arena, total * sizeof(float), err); /* the padding too */
+    if (!rc) rc = point_tensors(p, store, err);
     void **dst = rc ? NULL : malloc((size_t)store->n_specs * sizeof *dst);
     if (!rc && !dst) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; !rc && i < store->n_specs; i++) dst[i] = p->tensors[i].data;

@@ -21,7 +21,7 @@ typedef struct es_named_tensor {
 typedef struct es_params {
     es_model_config config;
     float *arena;                 // (arena_floats) device memory
-    size_t arena_floats;
+    size_t arena_floats;          /* the tensors, each padded to 64 floats (zeros between them) */
     es_named_tensor *tensors;     /* [n_tensors], checkpoint order */
     int n_tensors;
     float *embed;                 // (V, C)

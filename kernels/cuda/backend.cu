@@ -380,6 +380,7 @@ static void cuda_close(es_device *dev) {
     if (!cd) return;
     cudaStreamSynchronize(cd->copy);
     cudaStreamSynchronize(cd->compute);
+    cuda_group_leave();
     if (cd->download) cudaStreamSynchronize(cd->download);
     if (cd->snapshots) es_device_free(dev, cd->snapshots, cd->snapshot_bytes), cd->snapshots = NULL;
     if (cd->lt_workspace) cudaFree(cd->lt_workspace), dev->used -= cd->lt_workspace_bytes;
@@ -419,6 +420,9 @@ static const es_backend cuda_backend = {
     .download_begin = cuda_download_begin,
     .download_wait = cuda_download_wait,
     .download_reserve = cuda_download_reserve,
+    .group_id = cuda_group_id,
+    .group_join = cuda_group_join,
+    .group_allreduce = cuda_group_allreduce,
 
     .embedding_forward = cuda_embedding_forward,
     .rmsnorm_forward = cuda_rmsnorm_forward,

@@ -162,6 +162,12 @@ int cuda_adamw_update(es_device *dev, float *params, void *working, const float 
                       int64_t step, double lr, const es_adamw_config *config);
 int cuda_round_weights(es_device *dev, void *working, const float *master, size_t n);
 
+/* collectives (group.cu) */
+int cuda_group_id(es_device *dev, unsigned char *id);
+int cuda_group_join(es_device *dev, const unsigned char *id, int rank, int world);
+int cuda_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op);
+void cuda_group_leave(void);
+
 /* Sequence table on the host: attention needs its shape to size its grid. Copies seq_start
  * (device, n_seqs + 1) into host memory (cuda_device.pinned) after the compute stream reaches it. */
 int cuda_host_seq_start(es_device *dev, const int32_t *seq_start, int n_seqs, const int32_t **host);

@@ -9,7 +9,8 @@
 //   A stored (K, M) (trans_a 1) is M×K, transposed:                         OP_T, M×K, ld M.
 // Inputs fp32 (true fp32, no TF32) or bf16, D fp32, accumulation fp32. As in gemm.cu no algorithm
 // splits K (a gradient's bits do not depend on a reduction's schedule), and a shape's algorithm is
-// chosen once and kept: the same shape gets the same bits every step, which --resume relies on.
+// chosen once and kept: the same shape gets the same bits every step, which --resume relies on. The
+// heuristic is told the pointers' alignment (a tensor in the parameter arena may start on any float).
 #include <cublasLt.h>
 #include <string.h>
 
@@ -24,6 +25,7 @@ constexpr int HEURISTIC_RESULTS = 8;
 
 struct key {
     int ordinal, trans_a, trans_b, m, n, k, input, accumulate;
+    unsigned alignment; // of the pointers, capped at 16 bytes: the heuristic is told it
     bool operator==(const key &o) const { return !memcmp(this, &o, sizeof o); }
 };
 
@@ -91,6 +93,12 @@ cublasStatus_t choose(cublasLtHandle_t lt, problem *p, const key &s, size_t work
                       const char **what) {
     *found = false;
     LT(cublasLtMatmulPreferenceCreate(&p->pref));
+    // a tensor of the parameter arena starts wherever the one before it ended: tell the heuristic
+    const uint32_t align = s.alignment;
+    LT(cublasLtMatmulPreferenceSetAttribute(p->pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align));
+    LT(cublasLtMatmulPreferenceSetAttribute(p->pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align));
+    LT(cublasLtMatmulPreferenceSetAttribute(p->pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof align));
+    LT(cublasLtMatmulPreferenceSetAttribute(p->pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof align));
     const uint64_t workspace = workspace_bytes;
     LT(cublasLtMatmulPreferenceSetAttribute(p->pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof workspace));
     const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE;
@@ -121,6 +129,13 @@ cublasStatus_t choose(cublasLtHandle_t lt, problem *p, const key &s, size_t work
 
 #undef LT
 
+unsigned alignment_of(const void *ptr) {
+    const uintptr_t address = (uintptr_t)ptr;
+    unsigned alignment = 16;
+    while (alignment > 1 && (address & (alignment - 1))) alignment >>= 1;
+    return alignment;
+}
+
 } // namespace
 
 int cuda_gemm_train(es_device *dev, const char *op, float *D, const void *A, int trans_a, const void *B, int trans_b, int M, int N,
@@ -137,7 +152,12 @@ int cuda_gemm_train(es_device *dev, const char *op, float *D, const void *A, int
                             : cuda_scale(dev, D, (size_t)M * N, beta);
     }
     cuda_device *cd = cuda_of(dev);
-    const key shape = {cd->ordinal, trans_a ? 1 : 0, trans_b ? 1 : 0, M, N, K, (int)input, beta != 0.0f};
+    unsigned alignment = alignment_of(A);
+    if (alignment_of(B) < alignment) alignment = alignment_of(B);
+    if (alignment_of(D) < alignment) alignment = alignment_of(D);
+    key shape;
+    memset(&shape, 0, sizeof shape); // compared with memcmp: no stray padding bytes
+    shape = {cd->ordinal, trans_a ? 1 : 0, trans_b ? 1 : 0, M, N, K, (int)input, beta != 0.0f, alignment};
     const char *what = nullptr;
     problem p;
     cublasStatus_t rc = describe(&p, shape, &what);

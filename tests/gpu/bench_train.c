@@ -86,7 +86,9 @@ static void bench_mode(es_device *dev, const char *model_dir, const char *mode, 
     step_run run = {dev, &tm, &batch, groups, n_groups, 0};
     const double seconds = timed(dev, run_step, &run, 3);
 
-    const double params = (double)tm.params.arena_floats;
+    double params = 0;
+    for (int i = 0; i < tm.params.n_tensors; i++)
+        params += (double)tm.params.tensors[i].shape[0] * (tm.params.tensors[i].ndim == 2 ? (double)tm.params.tensors[i].shape[1] : 1);
     /* the baseline's count: 6 N per token plus causal attention, forward and backward */
     const double flops = 6 * params * TOKENS + 6.0 * c->n_layers * c->hidden_size * SEQ_LEN * (double)TOKENS;
     char key[96], what[160];

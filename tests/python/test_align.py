@@ -226,6 +226,17 @@ def test_mpi(tmp, student, data):
     report("mpi_two_ranks_equal_one", worst <= 1e-5, f"max difference {worst:.3g}")
 
 
+def test_srun_without_mpi(tmp, student, data):
+    """srun's ranks without MPI sum gradients through a device group (NCCL on cuda); on the CPU,
+    which has none, they are refused (exit 2) before --out exists: never N independent runs."""
+    out = os.path.join(tmp, "srun_cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "PMIX"))}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_ID="77")
+    result = run([program("essence-align"), "--model", student, "--data", data, "--steps", "2", "--out", out], env=env)
+    report("srun_ranks_without_mpi_on_cpu_refused", result.returncode == 2 and "without MPI" in result.stderr and not os.path.exists(out),
+           f"exit {result.returncode}, exists {os.path.exists(out)}: {result.stderr.strip()[-400:]}")
+
+
 def peak_rss_kb(args):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -312,6 +323,7 @@ def main():
         student, data = test_end_to_end(tmp)
         test_resume(tmp, student, data)
         test_mpi(tmp, student, data)
+        test_srun_without_mpi(tmp, student, data)
 
 
 if __name__ == "__main__":
