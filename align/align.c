@@ -56,6 +56,7 @@ static const es_option options[] = {
     {"save-every", ES_OPT_INT, "500", "steps between checkpoints (a checkpoint is also written at the end)", "[0,2147483647]"},
     {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept", "[1,2147483647]"},
     {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out (begun with the same inputs and options)", NULL},
+    {"recompute", ES_OPT_BOOL, "false", "keep only each layer's input and recompute the rest in the backward (less memory, ~1/3 more time; the same bits)", NULL},
     {"force", ES_OPT_BOOL, "false", "start afresh in a --out that holds checkpoints: they are removed first", NULL},
     {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)", "[0,2147483647]"},
     {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation", "[0,1)"},
@@ -337,7 +338,7 @@ static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
             return NULL;
     }
     snprintf(ranks, sizeof ranks, "%d", world);
-    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", "device", NULL});
+    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", "device", "recompute", NULL});
     char *text = NULL;
     if (key) {
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp));
@@ -446,7 +447,8 @@ int main(int argc, char **argv) {
     const int max_tokens = comm.world == 1 ? (batch_tokens > seq_len ? batch_tokens : seq_len) : batch_tokens + seq_len;
     train_model tm;
     if (train_model_init(&tm, dev, model_dir, mapped, n_mapped, (float)es_config_float(&cfg, "latent-weight"),
-                         (float)es_config_float(&cfg, "ce-weight"), !strcmp(head_kind, "linear"), max_tokens, seq_len, &err))
+                         (float)es_config_float(&cfg, "ce-weight"), !strcmp(head_kind, "linear"), max_tokens, seq_len,
+                         es_config_bool(&cfg, "recompute"), &err))
         fail(&comm, &err);
     const int C = student.hidden_size;
     const size_t n_head = tm.heads ? (size_t)n_mapped * C * C : 0;

@@ -42,7 +42,8 @@ static int init_heads(train_model *tm, es_error *err) {
 }
 
 int train_model_init(train_model *tm, es_device *dev, const char *model_dir, const int *mapped, int n_mapped,
-                     float latent_weight, float ce_weight, int head_linear, int max_tokens, int max_seq, es_error *err) {
+                     float latent_weight, float ce_weight, int head_linear, int max_tokens, int max_seq, int recompute,
+                     es_error *err) {
     memset(tm, 0, sizeof *tm);
     tm->dev = dev;
     if (n_mapped > TRAIN_MAX_MAPPED) return es_fail(err, ES_ERR_DATA, "%d target layers: at most %d are supported", n_mapped, TRAIN_MAX_MAPPED);
@@ -63,7 +64,7 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     tm->run_layers = tm->with_ce || !n_mapped ? c->n_layers : mapped[n_mapped - 1];
     tm->dhidden = calloc((size_t)tm->run_layers + 1, sizeof *tm->dhidden);
     if (!tm->dhidden) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    if (!rc) rc = es_decoder_create(&tm->decoder, dev, c, max_tokens, max_seq, tm->run_layers, err);
+    if (!rc) rc = es_decoder_create_training(&tm->decoder, dev, c, max_tokens, max_seq, tm->run_layers, recompute, err);
     if (!rc) rc = es_decoder_create(&tm->eval_decoder, dev, c, max_tokens, max_seq, 0, err);
     if (!rc) rc = es_stream_resident(&tm->layers, tm->working.layers, c->n_layers, err);
     if (!rc) rc = alloc_loss_buffers(tm, err);

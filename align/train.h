@@ -44,9 +44,11 @@ typedef struct train_model {
 
 /* Opens the model on the device and sets what runs: with ce_weight 0 only layers up to the
  * deepest mapped one run and train. head_linear adds one D×D head per mapped layer. Buffers hold
- * micro-batches of up to max_tokens tokens in sequences of up to max_seq. */
+ * micro-batches of up to max_tokens tokens in sequences of up to max_seq. recompute keeps each
+ * layer's input only and runs its forward again in the backward (es_decoder_create_training). */
 int train_model_init(train_model *tm, es_device *dev, const char *model_dir, const int *mapped, int n_mapped,
-                     float latent_weight, float ce_weight, int head_linear, int max_tokens, int max_seq, es_error *err);
+                     float latent_weight, float ce_weight, int head_linear, int max_tokens, int max_seq, int recompute,
+                     es_error *err);
 void train_model_free(train_model *tm);
 
 /* The gradient of a parameter (a pointer into params.arena). */

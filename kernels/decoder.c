@@ -73,6 +73,7 @@ struct es_decoder {
     es_device *dev;
     es_model_config config;
     int max_tokens, max_seq, train_layers;
+    int recompute;               /* training keeps each layer's input only; the backward redoes the rest */
     void *arena;
     size_t arena_bytes;
     named_buffer *table;
@@ -87,7 +88,8 @@ struct es_decoder {
     float *x, *normed, *q, *k, *v, *att, *gate, *up, *branch; // (T, C|Q|KVd|I)
     float *normed_final;         // (T, C)
     /* training */
-    layer_acts *acts;            /* [train_layers] */
+    layer_acts *acts;            /* [train_layers]; with recompute only their x_in are their own */
+    layer_acts redo;             /* recompute: the one set of the other activations, shared by every layer */
     float *x_final;              // (T, C) the stream after the last layer run
     float *dx, *dx_mid, *dn, *dn_part, *dq, *dk, *dv, *datt, *dgate, *dup, *dact; // gradients, (T, ...)
     /* the last forward */
@@ -128,10 +130,19 @@ static int build_table(es_decoder *d) {
         for (int l = 0; l < d->train_layers; l++) {
             layer_acts *a = &d->acts[l];
 #define LAYER(name, bytes) bad |= add_buffer(d, #name, l, &a->name, bytes)
-            LAYER(x_in, n * C * f), LAYER(normed1, n * C * f), LAYER(q, n * Q * f), LAYER(k, n * KVd * f);
+            LAYER(x_in, n * C * f);
+            if (d->recompute) continue;
+            LAYER(normed1, n * C * f), LAYER(q, n * Q * f), LAYER(k, n * KVd * f);
             LAYER(v, n * KVd * f), LAYER(att, n * Q * f), LAYER(x_mid, n * C * f), LAYER(normed2, n * C * f);
             LAYER(gate, n * I * f), LAYER(up, n * I * f), LAYER(act, n * I * f);
 #undef LAYER
+        }
+        if (d->recompute) {
+            layer_acts *a = &d->redo;
+#define REDO(name, bytes) bad |= add_buffer(d, "recomputed " #name, -1, &a->name, bytes)
+            REDO(normed1, n * C * f), REDO(q, n * Q * f), REDO(k, n * KVd * f), REDO(v, n * KVd * f), REDO(att, n * Q * f);
+            REDO(x_mid, n * C * f), REDO(normed2, n * C * f), REDO(gate, n * I * f), REDO(up, n * I * f), REDO(act, n * I * f);
+#undef REDO
         }
         BUFFER("x_final", x_final, n * C * f), BUFFER("dx", dx, n * C * f), BUFFER("dx_mid", dx_mid, n * C * f);
         BUFFER("dn", dn, n * C * f), BUFFER("dn_part", dn_part, n * C * f), BUFFER("dq", dq, n * Q * f);
@@ -144,18 +155,25 @@ static int build_table(es_decoder *d) {
 
 int es_decoder_create(es_decoder **out, es_device *dev, const es_model_config *config, int max_tokens, int max_seq,
                       int train_layers, es_error *err) {
+    return es_decoder_create_training(out, dev, config, max_tokens, max_seq, train_layers, 0, err);
+}
+
+int es_decoder_create_training(es_decoder **out, es_device *dev, const es_model_config *config, int max_tokens, int max_seq,
+                               int train_layers, int recompute, es_error *err) {
     *out = NULL;
     es_decoder *d = calloc(1, sizeof *d);
     if (!d) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     d->dev = dev, d->config = *config;
     d->max_tokens = max_tokens > 0 ? max_tokens : 1, d->max_seq = max_seq, d->train_layers = train_layers;
+    d->recompute = train_layers > 0 && recompute;
     d->acts = calloc((size_t)train_layers + 1, sizeof *d->acts);
     d->host_positions = malloc((size_t)d->max_tokens * sizeof *d->host_positions);
     d->host_past = malloc((size_t)d->max_tokens * sizeof *d->host_past);
     int rc = d->acts && d->host_positions && d->host_past && !build_table(d) ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; i < d->n_table; i++) d->arena_bytes += d->table[i].bytes;
     char what[160];
-    snprintf(what, sizeof what, "the activations of %d tokens%s", d->max_tokens, train_layers ? " for training" : "");
+    snprintf(what, sizeof what, "the activations of %d tokens%s", d->max_tokens,
+             !train_layers ? "" : d->recompute ? " for training (recomputed in the backward)" : " for training");
     if (!rc) rc = es_device_alloc(dev, d->arena_bytes, &d->arena, what, err);
     for (size_t i = 0, at = 0; !rc && i < (size_t)d->n_table; at += d->table[i].bytes, i++) *d->table[i].slot = (char *)d->arena + at;
     if (!rc) {
@@ -240,12 +258,51 @@ static int upload_batch(es_decoder *d, const es_decoder_batch *batch, es_error *
     return rc;
 }
 
+/* One decoder layer (1-based `layer`) over the batch uploaded last: its activations into a, the
+ * stream after it into x_out. x_out NULL stops after the MLP's activation (the backward's
+ * recomputation: it reads nothing after that). */
+static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_acts *a, float *x_out, int layer, es_kv_cache *cache,
+                         es_error *err) {
+    es_device *dev = d->dev;
+    const es_model_config *c = &d->config;
+    const int T = d->T, C = c->hidden_size, I = c->intermediate_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    const float eps = (float)c->rms_norm_eps;
+    int rc = ES_OK;
+    // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
+    OP(es_rmsnorm_forward(dev, a->normed1, a->x_in, w->input_norm, T, C, eps));
+    OP(es_matmul_forward(dev, a->q, a->normed1, w->q, w->q_bias, T, C, H * hd));
+    OP(es_matmul_forward(dev, a->k, a->normed1, w->k, w->k_bias, T, C, KV * hd));
+    OP(es_matmul_forward(dev, a->v, a->normed1, w->v, w->v_bias, T, C, KV * hd));
+    OP(es_rope_forward(dev, a->q, d->positions, d->inv_freq, T, H, hd));
+    OP(es_rope_forward(dev, a->k, d->positions, d->inv_freq, T, KV, hd));
+    if (cache) {
+        const size_t layer_floats = (size_t)cache->slots * cache->max_seq * cache->row;
+        OP(es_attention_cached_forward(dev, a->att, cache->keys + (size_t)(layer - 1) * layer_floats,
+                                       cache->values + (size_t)(layer - 1) * layer_floats, a->q, a->k, a->v, d->seq_start, d->past,
+                                       d->slots, d->n_seqs, cache->max_seq, H, KV, hd));
+    } else {
+        OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
+    }
+    OP(es_matmul_forward(dev, d->branch, a->att, w->o, w->o_bias, T, H * hd, C));
+    OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
+    // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
+    OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
+    OP(es_matmul_forward(dev, a->gate, a->normed2, w->gate, w->gate_bias, T, C, I));
+    OP(es_matmul_forward(dev, a->up, a->normed2, w->up, w->up_bias, T, C, I));
+    OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
+    if (!x_out) return ES_OK;
+    OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
+    OP(es_add(dev, x_out, a->x_mid, d->branch, (size_t)T * C));
+done:
+    return rc;
+}
+
 int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void *embed, es_dtype embed_dtype,
                        es_layer_stream *layers, int last_layer, const void *final_norm, es_layer_fn on_layer, void *ctx,
                        es_error *err) {
     es_device *dev = d->dev;
     const es_model_config *c = &d->config;
-    const int C = c->hidden_size, I = c->intermediate_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
+    const int C = c->hidden_size;
     const float eps = (float)c->rms_norm_eps;
     if (d->train_layers && last_layer > d->train_layers)
         return es_fail(err, ES_ERR_RUNTIME, "a forward through %d layers: the decoder keeps %d", last_layer, d->train_layers);
@@ -264,34 +321,13 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         const es_layer_weights *w;
         if ((rc = es_stream_acquire(layers, l, &w, err))) goto done;
         held = l;
-        /* training keeps every layer's activations; inference reuses one set and updates x in place */
+        /* training keeps every layer's activations (with recompute only its input: the rest goes to one
+         * shared set); inference reuses one set and updates x in place */
         layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, x, d->normed, d->gate, d->up, d->gate};
-        const layer_acts *a = d->train_layers ? &d->acts[l - 1] : &shared;
+        if (d->recompute) shared = d->redo, shared.x_in = d->acts[l - 1].x_in;
+        const layer_acts *a = d->train_layers && !d->recompute ? &d->acts[l - 1] : &shared;
         float *x_out = !d->train_layers ? x : l < last_layer ? d->acts[l].x_in : d->x_final;
-        // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
-        OP(es_rmsnorm_forward(dev, a->normed1, a->x_in, w->input_norm, T, C, eps));
-        OP(es_matmul_forward(dev, a->q, a->normed1, w->q, w->q_bias, T, C, H * hd));
-        OP(es_matmul_forward(dev, a->k, a->normed1, w->k, w->k_bias, T, C, KV * hd));
-        OP(es_matmul_forward(dev, a->v, a->normed1, w->v, w->v_bias, T, C, KV * hd));
-        OP(es_rope_forward(dev, a->q, d->positions, d->inv_freq, T, H, hd));
-        OP(es_rope_forward(dev, a->k, d->positions, d->inv_freq, T, KV, hd));
-        if (cache) {
-            const size_t layer_floats = (size_t)cache->slots * cache->max_seq * cache->row;
-            OP(es_attention_cached_forward(dev, a->att, cache->keys + (size_t)(l - 1) * layer_floats,
-                                           cache->values + (size_t)(l - 1) * layer_floats, a->q, a->k, a->v, d->seq_start, d->past,
-                                           d->slots, d->n_seqs, cache->max_seq, H, KV, hd));
-        } else {
-            OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
-        }
-        OP(es_matmul_forward(dev, d->branch, a->att, w->o, w->o_bias, T, H * hd, C));
-        OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
-        // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
-        OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
-        OP(es_matmul_forward(dev, a->gate, a->normed2, w->gate, w->gate_bias, T, C, I));
-        OP(es_matmul_forward(dev, a->up, a->normed2, w->up, w->up_bias, T, C, I));
-        OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
-        OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
-        OP(es_add(dev, x_out, a->x_mid, d->branch, (size_t)T * C));
+        if ((rc = layer_forward(d, w, a, x_out, l, cache, err))) goto done;
         es_stream_release(layers, l);
         held = 0;
         x = x_out;
@@ -325,7 +361,13 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
         if (dhidden[l]) OP(es_add(dev, d->dx, d->dx, dhidden[l], TC)); /* a loss on the stream after layer l */
         const es_layer_weights *w = &weights->layers[l - 1];
         es_layer_weights *g = &grads->layers[l - 1];
+        layer_acts redone = d->redo;
         const layer_acts *a = &d->acts[l - 1];
+        if (d->recompute) {
+            /* the layer's activations again from its input (the top layer's are still there) */
+            redone.x_in = d->acts[l - 1].x_in, a = &redone;
+            if (l < d->last_layer && (rc = layer_forward(d, w, a, NULL, l, NULL, err))) goto done;
+        }
         // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
         OP(es_matmul_backward(dev, d->dact, g->down, g->down_bias, d->dx, a->act, w->down, T, I, C));
         OP(es_swiglu_backward(dev, d->dgate, d->dup, d->dact, a->gate, a->up, (size_t)T * I));

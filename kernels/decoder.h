@@ -34,6 +34,12 @@ void es_kv_cache_clear(es_kv_cache *cache, int slot);
  * its gradient buffers. */
 int es_decoder_create(es_decoder **out, es_device *dev, const es_model_config *config, int max_tokens, int max_seq,
                       int train_layers, es_error *err);
+/* The same for training, with recompute: keeps each layer's input only, and the backward runs each
+ * layer's forward again (the same ops on the same input: the same bits) before its backward:
+ * activation memory per layer falls from 4C + 2Q + 2KVd + 3I floats per token to C, for about
+ * one more forward pass. */
+int es_decoder_create_training(es_decoder **out, es_device *dev, const es_model_config *config, int max_tokens, int max_seq,
+                               int train_layers, int recompute, es_error *err);
 void es_decoder_free(es_decoder *decoder);
 /* Adds the decoder's ops' shapes to plan (for es_device_reserve). */
 void es_decoder_plan(const es_decoder *decoder, es_workspace_plan *plan);

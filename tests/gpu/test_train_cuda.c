@@ -39,7 +39,7 @@ static void check_golden_step(const char *tl_name, const char *fixtures) {
     train_model tm;
     const int mapped[1] = {2};
     enum { B = 2, L = 24, T = B * L };
-    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.5f, 0, T, L, &err) == 0);
+    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.5f, 0, T, L, 0, &err) == 0);
     const es_tensor *ids_tensor = es_safetensors_find(golden, "input_ids");
     REQUIRE(ids_tensor && ids_tensor->dtype == ES_DT_I64 && es_tensor_numel(ids_tensor) == T);
     const int64_t *ids64 = ids_tensor->data;

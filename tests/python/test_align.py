@@ -116,6 +116,19 @@ def test_grad_accum(tmp):
     report("grad_accum_equals_bigger_batch", worst <= 1e-5, f"max difference {worst:.3g}")
 
 
+def test_recompute(tmp):
+    """--recompute: the same master weights and moments, bit for bit, after a few steps."""
+    data = golden_student(tmp, 2)
+    flags = ["--model", STUDENT, "--data", data, "--steps", "3", "--seq-len", "24", "--eval-fraction", "0", "--no-shuffle",
+             "--ce-weight", "0.5", "--save-every", "0", "--eval-every", "0", "--batch-tokens", "96"]
+    keep, redo = os.path.join(tmp, "keep"), os.path.join(tmp, "recompute")
+    must([program("essence-align"), *flags, "--out", keep])
+    must([program("essence-align"), *flags, "--recompute", "--out", redo])
+    a, b = state_tensors(latest_checkpoint(keep)), state_tensors(latest_checkpoint(redo))
+    same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    report("recompute_same_bits_through_cli", same, f"{sum(not np.array_equal(a[k], b[k]) for k in a)} tensors differ")
+
+
 def make_pipeline_data(tmp, n_texts=300):
     """teacher tiny-llama3 -> essence-project -> student tiny-qwen2, each with its own tokenizer."""
     teacher = REPO.teacher_folder(os.path.join(tmp, "teacher"), bos_config=False)
@@ -317,6 +330,7 @@ def main():
             test_golden_cli(tmp, fixtures)
         test_student_head(tmp)
         test_grad_accum(tmp)
+        test_recompute(tmp)
         test_bad_input(tmp)
         test_memory(tmp)
         test_disk_full(tmp)

@@ -35,7 +35,7 @@ static void check_golden_step(const char *tl_name, const char *fixtures) {
     train_model tm;
     const int mapped[1] = {2};
     enum { B = 2, L = 24, T = B * L, C = 48 };
-    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.5f, 0, T, L, &err) == 0);
+    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.5f, 0, T, L, 0, &err) == 0);
     const es_tensor *ids_tensor = es_safetensors_find(golden, "input_ids");
     REQUIRE(ids_tensor && ids_tensor->dtype == ES_DT_I64 && es_tensor_numel(ids_tensor) == T);
     const int64_t *ids64 = ids_tensor->data;
@@ -139,7 +139,59 @@ static void check_golden_step(const char *tl_name, const char *fixtures) {
 
 TEST(golden_train_step) { check_golden_step(tl_name, test_fixtures()); }
 
+/* --recompute: every gradient and loss term the same bits as keeping the activations, in every
+ * layer (CE on: all layers run), and a smaller activation arena. */
+static void check_recompute(const char *tl_name, const char *fixtures) {
+    char model_dir[4096];
+    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-qwen2", fixtures);
+    es_device *dev = test_cpu_device(2);
+    enum { B = 3, L = 40, T = B * L };
+    int32_t ids[T], labels[T], seq_start[B + 1] = {0, L, 2 * L, 3 * L};
+    uint8_t mask[T];
+    float *target = malloc((size_t)T * 64 * sizeof *target);
+    uint64_t state = 5;
+    for (int t = 0; t < T; t++) ids[t] = (int32_t)((state = state * 6364136223846793005ull + 1442695040888963407ull) >> 40) % 200;
+    for (int t = 0; t < T; t++) labels[t] = t % L == L - 1 ? -1 : ids[t + 1], mask[t] = t % 3 != 0;
+    float *grads[2] = {NULL, NULL};
+    size_t n = 0, held[2] = {0, 0};
+    double losses[2][2];
+    for (int recompute = 0; recompute <= 1; recompute++) {
+        train_model tm;
+        es_error err = {0};
+        const size_t before = dev->used;
+        const int mapped[2] = {1, 2};
+        REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 2, 1.0f, 0.5f, 0, T, L, recompute, &err) == 0);
+        held[recompute] = dev->used - before;
+        const int C = tm.params.config.hidden_size;
+        REQUIRE(C <= 64);
+        for (int i = 0; i < T * C; i++) target[i] = (float)((int)(i * 7919 % 101) - 50) / 50.0f;
+        float *targets[2] = {target, target};
+        int64_t aligned = 0;
+        for (int t = 0; t < T; t++) aligned += mask[t];
+        align_batch batch = {T, B, seq_start, ids, labels, mask, targets, T, aligned, B * (L - 1), NULL};
+        train_sums sums;
+        REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, &sums, &err) == 0);
+        losses[recompute][0] = sums.latent[0] + sums.latent[1], losses[recompute][1] = sums.ce;
+        n = tm.grads.arena_floats;
+        grads[recompute] = malloc(n * sizeof(float));
+        memcpy(grads[recompute], tm.grads.arena, n * sizeof(float));
+        train_model_free(&tm);
+    }
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += memcmp(&grads[0][i], &grads[1][i], sizeof(float)) != 0;
+    CHECKF(differ == 0, "with --recompute %zu of %zu gradients differ", differ, n);
+    CHECKF(losses[0][0] == losses[1][0] && losses[0][1] == losses[1][1], "losses differ: %.17g/%.17g vs %.17g/%.17g", losses[0][0],
+           losses[0][1], losses[1][0], losses[1][1]);
+    CHECKF(held[1] < held[0], "recompute holds %zu bytes, keeping everything %zu", held[1], held[0]);
+    printf("  recompute: the same %zu gradients bit for bit; device memory %zu -> %zu bytes\n", n, held[0], held[1]);
+    free(grads[0]), free(grads[1]), free(target);
+    es_device_close(dev);
+}
+
+TEST(recompute_gives_the_same_bits) { check_recompute(tl_name, test_fixtures()); }
+
 int main(void) {
     RUN(golden_train_step);
+    RUN(recompute_gives_the_same_bits);
     return test_summary();
 }
