@@ -4,10 +4,12 @@
 // the compute stream: it waits for the ops before it (a gradient's backward) and the ops after it
 // wait for it, every rank issuing the same calls in the same order.
 #include <dlfcn.h>
-#include <nccl.h>
 #include <string.h>
 
 #include "cuda_internal.h"
+
+#if __has_include(<nccl.h>)
+#include <nccl.h>
 
 namespace {
 
@@ -92,3 +94,22 @@ void cuda_group_leave(void) {
     if (group_comm) api.comm_destroy(group_comm);
     group_comm = nullptr, group_device = -1;
 }
+
+#else // a CUDA toolkit without NCCL's header: one GPU per run only
+
+int cuda_group_id(es_device *dev, unsigned char *id) {
+    (void)id;
+    return es_device_fail(dev, ES_ERR_RUNTIME, "%s: this build has no NCCL (nccl.h was not found at build time): one GPU per run",
+                          dev->name);
+}
+int cuda_group_join(es_device *dev, const unsigned char *id, int rank, int world) {
+    (void)rank, (void)world;
+    return cuda_group_id(dev, (unsigned char *)id);
+}
+int cuda_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op) {
+    (void)data, (void)n, (void)op;
+    return cuda_group_id(dev, NULL);
+}
+void cuda_group_leave(void) {}
+
+#endif
