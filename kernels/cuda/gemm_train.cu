@@ -129,6 +129,26 @@ cublasStatus_t choose(cublasLtHandle_t lt, problem *p, const key &s, size_t work
 
 #undef LT
 
+/* The fallback for shapes cuBLASLt has no algorithm for (odd sizes, unaligned rows): one thread
+ * per output, the k-sum in order in fp32. Slow, and only for what the library refuses. */
+template <typename T> __device__ __forceinline__ float load(const T *p, size_t i);
+template <> __device__ __forceinline__ float load<float>(const float *p, size_t i) { return p[i]; }
+template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+
+template <typename T>
+__global__ void plain_gemm(float *D, const T *A, int trans_a, const T *B, int trans_b, int M, int N, int K, float alpha, float beta) {
+    const size_t total = (size_t)M * N;
+    for (size_t at = blockIdx.x * (size_t)blockDim.x + threadIdx.x; at < total; at += (size_t)gridDim.x * blockDim.x) {
+        const size_t m = at / N, n = at % N;
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const float a = load(A, trans_a ? (size_t)k * M + m : m * K + k), b = load(B, trans_b ? n * K + k : (size_t)k * N + n);
+            sum = __fmaf_rn(a, b, sum);
+        }
+        D[at] = beta == 0.0f ? alpha * sum : __fmaf_rn(alpha, sum, beta * D[at]);
+    }
+}
+
 unsigned alignment_of(const void *ptr) {
     const uintptr_t address = (uintptr_t)ptr;
     unsigned alignment = 16;
@@ -173,9 +193,17 @@ int cuda_gemm_train(es_device *dev, const char *op, float *D, const void *A, int
             bool any = false;
             rc = choose(cd->lt, &p, shape, cd->lt_workspace_bytes, &algo, &any, &what);
             if (rc != CUBLAS_STATUS_SUCCESS) return cublas_fail(dev, op, what, rc);
-            if (!any)
-                return es_device_fail(dev, ES_ERR_RUNTIME, "%s: %s: cuBLASLt has no single-pass algorithm for M=%d N=%d K=%d (%s%s)",
-                                      dev->name, op, M, N, K, trans_a ? "Aᵀ" : "A", trans_b ? " Bᵀ" : " B");
+            if (!any) { // cuBLASLt takes no algorithm for this shape: the plain kernel
+                const size_t total = (size_t)M * N;
+                if (input == CUDA_GEMM_BF16)
+                    plain_gemm<__nv_bfloat16><<<cuda_blocks(total, 256), 256, 0, cuda_stream(dev)>>>(
+                        D, (const __nv_bfloat16 *)A, trans_a, (const __nv_bfloat16 *)B, trans_b, M, N, K, alpha, beta);
+                else
+                    plain_gemm<float><<<cuda_blocks(total, 256), 256, 0, cuda_stream(dev)>>>(D, (const float *)A, trans_a, (const float *)B,
+                                                                                           trans_b, M, N, K, alpha, beta);
+                CUDA_LAUNCHED(dev, op);
+                return 0;
+            }
             kept &slot = table[next_slot];
             next_slot = (next_slot + 1) % SLOTS;
             slot.used = true, slot.shape = shape, slot.algo = algo;
