@@ -14,7 +14,8 @@
 #endif
 
 int comm_init(align_comm *comm, int *argc, char ***argv, es_error *err) {
-    comm->rank = 0, comm->world = 1, comm->mpi = 0;
+    memset(comm, 0, sizeof *comm);
+    comm->rank = 0, comm->world = 1;
 #ifdef ES_HAVE_MPI
     /* Only under a launcher: a plain run stays a plain process (no MPI start-up cost). */
     if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
