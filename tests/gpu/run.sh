@@ -37,7 +37,8 @@ if [ ! -x "$BIN/essence-extract" ]; then
     exit 1
 fi
 if [ -f "$CARRY/libs.tar.xz" ] && [ ! -d "$CARRY/libs" ]; then tar xJf "$CARRY/libs.tar.xz" -C "$CARRY"; fi
-export LD_LIBRARY_PATH=$PWD/$CARRY/libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# the checks linked with libessence-cuda.so find it beside them (their rpath is the build tree's)
+export LD_LIBRARY_PATH=$PWD/$CARRY/libs:$PWD/$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 date -u +%Y-%m-%d >>"$OUT/device.txt"
 
@@ -147,8 +148,11 @@ done
 check align_cuda_vs_cpu_losses python3 "$CARRY/align_parity.py" "$W/align_cuda/metrics.jsonl" "$W/align_cpu/metrics.jsonl" 0.02
 for pair in cuda:cpu cpu:cuda; do
     from=${pair%%:*} to=${pair##*:}
-    rm -rf "$W/resume_$from" && cp -r "$W/align_$from" "$W/resume_$from" && rm -rf "$W/resume_$from/checkpoint-20"
-    check "align_resume_${from}_on_$to" "$BIN/essence-align" --model $T/tiny-qwen2 --data "$W/student_cpu_fp32.h5" \
+    rm -rf "$W/resume_$from" && cp -r "$W/align_$from" "$W/resume_$from" 2>/dev/null && rm -rf "$W/resume_$from/checkpoint-20"
+    # it must continue the step-10 checkpoint, not start afresh
+    check "align_resume_${from}_on_$to" bash -c 'set -o pipefail; [ -d "$1/checkpoint-10" ] || { echo "no step-10 checkpoint in $1"; exit 1; }
+        "${@:3}" 2>&1 | tee "$1.log" && grep -q "resumed from .*checkpoint-10" "$1.log"' _ "$W/resume_$from" - \
+        "$BIN/essence-align" --model $T/tiny-qwen2 --data "$W/student_cpu_fp32.h5" \
         --out "$W/resume_$from" --steps 20 --save-every 10 --keep-checkpoints 2 --ce-weight 0.5 --eval-every 10 --device $to --resume
     check "align_resume_${from}_on_${to}_losses" python3 "$CARRY/align_parity.py" "$W/resume_$from/metrics.jsonl" \
         "$W/align_$to/metrics.jsonl" 0.02 11
