@@ -32,17 +32,6 @@ __device__ float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-__device__ double sum_doubles(double value, double *shared) {
-    shared[threadIdx.x] = value;
-    __syncthreads();
-    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
-        __syncthreads();
-    }
-    const double total = shared[0];
-    __syncthreads();
-    return total;
-}
 
 __device__ float max_floats(float value, float *shared) {
     shared[threadIdx.x] = value;
@@ -83,14 +72,14 @@ __global__ void query_pass(float *dq /* (T, H, hd) */, float *lse /* (T, H) */, 
         double total = 0;
         for (int j = first + threadIdx.x; j <= t; j += blockDim.x)
             total += expf(scale * dot(q_row, k + ((size_t)j * KV + g) * hd, hd) - max_score);
-        total = sum_doubles(total, reduce);
+        total = cuda_block_sum(total, reduce);
         const float log_sum = max_score + (float)log(total);
         double weighted = 0;
         for (int j = first + threadIdx.x; j <= t; j += blockDim.x) {
             const float p = expf(scale * dot(q_row, k + ((size_t)j * KV + g) * hd, hd) - log_sum);
             weighted += (double)p * dot(dout_row, v + ((size_t)j * KV + g) * hd, hd);
         }
-        const float row_delta = (float)sum_doubles(weighted, reduce);
+        const float row_delta = (float)cuda_block_sum(weighted, reduce);
         // dq = scale Σ_j dS_j k_j, a chunk of keys at a time, each d summed by one thread in key order
         for (int j0 = first; j0 <= t; j0 += blockDim.x) {
             const int j = j0 + threadIdx.x;

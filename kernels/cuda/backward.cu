@@ -1,4 +1,4 @@
-// The backward of the embedding, RMSNorm, matmul, RoPE and SwiGLU on CUDA (kernels/ops.h), each
+// The backward of the embedding, RMSNorm, matmul and SwiGLU on CUDA (RoPE's is in rope.cu) (kernels/ops.h), each
 // beside its CPU reference (kernels/cpu/backward.c, ops.c) and checked against it by the op harness
 // (tests/ops/, on a GPU by tests/gpu/run.sh). Every sum runs in a fixed order, so a gradient has the
 // same bits every step: no atomics.
@@ -23,19 +23,6 @@ __global__ void embedding_backward_kernel(float *dtable /* (V, C) */, const int3
         }
 }
 
-/* Σ over the block's threads of a double, in a fixed tree. */
-__device__ double block_sum(double value, double *shared /* (blockDim.x) */) {
-    shared[threadIdx.x] = value;
-    __syncthreads();
-    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
-        __syncthreads();
-    }
-    const double total = shared[0];
-    __syncthreads();
-    return total;
-}
-
 /* One block per row: dx = r w dy − x r³ mean(x w dy), r in double as the CPU's; r rounded to fp32
  * is kept for the weight's gradient. */
 __global__ void rmsnorm_backward_rows(float *din /* (T, C) */, float *r_out /* (T) */, const float *dout /* (T, C) */,
@@ -48,8 +35,8 @@ __global__ void rmsnorm_backward_rows(float *din /* (T, C) */, float *r_out /* (
         squares += (double)x[c] * x[c];
         dot += (double)x[c] * widen(weight[c]) * dy[c];
     }
-    squares = block_sum(squares, shared);
-    dot = block_sum(dot, shared);
+    squares = cuda_block_sum(squares, shared);
+    dot = cuda_block_sum(dot, shared);
     const double r = 1.0 / sqrt(squares / C + (double)eps), correction = r * r * r * dot / C;
     float *dx = din + row * C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) dx[c] = (float)(r * widen(weight[c]) * dy[c] - x[c] * correction);
@@ -83,26 +70,6 @@ __global__ void bias_backward_kernel(float *dbias /* (OC) */, const float *dout 
 __global__ void to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = __float2bfloat16_rn(in[i]);
-}
-
-/* The inverse rotation: the forward's with the fp32 sine negated (kernels/cpu/ops.c). */
-__global__ void rope_backward_kernel(float *x /* (T, n_heads, hd) */, const int32_t *positions, const double *inv_freq, int T,
-                                     int n_heads, int hd) {
-    const unsigned half = (unsigned)hd / 2;
-    const size_t pairs = (size_t)T * half, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += stride) {
-        const size_t t = p / half;
-        const unsigned i = (unsigned)(p % half);
-        const double angle = (double)positions[t] * inv_freq[i];
-        const float cos_a = (float)cos(angle), sin_a = -(float)sin(angle);
-        float *token = x + t * n_heads * hd;
-        for (int h = 0; h < n_heads; h++) {
-            float *head = token + (size_t)h * hd;
-            const float first = head[i], second = head[i + half];
-            head[i] = __fsub_rn(__fmul_rn(first, cos_a), __fmul_rn(second, sin_a));
-            head[i + half] = __fadd_rn(__fmul_rn(second, cos_a), __fmul_rn(first, sin_a));
-        }
-    }
 }
 
 /* dup = dout silu(gate), dgate = dout up σ (1 + gate (1 − σ)), as the CPU rounds them. */
@@ -165,14 +132,6 @@ int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbia
     if (rc || !dbias) return rc;
     bias_backward_kernel<<<column_blocks(OC), THREADS, 0, stream>>>(dbias, dout, T, OC);
     CUDA_LAUNCHED(dev, "matmul_backward");
-    return 0;
-}
-
-int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
-    if (T <= 0 || n_heads <= 0 || hd < 2) return 0;
-    const size_t pairs = (size_t)T * (size_t)(hd / 2);
-    rope_backward_kernel<<<cuda_blocks(pairs, THREADS), THREADS, 0, cuda_stream(dev)>>>(dx, positions, inv_freq, T, n_heads, hd);
-    CUDA_LAUNCHED(dev, "rope_backward");
     return 0;
 }
 

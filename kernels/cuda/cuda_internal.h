@@ -110,6 +110,20 @@ __device__ __forceinline__ uint16_t cuda_f32_to_bf16_bits(float value) {
     return (uint16_t)((sign | mag) >> 16);
 }
 
+/* Σ over the block's threads of a double, in a fixed tree (the same bits every run); shared holds
+ * blockDim.x doubles, blockDim.x a power of two; every thread of the block must call it. */
+__device__ __forceinline__ double cuda_block_sum(double value, double *shared) {
+    shared[threadIdx.x] = value;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+        __syncthreads();
+    }
+    const double total = shared[0];
+    __syncthreads();
+    return total;
+}
+
 /* ---- workspace: bytes of es_device_scratch each family needs for a plan's largest shapes ---- */
 size_t cuda_matmul_workspace(const es_workspace_plan *plan);
 size_t cuda_attention_workspace(const es_workspace_plan *plan);

@@ -85,17 +85,6 @@ struct scale_op {
 constexpr size_t SQUARES_BLOCK = 1 << 16;
 constexpr unsigned SQUARES_THREADS = 256, FINAL_THREADS = 1024;
 
-/* The block's values added by a fixed tree (blockDim.x a power of two); every thread gets the sum. */
-__device__ double block_sum(double value, double *shared /* (blockDim.x) */) {
-    shared[threadIdx.x] = value;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-        __syncthreads();
-    }
-    return shared[0];
-}
-
 /* x² of a float is exact in double, so whether nvcc fuses it into the sum changes nothing. */
 __device__ __forceinline__ double squares4(double sum, float4 v) {
     sum += (double)v.x * v.x;
@@ -117,7 +106,7 @@ __global__ void squares_kernel(double *partial /* (gridDim.x) */, const float *x
         sum = squares4(sum, aligned ? load4(p) : make_float4(p[0], p[1], p[2], p[3]));
     }
     if (threadIdx.x < rest) sum += (double)chunk[4 * groups + threadIdx.x] * chunk[4 * groups + threadIdx.x];
-    sum = block_sum(sum, shared);
+    sum = cuda_block_sum(sum, shared);
     if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
@@ -126,7 +115,7 @@ __global__ void total_kernel(double *total, const double *partial /* (blocks) */
     __shared__ double shared[FINAL_THREADS];
     double sum = 0;
     for (size_t b = threadIdx.x; b < blocks; b += FINAL_THREADS) sum += partial[b];
-    sum = block_sum(sum, shared);
+    sum = cuda_block_sum(sum, shared);
     if (threadIdx.x == 0) *total = sum;
 }
 

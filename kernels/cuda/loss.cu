@@ -17,17 +17,6 @@ constexpr unsigned THREADS = 256;
 constexpr size_t CE_LOGIT_BYTES = (size_t)512 << 20;
 constexpr int LATENT_ROWS = 4096; /* rows per chunk of the latent term */
 
-__device__ double block_sum(double value, double *shared) {
-    shared[threadIdx.x] = value;
-    __syncthreads();
-    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
-        __syncthreads();
-    }
-    const double total = shared[0];
-    __syncthreads();
-    return total;
-}
 
 /* ĥ = h r, r = 1/sqrt(mean h² + eps) in double; a masked row is zero (r = 0). One block per row. */
 __global__ void latent_normalise(float *normed /* (rows, C) */, double *r_out /* (rows) */, const float *h /* (rows, C) */,
@@ -43,7 +32,7 @@ __global__ void latent_normalise(float *normed /* (rows, C) */, double *r_out /*
     }
     double squares = 0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) squares += (double)x[c] * x[c];
-    squares = block_sum(squares, shared);
+    squares = cuda_block_sum(squares, shared);
     const double r = 1.0 / sqrt(squares / C + (double)eps);
     for (int c = threadIdx.x; c < C; c += blockDim.x) n[c] = (float)(x[c] * r);
     if (threadIdx.x == 0) r_out[row] = r;
@@ -67,7 +56,7 @@ __global__ void latent_errors(float *y /* (rows, C) */, double *errors /* (rows)
         const double diff = (double)yi[c] - ti[c];
         sq += diff * diff, dot += (double)yi[c] * ti[c], yy += (double)yi[c] * yi[c], tt += (double)ti[c] * ti[c];
     }
-    sq = block_sum(sq, shared), dot = block_sum(dot, shared), yy = block_sum(yy, shared), tt = block_sum(tt, shared);
+    sq = cuda_block_sum(sq, shared), dot = cuda_block_sum(dot, shared), yy = cuda_block_sum(yy, shared), tt = cuda_block_sum(tt, shared);
     for (int c = threadIdx.x; c < C; c += blockDim.x) yi[c] = (float)(grad_scale * ((double)yi[c] - ti[c]));
     if (threadIdx.x == 0) errors[row] = sq / C, cosines[row] = yy > 0 && tt > 0 ? dot / sqrt(yy * tt) : 0;
 }
@@ -85,7 +74,7 @@ __global__ void latent_through_norm(float *dh /* (rows, C) */, const float *dnor
     const float *x = h + row * C, *dn = dnormed + row * C;
     double dot = 0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) dot += (double)x[c] * dn[c];
-    dot = block_sum(dot, shared);
+    dot = cuda_block_sum(dot, shared);
     const double ri = r[row], correction = ri * ri * ri * dot / C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) out[c] = (float)(ri * dn[c] - x[c] * correction);
 }
@@ -118,7 +107,7 @@ __global__ void softmax_rows(__nv_bfloat16 *dlogits /* (rows, V) or NULL */, dou
     max_logit = shared_max[0];
     double total = 0;
     for (int v = threadIdx.x; v < V; v += blockDim.x) total += expf(l[v] - max_logit);
-    total = block_sum(total, shared);
+    total = cuda_block_sum(total, shared);
     const int label = row_label[row];
     if (threadIdx.x == 0) losses[row] = (double)max_logit + log(total) - l[label];
     if (!dlogits) return;

@@ -13,14 +13,15 @@ constexpr unsigned THREADS = 256;
  * computed once and applied to every head of the token. Neighbouring threads take neighbouring
  * i, so each head's accesses are contiguous. Each element belongs to one thread: in place is safe. */
 __global__ void rope_kernel(float *x /* (T, n_heads, hd) */, const int32_t *positions /* (T) */, const double *inv_freq /* (hd / 2) */,
-                            int T, int n_heads, int hd) {
+                            int T, int n_heads, int hd, bool inverse) {
     const unsigned half = (unsigned)hd / 2;
     const size_t pairs = (size_t)T * half, stride = (size_t)gridDim.x * blockDim.x;
     for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += stride) {
         const size_t t = p / half;
         const unsigned i = (unsigned)(p % half);
         const double angle = (double)positions[t] * inv_freq[i];
-        const float cos_a = (float)cos(angle), sin_a = (float)sin(angle);
+        /* the inverse rotation (the backward) negates the fp32 sine: the CPU's bits */
+        const float cos_a = (float)cos(angle), sin_a = inverse ? -(float)sin(angle) : (float)sin(angle);
         float *token = x + t * n_heads * hd; // (n_heads, hd)
         for (int h = 0; h < n_heads; h++) {
             float *head = token + (size_t)h * hd; // (hd)
@@ -36,7 +37,15 @@ __global__ void rope_kernel(float *x /* (T, n_heads, hd) */, const int32_t *posi
 int cuda_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
     if (T <= 0 || n_heads <= 0 || hd < 2) return 0;
     const size_t pairs = (size_t)T * (size_t)(hd / 2);
-    rope_kernel<<<cuda_blocks(pairs, THREADS), THREADS, 0, cuda_stream(dev)>>>(x, positions, inv_freq, T, n_heads, hd);
+    rope_kernel<<<cuda_blocks(pairs, THREADS), THREADS, 0, cuda_stream(dev)>>>(x, positions, inv_freq, T, n_heads, hd, false);
     CUDA_LAUNCHED(dev, "rope_forward");
+    return 0;
+}
+
+int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
+    if (T <= 0 || n_heads <= 0 || hd < 2) return 0;
+    const size_t pairs = (size_t)T * (size_t)(hd / 2);
+    rope_kernel<<<cuda_blocks(pairs, THREADS), THREADS, 0, cuda_stream(dev)>>>(dx, positions, inv_freq, T, n_heads, hd, true);
+    CUDA_LAUNCHED(dev, "rope_backward");
     return 0;
 }
