@@ -72,7 +72,7 @@ PROGRAMS := $(BUILD)/essence-inspect $(BUILD)/essence-extract $(BUILD)/essence-p
 PLUGIN := $(BUILD)/plugins/libh5zstd.so
 
 # The stages' own code that unit tests link (every stage source but the one with main()).
-STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c align/comm.c align/state.c align/eval/eval.c,$(wildcard extract/*.c project/*.c align/*.c align/eval/*.c))
+STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c align/comm.c align/state.c align/reduce.c align/eval/eval.c,$(wildcard extract/*.c project/*.c align/*.c align/eval/*.c))
 STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))

@@ -28,6 +28,7 @@
 #include "log.h"
 #include "optimizer.h"
 #include "progress.h"
+#include "reduce.h"
 #include "resume.h"
 #include "state.h"
 #include "safetensors.h"
@@ -162,7 +163,7 @@ static int evaluate(train_model *tm, align_data *data, align_comm *comm, eval_re
     int got;
     while (!rc && (got = align_data_eval_next(data, &batch, err)) == 1) {
         train_sums sums;
-        rc = train_forward_backward(tm, &batch, 0, 1.0f, &sums, err);
+        rc = train_forward_backward(tm, &batch, 0, 1.0f, NULL, NULL, &sums, err);
         for (int i = 0; !rc && i < n; i++) {
             double *layer = acc + (size_t)i * per_layer;
             layer[0] += sums.latent[i], layer[1] += sums.cosine[i];
@@ -568,6 +569,8 @@ int main(int argc, char **argv) {
                                                   es_params_at(&tm.params, &opt.v, t->data), numel,
                                                   es_working_at(&tm.working, &tm.params, t->data)};
     }
+    grad_reducer reducer;
+    if (grad_reducer_init(&reducer, &tm, groups, n_groups, &comm, &host, &err)) fail(&comm, &err);
     es_progress progress;
     es_progress_start(&progress, "align", "steps", steps);
     es_progress_add(&progress, step);
@@ -581,7 +584,10 @@ int main(int argc, char **argv) {
             align_batch batch;
             train_sums sums;
             rc = align_data_next_train(data, &batch, &err);
-            if (!rc) rc = train_forward_backward(&tm, &batch, 1, 1.0f / (float)accum, &sums, &err);
+            /* the last micro-batch's gradients are final as its backward passes each layer: summed over the ranks meanwhile */
+            const int last = micro == accum - 1;
+            if (!rc) rc = train_forward_backward(&tm, &batch, 1, 1.0f / (float)accum, last ? grad_reducer_layer_done : NULL, &reducer,
+                                                 &sums, &err);
             if (rc) break;
             totals[0] += sums.ce / (double)(batch.global_labels ? batch.global_labels : 1) / accum;
             totals[1] += (double)batch.T, totals[2] += (double)batch.global_tokens;
@@ -589,8 +595,8 @@ int main(int argc, char **argv) {
                 totals[3 + i] += sums.latent[i] / (double)(batch.global_aligned ? batch.global_aligned : 1) / accum;
             aligned += batch.global_aligned;
         }
-        // sum over ranks: gradients and the loss terms (each already divided by global counts)
-        for (int g = 0; !rc && g < n_groups; g++) rc = host_state_allreduce_grads(&host, &comm, groups[g].grads, groups[g].n, &err);
+        // sum over ranks: the gradients' buckets still in flight, and the loss terms (each already divided by global counts)
+        if (!rc) rc = grad_reducer_finish(&reducer, &err);
         if (!rc) rc = comm_allreduce_f64(&comm, totals, 3 + (size_t)n_mapped, &err);
         if (rc) break;
         double latent = 0, ce = totals[0];
@@ -664,6 +670,7 @@ int main(int argc, char **argv) {
     }
     free_saved(&saved);
     host_state_free(&host);
+    grad_reducer_free(&reducer);
     free(groups), free(key_text);
     es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
     es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));

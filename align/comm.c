@@ -93,6 +93,59 @@ static int through_group(align_comm *comm, void *data, size_t bytes, size_t n, e
     return ES_OK;
 }
 
+#ifdef ES_HAVE_MPI
+static int mpi_start(align_comm *comm, es_group_call call, float *data, size_t n, int root, es_error *err) {
+    for (size_t done = 0; done < n;) { /* MPI counts are ints: large ranges go in slices */
+        const int count = n - done > (size_t)INT_MAX ? INT_MAX : (int)(n - done);
+        if (comm->n_pending == comm->pending_cap) {
+            const int cap = comm->pending_cap ? 2 * comm->pending_cap : 64;
+            MPI_Request *grown = realloc(comm->pending, (size_t)cap * sizeof *grown);
+            if (!grown) return es_fail(err, ES_ERR_RUNTIME, "out of memory for MPI's requests");
+            comm->pending = grown, comm->pending_cap = cap;
+        }
+        MPI_Request *request = (MPI_Request *)comm->pending + comm->n_pending;
+        float *at = data + done;
+        const int me = comm->rank == root;
+        int rc = call == ES_GROUP_ALLREDUCE ? MPI_Iallreduce(MPI_IN_PLACE, at, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, request)
+                 : call == ES_GROUP_REDUCE  ? MPI_Ireduce(me ? MPI_IN_PLACE : at, me ? at : NULL, count, MPI_FLOAT, MPI_SUM, root,
+                                                          MPI_COMM_WORLD, request)
+                                            : MPI_Ibcast(at, count, MPI_FLOAT, root, MPI_COMM_WORLD, request);
+        if (rc != MPI_SUCCESS) return es_fail(err, ES_ERR_RUNTIME, "a non-blocking MPI collective of %zu floats failed to start", n);
+        comm->n_pending++;
+        done += (size_t)count;
+    }
+    /* Open MPI moves non-blocking collectives on inside its calls: a nudge each time */
+    int ignored;
+    MPI_Testall(comm->n_pending, comm->pending, &ignored, MPI_STATUSES_IGNORE);
+    return ES_OK;
+}
+#endif
+
+int comm_start(align_comm *comm, es_group_call call, float *data, size_t n, int root, es_error *err) {
+    if (comm->world == 1 || n == 0) return ES_OK;
+    if (comm->group) return es_device_group_start(comm->group, call, data, n, root, err);
+#ifdef ES_HAVE_MPI
+    if (comm->mpi) return mpi_start(comm, call, data, n, root, err);
+#endif
+    (void)data, (void)call, (void)root;
+    return es_fail(err, ES_ERR_RUNTIME, "a collective over %d ranks without MPI or a device group", comm->world);
+}
+
+int comm_wait(align_comm *comm, es_error *err) {
+    if (comm->world == 1) return ES_OK;
+    if (comm->group) return es_device_group_wait(comm->group, err);
+#ifdef ES_HAVE_MPI
+    if (comm->n_pending) {
+        const int n = comm->n_pending;
+        comm->n_pending = 0;
+        if (MPI_Waitall(n, comm->pending, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+            return es_fail(err, ES_ERR_RUNTIME, "%d non-blocking MPI collectives failed", n);
+    }
+#endif
+    (void)err;
+    return ES_OK;
+}
+
 int comm_allreduce_f32(align_comm *comm, float *data, size_t n, es_error *err) {
 #ifdef ES_HAVE_MPI
     /* MPI counts are ints: large arenas go in slices. */
@@ -156,6 +209,8 @@ void comm_leave_device(align_comm *comm) {
 }
 
 void comm_finalize(align_comm *comm) {
+    free(comm->pending);
+    comm->pending = NULL, comm->n_pending = comm->pending_cap = 0;
 #ifdef ES_HAVE_MPI
     if (comm->mpi) MPI_Finalize();
 #endif

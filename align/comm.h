@@ -17,6 +17,8 @@ typedef struct align_comm {
     int mpi;             /* MPI was initialised (and must be finalised) */
     es_device *group;    /* the device whose group the ranks joined, or NULL */
     void *scratch;       /* (COMM_SCRATCH_BYTES) device memory: host values summed through the group */
+    void *pending;       /* MPI's requests of the collectives started and not yet waited for */
+    int n_pending, pending_cap;
 } align_comm;
 
 enum { COMM_SCRATCH_BYTES = 4096 };
@@ -30,6 +32,13 @@ int comm_join_device(align_comm *comm, es_device *dev, const char *dir, es_error
 void comm_leave_device(align_comm *comm);
 /* Sums n floats in device memory over the ranks in place (a joined group only). */
 int comm_allreduce_device_f32(align_comm *comm, float *device_data, size_t n, es_error *err);
+/* The collectives a step overlaps with its backward (align/reduce.h), on n floats: in device
+ * memory through the joined group, else (the CPU) in host memory through MPI's non-blocking
+ * calls. ALLREDUCE sums over the ranks in place, REDUCE sums into root's data (the others' is
+ * left as it was or undefined), BROADCAST copies root's data to every rank. Every rank starts the
+ * same calls in the same order; the data is complete (and may be touched) after comm_wait. */
+int comm_start(align_comm *comm, es_group_call call, float *data, size_t n, int root, es_error *err);
+int comm_wait(align_comm *comm, es_error *err);
 /* Element-wise sums over every rank, in place; the result is identical on every rank. */
 int comm_allreduce_f32(align_comm *comm, float *data, size_t n, es_error *err);
 int comm_allreduce_f64(align_comm *comm, double *data, size_t n, es_error *err);

@@ -136,8 +136,8 @@ static int eval_layer(void *ctx, int layer, const float *hidden, int T, es_error
     return ES_OK;
 }
 
-int train_forward_backward(train_model *tm, const align_batch *batch, int backward, float scale, train_sums *sums,
-                           es_error *err) {
+int train_forward_backward(train_model *tm, const align_batch *batch, int backward, float scale, es_grads_fn on_grads, void *ctx,
+                           train_sums *sums, es_error *err) {
     es_device *dev = tm->dev;
     const es_params *p = &tm->params;
     const es_working *w = &tm->working; /* what the ops read; gradients go to the master's layout */
@@ -177,5 +177,5 @@ int train_forward_backward(train_model *tm, const align_batch *batch, int backwa
         OP(es_cross_entropy(dev, &sums->ce, tm->dnormed, train_grad_of(tm, p->lm_head), es_decoder_normed(tm->decoder), w->lm_head,
                             tm->labels, T, C, V, (float)(scale * tm->ce_weight / labelled)));
     // ---- backward, top layer first
-    return es_decoder_backward(tm->decoder, w, &tm->grads, tm->with_ce ? tm->dnormed : NULL, dhidden, err);
+    return es_decoder_backward(tm->decoder, w, &tm->grads, tm->with_ce ? tm->dnormed : NULL, dhidden, on_grads, ctx, err);
 }

@@ -67,8 +67,11 @@ typedef struct train_sums {
 /* Forward on one batch, and with `backward` the gradients, ACCUMULATED into tm->grads and
  * tm->head_grads: loss = latent_weight · mean over mapped layers of (Σ latent / global_aligned)
  * + ce_weight · Σ ce / global_labels, times `scale` (1/N for N accumulated micro-batches).
- * Without backward (eval), every layer runs and the CE term is computed too. */
-int train_forward_backward(train_model *tm, const align_batch *batch, int backward, float scale, train_sums *sums,
-                           es_error *err);
+ * Without backward (eval), every layer runs and the CE term is computed too. With backward,
+ * on_grads (kernels/decoder.h; NULL: none) is called as the gradients become final: with
+ * run_layers + 1 once the heads', the output head's and the final norm's are, then down the
+ * layers to 0 (the embedding's). A micro-batch of no tokens makes no calls. */
+int train_forward_backward(train_model *tm, const align_batch *batch, int backward, float scale, es_grads_fn on_grads, void *ctx,
+                           train_sums *sums, es_error *err);
 
 #endif

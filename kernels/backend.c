@@ -191,6 +191,14 @@ int es_device_group_allreduce(es_device *dev, void *data, size_t n, es_group_op 
     if (!dev->ops->group_allreduce) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
     PASS_THROUGH(n && dev->ops->group_allreduce(dev, data, n, op));
 }
+int es_device_group_start(es_device *dev, es_group_call call, float *data, size_t n, int root, es_error *err) {
+    if (!dev->ops->group_start) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
+    PASS_THROUGH(n && dev->ops->group_start(dev, call, data, n, root));
+}
+int es_device_group_wait(es_device *dev, es_error *err) {
+    if (!dev->ops->group_wait) return es_fail(err, ES_ERR_RUNTIME, "%s: no collectives on this device", dev->name);
+    PASS_THROUGH(dev->ops->group_wait(dev));
+}
 int es_device_download(es_device *dev, void *dst, const void *src, size_t bytes, es_error *err) {
     PASS_THROUGH(bytes && dev->ops->download(dev, dst, src, bytes));
 }

@@ -170,6 +170,14 @@ int es_device_group_join(es_device *dev, const unsigned char id[ES_GROUP_ID_BYTE
 /* data (device memory, n values of the op's type) combined over the ranks in place, queued on the
  * compute stream after what is there (every rank in the same order of calls). */
 int es_device_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op, es_error *err);
+/* The collectives a training step overlaps with its backward, on n floats of device memory:
+ * queued on the group's own stream after what the compute stream holds now, so that the ops
+ * queued after them do not wait; es_device_group_wait makes the compute stream wait for every
+ * one started. A sum over the ranks in place (ALLREDUCE), into root's data only (REDUCE; the
+ * others' data is left undefined), or root's data copied to every rank (BROADCAST). */
+typedef enum { ES_GROUP_ALLREDUCE, ES_GROUP_REDUCE, ES_GROUP_BROADCAST } es_group_call;
+int es_device_group_start(es_device *dev, es_group_call call, float *data, size_t n, int root, es_error *err);
+int es_device_group_wait(es_device *dev, es_error *err);
 
 /* Makes the workspace at least as large as the backend estimates that plan needs. */
 int es_device_reserve(es_device *dev, const es_workspace_plan *plan, es_error *err);

@@ -41,6 +41,8 @@ struct es_backend {
     int (*group_id)(es_device *dev, unsigned char *id);
     int (*group_join)(es_device *dev, const unsigned char *id, int rank, int world);
     int (*group_allreduce)(es_device *dev, void *data, size_t n, es_group_op op);
+    int (*group_start)(es_device *dev, es_group_call call, float *data, size_t n, int root);
+    int (*group_wait)(es_device *dev);
 
     /* ops */
     int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);

@@ -344,7 +344,7 @@ done:
 }
 
 int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *grads, const float *dnormed,
-                        const float *const *dhidden, es_error *err) {
+                        const float *const *dhidden, es_grads_fn on_grads, void *ctx, es_error *err) {
     es_device *dev = d->dev;
     const es_model_config *c = &d->config;
     const int T = d->T, C = c->hidden_size, I = c->intermediate_size, H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim;
@@ -357,6 +357,7 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
     // dx: the gradient of the stream, from the top
     if (dnormed) OP(es_rmsnorm_backward(dev, d->dx, grads->final_norm, dnormed, d->x_final, weights->final_norm, T, C, eps));
     else if ((rc = es_device_zero(dev, d->dx, TC * sizeof(float), err))) return rc;
+    if (on_grads && (rc = on_grads(ctx, d->last_layer + 1, err))) return rc;
     for (int l = d->last_layer; l >= 1; l--) {
         if (dhidden[l]) OP(es_add(dev, d->dx, d->dx, dhidden[l], TC)); /* a loss on the stream after layer l */
         const es_layer_weights *w = &weights->layers[l - 1];
@@ -388,9 +389,11 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
         OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
         OP(es_rmsnorm_backward(dev, d->dx, g->input_norm, d->dn, a->x_in, w->input_norm, T, C, eps));
         OP(es_add(dev, d->dx, d->dx, d->dx_mid, TC));
+        if (on_grads && (rc = on_grads(ctx, l, err))) goto done;
     }
     if (dhidden[0]) OP(es_add(dev, d->dx, d->dx, dhidden[0], TC));
     OP(es_embedding_backward(dev, grads->embed, d->ids, d->dx, T, C));
+    if (on_grads) rc = on_grads(ctx, 0, err);
 done:
     return rc;
 }

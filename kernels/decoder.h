@@ -77,11 +77,17 @@ int es_decoder_forward(es_decoder *decoder, const es_decoder_batch *batch, const
 float *es_decoder_hidden(es_decoder *decoder, int layer);
 float *es_decoder_normed(es_decoder *decoder);
 
+/* Called by es_decoder_backward (when not NULL) as gradients become final, so that they can be
+ * summed over ranks while the backward goes on: with last_layer + 1 after the final norm's, with
+ * l after layer l's (l = last_layer down to 1), and with 0 after the embedding's; the ops are
+ * queued, not finished. Return nonzero (an error code already set in err) to stop. */
+typedef int (*es_grads_fn)(void *ctx, int layer, es_error *err);
+
 /* The backward of the last (training) forward: dnormed, the gradient of the final norm's output
  * (or NULL when no loss reads it), and dhidden[l] for l in 0..last_layer, the gradient of the
  * stream after layer l (NULL where none), feed the gradients ACCUMULATED into grads (same
  * layout as weights: embedding, every layer run, and the final norm when dnormed is given). */
 int es_decoder_backward(es_decoder *decoder, const es_working *weights, es_params *grads, const float *dnormed,
-                        const float *const *dhidden, es_error *err);
+                        const float *const *dhidden, es_grads_fn on_grads, void *ctx, es_error *err);
 
 #endif

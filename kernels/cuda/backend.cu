@@ -423,6 +423,8 @@ static const es_backend cuda_backend = {
     .group_id = cuda_group_id,
     .group_join = cuda_group_join,
     .group_allreduce = cuda_group_allreduce,
+    .group_start = cuda_group_start,
+    .group_wait = cuda_group_wait,
 
     .embedding_forward = cuda_embedding_forward,
     .rmsnorm_forward = cuda_rmsnorm_forward,

@@ -180,6 +180,8 @@ int cuda_round_weights(es_device *dev, void *working, const float *master, size_
 int cuda_group_id(es_device *dev, unsigned char *id);
 int cuda_group_join(es_device *dev, const unsigned char *id, int rank, int world);
 int cuda_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op);
+int cuda_group_start(es_device *dev, es_group_call call, float *data, size_t n, int root);
+int cuda_group_wait(es_device *dev);
 void cuda_group_leave(void);
 
 /* Sequence table on the host: attention needs its shape to size its grid. Copies seq_start

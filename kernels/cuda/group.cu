@@ -1,8 +1,10 @@
 // Collectives on CUDA (kernels/backend.h "collectives"): NCCL, one GPU per process. libnccl is
 // loaded with dlopen when a group is first asked for, so a single-GPU run, and a machine without
-// NCCL, never need it; the few entry points are looked up by name. The all-reduce is queued on
-// the compute stream: it waits for the ops before it (a gradient's backward) and the ops after it
-// wait for it, every rank issuing the same calls in the same order.
+// NCCL, never need it; the few entry points are looked up by name. cuda_group_allreduce is
+// queued on the compute stream (the ops before and after it are ordered with it); the
+// collectives of cuda_group_start run on a stream of their own, each after what the compute
+// stream held when it was started, so that a layer's gradients are summed while the backward
+// goes on below it. Every rank issues the same calls in the same order.
 #include <dlfcn.h>
 #include <string.h>
 
@@ -20,6 +22,8 @@ struct nccl_api {
     ncclResult_t (*get_unique_id)(ncclUniqueId *);
     ncclResult_t (*comm_init_rank)(ncclComm_t *, int, ncclUniqueId, int);
     ncclResult_t (*all_reduce)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t);
+    ncclResult_t (*reduce)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, int, ncclComm_t, cudaStream_t);
+    ncclResult_t (*broadcast)(const void *, void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
     ncclResult_t (*comm_destroy)(ncclComm_t);
     const char *(*error_string)(ncclResult_t);
 };
@@ -27,6 +31,10 @@ struct nccl_api {
 nccl_api api;
 ncclComm_t group_comm;
 int group_device = -1;
+/* The collectives overlapped with the backward run here, ordered after the compute stream by
+ * `queued` (recorded there before each start), and the compute stream after them by `finished`. */
+cudaStream_t group_stream;
+cudaEvent_t queued, finished;
 
 int load_nccl(es_device *dev) {
     if (api.library) return 0;
@@ -39,9 +47,11 @@ int load_nccl(es_device *dev) {
     api.get_unique_id = (decltype(api.get_unique_id))dlsym(api.library, "ncclGetUniqueId");
     api.comm_init_rank = (decltype(api.comm_init_rank))dlsym(api.library, "ncclCommInitRank");
     api.all_reduce = (decltype(api.all_reduce))dlsym(api.library, "ncclAllReduce");
+    api.reduce = (decltype(api.reduce))dlsym(api.library, "ncclReduce");
+    api.broadcast = (decltype(api.broadcast))dlsym(api.library, "ncclBroadcast");
     api.comm_destroy = (decltype(api.comm_destroy))dlsym(api.library, "ncclCommDestroy");
     api.error_string = (decltype(api.error_string))dlsym(api.library, "ncclGetErrorString");
-    if (!api.get_unique_id || !api.comm_init_rank || !api.all_reduce || !api.comm_destroy || !api.error_string) {
+    if (!api.get_unique_id || !api.comm_init_rank || !api.all_reduce || !api.reduce || !api.broadcast || !api.comm_destroy || !api.error_string) {
         dlclose(api.library);
         memset(&api, 0, sizeof api);
         return es_device_fail(dev, ES_ERR_RUNTIME, "%s: libnccl lacks an entry point this build calls", dev->name);
@@ -79,6 +89,9 @@ int cuda_group_join(es_device *dev, const unsigned char *id, int rank, int world
         return nccl_fail(dev, "ncclCommInitRank", joined);
     }
     group_device = cuda_of(dev)->ordinal;
+    CUDA_TRY(dev, "group", cudaStreamCreateWithFlags(&group_stream, cudaStreamNonBlocking));
+    CUDA_TRY(dev, "group", cudaEventCreateWithFlags(&queued, cudaEventDisableTiming));
+    CUDA_TRY(dev, "group", cudaEventCreateWithFlags(&finished, cudaEventDisableTiming));
     return 0;
 }
 
@@ -90,9 +103,31 @@ int cuda_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op) {
     return done == ncclSuccess ? 0 : nccl_fail(dev, "ncclAllReduce", done);
 }
 
+int cuda_group_start(es_device *dev, es_group_call call, float *data, size_t n, int root) {
+    if (!group_comm) return es_device_fail(dev, ES_ERR_RUNTIME, "%s: a collective outside a group", dev->name);
+    CUDA_TRY(dev, "group", cudaEventRecord(queued, cuda_stream(dev)));
+    CUDA_TRY(dev, "group", cudaStreamWaitEvent(group_stream, queued, 0));
+    ncclResult_t done;
+    if (call == ES_GROUP_ALLREDUCE) done = api.all_reduce(data, data, n, ncclFloat32, ncclSum, group_comm, group_stream);
+    else if (call == ES_GROUP_REDUCE) done = api.reduce(data, data, n, ncclFloat32, ncclSum, root, group_comm, group_stream);
+    else done = api.broadcast(data, data, n, ncclFloat32, root, group_comm, group_stream);
+    return done == ncclSuccess ? 0 : nccl_fail(dev, "an NCCL collective", done);
+}
+
+int cuda_group_wait(es_device *dev) {
+    if (!group_comm) return 0;
+    CUDA_TRY(dev, "group", cudaEventRecord(finished, group_stream));
+    CUDA_TRY(dev, "group", cudaStreamWaitEvent(cuda_stream(dev), finished, 0));
+    return 0;
+}
+
 void cuda_group_leave(void) {
+    if (group_stream) cudaStreamSynchronize(group_stream);
     if (group_comm) api.comm_destroy(group_comm);
-    group_comm = nullptr, group_device = -1;
+    if (group_stream) cudaStreamDestroy(group_stream);
+    if (queued) cudaEventDestroy(queued);
+    if (finished) cudaEventDestroy(finished);
+    group_comm = nullptr, group_device = -1, group_stream = nullptr, queued = finished = nullptr;
 }
 
 #else // a CUDA toolkit without NCCL's header: one GPU per run only
@@ -109,6 +144,14 @@ int cuda_group_join(es_device *dev, const unsigned char *id, int rank, int world
 int cuda_group_allreduce(es_device *dev, void *data, size_t n, es_group_op op) {
     (void)data, (void)n, (void)op;
     return cuda_group_id(dev, NULL);
+}
+int cuda_group_start(es_device *dev, es_group_call call, float *data, size_t n, int root) {
+    (void)call, (void)data, (void)n, (void)root;
+    return cuda_group_id(dev, NULL);
+}
+int cuda_group_wait(es_device *dev) {
+    (void)dev;
+    return 0;
 }
 void cuda_group_leave(void) {}
 

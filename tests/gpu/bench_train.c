@@ -33,7 +33,7 @@ typedef struct step_run {
 static void run_step(void *ctx) {
     step_run *r = ctx;
     train_sums sums;
-    check(train_forward_backward(r->tm, r->batch, 1, 1.0f, &sums, &err));
+    check(train_forward_backward(r->tm, r->batch, 1, 1.0f, NULL, NULL, &sums, &err));
     double norm = 0;
     check(es_grad_norm(r->dev, r->groups, r->n_groups, &norm, &err));
     const es_adamw_config config = {1e-5, 0.9, 0.95, 1e-8, 0.1};

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import fixture_sets, read_safetensors, repo_fixtures, report, run_main  # noqa: E402
+from testing import fixture_sets, read_safetensors, repo_fixtures, report, run_main, write_safetensors  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 REPO = repo_fixtures()
@@ -214,13 +214,32 @@ def test_resume(tmp, student, data):
     report("resume_after_sigkill_bit_identical", identical, f"after {attempts} attempt(s)")
 
 
+def tied_student(tmp, student):
+    """The student with its output head tied to the embedding (Qwen2-0.5B's and 1.5B's layout)."""
+    folder = os.path.join(tmp, "student-tied")
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(student):
+        if name not in ("config.json", "model.safetensors") and not os.path.lexists(os.path.join(folder, name)):
+            os.symlink(os.path.realpath(os.path.join(student, name)), os.path.join(folder, name))
+    config = json.load(open(os.path.join(student, "config.json")))
+    config["tie_word_embeddings"] = True
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    tensors = dict(read_safetensors(os.path.join(student, "model.safetensors")))
+    del tensors["lm_head.weight"]
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    return folder
+
+
 def test_mpi(tmp, student, data):
+    """Two ranks with batch b against one with 2b: the same weights to rounding. Each layer's
+    gradients are summed while the backward goes on below it (align/reduce.c), so the cases cover
+    what decides when a bucket is final: the plain student; a tied head (the embedding's bucket
+    waits for the embedding's backward) with the linear heads and two micro-batches (only the
+    last one's backward starts the sums); latent only (the layers above the last target idle)."""
     mpirun = shutil.which("mpirun")
     if not mpirun:
         print("SKIP mpi_two_ranks_equal_one: mpirun not found (apt-get install openmpi-bin)")
         return
-    flags = ["--model", student, "--data", data, "--steps", "8", "--eval-every", "0", "--save-every", "0", "--threads", "1"]
-    one, two = os.path.join(tmp, "np1"), os.path.join(tmp, "np2")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     if os.environ.get("ESSENCE_SANITIZE"):
         # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
@@ -228,15 +247,21 @@ def test_mpi(tmp, student, data):
         # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
         env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
         env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
-    r1 = run([mpirun, "-np", "1", program("essence-align"), *flags, "--batch-tokens", "2048", "--out", one], env=env)
-    r2 = run([mpirun, "-np", "2", program("essence-align"), *flags, "--batch-tokens", "1024", "--out", two], env=env)
-    if r1.returncode or r2.returncode:
-        report("mpi_two_ranks_equal_one", False, (r1.stderr + r2.stderr)[-2000:])
-        return
-    a, b = state_tensors(latest_checkpoint(one)), state_tensors(latest_checkpoint(two))
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
-    print(f"  mpirun -np 2 (batch b) vs -np 1 (batch 2b), 8 steps: max |Δ weight| {worst:.2e}")
-    report("mpi_two_ranks_equal_one", worst <= 1e-5, f"max difference {worst:.3g}")
+    cases = [("mpi_two_ranks_equal_one", student, []),
+             ("mpi_two_ranks_equal_one_tied_heads_accum", tied_student(tmp, student), ["--student-head", "linear", "--grad-accum", "2"]),
+             ("mpi_two_ranks_equal_one_latent_only", student, ["--ce-weight", "0"])]
+    for name, model, extra in cases:
+        flags = ["--model", model, "--data", data, "--steps", "8", "--eval-every", "0", "--save-every", "0", "--threads", "1", *extra]
+        one, two = os.path.join(tmp, name + "-np1"), os.path.join(tmp, name + "-np2")
+        r1 = run([mpirun, "-np", "1", program("essence-align"), *flags, "--batch-tokens", "2048", "--out", one], env=env)
+        r2 = run([mpirun, "-np", "2", program("essence-align"), *flags, "--batch-tokens", "1024", "--out", two], env=env)
+        if r1.returncode or r2.returncode:
+            report(name, False, (r1.stderr + r2.stderr)[-2000:])
+            continue
+        a, b = state_tensors(latest_checkpoint(one)), state_tensors(latest_checkpoint(two))
+        worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
+        print(f"  {' '.join(extra) or 'plain'}: mpirun -np 2 (batch b) vs -np 1 (batch 2b), 8 steps: max |Δ weight| {worst:.2e}")
+        report(name, worst <= 1e-5, f"max difference {worst:.3g}")
 
 
 def test_srun_without_mpi(tmp, student, data):

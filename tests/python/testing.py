@@ -154,3 +154,18 @@ def read_safetensors(path):
                 values = values.astype(np.float32)
         out[name] = values.reshape(info["shape"])
     return out
+
+
+def write_safetensors(path, tensors):
+    """A .safetensors file of float32 tensors (name -> numpy array), in name order."""
+    import numpy as np
+    header, blobs, at = {}, [], 0
+    for name in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(np.shape(tensors[name])), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))

@@ -53,7 +53,7 @@ static void check_golden_step(const char *tl_name, const char *fixtures) {
     float *targets[1] = {(float *)target};
     align_batch batch = {T, B, seq_start, ids, labels, mask, targets, T, aligned, B * (L - 1), NULL};
     train_sums sums;
-    REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, &sums, &err) == 0);
+    REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, NULL, NULL, &sums, &err) == 0);
     double latent = sums.latent[0] / (double)aligned, ce = sums.ce / (B * (L - 1)), loss = latent + 0.5 * ce;
     const float *want_loss = f32(golden, "loss"), *want_latent = f32(golden, "latent_mse"), *want_ce = f32(golden, "ce");
     REQUIRE(want_loss && want_latent && want_ce);
@@ -170,7 +170,7 @@ static void check_recompute(const char *tl_name, const char *fixtures) {
         for (int t = 0; t < T; t++) aligned += mask[t];
         align_batch batch = {T, B, seq_start, ids, labels, mask, targets, T, aligned, B * (L - 1), NULL};
         train_sums sums;
-        REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, &sums, &err) == 0);
+        REQUIRE(train_forward_backward(&tm, &batch, 1, 1.0f, NULL, NULL, &sums, &err) == 0);
         losses[recompute][0] = sums.latent[0] + sums.latent[1], losses[recompute][1] = sums.ce;
         n = tm.grads.arena_floats;
         grads[recompute] = malloc(n * sizeof(float));
