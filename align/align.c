@@ -58,6 +58,7 @@ static const es_option options[] = {
     {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept", "[1,2147483647]"},
     {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out (begun with the same inputs and options)", NULL},
     {"recompute", ES_OPT_BOOL, "false", "keep only each layer's input and recompute the rest in the backward (less memory, ~1/3 more time; the same bits)", NULL},
+    {"zero1", ES_OPT_BOOL, "false", "with several ranks, shard AdamW's moments over them (ZeRO-1: less device memory; the same bits)", NULL},
     {"force", ES_OPT_BOOL, "false", "start afresh in a --out that holds checkpoints: they are removed first", NULL},
     {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)", "[0,2147483647]"},
     {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation", "[0,1)"},
@@ -71,13 +72,44 @@ static const es_option options[] = {
 
 static const char usage[] = "essence-align --model DIR --data student.h5|texts.jsonl --out DIR [options]";
 
-/* Everything the optimizer owns (device memory): the AdamW moments of the master weights (the
- * parameter arena's layout) and of the heads. */
+/* Everything the optimizer owns: the AdamW moments of the master weights (the parameter arena's
+ * layout) and of the heads; device memory, or with --zero1 over several ranks host memory, the
+ * checkpoint's view of the moments that align/reduce.h shards over the devices. */
 typedef struct optimizer {
     es_params m, v;
     float *head_m, *head_v;     // (n_mapped, C, C) or NULL
+    int on_host;
     es_adamw_config config;
 } optimizer;
+
+static int optimizer_alloc(optimizer *opt, es_device *dev, const es_params *like, size_t n_head, int on_host, es_error *err) {
+    opt->on_host = on_host;
+    if (on_host) {
+        opt->m = (es_params){.arena = calloc(like->arena_floats + 1, sizeof(float)), .arena_floats = like->arena_floats};
+        opt->v = (es_params){.arena = calloc(like->arena_floats + 1, sizeof(float)), .arena_floats = like->arena_floats};
+        opt->head_m = n_head ? calloc(n_head, sizeof(float)) : NULL, opt->head_v = n_head ? calloc(n_head, sizeof(float)) : NULL;
+        if (!opt->m.arena || !opt->v.arena || (n_head && (!opt->head_m || !opt->head_v)))
+            return es_fail(err, ES_ERR_RUNTIME, "out of host memory for AdamW's moments (%zu floats)", 2 * (like->arena_floats + n_head));
+        return ES_OK;
+    }
+    if (es_params_alloc_like(dev, like, "AdamW's first moments", &opt->m, err) ||
+        es_params_alloc_like(dev, like, "AdamW's second moments", &opt->v, err) ||
+        (n_head && (es_device_alloc(dev, n_head * sizeof(float), (void **)&opt->head_m, "the heads' AdamW moments", err) ||
+                    es_device_alloc(dev, n_head * sizeof(float), (void **)&opt->head_v, "the heads' AdamW moments", err) ||
+                    es_device_zero(dev, opt->head_m, n_head * sizeof(float), err) ||
+                    es_device_zero(dev, opt->head_v, n_head * sizeof(float), err))))
+        return err->code;
+    return ES_OK;
+}
+
+static void optimizer_free(optimizer *opt, es_device *dev, size_t n_head) {
+    if (opt->on_host) {
+        free(opt->m.arena), free(opt->v.arena), free(opt->head_m), free(opt->head_v);
+    } else {
+        es_params_free(dev, &opt->m), es_params_free(dev, &opt->v);
+        es_device_free(dev, opt->head_m, n_head * sizeof(float)), es_device_free(dev, opt->head_v, n_head * sizeof(float));
+    }
+}
 
 /* A parameter tensor trains when the forward of a training step reaches it. With --ce-weight 0
  * the layers above the deepest mapped one, the final norm and the head never get a gradient:
@@ -339,7 +371,7 @@ static char *align_resume_key(const es_config *cfg, int world, es_error *err) {
             return NULL;
     }
     snprintf(ranks, sizeof ranks, "%d", world);
-    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", "device", "recompute", NULL});
+    json_t *key = es_resume_key_from_config(cfg, (const char *const[]){"model", "data", "save-every", "keep-checkpoints", "dump-step", "device", "recompute", "zero1", NULL});
     char *text = NULL;
     if (key) {
         json_object_set_new(key, "model", json_string(model_fp)), json_object_set_new(key, "data", json_string(data_fp));
@@ -455,13 +487,8 @@ int main(int argc, char **argv) {
     const size_t n_head = tm.heads ? (size_t)n_mapped * C * C : 0;
     optimizer opt = {.config = {lr, es_config_float(&cfg, "beta1"), es_config_float(&cfg, "beta2"), es_config_float(&cfg, "adam-eps"),
                                 es_config_float(&cfg, "weight-decay")}};
-    if (es_params_alloc_like(dev, &tm.params, "AdamW's first moments", &opt.m, &err) ||
-        es_params_alloc_like(dev, &tm.params, "AdamW's second moments", &opt.v, &err) ||
-        (n_head && (es_device_alloc(dev, n_head * sizeof(float), (void **)&opt.head_m, "the heads' AdamW moments", &err) ||
-                    es_device_alloc(dev, n_head * sizeof(float), (void **)&opt.head_v, "the heads' AdamW moments", &err) ||
-                    es_device_zero(dev, opt.head_m, n_head * sizeof(float), &err) ||
-                    es_device_zero(dev, opt.head_v, n_head * sizeof(float), &err))))
-        fail(&comm, &err);
+    const int zero1 = es_config_bool(&cfg, "zero1") && comm.world > 1;
+    if (optimizer_alloc(&opt, dev, &tm.params, n_head, zero1, &err)) fail(&comm, &err);
     /* what checkpoints, the all-reduce and --dump-step see of the state on the host */
     host_state host;
     {
@@ -469,7 +496,8 @@ int main(int argc, char **argv) {
         float *const arrays[HOST_ARRAYS] = {tm.params.arena, opt.m.arena, opt.v.arena, tm.grads.arena,
                                             tm.heads, opt.head_m, opt.head_v, tm.head_grads};
         const size_t sizes[HOST_ARRAYS] = {arena, arena, arena, arena, n_head, n_head, n_head, n_head};
-        if (host_state_init(&host, dev, arrays, sizes, &err)) fail(&comm, &err);
+        const unsigned moments = 1u << HOST_M | 1u << HOST_V | 1u << HOST_HEAD_M | 1u << HOST_HEAD_V;
+        if (host_state_init(&host, dev, arrays, sizes, zero1 ? moments : 0, &err)) fail(&comm, &err);
     }
     saved_tensors saved;
     if (build_saved(&saved, &tm, &opt, &host, &err)) fail(&comm, &err);
@@ -570,7 +598,16 @@ int main(int argc, char **argv) {
                                                   es_working_at(&tm.working, &tm.params, t->data)};
     }
     grad_reducer reducer;
-    if (grad_reducer_init(&reducer, &tm, groups, n_groups, &comm, &host, &err)) fail(&comm, &err);
+    /* with --zero1 this rank's share of the moments (a resumed run's, or zeros) goes to the device */
+    if (grad_reducer_init(&reducer, &tm, groups, n_groups, &comm, &host, zero1, &err) || grad_reducer_scatter(&reducer, &err))
+        fail(&comm, &err);
+    if (zero1) {
+        size_t owned = 0, trained = 0;
+        for (int i = 0; i < reducer.n_buckets; i++) trained += reducer.buckets[i].range.n;
+        for (int i = 0; i < reducer.n_owned; i++) owned += reducer.owned[i].n;
+        es_log("rank %d/%d: --zero1: AdamW's moments of %zu of the %zu trained floats on this device", comm.rank, comm.world, owned,
+               trained);
+    }
     es_progress progress;
     es_progress_start(&progress, "align", "steps", steps);
     es_progress_add(&progress, step);
@@ -580,6 +617,7 @@ int main(int argc, char **argv) {
         double started = es_now();
         double totals[3 + TRAIN_MAX_MAPPED] = {0}; /* Σ ce, tokens, labelled, Σ latent per layer */
         int64_t aligned = 0;
+        reducer.to_all = dump && step == 0; /* rank 0 dumps every gradient */
         for (int micro = 0; !rc && micro < accum; micro++) {
             align_batch batch;
             train_sums sums;
@@ -613,10 +651,12 @@ int main(int argc, char **argv) {
         }
         // clip, then update what trains
         double norm = 0;
-        if ((rc = es_grad_norm(dev, groups, n_groups, &norm, &err))) break;
+        if ((rc = comm.world > 1 ? grad_reducer_norm(&reducer, &norm, &err) : es_grad_norm(dev, groups, n_groups, &norm, &err))) break;
         const float clip_scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
         const double step_lr = es_lr_at(step, warmup, steps, lr);
-        if ((rc = es_adamw_step(dev, groups, n_groups, clip_scale, step + 1, step_lr, &opt.config, &err))) break;
+        if ((rc = comm.world > 1 ? grad_reducer_step(&reducer, clip_scale, step + 1, step_lr, &opt.config, &err)
+                                 : es_adamw_step(dev, groups, n_groups, clip_scale, step + 1, step_lr, &opt.config, &err)))
+            break;
         step++;
         double seconds = es_now() - started;
         if (metrics) {
@@ -654,6 +694,11 @@ int main(int argc, char **argv) {
             }
             checkpoint_content content = {model_dir, saved.weights, saved.n_weights, saved.head, saved.n_head,
                                           saved.master, saved.m, saved.v, saved.n_state, state};
+            /* every rank: the shards' moments onto rank 0 (--zero1) */
+            if ((rc = grad_reducer_gather(&reducer, &err))) {
+                free(state);
+                break;
+            }
             int failed = comm.rank == 0 ? host_state_pull(&host, &err) : 0;
             if (!failed && comm.rank == 0) failed = checkpoint_save(out_dir, step, &content, (int)es_config_int(&cfg, "keep-checkpoints"), &err);
             free(state);
@@ -672,8 +717,7 @@ int main(int argc, char **argv) {
     host_state_free(&host);
     grad_reducer_free(&reducer);
     free(groups), free(key_text);
-    es_params_free(dev, &opt.m), es_params_free(dev, &opt.v);
-    es_device_free(dev, opt.head_m, n_head * sizeof(float)), es_device_free(dev, opt.head_v, n_head * sizeof(float));
+    optimizer_free(&opt, dev, n_head);
     train_model_free(&tm);
     es_device_log_peak(dev);
     comm_leave_device(&comm);

@@ -6,14 +6,16 @@
 
 static int is_state(int k) { return k != HOST_GRADS && k != HOST_HEAD_GRADS; }
 
-int host_state_init(host_state *s, es_device *dev, float *const device[HOST_ARRAYS], const size_t n[HOST_ARRAYS], es_error *err) {
+int host_state_init(host_state *s, es_device *dev, float *const device[HOST_ARRAYS], const size_t n[HOST_ARRAYS],
+                         unsigned host_only, es_error *err) {
     memset(s, 0, sizeof *s);
     s->dev = dev;
     s->copies = !dev->host_memory;
     for (int k = 0; k < HOST_ARRAYS; k++) {
         host_array *a = &s->arrays[k];
         a->device = device[k], a->n = device[k] ? n[k] : 0;
-        if (!s->copies) a->host = a->device;
+        a->host_only = !!(host_only & (1u << k));
+        if (!s->copies || a->host_only) a->host = a->device;
         else if (a->n && is_state(k) && !(a->host = malloc(a->n * sizeof *a->host))) {
             host_state_free(s);
             return es_fail(err, ES_ERR_RUNTIME, "out of host memory for a copy of the training state (%zu floats)", a->n);
@@ -24,7 +26,8 @@ int host_state_init(host_state *s, es_device *dev, float *const device[HOST_ARRA
 
 void host_state_free(host_state *s) {
     if (s->copies)
-        for (int k = 0; k < HOST_ARRAYS; k++) free(s->arrays[k].host);
+        for (int k = 0; k < HOST_ARRAYS; k++)
+            if (!s->arrays[k].host_only) free(s->arrays[k].host);
     memset(s, 0, sizeof *s);
 }
 
@@ -47,7 +50,7 @@ static int move_state(host_state *s, int to_host, es_error *err) {
     if (!s->copies) return ES_OK;
     for (int k = 0; k < HOST_ARRAYS; k++) {
         host_array *a = &s->arrays[k];
-        if (!a->n || !is_state(k)) continue;
+        if (!a->n || !is_state(k) || a->host_only) continue;
         const size_t bytes = a->n * sizeof *a->host;
         const int rc = to_host ? es_device_download(s->dev, a->host, a->device, bytes, err)
                                : es_device_upload(s->dev, a->device, a->host, bytes, err);

@@ -13,9 +13,10 @@
 
 /* One device array and its place on the host. */
 typedef struct host_array {
-    float *device;   // (n) device memory
+    float *device;   // (n) device memory (or host memory: host_only)
     float *host;     // (n) the same memory (host_memory devices) or a malloc'd copy; NULL until needed
     size_t n;
+    int host_only;   /* device is host memory: nothing to copy */
 } host_array;
 
 enum { HOST_MASTER, HOST_M, HOST_V, HOST_GRADS, HOST_HEADS, HOST_HEAD_M, HOST_HEAD_V, HOST_HEAD_GRADS, HOST_ARRAYS };
@@ -29,7 +30,10 @@ typedef struct host_state {
 /* The arrays: the parameter arena, its AdamW moments and gradients (arena floats each), and the
  * heads with theirs (head floats each; NULL and 0 without heads). Copies of the optimizer state
  * are allocated at once (a checkpoint needs them), those of the gradients when first pulled. */
-int host_state_init(host_state *s, es_device *dev, float *const device[HOST_ARRAYS], const size_t n[HOST_ARRAYS], es_error *err);
+/* The arrays with bit (1u << k) set in host_only are host memory already (ZeRO-1's full moments,
+ * align/reduce.h): their host place is themselves, and pull and push skip them. */
+int host_state_init(host_state *s, es_device *dev, float *const device[HOST_ARRAYS], const size_t n[HOST_ARRAYS],
+                    unsigned host_only, es_error *err);
 void host_state_free(host_state *s);
 /* The host place of a device pointer into one of the arrays (NULL when it is in none). */
 float *host_state_at(const host_state *s, const float *device);

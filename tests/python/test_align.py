@@ -5,6 +5,7 @@ SIGKILL, data parallelism over MPI, bounded memory, and bad input."""
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -240,13 +241,7 @@ def test_mpi(tmp, student, data):
     if not mpirun:
         print("SKIP mpi_two_ranks_equal_one: mpirun not found (apt-get install openmpi-bin)")
         return
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    if os.environ.get("ESSENCE_SANITIZE"):
-        # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
-        # without frame pointers, so LeakSanitizer needs the slow unwinder (and the components kept
-        # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
-        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
-        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
+    env = mpi_env()
     cases = [("mpi_two_ranks_equal_one", student, []),
              ("mpi_two_ranks_equal_one_tied_heads_accum", tied_student(tmp, student), ["--student-head", "linear", "--grad-accum", "2"]),
              ("mpi_two_ranks_equal_one_latent_only", student, ["--ce-weight", "0"])]
@@ -262,6 +257,69 @@ def test_mpi(tmp, student, data):
         worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
         print(f"  {' '.join(extra) or 'plain'}: mpirun -np 2 (batch b) vs -np 1 (batch 2b), 8 steps: max |Δ weight| {worst:.2e}")
         report(name, worst <= 1e-5, f"max difference {worst:.3g}")
+
+
+def mpi_env():
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    if os.environ.get("ESSENCE_SANITIZE"):
+        # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
+        # without frame pointers, so LeakSanitizer needs the slow unwinder (and the components kept
+        # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
+        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
+    return env
+
+
+def device_peaks(stderr):
+    """Each rank's "device: 1.23 MiB held at most" line, in bytes."""
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    found = re.findall(r"device: ([0-9.]+) (B|KiB|MiB|GiB) held at most", stderr)
+    return [float(value) * units[unit] for value, unit in found]
+
+
+def test_zero1(tmp, student, data):
+    """--zero1 shards AdamW's moments over the ranks (align/reduce.c): every bucket's owner alone
+    updates it and broadcasts the weights. Two ranks with and without it must agree to the bit
+    (master weights and moments of every checkpoint, the --dump-step gradients), hold less device
+    memory with it, and resume exactly: a --zero1 checkpoint continued with and without --zero1."""
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        print("SKIP zero1_*: mpirun not found (apt-get install openmpi-bin)")
+        return
+    model = tied_student(tmp, student)  # the head is the embedding's bucket; the linear heads sit outside the arena
+    flags = ["--model", model, "--data", data, "--steps", "8", "--eval-every", "0", "--save-every", "4", "--keep-checkpoints", "2",
+             "--threads", "1", "--student-head", "linear", "--grad-accum", "2", "--batch-tokens", "1024"]
+    outs, peaks = {}, {}
+    for mode in ("plain", "zero1"):
+        out = outs[mode] = os.path.join(tmp, "zero1-" + mode)
+        extra = ["--zero1"] if mode == "zero1" else []
+        result = run([mpirun, "-np", "2", program("essence-align"), *flags, *extra, "--out", out, "--dump-step",
+                      os.path.join(tmp, f"zero1-{mode}-dump.safetensors")], env=mpi_env())
+        if result.returncode:
+            report("zero1_same_bits_as_replicated", False, result.stderr[-2000:])
+            return
+        peaks[mode] = device_peaks(result.stderr)
+    differing = []
+    for step in (4, 8):
+        a = state_tensors(os.path.join(outs["plain"], f"checkpoint-{step}"))
+        b = state_tensors(os.path.join(outs["zero1"], f"checkpoint-{step}"))
+        differing += [f"{k} at step {step}" for k in a if k not in b or a[k].tobytes() != b[k].tobytes()]
+    dumps = [read_safetensors(os.path.join(tmp, f"zero1-{mode}-dump.safetensors")) for mode in ("plain", "zero1")]
+    differing += [f"dump {k}" for k in dumps[0] if k not in dumps[1] or dumps[0][k].tobytes() != dumps[1][k].tobytes()]
+    print(f"  2 ranks, tied head + linear heads, 2 micro-batches: {len(differing)} state tensors differ with --zero1")
+    report("zero1_same_bits_as_replicated", not differing, ", ".join(differing[:5]))
+    print(f"  device memory held at most per rank: {peaks['plain']} bytes replicated, {peaks['zero1']} with --zero1")
+    report("zero1_less_device_memory", len(peaks["plain"]) == 2 and len(peaks["zero1"]) == 2 and max(peaks["zero1"]) < min(peaks["plain"]),
+           f"{peaks}")
+    final = state_tensors(os.path.join(outs["plain"], "checkpoint-8"))
+    for name, extra in (("zero1_resume_exact", ["--zero1"]), ("zero1_checkpoint_resumes_without_zero1", [])):
+        out = os.path.join(tmp, name)
+        shutil.copytree(outs["zero1"], out, ignore=shutil.ignore_patterns("checkpoint-8", "fingerprint"))
+        result = run([mpirun, "-np", "2", program("essence-align"), *flags, *extra, "--out", out, "--resume"], env=mpi_env())
+        got = state_tensors(latest_checkpoint(out)) if not result.returncode else {}
+        differing = [k for k in final if k not in got or final[k].tobytes() != got[k].tobytes()]
+        report(name, not result.returncode and "resumed from" in result.stderr and not differing,
+               f"exit {result.returncode}, {len(differing)} tensors differ: {differing[:3]} {result.stderr[-600:]}")
 
 
 def test_srun_without_mpi(tmp, student, data):
@@ -362,6 +420,7 @@ def main():
         student, data = test_end_to_end(tmp)
         test_resume(tmp, student, data)
         test_mpi(tmp, student, data)
+        test_zero1(tmp, student, data)
         test_srun_without_mpi(tmp, student, data)
 
 
