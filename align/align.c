@@ -599,7 +599,7 @@ int main(int argc, char **argv) {
     }
     grad_reducer reducer;
     /* with --zero1 this rank's share of the moments (a resumed run's, or zeros) goes to the device */
-    if (grad_reducer_init(&reducer, &tm, groups, n_groups, &comm, &host, zero1, &err) || grad_reducer_scatter(&reducer, &err))
+    if (grad_reducer_init(&reducer, &tm, groups, n_groups, &comm, zero1, &err) || grad_reducer_scatter(&reducer, &err))
         fail(&comm, &err);
     if (zero1) {
         size_t owned = 0, trained = 0;

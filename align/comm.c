@@ -3,11 +3,14 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "group_file.h"
+#include "log.h"
 
 #ifdef ES_HAVE_MPI
 #include <mpi.h>
@@ -54,12 +57,47 @@ static int share_id(align_comm *comm, unsigned char *id, const char *dir, es_err
     return group_file_share(dir, job, step ? step : "0", comm->rank, id, ES_GROUP_ID_BYTES, 600.0, err);
 }
 
+/* Whether two ranks run on one physical device (the same host and dev->where): every rank gets
+ * the same answer. */
+static int ranks_share_device(align_comm *comm, const es_device *dev, int *shared, es_error *err) {
+    *shared = 0;
+#ifdef ES_HAVE_MPI
+    enum { PLACE = 320 };
+    char mine[PLACE] = {0};
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    snprintf(mine, sizeof mine, "%s %s", host, dev->where);
+    char *all = calloc((size_t)comm->world, PLACE);
+    if (!all) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
+    if (MPI_Allgather(mine, PLACE, MPI_CHAR, all, PLACE, MPI_CHAR, MPI_COMM_WORLD) != MPI_SUCCESS) {
+        free(all);
+        return es_fail(err, ES_ERR_RUNTIME, "MPI_Allgather of the ranks' devices failed");
+    }
+    for (int a = 0; a < comm->world && !*shared; a++)
+        for (int b = a + 1; b < comm->world && !*shared; b++)
+            if (!strncmp(all + (size_t)a * PLACE, all + (size_t)b * PLACE, PLACE)) {
+                *shared = 1;
+                if (comm->rank == 0)
+                    es_log("ranks %d and %d share %s (%s): NCCL takes one rank per GPU, so the ranks sum through MPI on the host", a, b,
+                           dev->name, dev->where);
+            }
+    free(all);
+#else
+    (void)comm, (void)dev, (void)err;
+#endif
+    return ES_OK;
+}
+
 int comm_join_device(align_comm *comm, es_device *dev, const char *dir, es_error *err) {
     if (comm->world == 1) return ES_OK;
-    if (!es_device_has_group(dev)) {
-        if (comm->mpi) return ES_OK; /* the host path */
-        return es_fail(err, ES_ERR_USAGE, "%d ranks started without MPI need a device with collectives (--device cuda); on %s, start "
-                       "them with mpirun or srun --mpi=pmix", comm->world, dev->name);
+    int shared = 0;
+    if (comm->mpi && dev->where[0] && ranks_share_device(comm, dev, &shared, err)) return err->code;
+    if (!es_device_has_group(dev) || shared) {
+        if (!comm->mpi)
+            return es_fail(err, ES_ERR_USAGE, "%d ranks started without MPI need a device with collectives (--device cuda); on %s, "
+                           "start them with mpirun or srun --mpi=pmix", comm->world, dev->name);
+        if (!dev->host_memory) comm->staged = dev; /* the host path, through copies */
+        return ES_OK;
     }
     unsigned char id[ES_GROUP_ID_BYTES] = {0};
     int rc = comm->rank == 0 ? es_device_group_id(dev, id, err) : ES_OK;
@@ -121,10 +159,40 @@ static int mpi_start(align_comm *comm, es_group_call call, float *data, size_t n
 }
 #endif
 
+#ifdef ES_HAVE_MPI
+/* A collective on device memory through the host: down, MPI's blocking call, up, in pieces that
+ * bound the host buffer (each rank moves only what it sends or keeps). */
+static int staged_call(align_comm *comm, es_group_call call, float *data, size_t n, int root, es_error *err) {
+    enum { PIECE_FLOATS = 16 << 20 };
+    const size_t want = n < PIECE_FLOATS ? n : PIECE_FLOATS;
+    if (comm->bounce_n < want) {
+        float *grown = realloc(comm->bounce, want * sizeof *grown);
+        if (!grown) return es_fail(err, ES_ERR_RUNTIME, "out of host memory for the collectives' copies (%zu floats)", want);
+        comm->bounce = grown, comm->bounce_n = want;
+    }
+    const int me = comm->rank == root;
+    const int sends = call != ES_GROUP_BROADCAST || me, keeps = call == ES_GROUP_ALLREDUCE || (call == ES_GROUP_REDUCE) == me;
+    for (size_t done = 0; done < n; done += want) {
+        const size_t part = n - done < want ? n - done : want;
+        const size_t bytes = part * sizeof(float);
+        float *at = data + done;
+        if (sends && es_device_download(comm->staged, comm->bounce, at, bytes, err)) return err->code;
+        int rc = call == ES_GROUP_ALLREDUCE ? MPI_Allreduce(MPI_IN_PLACE, comm->bounce, (int)part, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD)
+                 : call == ES_GROUP_REDUCE  ? MPI_Reduce(me ? MPI_IN_PLACE : comm->bounce, me ? comm->bounce : NULL, (int)part, MPI_FLOAT,
+                                                         MPI_SUM, root, MPI_COMM_WORLD)
+                                            : MPI_Bcast(comm->bounce, (int)part, MPI_FLOAT, root, MPI_COMM_WORLD);
+        if (rc != MPI_SUCCESS) return es_fail(err, ES_ERR_RUNTIME, "an MPI collective of %zu floats failed", part);
+        if (keeps && es_device_upload(comm->staged, at, comm->bounce, bytes, err)) return err->code;
+    }
+    return ES_OK;
+}
+#endif
+
 int comm_start(align_comm *comm, es_group_call call, float *data, size_t n, int root, es_error *err) {
     if (comm->world == 1 || n == 0) return ES_OK;
     if (comm->group) return es_device_group_start(comm->group, call, data, n, root, err);
 #ifdef ES_HAVE_MPI
+    if (comm->staged) return staged_call(comm, call, data, n, root, err);
     if (comm->mpi) return mpi_start(comm, call, data, n, root, err);
 #endif
     (void)data, (void)call, (void)root;
@@ -205,12 +273,12 @@ void comm_barrier(align_comm *comm) {
 
 void comm_leave_device(align_comm *comm) {
     if (comm->group && comm->scratch) es_device_free(comm->group, comm->scratch, COMM_SCRATCH_BYTES);
-    comm->group = NULL, comm->scratch = NULL;
+    comm->group = NULL, comm->scratch = NULL, comm->staged = NULL;
 }
 
 void comm_finalize(align_comm *comm) {
-    free(comm->pending);
-    comm->pending = NULL, comm->n_pending = comm->pending_cap = 0;
+    free(comm->pending), free(comm->bounce);
+    comm->pending = NULL, comm->n_pending = comm->pending_cap = 0, comm->bounce = NULL, comm->bounce_n = 0;
 #ifdef ES_HAVE_MPI
     if (comm->mpi) MPI_Finalize();
 #endif

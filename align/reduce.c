@@ -165,13 +165,10 @@ static int share_buckets(grad_reducer *r, es_error *err) {
 }
 
 int grad_reducer_init(grad_reducer *r, const train_model *tm, const es_param_group *groups, int n_groups, align_comm *comm,
-                      host_state *host, int zero1, es_error *err) {
+                      int zero1, es_error *err) {
     memset(r, 0, sizeof *r);
-    r->comm = comm, r->host = host, r->dev = tm->dev;
+    r->comm = comm, r->dev = tm->dev;
     if (comm->world == 1) return ES_OK;
-    if (zero1 && host->copies && !comm->group)
-        return es_fail(err, ES_ERR_USAGE, "--zero1: the ranks' gradients go through the host here (the device has no "
-                                          "collectives): run without --zero1");
     int rc = cut_buckets(r, tm, groups, n_groups, err);
     r->sums = rc ? NULL : calloc((size_t)r->n_buckets + 1, sizeof *r->sums);
     if (!rc && !r->sums) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory for the gradient buckets");
@@ -181,11 +178,9 @@ int grad_reducer_init(grad_reducer *r, const train_model *tm, const es_param_gro
     return rc;
 }
 
-/* A bucket summed over the ranks (onto its owner with zero1): started on the group or MPI;
- * through the host, at once, on a device without collectives whose memory is not the host's. */
+/* A bucket summed over the ranks (onto its owner with zero1). */
 static int start_bucket(grad_reducer *r, int i, es_error *err) {
     const es_param_group *range = &r->buckets[i].range;
-    if (r->host->copies && !r->comm->group) return host_state_allreduce_grads(r->host, r->comm, range->grads, range->n, err);
     if (r->zero1 && !r->to_all) return comm_start(r->comm, ES_GROUP_REDUCE, range->grads, range->n, r->owner[i], err);
     return comm_start(r->comm, ES_GROUP_ALLREDUCE, range->grads, range->n, 0, err);
 }

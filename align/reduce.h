@@ -12,7 +12,6 @@
 #include "comm.h"
 #include "error.h"
 #include "optimizer.h"
-#include "state.h"
 #include "train.h"
 
 typedef struct grad_bucket {
@@ -24,7 +23,6 @@ typedef struct grad_bucket {
 
 typedef struct grad_reducer {
     align_comm *comm;
-    host_state *host;
     es_device *dev;
     grad_bucket *buckets;   /* in starting order: `ready` from the top down, then arena order */
     int n_buckets;
@@ -49,7 +47,7 @@ typedef struct grad_reducer {
  * the groups' m and v are host memory, the checkpoint's view of the moments, and the device holds
  * this rank's share (grad_reducer_gather / grad_reducer_scatter move them). */
 int grad_reducer_init(grad_reducer *r, const train_model *tm, const es_param_group *groups, int n_groups, align_comm *comm,
-                      host_state *host, int zero1, es_error *err);
+                      int zero1, es_error *err);
 /* An es_grads_fn (ctx: the reducer): starts every bucket that `layer` makes final. Pass it for
  * the last micro-batch of a step only: the earlier ones' gradients are not final. */
 int grad_reducer_layer_done(void *ctx, int layer, es_error *err);

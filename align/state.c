@@ -81,16 +81,3 @@ int host_state_pull_grads(host_state *s, const float *grads, size_t n, es_error 
     float *host = grads_on_host(s, grads, n, err);
     return host ? es_device_download(s->dev, host, grads, n * sizeof *host, err) : err->code;
 }
-
-int host_state_allreduce_grads(host_state *s, align_comm *comm, float *grads, size_t n, es_error *err) {
-    if (comm->world == 1) return ES_OK;
-    if (comm->group) return comm_allreduce_device_f32(comm, grads, n, err); /* on the devices (NCCL) */
-    if (!s->copies) return comm_allreduce_f32(comm, grads, n, err);
-    /* a device without collectives whose memory is not the host's: through the host (MPI) */
-    float *host = grads_on_host(s, grads, n, err);
-    if (!host) return err->code;
-    int rc = es_device_download(s->dev, host, grads, n * sizeof *host, err);
-    if (!rc) rc = comm_allreduce_f32(comm, host, n, err);
-    if (!rc) rc = es_device_upload(s->dev, grads, host, n * sizeof *host, err);
-    return rc;
-}

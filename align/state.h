@@ -43,7 +43,5 @@ int host_state_pull(host_state *s, es_error *err);
 int host_state_push(host_state *s, es_error *err);
 /* Device → host of the n gradients at device pointer grads (before --dump-step reads them). */
 int host_state_pull_grads(host_state *s, const float *grads, size_t n, es_error *err);
-/* The n gradients at device pointer grads summed over the ranks, in place on the device. */
-int host_state_allreduce_grads(host_state *s, align_comm *comm, float *grads, size_t n, es_error *err);
 
 #endif

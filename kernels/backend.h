@@ -101,6 +101,7 @@ typedef struct es_device {
     const es_backend *ops;
     es_device_kind kind;
     char name[160];         /* for logs: "cpu (2 threads, OpenBLAS SkylakeX)" */
+    char where[64];         /* which physical device ("" on the CPU; CUDA: its PCI address): ranks that share one cannot be a group */
     int host_memory;        /* device memory is host memory: callers may read and write it in place */
     es_dtype weight_dtype;  /* what the ops read weights in (ops.h): ES_DT_F32 on the CPU, ES_DT_BF16 on CUDA */
     int batch_independent;  /* a token's results are the same bits whatever else shares its batch */

@@ -509,6 +509,7 @@ static int open_device(es_device *dev, cuda_device *cd, const es_device_options 
     OPEN_TRY(cudaHostAlloc(&cd->pinned, cd->pinned_bytes, cudaHostAllocDefault));
 #undef OPEN_TRY
     char total_text[32];
+    snprintf(dev->where, sizeof dev->where, "%04x:%02x:%02x", cd->prop.pciDomainID, cd->prop.pciBusID, cd->prop.pciDeviceID);
     snprintf(dev->name, sizeof dev->name, "cuda:%d (%s, sm_%d%d, %s)", cd->ordinal, cd->prop.name, cd->prop.major, cd->prop.minor,
              es_format_size(total_bytes, total_text, sizeof total_text));
     return ES_OK;

@@ -7,7 +7,8 @@
 #      streamed layers (test_forward_cuda);
 #   2. the programs: essence-extract and essence-project with --device cuda against --device cpu,
 #      compared with essence-inspect compare; essence-eval against the goldens; essence-align's
-#      losses on cuda against cpu, and checkpoints continued on the other device;
+#      losses on cuda against cpu, checkpoints continued on the other device, and two ranks
+#      against one with twice the batch (with and without --zero1);
 #   3. the benchmarks beside Hugging Face + PyTorch on the same GPU in the same call: one
 #      Llama-70B layer, 8 layers streamed under --max-memory 16G, the projection, Qwen2-1.5B training
 #      steps, extract end to end.
@@ -37,6 +38,7 @@ if [ ! -x "$BIN/essence-extract" ]; then
     exit 1
 fi
 if [ -f "$CARRY/libs.tar.xz" ] && [ ! -d "$CARRY/libs" ]; then tar xJf "$CARRY/libs.tar.xz" -C "$CARRY"; fi
+if [ -f "$CARRY/ompi.tar.xz" ] && [ ! -d "$CARRY/ompi" ]; then tar xJf "$CARRY/ompi.tar.xz" -C "$CARRY"; fi
 # the checks linked with libessence-cuda.so find it beside them (their rpath is the build tree's)
 export LD_LIBRARY_PATH=$PWD/$CARRY/libs:$PWD/$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
@@ -157,6 +159,42 @@ for pair in cuda:cpu cpu:cuda; do
     check "align_resume_${from}_on_${to}_losses" python3 "$CARRY/align_parity.py" "$W/resume_$from/metrics.jsonl" \
         "$W/align_$to/metrics.jsonl" 0.02 11
 done
+# data parallel: two ranks with batch b against one with 2b, 10 steps: the weights within bf16
+# rounding of what the steps changed (ranks_parity.py), and --zero1 the same bits as without. Two
+# GPUs or more: NCCL, one rank per GPU, its id shared through the file in --out (Slurm's variables,
+# no MPI); one GPU: the carried Open MPI's launcher, and the ranks, sharing the GPU, sum through MPI
+# on the host (NCCL takes one rank per GPU)
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+ranks_flags=(--model $T/tiny-qwen2 --data "$W/student_cpu_fp32.h5" --steps 10 --save-every 0 --eval-every 0 --ce-weight 0.5)
+two_ranks() { # OUT_DIR EXTRA...: essence-align as two ranks with half the batch
+    local out=$1; shift
+    if [ "$gpus" -ge 2 ]; then
+        local pids=() rc=0 r
+        for r in 0 1; do
+            LD_LIBRARY_PATH=$LD_LIBRARY_PATH${nccl_lib:+:$nccl_lib} SLURM_PROCID=$r SLURM_NTASKS=2 SLURM_JOB_ID=gpu$$ \
+                SLURM_STEP_ID=$(basename "$out") "$BIN/essence-align" "${ranks_flags[@]}" --batch-tokens 2048 --out "$out" \
+                --device cuda:$r "$@" >"$out.rank$r.log" 2>&1 &
+            pids+=($!)
+        done
+        for r in "${pids[@]}"; do wait "$r" || rc=1; done
+        cat "$out".rank*.log; return $rc
+    fi
+    local ompi=$PWD/$CARRY/ompi
+    [ -x "$ompi/bin/orterun" ] || { echo "no $CARRY/ompi (tests/gpu/prepare.sh carries Open MPI for one GPU)"; return 1; }
+    OPAL_PREFIX=$ompi PMIX_INSTALL_PREFIX=$ompi/pmix PMIX_MCA_mca_base_component_path=$ompi/pmix/lib/pmix \
+        LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$ompi/pmix/lib OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+        OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
+        "$ompi/bin/orterun" --oversubscribe -np 2 "$BIN/essence-align" "${ranks_flags[@]}" --batch-tokens 2048 --out "$out" \
+        --device cuda "$@"
+}
+stamp "two ranks against one ($gpus GPU(s))"
+check align_cuda_one_rank_2b "$BIN/essence-align" "${ranks_flags[@]}" --batch-tokens 4096 --out "$W/ranks_1" --device cuda
+check align_cuda_two_ranks two_ranks "$W/ranks_2"
+check align_cuda_two_ranks_zero1 two_ranks "$W/ranks_2_zero1" --zero1
+check align_cuda_two_ranks_vs_one python3 "$CARRY/ranks_parity.py" "$W/ranks_2/checkpoint-10" "$W/ranks_1/checkpoint-10" $T/tiny-qwen2
+check align_cuda_zero1_same_bits cmp "$W/ranks_2/checkpoint-10/essence-state/state.safetensors" \
+    "$W/ranks_2_zero1/checkpoint-10/essence-state/state.safetensors"
 "$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$OUT/compare_teacher.txt" 2>&1
 "$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$OUT/compare_student.txt" 2>&1
 fi
