@@ -58,7 +58,7 @@ static const es_option options[] = {
     {"keep-checkpoints", ES_OPT_INT, "2", "checkpoint folders kept", "[1,2147483647]"},
     {"resume", ES_OPT_BOOL, "false", "continue from the newest checkpoint in --out (begun with the same inputs and options)", NULL},
     {"recompute", ES_OPT_BOOL, "false", "keep only each layer's input and recompute the rest in the backward (less memory, ~1/3 more time; the same bits)", NULL},
-    {"zero1", ES_OPT_BOOL, "false", "with several ranks, shard AdamW's moments over them (ZeRO-1: less device memory; the same bits)", NULL},
+    {"zero1", ES_OPT_BOOL, "false", "with several ranks, shard AdamW's moments over them (ZeRO-1: less device memory, the same training; docs/align.md)", NULL},
     {"force", ES_OPT_BOOL, "false", "start afresh in a --out that holds checkpoints: they are removed first", NULL},
     {"eval-every", ES_OPT_INT, "100", "steps between evaluations (and one at the end)", "[0,2147483647]"},
     {"eval-fraction", ES_OPT_FLOAT, "0.05", "share of samples held out for evaluation", "[0,1)"},
