@@ -76,6 +76,8 @@ STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c alig
 STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+# The flash-attention kernels' logic on the host (tests/emulate/): built with or without nvcc.
+TESTS += $(BUILD)/tests/test_flash_emulated
 TOOL_SRC := $(wildcard tests/tools/*.c)
 TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(TOOL_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
@@ -154,6 +156,22 @@ $(BUILD)/tests/test_ops: $(BUILD)/obj/tests/unit/test_ops.o $(OPS_HARNESS_OBJ) $
 $(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LIB) $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
 	$(LINK) -Wl,-rpath,'$$ORIGIN/..'
+
+# The kernels are the text between each file's "==== kernels" and "==== host" markers.
+$(BUILD)/emulate/attention_kernels.inc: kernels/cuda/attention.cu
+	@mkdir -p $(dir $@)
+	sed -n '/^\/\/ ==== kernels/,/^\/\/ ==== host/p' $< > $@
+$(BUILD)/emulate/attention_backward_kernels.inc: kernels/cuda/attention_backward.cu
+	@mkdir -p $(dir $@)
+	sed -n '/^\/\/ ==== kernels/,/^\/\/ ==== host/p' $< > $@
+$(BUILD)/emulate/flash_tile.inc: kernels/cuda/flash.cuh
+	@mkdir -p $(dir $@)
+	grep '^constexpr int kFlashQueryTile = ' $< > $@
+EMULATE_INC := $(addprefix $(BUILD)/emulate/,attention_kernels.inc attention_backward_kernels.inc flash_tile.inc)
+$(BUILD)/tests/test_flash_emulated: tests/emulate/test_flash_emulated.cpp tests/emulate/warp.h $(EMULATE_INC) $(BUILD)/obj/tests/ops/reference.o $(LIB)
+	@mkdir -p $(dir $@)
+	g++ -std=c++17 $(CFLAGS) $(WARN) -Wno-unknown-pragmas -fno-strict-aliasing -pthread -I$(BUILD)/emulate -Itests/emulate -Itests/ops -Icommon -Ikernels \
+	  -o $@ $< $(BUILD)/obj/tests/ops/reference.o $(LIB) -lm
 
 $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)

@@ -29,6 +29,10 @@ int es_cuda_f32_to_bf16(uint16_t *dst, const float *src, size_t n);   /* (n) <- 
 struct es_device;
 int es_cuda_attention_forward_plain(struct es_device *dev, float *out, const float *q, const float *k, const float *v,
                                     const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
+/* The same for the backward: the plain fp32 kernels the flash backward behind
+ * es_attention_backward is checked against; arguments as es_attention_backward's. */
+int es_cuda_attention_backward_plain(struct es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                     const float *k, const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
 
 #ifdef __cplusplus
 }

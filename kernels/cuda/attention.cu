@@ -13,66 +13,15 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "cuda_internal.h"
+#include "flash.cuh"
 
 namespace {
 
-// ---- warp-level primitives ---------------------------------------------------------------------
-// Kept apart from the kernels so that a host emulation of the kernels can replace them.
-
-__device__ __forceinline__ unsigned char *dynamic_smem() {
-    extern __shared__ __align__(16) unsigned char smem[];
-    return smem;
-}
-
-__device__ __forceinline__ uint32_t smem_address(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: the order
-// in which mma fragments hold consecutive elements.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &pair, sizeof bits);
-    return bits;
-}
-
-// Four consecutive floats as bf16 at p (8-byte aligned, shared memory).
-__device__ __forceinline__ void store_bf16x4(uint16_t *p, float4 x) {
-    *reinterpret_cast<uint2 *>(p) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-}
-
-// Four 8×8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8 and receives in
-// r[i] row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
-
-// The same, transposed: r[i] holds rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 of matrix i.
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
-
-// Asks L2 for the 128-byte line at p ahead of its loads.
-__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p)); }
-
-// d += A B for one 16×8×16 tile: A (16, 16) row-major fragment, B (16, 8) column fragment
-// (b0: rows 0-7, b1: rows 8-15), d (16, 8) fp32.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// ==== kernels (host emulation: /tmp, extracted between these markers) ============================
+// ==== kernels (host emulation: tests/emulate/, extracted between these markers) =====================
 
 constexpr int kThreads = 128; // 4 warps
-constexpr int kBlockQ = 128;  // query rows per block: 32 per warp, two m16 tiles, so every K/V
-                              // fragment read from shared memory feeds two products
+constexpr int kBlockQ = kFlashQueryTile; // query rows per block (128): 32 per warp, two m16 tiles,
+                                         // so every K/V fragment read from shared memory feeds two products
 constexpr int kBlockK = 64;   // keys per step
 
 template <int D> struct FlashShape {
@@ -85,36 +34,6 @@ template <int D> struct FlashShape {
     static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
 };
 
-// tile_start[s] = the first query tile of sequence s (tiles of kBlockQ rows, counted from each
-// sequence's own first token); tile_start[n_seqs] = all of them. One block: a run of sequences
-// per thread, then a scan of the runs.
-__global__ void __launch_bounds__(256) tile_start_kernel(int32_t *__restrict__ tile_start,      // (n_seqs + 1)
-                                                         const int32_t *__restrict__ seq_start, // (n_seqs + 1)
-                                                         int n_seqs) {
-    __shared__ int run_first[256];
-    const int per = (n_seqs + 255) / 256;
-    const int begin = min(n_seqs, (int)threadIdx.x * per), end = min(n_seqs, begin + per);
-    int tiles = 0;
-    for (int s = begin; s < end; s++) tiles += (seq_start[s + 1] - seq_start[s] + kBlockQ - 1) / kBlockQ;
-    run_first[threadIdx.x] = tiles;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int i = 0; i < 256; i++) {
-            const int run = run_first[i];
-            run_first[i] = total;
-            total += run;
-        }
-        tile_start[n_seqs] = total;
-    }
-    __syncthreads();
-    int next = run_first[threadIdx.x];
-    for (int s = begin; s < end; s++) {
-        tile_start[s] = next;
-        next += (seq_start[s + 1] - seq_start[s] + kBlockQ - 1) / kBlockQ;
-    }
-}
-
 // One block per (query tile, query head): blockIdx.x = tile' · H + h with tile' counted from
 // the last tile, so the costly tiles (late in their sequence) start first and the heads that
 // share a K/V head run side by side on the same keys (L2 hits).
@@ -123,9 +42,16 @@ __global__ void __launch_bounds__(256) tile_start_kernel(int32_t *__restrict__ t
 // t = lane % 4, the fp32 accumulators of an m16n8 tile hold (row g, columns 2t, 2t+1) in [0], [1]
 // and (row g + 8, same columns) in [2], [3]: each lane owns rows g, g+8, 16+g, 24+g of its warp
 // (index mt * 2 + half below) and the four lanes of a quad share a row.
-template <int D>
+//
+// kStats (the backward's first pass): no output; instead, per row, the softmax's log-sum-exp in
+// the log2 domain of the scaled scores, lse2 = m · scale_log2 + log2 Σ 2^(s · scale_log2 − m ·
+// scale_log2), and delta = dout · out (FlashAttention-2's D).
+template <int D, bool kStats>
 __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
-    flash_forward_kernel(float *__restrict__ out,                // (T, H, D)
+    flash_forward_kernel(float *__restrict__ out,                // (T, H, D), unused with kStats
+                         float *__restrict__ lse2,               // (T, H), kStats only
+                         float *__restrict__ delta,              // (T, H), kStats only
+                         const float *__restrict__ dout,         // (T, H, D), kStats only
                          const float *__restrict__ q,            // (T, H, D)
                          const float *__restrict__ k,            // (T, KV, D)
                          const float *__restrict__ v,            // (T, KV, D)
@@ -330,8 +256,25 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const float inverse = 1.f / l;
             const int row = row0 + mt * 16 + lane / 4 + half * 8;
+            const size_t at = (size_t)(first + row) * H + h; // the row's (token, head)
+            if (kStats) {
+                float part = 0.f; // dout · out over this lane's columns; the quad's lanes share the row
+                if (row < row_end) {
+                    const float *g = dout + at * D + (lane % 4) * 2;
+#pragma unroll
+                    for (int dt = 0; dt < D / 8; dt++) {
+                        const float2 x = __ldg(reinterpret_cast<const float2 *>(g + dt * 8));
+                        part = fmaf(o[mt][dt][2 * half] * inverse, x.x, part);
+                        part = fmaf(o[mt][dt][2 * half + 1] * inverse, x.y, part);
+                    }
+                }
+                part += __shfl_xor_sync(0xffffffffu, part, 1);
+                part += __shfl_xor_sync(0xffffffffu, part, 2);
+                if (row < row_end && lane % 4 == 0) lse2[at] = fmaf(m_run[mt * 2 + half], scale_log2, log2f(l)), delta[at] = part;
+                continue;
+            }
             if (row >= row_end) continue;
-            float *dst = out + ((size_t)(first + row) * H + h) * D + (lane % 4) * 2; // (D) of the row, from this lane's columns
+            float *dst = out + at * D + (lane % 4) * 2; // (D) of the row, from this lane's columns
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++)
                 *reinterpret_cast<float2 *>(dst + dt * 8) =
@@ -422,13 +365,21 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
 
 size_t plain_smem_bytes(int hd) { return (size_t)(1 + kPlainWarps) * hd * sizeof(float); }
 
-// Lets a kernel use `bytes` of dynamic shared memory (beyond the 48 KiB default), or says why not.
-template <typename Kernel> int allow_smem(es_device *dev, const char *op, Kernel kernel, size_t bytes) {
-    if (bytes <= 48 * 1024) return ES_OK;
-    if (bytes > cuda_of(dev)->prop.sharedMemPerBlockOptin)
-        return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: needs %zu bytes of shared memory per block, the device has %zu",
-                              op, bytes, (size_t)cuda_of(dev)->prop.sharedMemPerBlockOptin);
-    CUDA_TRY(dev, op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+// One launch of flash_forward_kernel over `tiles` query tiles whose table is in tile_start.
+template <int D, bool kStats>
+int flash_launch(es_device *dev, const char *op, float *out, float *lse2, float *delta, const float *dout, const float *q,
+                 const float *k, const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                 int H, int KV) {
+    constexpr int smem = FlashShape<D>::kSmemBytes;
+    int rc = allow_smem(dev, op, flash_forward_kernel<D, kStats>, smem);
+    if (rc) return rc;
+    // as many blocks share an SM as registers allow (launch bounds): ask for the shared memory to hold them
+    CUDA_TRY(dev, op, cudaFuncSetAttribute(flash_forward_kernel<D, kStats>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
+    flash_forward_kernel<D, kStats><<<(unsigned)(tiles * H), kThreads, smem, cuda_stream(dev)>>>(
+        out, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, (int)tiles, H, KV, scale_log2);
+    CUDA_LAUNCHED(dev, op);
     return ES_OK;
 }
 
@@ -436,26 +387,13 @@ template <int D>
 int flash_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
                   const int32_t *host, int n_seqs, int H, int KV) {
     const char *op = "attention_forward";
-    long long tiles = 0;
-    for (int s = 0; s < n_seqs; s++) tiles += (host[s + 1] - host[s] + kBlockQ - 1) / kBlockQ;
+    const long long tiles = count_tiles(host, n_seqs, kBlockQ);
     if (!tiles) return ES_OK;
     int32_t *tile_start = (int32_t *)es_device_scratch(dev, ((size_t)n_seqs + 1) * sizeof(int32_t)); // (n_seqs + 1)
     if (!tile_start) return ES_ERR_RUNTIME;
-    const cudaStream_t stream = cuda_stream(dev);
-    tile_start_kernel<<<1, 256, 0, stream>>>(tile_start, seq_start, n_seqs);
+    tile_start_kernel<kBlockQ><<<1, 256, 0, cuda_stream(dev)>>>(tile_start, seq_start, n_seqs);
     CUDA_LAUNCHED(dev, op);
-
-    constexpr int smem = FlashShape<D>::kSmemBytes;
-    int rc = allow_smem(dev, op, flash_forward_kernel<D>, smem);
-    if (rc) return rc;
-    // as many blocks share an SM as registers allow (launch bounds): ask for the shared memory to hold them
-    CUDA_TRY(dev, op, cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
-    const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
-    flash_forward_kernel<D><<<(unsigned)(tiles * H), kThreads, smem, stream>>>(out, q, k, v, seq_start, tile_start, n_seqs,
-                                                                              (int)tiles, H, KV, scale_log2);
-    CUDA_LAUNCHED(dev, op);
-    return ES_OK;
+    return flash_launch<D, false>(dev, op, out, NULL, NULL, NULL, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
 }
 
 } // namespace
@@ -502,4 +440,15 @@ int cuda_attention_forward(es_device *dev, float *out, const float *q, const flo
 size_t cuda_attention_workspace(const es_workspace_plan *plan) {
     // the fast path's tile table, one entry per sequence and one more; the plain path needs none
     return plan->tokens > 0 ? ((size_t)plan->tokens + 1) * sizeof(int32_t) : 0;
+}
+
+int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const float *k,
+                                 const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                                 int H, int KV, int hd) {
+    const char *op = "attention_backward";
+    if (hd == 64) return flash_launch<64, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+    if (hd == 96) return flash_launch<96, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+    if (hd == 128)
+        return flash_launch<128, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+    return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: the flash kernels take head sizes 64, 96 and 128, not %d", op, hd);
 }

@@ -1,17 +1,27 @@
-// Causal attention backward on CUDA (kernels/ops.h), the plain version: fp32 throughout, no score
-// matrix held, and no atomics, so dq, dk and dv have the same bits every step. Two passes, as
-// FlashAttention-2's backward splits the work, but one row per block rather than tiles on tensor
-// cores (a fast kernel is to come; this one is the oracle it will be checked against):
-//   1. per (query token i, head h): the softmax's log-sum-exp L_i, delta_i = Σ_j P_ij dP_ij with
-//      dP_ij = dout_i · v_j, and dq_i = scale Σ_j P_ij (dP_ij − delta_i) k_j;
-//   2. per (key token j, kv head g): dk_j = scale Σ dS_ij q_ih and dv_j = Σ P_ij dout_ih over the
-//      queries i ≥ j of its sequence and the query heads h that share g (P recomputed from L).
+// Causal attention backward on CUDA (kernels/ops.h). Two kernels compute the same thing, neither
+// holds a score matrix, and neither uses atomics, so dq, dk and dv have the same bits every step:
+//  - the plain one (fp32 throughout, any head size, one row per block) is the oracle the fast one
+//    is checked against (tests/gpu/test_attention_cuda.c) and the path for other head sizes:
+//      1. per (query token i, head h): the softmax's log-sum-exp L_i, delta_i = Σ_j P_ij dP_ij
+//         with dP_ij = dout_i · v_j, and dq_i = scale Σ_j P_ij (dP_ij − delta_i) k_j;
+//      2. per (key token j, kv head g): dk_j = scale Σ dS_ij q_ih and dv_j = Σ P_ij dout_ih over
+//         the queries i ≥ j of its sequence and the query heads h that share g (P from L).
+//  - the fast one is FlashAttention-2's backward on tensor cores (bf16 inputs, fp32 accumulation),
+//    in three passes so that no two blocks add to the same output:
+//      1. the forward kernel again (attention.cu, kStats): per row the log2-domain log-sum-exp and
+//         delta = dout · out;
+//      2. per (64-key tile, query head h): S and dP of the tile against every later query, P, dS,
+//         dv_h += Pᵀ dout and dk_h += dSᵀ q, with the keys in the rows (the products' M);
+//      3. per (128-query tile, head h): dq += dS k over the keys up to the causal limit;
+//    and, where query heads share a key/value head, one more kernel sums the heads' dk_h and
+//    dv_h in head order.
 // The CPU reference is kernels/cpu/attention.c; the harness compares the two (tests/ops/).
 #include <math.h>
 
-#include "cuda_internal.h"
+#include "flash.cuh"
 
 namespace {
+
 
 constexpr unsigned THREADS = 128;
 
@@ -143,27 +153,398 @@ __global__ void key_pass(float *dk /* (T, KV, hd) */, float *dv /* (T, KV, hd) *
     }
 }
 
-int allow_shared(es_device *dev, const void *kernel, size_t bytes) {
-    if (bytes <= 48 * 1024) return 0;
-    CUDA_TRY(dev, "attention_backward", cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    return 0;
+// ==== kernels (host emulation: tests/emulate/, extracted between these markers) =====================
+
+constexpr int kBwdThreads = 128; // 4 warps
+constexpr int kKeyTile = 64;     // keys per block of pass 2: 16 per warp, the rows of its products
+constexpr int kQueryStep = 64;   // query rows of pass 2 in shared memory at a time
+constexpr int kSub = 16;         // queries (pass 2) or keys (pass 3) per register step: one k16 step of the second product
+
+template <int D> struct BackwardShape {
+    static_assert(D % 32 == 0, "whole 16-wide mma steps");
+    static constexpr int kStride = D + 8; // bf16 per shared row, padded as the forward's
+    static constexpr int kRowBytes = kStride * 2;
+    // pass 2: K, V of the tile, Q, dout of the query rows (bf16), their lse2 and delta (fp32)
+    static constexpr int kKeySmem = (2 * kKeyTile + 2 * kQueryStep) * kRowBytes + 2 * kQueryStep * 4;
+    // pass 3: Q, dout of the tile, K, V of the key rows
+    static constexpr int kQuerySmem = (2 * kFlashQueryTile + 2 * kKeyTile) * kRowBytes;
+};
+
+// Rows [0, valid) of a (rows, D) fp32 matrix with row stride `stride` into bf16 shared rows of
+// D + 8; rows past `valid` zeros (finite scores that the causal mask then drops).
+template <int D, int kRows>
+__device__ __forceinline__ void load_rows_bf16(uint16_t *dst, const float *src, size_t stride, int valid) {
+    constexpr int kChunks = D / 4; // float4 per row
+    static_assert(kRows * kChunks % kBwdThreads == 0, "whole rounds of the block");
+#pragma unroll 4
+    for (int it = 0; it < kRows * kChunks / kBwdThreads; it++) {
+        const int i = (int)threadIdx.x + it * kBwdThreads, r = i / kChunks, c = (i % kChunks) * 4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < valid) x = __ldg(reinterpret_cast<const float4 *>(src + r * stride + c));
+        store_bf16x4(dst + r * (D + 8) + c, x);
+    }
+}
+
+// The sequence holding tile `tile` of a tile table: the last one whose first tile is <= tile,
+// never an empty one.
+__device__ __forceinline__ int sequence_of_tile(const int32_t *tile_start, int n_seqs, int tile) {
+    int s = 0;
+    for (int high = n_seqs - 1; s < high;) {
+        const int mid = (s + high + 1) / 2;
+        if (tile_start[mid] <= tile) s = mid;
+        else high = mid - 1;
+    }
+    return s;
+}
+
+// Pass 2. One block per (key tile, query head h), blockIdx.x = tile · H + h: the first tiles of a
+// sequence, which see the most queries, start first. Warp w owns keys [16w, 16w + 16) of the
+// tile: per lane (g = lane / 4, t = lane % 4) the accumulators hold keys g and g + 8 in their
+// rows and queries (or d) 2t, 2t + 1 of each n8 tile in their columns. The products per step of
+// kSub queries: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ (16 × kSub), then dv += Pᵀ dout and dk += dSᵀ Q
+// (16 × D), Pᵀ and dSᵀ going from accumulators to A fragments in registers.
+template <int D>
+__global__ void __launch_bounds__(kBwdThreads, 2)
+    flash_key_kernel(float *__restrict__ dk_out,             // (T, H, D): dk from query head h alone, times scale
+                     float *__restrict__ dv_out,             // (T, H, D)
+                     const float *__restrict__ lse2,         // (T, H)
+                     const float *__restrict__ delta,        // (T, H)
+                     const float *__restrict__ dout,         // (T, H, D)
+                     const float *__restrict__ q,            // (T, H, D)
+                     const float *__restrict__ k,            // (T, KV, D)
+                     const float *__restrict__ v,            // (T, KV, D)
+                     const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
+                     const int32_t *__restrict__ tile_start, // (n_seqs + 1), tiles of kKeyTile
+                     int n_seqs, int H, int KV, float scale_log2, float scale) {
+    using Shape = BackwardShape<D>;
+    constexpr int kStride = Shape::kStride, kRowBytes = Shape::kRowBytes;
+    uint16_t *sK = reinterpret_cast<uint16_t *>(dynamic_smem()); // (kKeyTile, kStride) bf16
+    uint16_t *sV = sK + kKeyTile * kStride;                        // (kKeyTile, kStride)
+    uint16_t *sQ = sV + kKeyTile * kStride;                        // (kQueryStep, kStride)
+    uint16_t *sO = sQ + kQueryStep * kStride;                      // (kQueryStep, kStride): dout
+    float *sLse = reinterpret_cast<float *>(sO + kQueryStep * kStride); // (kQueryStep)
+    float *sDelta = sLse + kQueryStep;                                  // (kQueryStep)
+
+    const int tile = (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
+    const int s = sequence_of_tile(tile_start, n_seqs, tile);
+    const int first = seq_start[s], L = seq_start[s + 1] - first;
+    const int kv0 = (tile - tile_start[s]) * kKeyTile; // within the sequence
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
+    const int kvh = h / (H / KV);
+    load_rows_bf16<D, kKeyTile>(sK, k + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
+    load_rows_bf16<D, kKeyTile>(sV, v + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
+    const float *q_seq = q + ((size_t)first * H + h) * D, *dout_seq = dout + ((size_t)first * H + h) * D; // (L, D), stride H*D
+    const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int key_w0 = kv0 + warp * 16; // the warp's first key; >= L: the warp has none (warp-uniform)
+
+    // ldmatrix row addresses (bytes): K, V as A (the warp's 16 keys × 16 d, row-major); Q, dout
+    // as B of the first products (16 queries × 16 d: b0 b1 of two n8 tiles of queries); Q, dout
+    // transposed as B of the second (16 queries × 16 d: b0 b1 of two n8 tiles of d).
+    const uint32_t a_off = ((warp * 16 + lane % 16) * kStride + (lane / 16) * 8) * 2;
+    const uint32_t b_off = (((lane / 16) * 8 + lane % 8) * kStride + (lane / 8 % 2) * 8) * 2;
+    const uint32_t bt_off = (((lane / 8 % 2) * 8 + lane % 8) * kStride + (lane / 16) * 8) * 2;
+    const uint32_t k_lane = smem_address(sK) + a_off, v_lane = smem_address(sV) + a_off;
+    const uint32_t q_lane = smem_address(sQ) + b_off, o_lane = smem_address(sO) + b_off;
+    const uint32_t qt_lane = smem_address(sQ) + bt_off, ot_lane = smem_address(sO) + bt_off;
+
+    float dk[D / 8][4], dv[D / 8][4]; // (16, D) of the warp
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dt][e] = 0.f, dv[dt][e] = 0.f;
+
+    for (int q0 = kv0; q0 < L; q0 += kQueryStep) { // the queries at or after the tile's first key
+        __syncthreads(); // every warp is done with the previous rows (the first time: K and V are stored)
+        load_rows_bf16<D, kQueryStep>(sQ, q_seq + (size_t)q0 * q_stride, q_stride, L - q0);
+        load_rows_bf16<D, kQueryStep>(sO, dout_seq + (size_t)q0 * q_stride, q_stride, L - q0);
+        for (int r = tid; r < kQueryStep; r += kBwdThreads) {
+            const bool valid = q0 + r < L; // rows past the end: P = 2^−∞ = 0
+            sLse[r] = valid ? lse2[(size_t)(first + q0 + r) * H + h] : INFINITY;
+            sDelta[r] = valid ? delta[(size_t)(first + q0 + r) * H + h] : 0.f;
+        }
+        __syncthreads();
+        if (key_w0 >= L) continue;
+#pragma unroll 1
+        for (int sub = 0; sub < kQueryStep / kSub; sub++) {
+            const int qs = q0 + sub * kSub;
+            if (qs >= L) break;
+            if (qs + kSub <= key_w0) continue; // every query of the step precedes the warp's keys
+            const uint32_t step = sub * kSub * kRowBytes;
+            float st[2][4], dpt[2][4]; // Sᵀ and dPᵀ: (16 keys, kSub queries)
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) st[nt][e] = 0.f, dpt[nt][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a[4], b[4];
+                ldsm_x4(a, k_lane + kk * 32);
+                ldsm_x4(b, q_lane + step + kk * 32);
+                mma_bf16(st[0], a, b[0], b[1]);
+                mma_bf16(st[1], a, b[2], b[3]);
+                ldsm_x4(a, v_lane + kk * 32);
+                ldsm_x4(b, o_lane + step + kk * 32);
+                mma_bf16(dpt[0], a, b[0], b[1]);
+                mma_bf16(dpt[1], a, b[2], b[3]);
+            }
+            // Pᵀ = 2^(s · scale_log2 − lse2) where query >= key, else 0; dSᵀ = Pᵀ (dPᵀ − delta)
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = key_w0 + lane / 4 + (e / 2) * 8;
+                    const int r = qs - q0 + nt * 8 + (lane % 4) * 2 + e % 2, query = q0 + r;
+                    const float p = query >= key ? exp2f(fmaf(st[nt][e], scale_log2, -sLse[r])) : 0.f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sDelta[r]);
+                }
+            const uint32_t pa[4] = {pack_bf16(st[0][0], st[0][1]), pack_bf16(st[0][2], st[0][3]), pack_bf16(st[1][0], st[1][1]),
+                                    pack_bf16(st[1][2], st[1][3])};
+            const uint32_t sa[4] = {pack_bf16(dpt[0][0], dpt[0][1]), pack_bf16(dpt[0][2], dpt[0][3]),
+                                    pack_bf16(dpt[1][0], dpt[1][1]), pack_bf16(dpt[1][2], dpt[1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                uint32_t b[4];
+                ldsm_x4_trans(b, ot_lane + step + dp * 32);
+                mma_bf16(dv[2 * dp], pa, b[0], b[1]);
+                mma_bf16(dv[2 * dp + 1], pa, b[2], b[3]);
+                ldsm_x4_trans(b, qt_lane + step + dp * 32);
+                mma_bf16(dk[2 * dp], sa, b[0], b[1]);
+                mma_bf16(dk[2 * dp + 1], sa, b[2], b[3]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int key = key_w0 + lane / 4 + half * 8;
+        if (key >= L) continue;
+        const size_t at = ((size_t)(first + key) * H + h) * D + (lane % 4) * 2;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<float2 *>(dk_out + at + dt * 8) = make_float2(scale * dk[dt][2 * half], scale * dk[dt][2 * half + 1]);
+            *reinterpret_cast<float2 *>(dv_out + at + dt * 8) = make_float2(dv[dt][2 * half], dv[dt][2 * half + 1]);
+        }
+    }
+}
+
+// Pass 3. One block per (query tile of kFlashQueryTile rows, head h), the late tiles first as in
+// the forward; warp w owns rows [32w, 32w + 32) as two m16 tiles (the forward's layout). Per
+// step of kSub keys: S = Q Kᵀ and dP = dout Vᵀ (32 × kSub), then dq += dS K (32 × D).
+template <int D>
+__global__ void __launch_bounds__(kBwdThreads, 2)
+    flash_query_kernel(float *__restrict__ dq,               // (T, H, D)
+                       const float *__restrict__ lse2,       // (T, H)
+                       const float *__restrict__ delta,      // (T, H)
+                       const float *__restrict__ dout,       // (T, H, D)
+                       const float *__restrict__ q,          // (T, H, D)
+                       const float *__restrict__ k,          // (T, KV, D)
+                       const float *__restrict__ v,          // (T, KV, D)
+                       const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
+                       const int32_t *__restrict__ tile_start, // (n_seqs + 1), tiles of kFlashQueryTile
+                       int n_seqs, int n_tiles, int H, int KV, float scale_log2, float scale) {
+    using Shape = BackwardShape<D>;
+    constexpr int kStride = Shape::kStride, kRowBytes = Shape::kRowBytes;
+    uint16_t *sQ = reinterpret_cast<uint16_t *>(dynamic_smem()); // (kFlashQueryTile, kStride) bf16
+    uint16_t *sO = sQ + kFlashQueryTile * kStride;                 // (kFlashQueryTile, kStride): dout
+    uint16_t *sK = sO + kFlashQueryTile * kStride;                 // (kKeyTile, kStride)
+    uint16_t *sV = sK + kKeyTile * kStride;                        // (kKeyTile, kStride)
+
+    const int tile = n_tiles - 1 - (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
+    const int s = sequence_of_tile(tile_start, n_seqs, tile);
+    const int first = seq_start[s], L = seq_start[s + 1] - first;
+    const int q0 = (tile - tile_start[s]) * kFlashQueryTile, rows = min(kFlashQueryTile, L - q0);
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
+    const int kvh = h / (H / KV);
+    load_rows_bf16<D, kFlashQueryTile>(sQ, q + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
+    load_rows_bf16<D, kFlashQueryTile>(sO, dout + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
+    const float *k_seq = k + ((size_t)first * KV + kvh) * D, *v_seq = v + ((size_t)first * KV + kvh) * D; // (L, D), stride KV*D
+    const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int row0 = q0 + warp * 32, row_end = min(row0 + 32, L); // row_end <= row0: the warp has no rows
+
+    float row_lse[4], row_delta[4]; // per owned row (mt * 2 + half); rows past the end: P = 0
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int row = row0 + (r / 2) * 16 + lane / 4 + (r % 2) * 8;
+        row_lse[r] = row < L ? lse2[(size_t)(first + row) * H + h] : INFINITY;
+        row_delta[r] = row < L ? delta[(size_t)(first + row) * H + h] : 0.f;
+    }
+    // Q, dout as A (rows of the warp × 16 d); K, V as B of the first products (16 keys × 16 d);
+    // K transposed as B of dS K (16 keys × 16 d: b0 b1 of two n8 tiles of d)
+    const uint32_t a_off = ((warp * 32 + lane % 16) * kStride + (lane / 16) * 8) * 2;
+    const uint32_t b_off = (((lane / 16) * 8 + lane % 8) * kStride + (lane / 8 % 2) * 8) * 2;
+    const uint32_t bt_off = (((lane / 8 % 2) * 8 + lane % 8) * kStride + (lane / 16) * 8) * 2;
+    const uint32_t q_lane = smem_address(sQ) + a_off, o_lane = smem_address(sO) + a_off;
+    const uint32_t k_lane = smem_address(sK) + b_off, v_lane = smem_address(sV) + b_off, kt_lane = smem_address(sK) + bt_off;
+
+    float acc[2][D / 8][4]; // dq of the warp's rows: (32, D)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][dt][e] = 0.f;
+
+    const int n_key_tiles = (q0 + rows + kKeyTile - 1) / kKeyTile;
+    for (int kt = 0; kt < n_key_tiles; kt++) {
+        const int kv0 = kt * kKeyTile;
+        __syncthreads(); // every warp is done with the previous keys (the first time: Q and dout are stored)
+        load_rows_bf16<D, kKeyTile>(sK, k_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
+        load_rows_bf16<D, kKeyTile>(sV, v_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
+        __syncthreads();
+#pragma unroll 1
+        for (int sub = 0; sub < kKeyTile / kSub; sub++) {
+            const int key0 = kv0 + sub * kSub;
+            if (row0 >= row_end || key0 >= row_end) break; // warp-uniform: every key from here on follows every row
+            const uint32_t step = sub * kSub * kRowBytes;
+            float sc[2][2][4], dp[2][2][4]; // S and dP: (32 rows, kSub keys)
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[mt][nt][e] = 0.f, dp[mt][nt][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a0[4], a1[4], b[4];
+                ldsm_x4(b, k_lane + step + kk * 32);
+                ldsm_x4(a0, q_lane + kk * 32);
+                ldsm_x4(a1, q_lane + 16 * kRowBytes + kk * 32);
+                mma_bf16(sc[0][0], a0, b[0], b[1]);
+                mma_bf16(sc[0][1], a0, b[2], b[3]);
+                mma_bf16(sc[1][0], a1, b[0], b[1]);
+                mma_bf16(sc[1][1], a1, b[2], b[3]);
+                ldsm_x4(b, v_lane + step + kk * 32);
+                ldsm_x4(a0, o_lane + kk * 32);
+                ldsm_x4(a1, o_lane + 16 * kRowBytes + kk * 32);
+                mma_bf16(dp[0][0], a0, b[0], b[1]);
+                mma_bf16(dp[0][1], a0, b[2], b[3]);
+                mma_bf16(dp[1][0], a1, b[0], b[1]);
+                mma_bf16(dp[1][1], a1, b[2], b[3]);
+            }
+            // P = 2^(s · scale_log2 − lse2) where key <= row, else 0; dS = P (dP − delta), as A fragments
+            uint32_t ds[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int r = mt * 2 + e / 2, row = row0 + mt * 16 + lane / 4 + (e / 2) * 8;
+                        const int key = key0 + nt * 8 + (lane % 4) * 2 + e % 2;
+                        const float p = key <= row ? exp2f(fmaf(sc[mt][nt][e], scale_log2, -row_lse[r])) : 0.f;
+                        dp[mt][nt][e] = p * (dp[mt][nt][e] - row_delta[r]);
+                    }
+                ds[mt][0] = pack_bf16(dp[mt][0][0], dp[mt][0][1]);
+                ds[mt][1] = pack_bf16(dp[mt][0][2], dp[mt][0][3]);
+                ds[mt][2] = pack_bf16(dp[mt][1][0], dp[mt][1][1]);
+                ds[mt][3] = pack_bf16(dp[mt][1][2], dp[mt][1][3]);
+            }
+#pragma unroll
+            for (int dt2 = 0; dt2 < D / 16; dt2++) {
+                uint32_t b[4];
+                ldsm_x4_trans(b, kt_lane + step + dt2 * 32);
+                mma_bf16(acc[0][2 * dt2], ds[0], b[0], b[1]);
+                mma_bf16(acc[0][2 * dt2 + 1], ds[0], b[2], b[3]);
+                mma_bf16(acc[1][2 * dt2], ds[1], b[0], b[1]);
+                mma_bf16(acc[1][2 * dt2 + 1], ds[1], b[2], b[3]);
+            }
+        }
+    }
+
+    if (row0 >= row_end) return; // warp-uniform
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int mt = r / 2, half = r % 2, row = row0 + mt * 16 + lane / 4 + half * 8;
+        if (row >= row_end) continue;
+        float *dst = dq + ((size_t)(first + row) * H + h) * D + (lane % 4) * 2;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<float2 *>(dst + dt * 8) = make_float2(scale * acc[mt][dt][2 * half], scale * acc[mt][dt][2 * half + 1]);
+    }
+}
+
+// dk, dv of each key/value head: the sum, in head order, of its query heads' dk_h, dv_h.
+__global__ void sum_group_heads(float *__restrict__ dk,             // (T, KV, D)
+                                float *__restrict__ dv,             // (T, KV, D)
+                                const float *__restrict__ dk_heads, // (T, H, D)
+                                const float *__restrict__ dv_heads, // (T, H, D)
+                                long long begin, long long end,     // of (token, kv head, d), flat
+                                int H, int KV, int D) {
+    const int group = H / KV;
+    for (long long i = begin + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < end; i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / ((long long)KV * D);
+        const int g = (int)(i / D % KV), d = (int)(i % D);
+        const size_t from = ((size_t)t * H + (size_t)g * group) * D + d;
+        float sum_k = 0.f, sum_v = 0.f;
+        for (int j = 0; j < group; j++) sum_k += dk_heads[from + (size_t)j * D], sum_v += dv_heads[from + (size_t)j * D];
+        dk[i] = sum_k, dv[i] = sum_v;
+    }
+}
+
+// ==== host =======================================================================================
+
+template <int D>
+int flash_backward(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                   const float *v, const int32_t *seq_start, const int32_t *host, int n_seqs, int H, int KV) {
+    const char *op = "attention_backward";
+    using Shape = BackwardShape<D>;
+    const long long query_tiles = count_tiles(host, n_seqs, kFlashQueryTile), key_tiles = count_tiles(host, n_seqs, kKeyTile);
+    if (!query_tiles) return ES_OK;
+    const int group = H / KV;
+    // scratch: lse2 and delta (T, H) each, the two tile tables, and with shared KV heads each query
+    // head's dk_h and dv_h (T, H, D) each; indexed by absolute token, as seq_start is
+    const size_t rows = (size_t)host[n_seqs] * H, row_floats = (rows + 63) / 64 * 64, table = ((size_t)n_seqs + 1 + 63) / 64 * 64;
+    const size_t head_floats = group > 1 ? rows * D : 0;
+    char *scratch = (char *)es_device_scratch(dev, (2 * row_floats + 2 * table + 2 * head_floats) * 4);
+    if (!scratch) return ES_ERR_RUNTIME;
+    float *lse2 = (float *)scratch, *delta = lse2 + row_floats;
+    int32_t *query_table = (int32_t *)(delta + row_floats), *key_table = query_table + table;
+    float *dk_heads = group > 1 ? (float *)(key_table + table) : dk, *dv_heads = group > 1 ? dk_heads + head_floats : dv;
+    const cudaStream_t stream = cuda_stream(dev);
+    tile_start_kernel<kFlashQueryTile><<<1, 256, 0, stream>>>(query_table, seq_start, n_seqs);
+    CUDA_LAUNCHED(dev, op);
+    tile_start_kernel<kKeyTile><<<1, 256, 0, stream>>>(key_table, seq_start, n_seqs);
+    CUDA_LAUNCHED(dev, op);
+    int rc = cuda_attention_softmax_stats(dev, lse2, delta, dout, q, k, v, seq_start, query_table, n_seqs, query_tiles, H, KV, D);
+    if (rc) return rc;
+
+    const float scale = 1.0f / sqrtf((float)D), scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
+    if ((rc = allow_smem(dev, op, flash_key_kernel<D>, Shape::kKeySmem)) || (rc = allow_smem(dev, op, flash_query_kernel<D>, Shape::kQuerySmem)))
+        return rc;
+    flash_key_kernel<D><<<(unsigned)(key_tiles * H), kBwdThreads, Shape::kKeySmem, stream>>>(
+        dk_heads, dv_heads, lse2, delta, dout, q, k, v, seq_start, key_table, n_seqs, H, KV, scale_log2, scale);
+    CUDA_LAUNCHED(dev, op);
+    flash_query_kernel<D><<<(unsigned)(query_tiles * H), kBwdThreads, Shape::kQuerySmem, stream>>>(
+        dq, lse2, delta, dout, q, k, v, seq_start, query_table, n_seqs, (int)query_tiles, H, KV, scale_log2, scale);
+    CUDA_LAUNCHED(dev, op);
+    if (group > 1) {
+        const long long begin = (long long)host[0] * KV * D, end = (long long)host[n_seqs] * KV * D;
+        sum_group_heads<<<cuda_blocks((size_t)(end - begin), 256), 256, 0, stream>>>(dk, dv, dk_heads, dv_heads, begin, end, H, KV, D);
+        CUDA_LAUNCHED(dev, op);
+    }
+    return ES_OK;
 }
 
 } // namespace
 
 size_t cuda_attention_backward_workspace(const es_workspace_plan *plan) {
-    // the log-sum-exp and delta of every (token, head)
-    return plan->train ? 2 * (size_t)plan->tokens * (size_t)(plan->heads > 0 ? plan->heads : 1) * sizeof(float) + 256 : 0;
+    if (!plan->train) return 0;
+    // lse2 and delta of every (token, head), the tile tables, and each query head's dk_h, dv_h
+    const size_t rows = (size_t)plan->tokens * (size_t)(plan->heads > 0 ? plan->heads : 1);
+    const size_t hd = plan->head_dim > 0 ? (size_t)plan->head_dim : 1;
+    return (2 * rows + 2 * ((size_t)plan->tokens + 65) + 2 * rows * hd) * sizeof(float) + 1024;
 }
 
-int cuda_attention_backward(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                            const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd) {
-    if (n_seqs == 0) return 0;
+int cuda_attention_backward_plain(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                                  const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd) {
+    const char *op = "attention_backward_plain";
+    if (n_seqs == 0) return ES_OK;
     const int32_t *host;
     int rc = cuda_host_seq_start(dev, seq_start, n_seqs, &host);
     if (rc) return rc;
     const int first = host[0], T_end = host[n_seqs];
-    if (T_end <= first) return 0;
+    if (T_end <= first) return ES_OK;
     const size_t rows = (size_t)T_end * H; // indexed by absolute token, as seq_start is
     float *lse = (float *)es_device_scratch(dev, 2 * rows * sizeof(float) + 256);
     if (!lse) return ES_ERR_RUNTIME;
@@ -174,15 +555,32 @@ int cuda_attention_backward(es_device *dev, float *dq, float *dk, float *dv, con
     const long long query_items = (long long)(T_end - first) * H, key_items = (long long)(T_end - first) * KV;
     const size_t query_smem = THREADS * sizeof(double) + (3 * (size_t)hd + 2 * THREADS) * sizeof(float);
     const size_t key_smem = (4 * (size_t)hd + 2 * THREADS) * sizeof(float);
-    if ((rc = allow_shared(dev, (const void *)query_pass, query_smem)) || (rc = allow_shared(dev, (const void *)key_pass, key_smem)))
-        return rc;
+    if ((rc = allow_smem(dev, op, query_pass, query_smem)) || (rc = allow_smem(dev, op, key_pass, key_smem))) return rc;
     const unsigned query_blocks = (unsigned)(query_items < (1 << 30) ? query_items : (1 << 30));
     const unsigned key_blocks = (unsigned)(key_items < (1 << 30) ? key_items : (1 << 30));
     query_pass<<<query_blocks, THREADS, query_smem, stream>>>(dq, lse, delta, dout, q, k, v, seq_start, n_seqs, H, KV, hd, scale,
                                                               (long long)first * H, (long long)T_end * H);
-    CUDA_LAUNCHED(dev, "attention_backward");
+    CUDA_LAUNCHED(dev, op);
     key_pass<<<key_blocks, THREADS, key_smem, stream>>>(dk, dv, lse, delta, dout, q, k, v, seq_start, n_seqs, H, KV, hd, scale,
                                                         (long long)first * KV, (long long)T_end * KV);
-    CUDA_LAUNCHED(dev, "attention_backward");
-    return 0;
+    CUDA_LAUNCHED(dev, op);
+    return ES_OK;
+}
+
+int cuda_attention_backward(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                            const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd) {
+    // float4 loads and float2 stores need 16-byte rows and bases
+    const bool aligned = ((uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv | (uintptr_t)dout | (uintptr_t)q | (uintptr_t)k |
+                          (uintptr_t)v) % 16 == 0;
+    if ((hd != 64 && hd != 96 && hd != 128) || !aligned)
+        return cuda_attention_backward_plain(dev, dq, dk, dv, dout, q, k, v, seq_start, n_seqs, H, KV, hd);
+    if (n_seqs == 0) return ES_OK;
+    const int32_t *host;
+    int rc = cuda_host_seq_start(dev, seq_start, n_seqs, &host);
+    if (rc) return rc;
+    if ((long long)(host[n_seqs] / kKeyTile + n_seqs) * H > 0x7fffffffLL) // more blocks than a grid holds
+        return cuda_attention_backward_plain(dev, dq, dk, dv, dout, q, k, v, seq_start, n_seqs, H, KV, hd);
+    if (hd == 64) return flash_backward<64>(dev, dq, dk, dv, dout, q, k, v, seq_start, host, n_seqs, H, KV);
+    if (hd == 96) return flash_backward<96>(dev, dq, dk, dv, dout, q, k, v, seq_start, host, n_seqs, H, KV);
+    return flash_backward<128>(dev, dq, dk, dv, dout, q, k, v, seq_start, host, n_seqs, H, KV);
 }

@@ -457,6 +457,12 @@ extern "C" int es_cuda_attention_forward_plain(es_device *dev, float *out, const
     return cuda_attention_forward_plain(dev, out, q, k, v, seq_start, n_seqs, H, KV, hd);
 }
 
+extern "C" int es_cuda_attention_backward_plain(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                                const float *k, const float *v, const int32_t *seq_start, int n_seqs, int H, int KV,
+                                                int hd) {
+    return cuda_attention_backward_plain(dev, dq, dk, dv, dout, q, k, v, seq_start, n_seqs, H, KV, hd);
+}
+
 /* Never launched: whether this build holds machine code for the GPU is asked of it at open. */
 __global__ void probe_kernel(int *unused) {
     if (unused) *unused = 0;

@@ -166,6 +166,9 @@ int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbia
                          const void *weight, int T, int C, int OC);
 int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
 int cuda_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n);
+/* The plain backward (fp32, any hd): the oracle of the flash one behind cuda_attention_backward. */
+int cuda_attention_backward_plain(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                                  const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
 int cuda_attention_backward(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                             const float *v, const int32_t *seq_start, int n_seqs, int H, int KV, int hd);
 int cuda_latent_mse(es_device *dev, double *loss_sum, double *cosine_sum, float *dh, float *dhead, const float *h,

@@ -1,0 +1,126 @@
+// What the flash-attention kernels share (attention.cu's forward, attention_backward.cu's
+// backward): the warp-level tensor-core primitives, the table of each sequence's first tile, and
+// the shared-memory opt-in. The primitives are kept apart from the kernels so that a host
+// emulation of the kernels (tests/emulate/) can stand in for them.
+#ifndef ES_KERNELS_CUDA_FLASH_CUH
+#define ES_KERNELS_CUDA_FLASH_CUH
+#include <stdint.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+// Query rows per tile of the forward kernel, and of the backward's passes over query tiles.
+constexpr int kFlashQueryTile = 128;
+
+// The backward's first pass (attention.cu): per (token, head) of the tiles in tile_start (tiles
+// of kFlashQueryTile rows, `tiles` of them), the softmax's log-sum-exp in the log2 domain of the
+// scaled scores and delta = dout · out, each (T, H) fp32. hd is 64, 96 or 128.
+int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const float *k,
+                                 const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                                 int H, int KV, int hd);
+
+namespace {
+
+// ---- warp-level primitives ---------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned char *dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char smem[];
+    return smem;
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: the order
+// in which mma fragments hold consecutive elements.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof bits);
+    return bits;
+}
+
+// Four consecutive floats as bf16 at p (8-byte aligned, shared memory).
+__device__ __forceinline__ void store_bf16x4(uint16_t *p, float4 x) {
+    *reinterpret_cast<uint2 *>(p) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+}
+
+// Four 8×8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8 and receives in
+// r[i] row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// The same, transposed: r[i] holds rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 of matrix i.
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// Asks L2 for the 128-byte line at p ahead of its loads.
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p)); }
+
+// d += A B for one 16×8×16 tile: A (16, 16) row-major fragment, B (16, 8) column fragment
+// (b0: rows 0-7, b1: rows 8-15), d (16, 8) fp32.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- sequence tables -----------------------------------------------------------------------------
+
+// tile_start[s] = the first tile of sequence s (tiles of kRows rows, counted from each
+// sequence's own first token); tile_start[n_seqs] = all of them. One block: a run of sequences
+// per thread, then a scan of the runs.
+template <int kRows>
+__global__ void __launch_bounds__(256) tile_start_kernel(int32_t *__restrict__ tile_start,      // (n_seqs + 1)
+                                                         const int32_t *__restrict__ seq_start, // (n_seqs + 1)
+                                                         int n_seqs) {
+    __shared__ int run_first[256];
+    const int per = (n_seqs + 255) / 256;
+    const int begin = min(n_seqs, (int)threadIdx.x * per), end = min(n_seqs, begin + per);
+    int tiles = 0;
+    for (int s = begin; s < end; s++) tiles += (seq_start[s + 1] - seq_start[s] + kRows - 1) / kRows;
+    run_first[threadIdx.x] = tiles;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int i = 0; i < 256; i++) {
+            const int run = run_first[i];
+            run_first[i] = total;
+            total += run;
+        }
+        tile_start[n_seqs] = total;
+    }
+    __syncthreads();
+    int next = run_first[threadIdx.x];
+    for (int s = begin; s < end; s++) {
+        tile_start[s] = next;
+        next += (seq_start[s + 1] - seq_start[s] + kRows - 1) / kRows;
+    }
+}
+
+// The tiles of kRows rows the sequences of a host copy of seq_start make.
+inline long long count_tiles(const int32_t *host_seq_start, int n_seqs, int rows) {
+    long long tiles = 0;
+    for (int s = 0; s < n_seqs; s++) tiles += (host_seq_start[s + 1] - host_seq_start[s] + rows - 1) / rows;
+    return tiles;
+}
+
+// Lets a kernel use `bytes` of dynamic shared memory (beyond the 48 KiB default), or says why not.
+template <typename Kernel> int allow_smem(es_device *dev, const char *op, Kernel kernel, size_t bytes) {
+    if (bytes <= 48 * 1024) return ES_OK;
+    if (bytes > cuda_of(dev)->prop.sharedMemPerBlockOptin)
+        return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: needs %zu bytes of shared memory per block, the device has %zu",
+                              op, bytes, (size_t)cuda_of(dev)->prop.sharedMemPerBlockOptin);
+    CUDA_TRY(dev, op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    return ES_OK;
+}
+
+} // namespace
+
+#endif
