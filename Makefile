@@ -76,8 +76,6 @@ STAGE_SRC := $(filter-out extract/extract.c project/project.c align/align.c alig
 STAGE_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(STAGE_SRC))
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
-# The flash-attention kernels' logic on the host (tests/emulate/): built with or without nvcc.
-TESTS += $(BUILD)/tests/test_flash_emulated
 TOOL_SRC := $(wildcard tests/tools/*.c)
 TEST_TOOLS := $(patsubst tests/tools/%.c,$(BUILD)/tests/tools/%,$(TOOL_SRC))
 BENCH_SRC := $(wildcard tests/bench/bench_*.c)
@@ -88,7 +86,7 @@ FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
 .PHONY: all deps test bench fuzz fuzzers sanitize soak install demo experiment clean cuda-note
-all: cuda-note $(PROGRAMS) $(PLUGIN) $(CUDA_PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS)
+all: cuda-note $(PROGRAMS) $(PLUGIN) $(CUDA_PLUGIN) $(TESTS) $(TEST_TOOLS) $(BENCHES) $(GPU_TESTS) $(EMU_TESTS)
 
 cuda-note:
 ifeq ($(NVCC),)
@@ -157,21 +155,32 @@ $(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LI
 	@mkdir -p $(dir $@)
 	$(LINK) -Wl,-rpath,'$$ORIGIN/..'
 
-# The kernels are the text between each file's "==== kernels" and "==== host" markers.
-$(BUILD)/emulate/attention_kernels.inc: kernels/cuda/attention.cu
+# The CUDA backend on the host (tests/emulate/, docs/engine.md): kernels/cuda/ rewritten by
+# cuda_to_host.py and built with g++ against an emulation of the CUDA runtime and cuBLASLt, into
+# $(BUILD)/emu/libessence-cuda.so, which the CUDA checks below load in `make test`. Needs the
+# CUDA-capable libessence (ES_HAVE_CUDA), not nvcc's compiler.
+EMU := $(BUILD)/emu
+EMU_SRC := $(patsubst kernels/cuda/%.cu,$(EMU)/src/%.cpp,$(wildcard kernels/cuda/*.cu))
+EMU_OBJ := $(EMU_SRC:.cpp=.o) $(EMU)/obj/cuda_host.o
+EMU_CXXFLAGS := -std=c++17 -O2 -g -gno-variable-location-views -fPIC -ffp-contract=off -fno-strict-aliasing -DES_CUDA_HOST_EMULATION \
+	-Itests/emulate/include -Ikernels/cuda -Icommon -Ikernels $(WARN) -Wno-unknown-pragmas -MMD -MP
+EMU_TESTS := $(if $(NVCC),$(EMU)/test_ops $(EMU)/test_forward_cuda $(EMU)/test_train_cuda $(EMU)/test_convert)
+$(EMU)/src/%.cpp: kernels/cuda/%.cu tests/emulate/cuda_to_host.py
 	@mkdir -p $(dir $@)
-	sed -n '/^\/\/ ==== kernels/,/^\/\/ ==== host/p' $< > $@
-$(BUILD)/emulate/attention_backward_kernels.inc: kernels/cuda/attention_backward.cu
+	python3 tests/emulate/cuda_to_host.py $< $@
+$(EMU)/src/%.o: $(EMU)/src/%.cpp
+	g++ $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU)/obj/cuda_host.o: tests/emulate/cuda_host.cpp
 	@mkdir -p $(dir $@)
-	sed -n '/^\/\/ ==== kernels/,/^\/\/ ==== host/p' $< > $@
-$(BUILD)/emulate/flash_tile.inc: kernels/cuda/flash.cuh
-	@mkdir -p $(dir $@)
-	grep '^constexpr int kFlashQueryTile = ' $< > $@
-EMULATE_INC := $(addprefix $(BUILD)/emulate/,attention_kernels.inc attention_backward_kernels.inc flash_tile.inc)
-$(BUILD)/tests/test_flash_emulated: tests/emulate/test_flash_emulated.cpp tests/emulate/warp.h $(EMULATE_INC) $(BUILD)/obj/tests/ops/reference.o $(LIB)
-	@mkdir -p $(dir $@)
-	g++ -std=c++17 $(CFLAGS) $(WARN) -Wno-unknown-pragmas -fno-strict-aliasing -pthread -I$(BUILD)/emulate -Itests/emulate -Itests/ops -Icommon -Ikernels \
-	  -o $@ $< $(BUILD)/obj/tests/ops/reference.o $(LIB) -lm
+	g++ $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU)/libessence-cuda.so: $(EMU_OBJ)
+	g++ -shared -Wl,-Bsymbolic -Wl,-soname,libessence-cuda.so -o $@ $^ -ldl
+-include $(EMU_OBJ:.o=.d)
+$(EMU)/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LIB) $(EMU)/libessence-cuda.so
+	$(CC) $(ALL_CFLAGS) -o $@ $(filter %.o,$^) $(LIB_LINK) $(LDLIBS)
+$(EMU)/test_train_cuda: $(STAGE_OBJ)
+$(EMU)/test_%: $(BUILD)/obj/tests/gpu/test_%.o $(LIB) $(EMU)/libessence-cuda.so
+	$(CC) $(ALL_CFLAGS) -o $@ $(filter %.o,$^) $(LIB_LINK) $(EMU)/libessence-cuda.so -Wl,-rpath,'$$ORIGIN' $(LDLIBS)
 
 $(BUILD)/tests/tools/%: $(BUILD)/obj/tests/tools/%.o $(STAGE_OBJ) $(LIB)
 	@mkdir -p $(dir $@)

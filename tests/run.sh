@@ -74,6 +74,17 @@ for t in "$BUILD"/tests/test_*; do
         skips+=("$name[shared]: no shared fixtures at ${ESSENCE_SHARED_FIXTURES:-(ESSENCE_SHARED_FIXTURES is empty)}; the in-repo set ran")
     fi
 done
+# The CUDA backend built for the host (tests/emulate/, docs/engine.md "The CUDA backend on the
+# host"): the GPU checks that fit a CPU, against build/emu/libessence-cuda.so. Built where the
+# CUDA-capable libessence is (nvcc found).
+if compgen -G "$BUILD/emu/test_*" >/dev/null; then
+    for t in "$BUILD"/emu/test_*; do
+        [ -x "$t" ] || continue
+        run_one "emulated-cuda:$(basename "$t")" timeout 900 "$t"
+    done
+else
+    skipped=$((skipped + 1)); skips+=("emulated-cuda: not built ($BUILD/emu/test_* missing: nvcc was not found, so libessence cannot load a CUDA backend)")
+fi
 for t in tests/cli/test_*.sh; do
     [ -f "$t" ] || continue
     run_one "$(basename "$t")" timeout 600 bash "$t"

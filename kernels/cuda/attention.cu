@@ -17,7 +17,7 @@
 
 namespace {
 
-// ==== kernels (host emulation: tests/emulate/, extracted between these markers) =====================
+// ==== kernels ===================================================================================
 
 constexpr int kThreads = 128; // 4 warps
 constexpr int kBlockQ = kFlashQueryTile; // query rows per block (128): 32 per warp, two m16 tiles,

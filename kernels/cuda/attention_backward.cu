@@ -153,7 +153,7 @@ __global__ void key_pass(float *dk /* (T, KV, hd) */, float *dv /* (T, KV, hd) *
     }
 }
 
-// ==== kernels (host emulation: tests/emulate/, extracted between these markers) =====================
+// ==== kernels ===================================================================================
 
 constexpr int kBwdThreads = 128; // 4 warps
 constexpr int kKeyTile = 64;     // keys per block of pass 2: 16 per warp, the rows of its products

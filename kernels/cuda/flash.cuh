@@ -23,6 +23,18 @@ namespace {
 
 // ---- warp-level primitives ---------------------------------------------------------------------
 
+#ifdef ES_CUDA_HOST_EMULATION // tests/emulate/: the same instructions, lane by lane on the host
+inline unsigned char *dynamic_smem() { return emu_dynamic_smem(); }
+inline uint32_t smem_address(const void *p) { return (uint32_t)((const unsigned char *)p - emu_dynamic_smem()); }
+inline uint32_t pack_bf16(float lo, float hi) { return (uint32_t)emu_bf16_round(lo) | (uint32_t)emu_bf16_round(hi) << 16; }
+inline void store_bf16x4(uint16_t *p, float4 x) {
+    p[0] = emu_bf16_round(x.x), p[1] = emu_bf16_round(x.y), p[2] = emu_bf16_round(x.z), p[3] = emu_bf16_round(x.w);
+}
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t address) { emu_ldmatrix_x4(r, address, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) { emu_ldmatrix_x4(r, address, true); }
+inline void prefetch_l2(const void *) {}
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma_bf16(d, a, b0, b1); }
+#else
 __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char smem[];
     return smem;
@@ -70,6 +82,7 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // ---- sequence tables -----------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@
 
 #include "cuda_internal.h"
 
-#if __has_include(<nccl.h>)
+// (The host emulation of tests/emulate/ has no NCCL: one rank, as a toolkit without nccl.h.)
+#if __has_include(<nccl.h>) && !defined(ES_CUDA_HOST_EMULATION)
 #include <nccl.h>
 
 namespace {

@@ -406,13 +406,14 @@ typedef struct attention_case {
 } attention_case;
 
 /* one token; several sequences with empty ones and ones of length 1; query blocks of 128 crossed;
- * GQA 1, 2, 4, 8; head sizes 8..128; no sequence at all; 520 tokens x hd 64 for the large backward */
+ * GQA 1, 2, 3, 4, 8; head sizes 8..128 (64, 96 and 128 take CUDA's flash kernels); no sequence at
+ * all; 520 tokens x hd 64 for the large backward */
 static const struct {
     int n_seqs, lengths[5], H, KV, hd;
 } attention_grid[] = {
     {1, {1}, 2, 2, 8},         {5, {3, 0, 1, 5, 1}, 8, 2, 16}, {1, {130}, 8, 1, 24},   {2, {300, 2}, 4, 1, 64},
     {3, {0, 6, 0}, 2, 2, 128}, {3, {129, 1, 127}, 4, 4, 8},    {0, {0}, 2, 1, 8},      {1, {520}, 4, 1, 64},
-    {2, {200, 57}, 16, 2, 128} /* a student's heads: GQA 8, hd 128 */,
+    {2, {200, 57}, 16, 2, 128} /* a student's heads: GQA 8, hd 128 */, {3, {70, 0, 130}, 6, 2, 96} /* GQA 3, hd 96 */,
 };
 
 static void make_attention(hcase *c, int index, int backward) {

@@ -596,7 +596,9 @@ const op_spec harness_train_ops[] = {
      * it (a bias correction, eps's place) shows only as a small change of p */
     SPEC("adamw_update", adamw_grid, 1e-11, adamw_update, make_adamw_update),
     /* a copy on fp32 devices; bf16: one rounding, checked bit for bit inside the call */
-    SPEC("round_weights", round_weights_grid, 0, round_weights, make_round_weights, .bf16_threshold = HARNESS_BF16_ROUNDING),
+    /* bf16: one rounding, but the n = 1 case is the tie alone, 2^-8 off ((2^-8)^2 = 1.5e-5 of nmse, more than
+     * HARNESS_BF16_ROUNDING's average); the call checks every bit against common/dtype.h anyway */
+    SPEC("round_weights", round_weights_grid, 0, round_weights, make_round_weights, .bf16_threshold = 4e-5),
     /* 2.2e-28: ops.h promises a sum in double; fp32 partial sums would give ~1e-14 */
     SPEC("sum_squares", sum_squares_grid, 1e-20, sum_squares, make_sum_squares),
     SPEC("scale", scale_grid, HARNESS_ELEMENTWISE, scale, make_scale), /* 6.4e-16: one rounding */
