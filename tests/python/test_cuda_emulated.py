@@ -1,0 +1,110 @@
+"""The programs with --device cuda on the CUDA backend built for the host (build/emu/libessence-cuda.so,
+tests/emulate/), against --device cpu: the second section of tests/gpu/run.sh at sizes a CPU can emulate.
+essence-extract's teacher.h5 (tiny-llama3, layers 0, 2, 4) within 2e-2 of the CPU's (essence-inspect compare);
+essence-project's student.h5 at fp32 and bf16 within 1e-2 and 2e-2; essence-eval's greedy generations of both tiny
+models against transformers' goldens (tests/gpu/eval_vs_golden.py); 8 steps of essence-align (tiny-qwen2, CE and
+latent terms) with losses within 2% of the CPU's step by step, and each device's step-4 checkpoint continued on the
+other within 2% of the uninterrupted run. What this checks is the backend's logic and the stages' use of it (layer
+streams, overlapped downloads, checkpoints across devices); a GPU's own behaviour is tests/gpu/run.sh's."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testing import ROOT, report, run_main  # noqa: E402
+
+BUILD = os.environ.get("ESSENCE_BUILD", os.path.join(ROOT, "build"))
+BACKEND = os.path.join(BUILD, "emu", "libessence-cuda.so")
+MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
+GPU_TOOLS = os.path.join(ROOT, "tests", "gpu")
+
+
+def run(program, *args):
+    env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND}
+    return subprocess.run([os.path.join(BUILD, program), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def tool(script, *args):
+    return subprocess.run([sys.executable, os.path.join(GPU_TOOLS, script), *args], capture_output=True, text=True, timeout=60)
+
+
+def tail(result):
+    return (result.stdout + result.stderr).strip()[-600:]
+
+
+def check(name, result):
+    report(name, result.returncode == 0, f"rc {result.returncode}: {tail(result)}")
+    return result.returncode == 0
+
+
+def main():
+    if os.environ.get("ESSENCE_SANITIZE"):
+        print("SKIP cuda_emulated: not under the sanitizers (make sanitize builds no emulated CUDA backend; make test runs this)")
+        return
+    if not os.path.exists(BACKEND):
+        print(f"SKIP cuda_emulated: no {BACKEND} (built where nvcc is found, with the CUDA-capable libessence)")
+        return
+    tmp = tempfile.mkdtemp(prefix="essence-cuda-emulated-")
+    try:
+        data = os.path.join(tmp, "data.jsonl")
+        rng = random.Random(7)
+        words = "the of reasoning step first then because therefore each layer token model 12 345 = + ( ) ; : é 数 🙂".split()
+        with open(data, "w") as f:
+            for i in range(12):
+                f.write(json.dumps({"id": f"s{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 120)))}) + "\n")
+        teacher, student = os.path.join(MODELS, "tiny-llama3"), os.path.join(MODELS, "tiny-qwen2")
+        path = lambda *parts: os.path.join(tmp, *parts)  # noqa: E731
+
+        for dev in ("cpu", "cuda"):
+            check(f"emulated_extract_{dev}", run("essence-extract", "--model", teacher, "--data", data, "--layers", "0,2,4",
+                                                 "--batch-tokens", "512", "--out", path(f"teacher_{dev}.h5"), "--device", dev))
+        check("emulated_extract_cuda_vs_cpu", run("essence-inspect", "compare", path("teacher_cuda.h5"), path("teacher_cpu.h5"),
+                                                  "--tol", "2e-2"))
+        for dev in ("cpu", "cuda"):
+            for precision in ("fp32", "bf16"):
+                check(f"emulated_project_{dev}_{precision}",
+                      run("essence-project", "--in", path("teacher_cpu.h5"), "--student", student, "--layer-map", "2:1,4:3",
+                          "--precision", precision, "--out", path(f"student_{dev}_{precision}.h5"), "--device", dev))
+        for precision, tol in (("fp32", "1e-2"), ("bf16", "2e-2")):
+            check(f"emulated_project_cuda_vs_cpu_{precision}",
+                  run("essence-inspect", "compare", path(f"student_cuda_{precision}.h5"), path(f"student_cpu_{precision}.h5"),
+                      "--tol", tol))
+
+        for model in ("tiny-llama3", "tiny-qwen2"):
+            golden_path = os.path.join(MODELS, model, "golden_generate.json")
+            golden = json.load(open(golden_path))
+            with open(path(f"eval_{model}.jsonl"), "w") as f:
+                for p in golden["prompts"]:
+                    f.write(json.dumps({"id": p["id"], "prompt": p["prompt"], "answer": 0}) + "\n")
+            out = path(f"eval_{model}.out.jsonl")
+            if check(f"emulated_eval_cuda_{model}",
+                     run("essence-eval", "--model", os.path.join(MODELS, model), "--data", path(f"eval_{model}.jsonl"), "--out", out,
+                         "--template", golden["template"], "--max-new-tokens", "32", "--batch", "4", "--batch-tokens", "16",
+                         "--device", "cuda")):
+                check(f"emulated_eval_cuda_vs_golden_{model}", tool("eval_vs_golden.py", golden_path, out))
+
+        align = ["--model", student, "--data", path("student_cpu_fp32.h5"), "--steps", "8", "--batch-tokens", "256", "--save-every", "4",
+                 "--keep-checkpoints", "2", "--ce-weight", "0.5", "--eval-every", "4"]
+        for dev in ("cpu", "cuda"):
+            check(f"emulated_align_{dev}", run("essence-align", *align, "--out", path(f"align_{dev}"), "--device", dev))
+        check("emulated_align_cuda_vs_cpu_losses",
+              tool("align_parity.py", path("align_cuda", "metrics.jsonl"), path("align_cpu", "metrics.jsonl"), "0.02"))
+        for source, target in (("cuda", "cpu"), ("cpu", "cuda")):
+            resumed = path(f"resume_{source}")
+            shutil.copytree(path(f"align_{source}"), resumed)
+            shutil.rmtree(os.path.join(resumed, "checkpoint-8"), ignore_errors=True)
+            result = run("essence-align", *align, "--out", resumed, "--device", target, "--resume")
+            report(f"emulated_align_resume_{source}_on_{target}",
+                   result.returncode == 0 and "checkpoint-4" in result.stderr and "resumed from" in result.stderr,
+                   f"rc {result.returncode}: {tail(result)}")
+            check(f"emulated_align_resume_{source}_on_{target}_losses",
+                  tool("align_parity.py", os.path.join(resumed, "metrics.jsonl"), path(f"align_{target}", "metrics.jsonl"), "0.02", "5"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+run_main(main, "cuda_emulated")
