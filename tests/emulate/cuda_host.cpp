@@ -3,6 +3,10 @@
 // leaves out). x86-64 only: the fibers switch stacks with a few instructions of their own.
 #include "cuda_host.h"
 
+#ifndef __x86_64__
+#error "the fibers' stack switch (emu_switch) is written for x86-64"
+#endif
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
