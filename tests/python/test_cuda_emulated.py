@@ -4,7 +4,8 @@ essence-extract's teacher.h5 (tiny-llama3, layers 0, 2, 4) within 2e-2 of the CP
 essence-project's student.h5 at fp32 and bf16 within 1e-2 and 2e-2; essence-eval's greedy generations of both tiny
 models against transformers' goldens (tests/gpu/eval_vs_golden.py); 8 steps of essence-align (tiny-qwen2, CE and
 latent terms) with losses within 2% of the CPU's step by step, and each device's step-4 checkpoint continued on the
-other within 2% of the uninterrupted run. What this checks is the backend's logic and the stages' use of it (layer
+other within 2% of the uninterrupted run; two MPI ranks sharing the (emulated) device, with and without --zero1,
+against one rank with twice the batch (tests/gpu/ranks_parity.py; --zero1 the same bits). What this checks is the backend's logic and the stages' use of it (layer
 streams, overlapped downloads, checkpoints across devices); a GPU's own behaviour is tests/gpu/run.sh's."""
 import json
 import os
@@ -23,9 +24,13 @@ MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
 GPU_TOOLS = os.path.join(ROOT, "tests", "gpu")
 
 
-def run(program, *args):
+def run(program, *args, ranks=0):
     env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND}
-    return subprocess.run([os.path.join(BUILD, program), *args], capture_output=True, text=True, timeout=600, env=env)
+    command = [os.path.join(BUILD, program), *args]
+    if ranks:  # under Open MPI, the ranks on one machine (as root where the test runs as root)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+        command = [shutil.which("mpirun"), "-np", str(ranks), "-x", "ESSENCE_CUDA_BACKEND", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def tool(script, *args):
@@ -103,6 +108,24 @@ def main():
                    f"rc {result.returncode}: {tail(result)}")
             check(f"emulated_align_resume_{source}_on_{target}_losses",
                   tool("align_parity.py", os.path.join(resumed, "metrics.jsonl"), path(f"align_{target}", "metrics.jsonl"), "0.02", "5"))
+
+        # data parallel: the ranks share the one device, so they sum through MPI on the host (align/comm.c)
+        if not shutil.which("mpirun"):
+            print("SKIP emulated_align_two_ranks: mpirun not found (apt-get install openmpi-bin)")
+            return
+        ranks = ["--model", student, "--data", path("student_cpu_fp32.h5"), "--steps", "4", "--save-every", "0", "--eval-every", "0",
+                 "--ce-weight", "0.5", "--device", "cuda"]
+        check("emulated_align_one_rank_2b", run("essence-align", *ranks, "--batch-tokens", "512", "--out", path("ranks_1")))
+        for name, extra in (("ranks_2", []), ("ranks_2_zero1", ["--zero1"])):
+            result = run("essence-align", *ranks, "--batch-tokens", "256", "--out", path(name), *extra, ranks=2)
+            report(f"emulated_align_{name}", result.returncode == 0 and "sum through MPI on the host" in result.stderr,
+                   f"rc {result.returncode}: {tail(result)}")
+        check("emulated_align_two_ranks_vs_one",
+              tool("ranks_parity.py", path("ranks_2", "checkpoint-4"), path("ranks_1", "checkpoint-4"), student))
+        state = os.path.join("checkpoint-4", "essence-state", "state.safetensors")
+        same = open(path("ranks_2", state), "rb").read() == open(path("ranks_2_zero1", state), "rb").read() \
+            if os.path.exists(path("ranks_2", state)) and os.path.exists(path("ranks_2_zero1", state)) else False
+        report("emulated_align_zero1_same_bits", same, "the --zero1 run's state differs from the replicated run's (or is missing)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
