@@ -67,12 +67,7 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
     uint16_t *sV = sK + Shape::kKVElems;                         // (kBlockK, kStride) bf16
 
     const int tile = n_tiles - 1 - (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
-    int s = 0; // the last sequence whose first tile is <= tile: never an empty one
-    for (int high = n_seqs - 1; s < high;) {
-        const int mid = (s + high + 1) / 2;
-        if (tile_start[mid] <= tile) s = mid;
-        else high = mid - 1;
-    }
+    const int s = cuda_last_at_or_before(tile_start, n_seqs, tile); // the tile's sequence
     const int first = seq_start[s], L = seq_start[s + 1] - first;
     const int q0 = (tile - tile_start[s]) * kBlockQ, rows = min(kBlockQ, L - q0);
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
@@ -313,13 +308,7 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
     // 64-bit: item + gridDim.x may pass 2^31 on the last round
     for (long long item = blockIdx.x; item < items; item += gridDim.x) {
         const int t = t_first + (int)(item / H), h = (int)(item % H), kvh = h / (H / KV);
-        int s = 0; // the last sequence starting at or before t: never an empty one
-        for (int high = n_seqs - 1; s < high;) {
-            const int mid = (s + high + 1) / 2;
-            if (seq_start[mid] <= t) s = mid;
-            else high = mid - 1;
-        }
-        const int first = seq_start[s];
+        const int first = seq_start[cuda_last_at_or_before(seq_start, n_seqs, t)];
         const float *k_head = k + (size_t)kvh * hd; // row j at k_head + j * KV * hd
         const float *v_head = v + (size_t)kvh * hd;
         const size_t kv_stride = (size_t)KV * hd;

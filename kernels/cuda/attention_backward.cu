@@ -22,19 +22,7 @@
 
 namespace {
 
-
 constexpr unsigned THREADS = 128;
-
-/* The sequence holding token t: the largest s with seq_start[s] <= t. */
-__device__ int sequence_of(const int32_t *seq_start, int n_seqs, int t) {
-    int lo = 0, hi = n_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (seq_start[mid] <= t) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
 
 __device__ float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -70,7 +58,7 @@ __global__ void query_pass(float *dq /* (T, H, hd) */, float *lse /* (T, H) */, 
     const int group = H / KV;
     for (long long item = begin + blockIdx.x; item < end; item += gridDim.x) {
         const int t = (int)(item / H), h = (int)(item % H), g = h / group;
-        const int first = seq_start[sequence_of(seq_start, n_seqs, t)];
+        const int first = seq_start[cuda_last_at_or_before(seq_start, n_seqs, t)];
         const float *q_t = q + ((size_t)t * H + h) * hd, *dout_t = dout + ((size_t)t * H + h) * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) q_row[d] = q_t[d], dout_row[d] = dout_t[d], acc[d] = 0.0f;
         __syncthreads();
@@ -121,7 +109,7 @@ __global__ void key_pass(float *dk /* (T, KV, hd) */, float *dv /* (T, KV, hd) *
     const int group = H / KV;
     for (long long item = begin + blockIdx.x; item < end; item += gridDim.x) {
         const int j = (int)(item / KV), g = (int)(item % KV);
-        const int end = seq_start[sequence_of(seq_start, n_seqs, j) + 1];
+        const int end = seq_start[cuda_last_at_or_before(seq_start, n_seqs, j) + 1];
         const float *k_j = k + ((size_t)j * KV + g) * hd, *v_j = v + ((size_t)j * KV + g) * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) k_row[d] = k_j[d], v_row[d] = v_j[d], dk_acc[d] = 0.0f, dv_acc[d] = 0.0f;
         __syncthreads();
@@ -185,18 +173,6 @@ __device__ __forceinline__ void load_rows_bf16(uint16_t *dst, const float *src, 
     }
 }
 
-// The sequence holding tile `tile` of a tile table: the last one whose first tile is <= tile,
-// never an empty one.
-__device__ __forceinline__ int sequence_of_tile(const int32_t *tile_start, int n_seqs, int tile) {
-    int s = 0;
-    for (int high = n_seqs - 1; s < high;) {
-        const int mid = (s + high + 1) / 2;
-        if (tile_start[mid] <= tile) s = mid;
-        else high = mid - 1;
-    }
-    return s;
-}
-
 // Pass 2. One block per (key tile, query head h), blockIdx.x = tile · H + h: the first tiles of a
 // sequence, which see the most queries, start first. Warp w owns keys [16w, 16w + 16) of the
 // tile: per lane (g = lane / 4, t = lane % 4) the accumulators hold keys g and g + 8 in their
@@ -226,7 +202,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     float *sDelta = sLse + kQueryStep;                                  // (kQueryStep)
 
     const int tile = (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
-    const int s = sequence_of_tile(tile_start, n_seqs, tile);
+    const int s = cuda_last_at_or_before(tile_start, n_seqs, tile);
     const int first = seq_start[s], L = seq_start[s + 1] - first;
     const int kv0 = (tile - tile_start[s]) * kKeyTile; // within the sequence
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
@@ -351,7 +327,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     uint16_t *sV = sK + kKeyTile * kStride;                        // (kKeyTile, kStride)
 
     const int tile = n_tiles - 1 - (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
-    const int s = sequence_of_tile(tile_start, n_seqs, tile);
+    const int s = cuda_last_at_or_before(tile_start, n_seqs, tile);
     const int first = seq_start[s], L = seq_start[s + 1] - first;
     const int q0 = (tile - tile_start[s]) * kFlashQueryTile, rows = min(kFlashQueryTile, L - q0);
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;

@@ -12,17 +12,6 @@ namespace {
 
 constexpr int kWarps = 4;
 
-// The sequence of token t: the last whose start is at or before t (never an empty one).
-__device__ __forceinline__ int sequence_of(const int32_t *seq_start, int n_seqs, int t) {
-    int s = 0;
-    for (int high = n_seqs - 1; s < high;) {
-        const int mid = (s + high + 1) / 2;
-        if (seq_start[mid] <= t) s = mid;
-        else high = mid - 1;
-    }
-    return s;
-}
-
 __global__ void append_kernel(float *__restrict__ k_cache,         // (slots, max_seq, KV*hd)
                               float *__restrict__ v_cache,         // (slots, max_seq, KV*hd)
                               const float *__restrict__ k,         // (T, KV*hd)
@@ -30,7 +19,7 @@ __global__ void append_kernel(float *__restrict__ k_cache,         // (slots, ma
                               const int32_t *__restrict__ seq_start, const int32_t *__restrict__ past,
                               const int32_t *__restrict__ slot, int n_seqs, int max_seq, int row) {
     const int t = (int)blockIdx.x + seq_start[0];
-    const int s = sequence_of(seq_start, n_seqs, t);
+    const int s = cuda_last_at_or_before(seq_start, n_seqs, t);
     const size_t to = ((size_t)slot[s] * max_seq + past[s] + (t - seq_start[s])) * row;
     for (int i = (int)threadIdx.x; i < row; i += blockDim.x) {
         k_cache[to + i] = k[(size_t)t * row + i];
@@ -61,7 +50,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __shared__ double warp_sum[kWarps];
     const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     const int t = seq_start[0] + (int)(blockIdx.x / H), h = (int)(blockIdx.x % H), kvh = h / (H / KV);
-    const int s = sequence_of(seq_start, n_seqs, t);
+    const int s = cuda_last_at_or_before(seq_start, n_seqs, t);
     const int last = past[s] + (t - seq_start[s]); // the token's position: keys 0..last
     const size_t kv_stride = (size_t)KV * hd;
     const float *k_head = k_cache + (size_t)slot[s] * max_seq * kv_stride + (size_t)kvh * hd; // row j at + j * kv_stride

@@ -110,6 +110,19 @@ __device__ __forceinline__ uint16_t cuda_f32_to_bf16_bits(float value) {
     return (uint16_t)((sign | mag) >> 16);
 }
 
+/* The last s in [0, n) with table[s] <= x (0 if none): the sequence holding token x of a
+ * seq_start table, or holding tile x of a table of each sequence's first tile. Either table is
+ * non-decreasing and x precedes its entry n, so the s found is never an empty sequence. */
+__device__ __forceinline__ int cuda_last_at_or_before(const int32_t *table, int n, int x) {
+    int s = 0;
+    for (int high = n - 1; s < high;) {
+        const int mid = (s + high + 1) / 2;
+        if (table[mid] <= x) s = mid;
+        else high = mid - 1;
+    }
+    return s;
+}
+
 /* Σ over the block's threads of a double, in a fixed tree (the same bits every run); shared holds
  * blockDim.x doubles, blockDim.x a power of two; every thread of the block must call it. */
 __device__ __forceinline__ double cuda_block_sum(double value, double *shared) {

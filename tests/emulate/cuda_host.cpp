@@ -58,7 +58,7 @@ constexpr unsigned kMaxThreads = 1024;
 // waits for it), so the next instruction's posts never overwrite what a slow lane still reads.
 struct posted {
     uint32_t words[32][8];
-    double values[32];
+    float values[32];
 };
 struct warp_state {
     unsigned arrived = 0, generation = 0, alive = 0;
@@ -179,25 +179,13 @@ void __syncthreads() {
 
 unsigned char *emu_dynamic_smem() { return running->smem.data(); }
 
-template <typename T> static T shuffle_xor(T value, int lane_mask) {
-    warp_state &w = my_warp();
-    const int lane = my_lane();
-    posted &p = w.slots[w.generation & 1];
-    p.values[lane] = (double)value;
-    warp_sync();
-    const T other = (T)p.values[lane ^ lane_mask];
-    return other;
-}
-float __shfl_xor_sync(unsigned, float value, int lane_mask) { return shuffle_xor(value, lane_mask); }
-int __shfl_xor_sync(unsigned, int value, int lane_mask) { return shuffle_xor(value, lane_mask); }
-double __shfl_xor_sync(unsigned, double value, int lane_mask) {
+float __shfl_xor_sync(unsigned, float value, int lane_mask) {
     warp_state &w = my_warp();
     const int lane = my_lane();
     posted &p = w.slots[w.generation & 1];
     p.values[lane] = value;
     warp_sync();
-    const double other = p.values[lane ^ lane_mask];
-    return other;
+    return p.values[lane ^ lane_mask];
 }
 
 bool __any_sync(unsigned, bool predicate) {
@@ -253,8 +241,7 @@ void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     warp_sync();
     auto value = [](uint32_t bits, int high) { return __uint_as_float((high ? bits >> 16 : bits & 0xffff) << 16); };
     const int g = lane / 4, t = lane % 4;
-    float result[4];
-    for (int e = 0; e < 4; e++) {
+    for (int e = 0; e < 4; e++) { // d is this lane's own: the others read only what was posted
         const int row = g + (e / 2) * 8, col = 2 * t + e % 2;
         float sum = d[e];
         for (int kk = 0; kk < 16; kk++) {
@@ -264,9 +251,8 @@ void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
             const uint32_t b_bits = p.words[col * 4 + (kk % 8) / 2][4 + kk / 8];
             sum = fmaf(value(a_bits, kk % 2), value(b_bits, kk % 2), sum);
         }
-        result[e] = sum;
+        d[e] = sum;
     }
-    for (int e = 0; e < 4; e++) d[e] = result[e];
 }
 
 // ---- launches --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import fixture_sets, read_safetensors, repo_fixtures, report, run_main, write_safetensors  # noqa: E402
+from testing import fixture_sets, mpi_env, read_safetensors, repo_fixtures, report, run_main, write_safetensors  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 REPO = repo_fixtures()
@@ -257,17 +257,6 @@ def test_mpi(tmp, student, data):
         worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith("master/"))
         print(f"  {' '.join(extra) or 'plain'}: mpirun -np 2 (batch b) vs -np 1 (batch 2b), 8 steps: max |Δ weight| {worst:.2e}")
         report(name, worst <= 1e-5, f"max difference {worst:.3g}")
-
-
-def mpi_env():
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    if os.environ.get("ESSENCE_SANITIZE"):
-        # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
-        # without frame pointers, so LeakSanitizer needs the slow unwinder (and the components kept
-        # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
-        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
-        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
-    return env
 
 
 def device_peaks(stderr):

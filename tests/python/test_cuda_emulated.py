@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testing import ROOT, report, run_main  # noqa: E402
+from testing import ROOT, mpi_env, report, run_main  # noqa: E402
 
 BUILD = os.environ.get("ESSENCE_BUILD", os.path.join(ROOT, "build"))
 BACKEND = os.path.join(BUILD, "emu", "libessence-cuda.so")
@@ -27,8 +27,8 @@ GPU_TOOLS = os.path.join(ROOT, "tests", "gpu")
 def run(program, *args, ranks=0):
     env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND}
     command = [os.path.join(BUILD, program), *args]
-    if ranks:  # under Open MPI, the ranks on one machine (as root where the test runs as root)
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    if ranks:  # under Open MPI, the ranks on this machine
+        env = mpi_env(env)
         command = [shutil.which("mpirun"), "-np", str(ranks), "-x", "ESSENCE_CUDA_BACKEND", *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 

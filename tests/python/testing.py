@@ -27,6 +27,19 @@ def run_main(main, name):
     sys.exit(1 if failures else 0)
 
 
+def mpi_env(base=None):
+    """The environment for mpirun here: ranks as root (the tests run as root) and more ranks than cores."""
+    env = dict(base if base is not None else os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    if os.environ.get("ESSENCE_SANITIZE"):
+        # make sanitize: Open MPI's libraries keep allocations for the process's life and are built
+        # without frame pointers, so LeakSanitizer needs the slow unwinder (and the components kept
+        # loaded) to see whose they are and apply tests/sanitize/lsan.supp.
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":fast_unwind_on_malloc=0"
+        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
+    return env
+
+
 # ---- fixtures -----------------------------------------------------------------------------------
 
 class FixtureSet:

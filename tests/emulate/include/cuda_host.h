@@ -90,23 +90,11 @@ inline void sincospif(float x, float *s, float *c) {
 
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
-int __shfl_xor_sync(unsigned mask, int value, int lane_mask);
-double __shfl_xor_sync(unsigned mask, double value, int lane_mask);
 bool __any_sync(unsigned mask, bool predicate);
 /* The fibers of a block take turns only at the calls above, so an atomic is a plain update. */
 inline unsigned long long atomicMin(unsigned long long *p, unsigned long long value) {
     const unsigned long long old = *p;
     if (value < old) *p = value;
-    return old;
-}
-inline float atomicAdd(float *p, float value) {
-    const float old = *p;
-    *p = old + value;
-    return old;
-}
-inline double atomicAdd(double *p, double value) {
-    const double old = *p;
-    *p = old + value;
     return old;
 }
 unsigned char *emu_dynamic_smem();
