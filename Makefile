@@ -161,7 +161,7 @@ $(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LI
 # CUDA-capable libessence (ES_HAVE_CUDA), not nvcc's compiler.
 EMU := $(BUILD)/emu
 EMU_SRC := $(patsubst kernels/cuda/%.cu,$(EMU)/src/%.cpp,$(wildcard kernels/cuda/*.cu))
-EMU_OBJ := $(EMU_SRC:.cpp=.o) $(EMU)/obj/cuda_host.o
+EMU_OBJ := $(EMU_SRC:.cpp=.o) $(patsubst tests/emulate/%.cpp,$(EMU)/obj/%.o,$(wildcard tests/emulate/*.cpp))
 EMU_CXXFLAGS := -std=c++17 -O2 -g -gno-variable-location-views -fPIC -ffp-contract=off -fno-strict-aliasing -DES_CUDA_HOST_EMULATION \
 	-Itests/emulate/include -Ikernels/cuda -Icommon -Ikernels $(WARN) -Wno-unknown-pragmas -MMD -MP
 # (x86-64 only: the fibers switch stacks with a few instructions of their own)
@@ -172,7 +172,7 @@ $(EMU)/src/%.cpp: kernels/cuda/%.cu tests/emulate/cuda_to_host.py
 	python3 tests/emulate/cuda_to_host.py $< $@
 $(EMU)/src/%.o: $(EMU)/src/%.cpp
 	g++ $(EMU_CXXFLAGS) -c $< -o $@
-$(EMU)/obj/cuda_host.o: tests/emulate/cuda_host.cpp
+$(EMU)/obj/%.o: tests/emulate/%.cpp
 	@mkdir -p $(dir $@)
 	g++ $(EMU_CXXFLAGS) -c $< -o $@
 $(EMU)/libessence-cuda.so: $(EMU_OBJ)

@@ -349,6 +349,7 @@ static int fill(align_data *d, batch_buffer *b, int eval, align_data_position *p
 
 static void *prefetch_main(void *arg) {
     align_data *d = arg;
+    es_h5_quiet_thread();
     pthread_mutex_lock(&d->lock);
     for (;;) {
         while (!d->quit && !d->request) pthread_cond_wait(&d->cond, &d->lock);

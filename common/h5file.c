@@ -36,8 +36,10 @@ hid_t es_h5_bf16_type(void) {
     return bf16_type;
 }
 
+void es_h5_quiet_thread(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
 int es_h5_init(es_error *err) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    es_h5_quiet_thread();
     if (es_h5zstd_register() < 0)
         return es_fail(err, ES_ERR_RUNTIME, "cannot register the zstd HDF5 filter (%d)", ES_H5Z_FILTER_ZSTD);
     if (es_h5_bf16_type() < 0) return es_fail(err, ES_ERR_RUNTIME, "cannot build the HDF5 bf16 type");

@@ -16,6 +16,9 @@ hid_t es_h5_bf16_type(void);
 /* Silences HDF5's own error stack printing (we report errors ourselves) and registers
  * the zstd filter. Called by every open/create below; safe to call again. */
 int es_h5_init(es_error *err);
+/* The same silence for the calling thread: a thread-safe HDF5 keeps an error stack per thread,
+ * so a thread of ours that calls HDF5 (extract's writer, align's prefetch) calls this first. */
+void es_h5_quiet_thread(void);
 
 typedef struct es_h5file {
     hid_t id;          /* the HDF5 file */

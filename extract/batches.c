@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "h5file.h"
 #include "log.h"
 #include "progress.h"
 
@@ -165,6 +166,7 @@ static int store(extract_batches *x, computed_batch *c, es_error *err) {
 
 static void *writer_main(void *arg) {
     extract_batches *x = arg;
+    es_h5_quiet_thread();
     pthread_mutex_lock(&x->lock);
     for (;;) {
         while (!x->has_pending && !x->stopping) pthread_cond_wait(&x->changed, &x->lock);

@@ -76,13 +76,17 @@ for t in "$BUILD"/tests/test_*; do
 done
 # The CUDA backend built for the host (tests/emulate/, docs/engine.md "The CUDA backend on the
 # host"): the GPU checks that fit a CPU, against build/emu/libessence-cuda.so. Built where the
-# CUDA-capable libessence is (nvcc found).
+# CUDA-capable libessence is (nvcc found). Each check runs under two of the stream orders CUDA
+# allows (tests/emulate/runtime.cpp): lazy, where work that misses a wait for another stream reads
+# stale data, and eager, where a stream that overwrites what another still reads does so first.
 if [ -n "${ESSENCE_SANITIZE:-}" ]; then
     skipped=$((skipped + 1)); skips+=("emulated-cuda: not under the sanitizers (make sanitize builds no build/emu: its fibers switch stacks by hand, which ASan cannot follow; make test runs it)")
 elif compgen -G "$BUILD/emu/test_*" >/dev/null; then
     for t in "$BUILD"/emu/test_*; do
         [ -x "$t" ] || continue
-        run_one "emulated-cuda:$(basename "$t")" timeout 900 "$t"
+        for order in lazy eager; do
+            run_one "emulated-cuda[$order]:$(basename "$t")" env ESSENCE_EMU_STREAMS=$order timeout 900 "$t"
+        done
     done
 else
     skipped=$((skipped + 1)); skips+=("emulated-cuda: no $BUILD/emu/test_* (built on x86-64 where nvcc is found, which gives libessence its CUDA loader)")

@@ -3,7 +3,8 @@
 (the CUDA backend on the host, cuda_host.h): the two things of CUDA C++ that are not C++.
 
   kernel<<<grid, block[, smem[, stream]]>>>(args);
-      -> emu_launch(grid, block, smem, stream, kernel, [&] { kernel(args); });
+      -> emu_launch(grid, block, smem, stream, kernel,
+                    [emu_args = std::make_tuple(args)] { std::apply(... kernel(emu_arg...) ..., emu_args); });
   extern __shared__ [__align__(n)] T name[];
       -> T *name = reinterpret_cast<T *>(emu_dynamic_smem());
 
@@ -96,7 +97,10 @@ def rewrite_launches(src):
         # nullptr, and the launch is held to the default dynamic shared memory limit
         address = "nullptr" if kernel in templates else kernel
         out.append(src[pos:begin])
-        out.append(f"emu_launch({', '.join(config)}, {address}, [&] {{ {kernel}({args}); }})")
+        # the arguments are taken when the launch is queued, as CUDA takes them; the kernel runs in
+        # its stream's turn
+        out.append(f"emu_launch({', '.join(config)}, {address}, [emu_args = std::make_tuple({args})] "
+                   f"{{ std::apply([](const auto &...emu_arg) {{ {kernel}(emu_arg...); }}, emu_args); }})")
         pos = close + 1
 
 

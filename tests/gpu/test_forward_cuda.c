@@ -24,16 +24,19 @@ typedef struct forward_result {
 
 typedef struct keep_layers {
     es_device *dev;
-    forward_result *result;
+    float **pinned; /* [n_layers + 1] (T, C) host, es_device_host_alloc */
     int C;
 } keep_layers;
 
+/* As essence-extract keeps its layers: each copy starts after the layer and lands while the next
+ * ones compute (no wait for the device until the forward is queued), so that the layer stream's
+ * copies and the compute overlap as they do there. */
 static int keep_layer(void *ctx, int layer, const float *hidden, int T, es_error *err) {
     keep_layers *keep = ctx;
     const size_t bytes = (size_t)T * keep->C * sizeof(float);
-    keep->result->hidden[layer] = malloc(bytes);
-    if (!keep->result->hidden[layer]) return es_fail(err, ES_ERR_RUNTIME, "out of memory");
-    return es_device_download(keep->dev, keep->result->hidden[layer], hidden, bytes, err);
+    keep->pinned[layer] = es_device_host_alloc(keep->dev, bytes);
+    if (!keep->pinned[layer]) return es_fail(err, ES_ERR_RUNTIME, "out of pinned memory");
+    return es_device_download_begin(keep->dev, keep->pinned[layer], hidden, bytes, err);
 }
 
 static void free_result(forward_result *r, int n_layers) {
@@ -68,6 +71,8 @@ static int run_forward(const es_model_store *store, size_t max_memory, const int
     rc = norm_f32 ? es_decoder_create(&decoder, dev, c, T, T, 0, err) : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     es_workspace_plan plan = {0};
     if (!rc) es_decoder_plan(decoder, &plan), rc = es_device_reserve(dev, &plan, err);
+    const size_t layer_out = (size_t)T * c->hidden_size * sizeof(float);
+    if (!rc) rc = es_device_download_reserve(dev, ((size_t)c->n_layers + 1) * layer_out, err);
     const size_t norm_bytes = (size_t)c->hidden_size * es_dtype_size(dev->weight_dtype);
     if (!rc) rc = es_device_alloc(dev, norm_bytes, &final_norm, "the final norm", err);
     if (!rc) rc = es_tensor_to_f32(store->final_norm, norm_f32, err);
@@ -76,9 +81,18 @@ static int run_forward(const es_model_store *store, size_t max_memory, const int
     if (!rc) rc = es_stream_open(&layers, dev, store, c->n_layers, err);
     const int32_t seq_start[2] = {0, T};
     const es_decoder_batch batch = {.ids = ids, .seq_start = seq_start, .n_seqs = 1};
-    keep_layers keep = {dev, out, c->hidden_size};
+    keep_layers keep = {dev, calloc((size_t)c->n_layers + 1, sizeof(float *)), c->hidden_size};
+    if (!rc) rc = keep.pinned ? ES_OK : es_fail(err, ES_ERR_RUNTIME, "out of memory");
     if (!rc) rc = es_decoder_forward(decoder, &batch, store->embed->data, store->embed->dtype, layers, c->n_layers, final_norm,
                                      keep_layer, &keep, err);
+    es_error copies_err = {0};
+    const int copies_rc = es_device_download_wait(dev, &copies_err); /* also after a failure: no copy may still land */
+    if (!rc && copies_rc) rc = copies_rc, *err = copies_err;
+    for (int l = 0; keep.pinned && l <= c->n_layers; l++) {
+        if (!rc && keep.pinned[l] && (out->hidden[l] = malloc(layer_out))) memcpy(out->hidden[l], keep.pinned[l], layer_out);
+        if (keep.pinned[l]) es_device_host_free(dev, keep.pinned[l]);
+    }
+    free(keep.pinned);
     if (!rc) rc = es_device_download(dev, out->final, es_decoder_normed(decoder), (size_t)T * c->hidden_size * sizeof(float), err);
     out->slots = layers ? es_stream_slots(layers) : -1;
     es_stream_close(layers);

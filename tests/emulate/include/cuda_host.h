@@ -7,10 +7,12 @@
  * would on a GPU). It does not check timing, the GPU's memory model or the hardware's own
  * summation orders (tests/gpu/ on a GPU does).
  *
- * Execution: everything is synchronous; a stream is a name. A launch runs the grid's blocks one
- * after another on the calling thread, each CUDA thread of a block a fiber with its own stack,
+ * Execution: a stream is a queue, run when the host waits for it, in one of the orders CUDA
+ * allows ($ESSENCE_EMU_STREAMS: runtime.cpp), so that work missing a wait for another stream, or a
+ * host touching a buffer before its copy is done, sees other data. A launch runs the grid's blocks one
+ * after another on the host thread that waits, each CUDA thread of a block a fiber with its own stack,
  * switched at __syncthreads and at warp instructions (which meet per warp: every lane posts its
- * operands, then each computes its own result). Launches from several host threads take turns, so
+ * operands, then each computes its own result). Launches take turns, so
  * a function-local `static` is a block's shared memory. Device memory is host memory, tracked so that cudaPointerGetAttributes
  * can tell it from host memory. */
 #ifndef ES_TESTS_EMULATE_CUDA_HOST_H
@@ -23,6 +25,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <tuple>
 
 /* ---- what nvcc knows --------------------------------------------------------------------------- */
 
@@ -112,6 +115,8 @@ typedef enum cudaError {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNotReady = 600,
     cudaErrorLaunchOutOfResources = 701,
 } cudaError_t;
 typedef struct emu_stream *cudaStream_t;

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Rehearses tests/gpu/run.sh here, without a GPU, before device time is spent on it: the carry made
+# as tests/gpu/prepare.sh makes it, but from the CUDA backend built for the host (build/emu/,
+# tests/emulate/) and the checks linked with it; a stand-in nvidia-smi; run.sh's sections that fit a
+# CPU (checks, programs: the benchmarks are sized for a GPU) and its summary. What fails here is
+# run.sh's plumbing or the backend's logic; what passes says nothing of a GPU's behaviour or speed.
+# Needs ../shared (as prepare.sh) and make deps' .venv (numpy for the parity scripts). Results in
+# gpu-rehearsal-out/ (checks.txt, summary.md); about 5 minutes on 2 cores.
+set -eu
+cd "$(dirname "$0")/../.."
+CARRY=gpu-rehearsal
+OUT=$PWD/gpu-rehearsal-out
+EMULATED=1 CARRY=$CARRY bash tests/gpu/prepare.sh
+rm -rf "$CARRY/libs" "$CARRY/ompi" "$OUT" && mkdir -p "$CARRY/stand-in" "$OUT"
+cat >"$CARRY/stand-in/nvidia-smi" <<'SMI'
+#!/bin/sh
+# nvidia-smi's two answers run.sh reads, for the emulated device
+case "$*" in
+*-L*) echo "GPU 0: CUDA emulated on the host (UUID: GPU-emulated)" ;;
+*) echo "CUDA emulated on the host, none, 0 MiB" ;;
+esac
+SMI
+chmod +x "$CARRY/stand-in/nvidia-smi"
+PATH=$PWD/$CARRY/stand-in:$PWD/.venv/bin:$PATH OUT=$OUT CARRY=$CARRY SECTIONS="checks programs" BUDGET=3600 \
+    bash tests/gpu/run.sh
