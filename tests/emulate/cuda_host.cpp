@@ -71,6 +71,7 @@ struct block_state {
     std::vector<unsigned char> done;  // each fiber's
     std::vector<const unsigned *> wait_on; // each fiber's barrier generation it waits to change, or null
     std::vector<unsigned> wait_generation;
+    std::vector<uint3> thread_index;  // each fiber's threadIdx, worked out once a launch
     std::vector<warp_state> warps;
     unsigned current = 0, alive = 0, arrived = 0, generation = 0;
     const std::function<void()> *body = nullptr;
@@ -81,7 +82,6 @@ std::mutex launch_lock;             // one launch at a time, whichever host thre
 block_state *running;               // the block being run
 std::vector<char *> stack_pool;     // kMaxThreads stacks, made on first use
 
-void set_thread_index(unsigned i) { threadIdx = {i % blockDim.x, i / blockDim.x % blockDim.y, i / (blockDim.x * blockDim.y)}; }
 
 // Passes the core to the next fiber after the current one that can run (not done, its barrier, if
 // any, met), straight from stack to stack; back to the launch once every fiber is done. A block
@@ -90,8 +90,8 @@ void run_next() {
     block_state *b = running;
     const unsigned me = b->current, n = (unsigned)b->sp.size();
     void *unused;
-    for (unsigned step = 1; step <= n; step++) {
-        const unsigned i = (me + step) % n;
+    for (unsigned step = 1, i = me; step <= n; step++) {
+        if (++i == n) i = 0; // (no division: this runs at every switch)
         if (b->done[i]) continue;
         if (b->wait_on[i]) {
             if (*b->wait_on[i] == b->wait_generation[i]) continue;
@@ -99,7 +99,7 @@ void run_next() {
         }
         if (i == me) return;
         b->current = i;
-        set_thread_index(i);
+        threadIdx = b->thread_index[i];
         emu_switch(b->done[me] ? &unused : &b->sp[me], b->sp[i]);
         return; // resumed by another fiber, which made this one current
     }
@@ -131,9 +131,13 @@ extern "C" [[noreturn]] void emu_fiber_main() {
     abort(); // never resumed
 }
 
-// A stack whose first emu_switch "returns" into emu_fiber_main with the ABI's alignment.
-void *new_stack(char *base) {
-    uintptr_t top = ((uintptr_t)base + kStackBytes) & ~(uintptr_t)15;
+// A stack whose first emu_switch "returns" into emu_fiber_main with the ABI's alignment. The
+// stacks are kStackBytes apart, so their tops would share the caches' sets and every switch
+// would miss: fiber i starts i kilobytes (and a line) lower, modulo kStackStagger.
+constexpr size_t kStackStagger = 64 * 1024;
+void *new_stack(char *base, unsigned fiber) {
+    const size_t stagger = (size_t)fiber * (1024 + 64) % kStackStagger;
+    uintptr_t top = ((uintptr_t)base + kStackBytes - stagger) & ~(uintptr_t)15;
     void **slot = (void **)(top - 16); // 16-byte aligned: after `ret` the stack is as after a call
     slot[0] = (void *)&emu_fiber_main;
     slot[1] = nullptr;
@@ -271,6 +275,8 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
     b.done.resize(threads);
     b.wait_on.resize(threads);
     b.wait_generation.resize(threads);
+    b.thread_index.resize(threads);
+    for (unsigned i = 0; i < threads; i++) b.thread_index[i] = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
     b.warps.resize((threads + 31) / 32);
     b.smem.resize(smem_bytes + 16);
     blockDim = block, gridDim = grid;
@@ -281,12 +287,12 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
                 blockIdx = {x, y, z};
                 // shared memory starts as garbage (NaN as floats), as a GPU's does not start as zeros
                 memset(b.smem.data(), 0xff, b.smem.size());
-                for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i]), b.done[i] = 0, b.wait_on[i] = nullptr;
+                for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i], i), b.done[i] = 0, b.wait_on[i] = nullptr;
                 for (size_t w = 0; w < b.warps.size(); w++)
                     b.warps[w] = warp_state(), b.warps[w].alive = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
                 b.alive = (unsigned)threads, b.arrived = 0, b.generation = 0;
                 b.current = 0;
-                set_thread_index(0);
+                threadIdx = b.thread_index[0];
                 emu_switch(&b.scheduler_sp, b.sp[0]); // back when every fiber is done
             }
     running = nullptr;

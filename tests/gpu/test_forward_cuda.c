@@ -1,9 +1,9 @@
 /* GPU check (tests/gpu/run.sh): golden parity of the decoder on the CUDA device. For tiny-llama3
  * and tiny-qwen2, every golden tensor (embedding output, each layer, final norm) of every golden
  * sequence within max |ours - golden| / max |golden| <= 2e-2 (bf16 weights and bf16 tensor-core
- * inputs against Hugging Face's fp32 goldens: docs/engine.md "CUDA"), with the layers resident,
- * streamed through two slots and through one: the same bits all three ways. Prints one SKIP when
- * no CUDA device opens. */
+ * inputs against Hugging Face's fp32 goldens: docs/engine.md "CUDA"), with the layers resident;
+ * and for the first sequence streamed through two slots and through one as well: the same bits
+ * all three ways. Prints one SKIP when no CUDA device opens. */
 #include <math.h>
 
 #include "../testlib.h"
@@ -132,14 +132,21 @@ static void check_model(const char *tl_name, const char *name) {
         REQUIRE(ids_f);
         int32_t *ids = malloc(T * sizeof *ids);
         for (size_t t = 0; t < T; t++) ids[t] = (int32_t)ids_f[t];
-        forward_result resident, two_slots, one_slot;
+        forward_result resident;
         CHECKF(run_forward(&store, 0, ids, (int)T, &resident, &err) == ES_OK, "%s", err.msg);
-        CHECKF(run_forward(&store, resident.used + 2 * one_layer + one_layer / 2, ids, (int)T, &two_slots, &err) == ES_OK, "%s", err.msg);
-        CHECKF(run_forward(&store, resident.used + one_layer + one_layer / 2, ids, (int)T, &one_slot, &err) == ES_OK, "%s", err.msg);
-        CHECKF(resident.slots == 0 && two_slots.slots == 2 && one_slot.slots == 1, "slots %d %d %d", resident.slots, two_slots.slots,
-               one_slot.slots);
-        CHECKF(same_result(&resident, &two_slots, L, T * C) && same_result(&resident, &one_slot, L, T * C),
-               "%s %s: streamed layers give other bits than resident ones", name, seq);
+        /* Streamed layers: on the first sequence only, since how layers travel does not depend on
+         * the tokens (and the emulated backend takes seconds a forward). */
+        if (s == 0) {
+            forward_result two_slots, one_slot;
+            CHECKF(run_forward(&store, resident.used + 2 * one_layer + one_layer / 2, ids, (int)T, &two_slots, &err) == ES_OK, "%s",
+                   err.msg);
+            CHECKF(run_forward(&store, resident.used + one_layer + one_layer / 2, ids, (int)T, &one_slot, &err) == ES_OK, "%s", err.msg);
+            CHECKF(resident.slots == 0 && two_slots.slots == 2 && one_slot.slots == 1, "slots %d %d %d", resident.slots, two_slots.slots,
+                   one_slot.slots);
+            CHECKF(same_result(&resident, &two_slots, L, T * C) && same_result(&resident, &one_slot, L, T * C),
+                   "%s %s: streamed layers give other bits than resident ones", name, seq);
+            free_result(&two_slots, L), free_result(&one_slot, L);
+        }
         double worst = 0;
         char worst_name[64] = "";
         for (int l = 0; l <= L + 1; l++) {
@@ -157,7 +164,7 @@ static void check_model(const char *tl_name, const char *name) {
         }
         CHECKF(worst <= TOLERANCE, "%s: worst %s relative error %.3g (tolerance %g)", name, worst_name, worst, TOLERANCE);
         printf("  %s %s (T=%zu): worst relative error %.2e (%s)\n", name, seq, T, worst, worst_name);
-        free_result(&resident, L), free_result(&two_slots, L), free_result(&one_slot, L);
+        free_result(&resident, L);
         free(ids_f), free(ids);
     }
     es_safetensors_close(goldens);
