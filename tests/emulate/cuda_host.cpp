@@ -82,7 +82,6 @@ std::mutex launch_lock;             // one launch at a time, whichever host thre
 block_state *running;               // the block being run
 std::vector<char *> stack_pool;     // kMaxThreads stacks, made on first use
 
-
 // Passes the core to the next fiber after the current one that can run (not done, its barrier, if
 // any, met), straight from stack to stack; back to the launch once every fiber is done. A block
 // whose live fibers all wait at barriers that nothing can meet any more is a bug in the kernel.
