@@ -277,20 +277,22 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
         }
 }
 
-// The oracle: one block per (token, query head), warp w taking keys w, w + 4, ... of the token's
-// causal range. Pass 1 finds the row's max and sum of exp (each warp online, then combined);
-// pass 2 recomputes each score, identically, and accumulates exp(s − max) · v per warp. Any hd.
-constexpr int kPlainWarps = 4;
+// The oracle: one block per (token, query head), thread i taking keys first + i, first + i + 128,
+// ... of the token's causal range, each score one thread's loop over hd (no warp instructions: a
+// butterfly per key was the kernel's whole cost, and more so on the host's emulated warps). Pass 1
+// finds each thread's max and sum of exp, online, then combines them in thread order; pass 2 takes
+// 128 keys at a time, each thread recomputing its key's score (identically) into exp(s − max) in
+// shared memory, then each thread adding p · v over the tile, in key order, to the dimensions it
+// owns (d, d + 128, ...). Any hd.
+constexpr int kPlainThreads = 128;
 
-__device__ __forceinline__ float plain_score(const float *q_row, const float *k_row, int hd, int lane, float scale) {
+__device__ __forceinline__ float plain_score(const float *q_row, const float *k_row, int hd, float scale) {
     float dot = 0.f; // q_row (hd) in shared memory, k_row (hd) in global memory
-    for (int d = lane; d < hd; d += 32) dot = fmaf(q_row[d], k_row[d], dot);
-    // the butterfly leaves the same bits in every lane: the sum is warp-uniform
-    for (int m = 16; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+    for (int d = 0; d < hd; d++) dot = fmaf(q_row[d], k_row[d], dot);
     return dot * scale;
 }
 
-__global__ void __launch_bounds__(kPlainWarps * 32)
+__global__ void __launch_bounds__(kPlainThreads)
     plain_forward_kernel(float *__restrict__ out,               // (T, H, hd)
                          const float *__restrict__ q,           // (T, H, hd)
                          const float *__restrict__ k,           // (T, KV, hd)
@@ -298,10 +300,11 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
                          const int32_t *__restrict__ seq_start, // (n_seqs + 1)
                          int n_seqs, int H, int KV, int hd, float scale) {
     float *q_row = reinterpret_cast<float *>(dynamic_smem()); // (hd)
-    float *acc = q_row + hd;                                  // (kPlainWarps, hd): each warp's P V
-    __shared__ float warp_max[kPlainWarps];
-    __shared__ double warp_sum[kPlainWarps];
-    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    float *acc = q_row + hd;                                  // (hd): P V, dimension d kept by thread d % 128
+    __shared__ float p_tile[kPlainThreads];                   // exp(s − max) of the tile's keys
+    __shared__ float thread_max[kPlainThreads];
+    __shared__ double thread_sum[kPlainThreads];
+    const int tid = (int)threadIdx.x;
     const int t_first = seq_start[0];
     const long long items = (long long)(seq_start[n_seqs] - t_first) * H; // the host saw that it fits in 2^31
 
@@ -312,14 +315,13 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
         const float *k_head = k + (size_t)kvh * hd; // row j at k_head + j * KV * hd
         const float *v_head = v + (size_t)kvh * hd;
         const size_t kv_stride = (size_t)KV * hd;
-        for (int d = (int)threadIdx.x; d < hd; d += blockDim.x) q_row[d] = q[((size_t)t * H + h) * hd + d];
-        for (int d = lane; d < hd; d += 32) acc[warp * hd + d] = 0.f;
+        for (int d = tid; d < hd; d += kPlainThreads) q_row[d] = q[((size_t)t * H + h) * hd + d], acc[d] = 0.f;
         __syncthreads();
 
         float m = -INFINITY;
         double l = 0.0;
-        for (int j = first + warp; j <= t; j += kPlainWarps) {
-            const float score = plain_score(q_row, k_head + j * kv_stride, hd, lane, scale);
+        for (int j = first + tid; j <= t; j += kPlainThreads) {
+            const float score = plain_score(q_row, k_head + j * kv_stride, hd, scale);
             if (score > m) {
                 l = l * (double)expf(m - score) + 1.0;
                 m = score;
@@ -327,32 +329,34 @@ __global__ void __launch_bounds__(kPlainWarps * 32)
                 l += (double)expf(score - m);
             }
         }
-        if (lane == 0) warp_max[warp] = m, warp_sum[warp] = l;
+        thread_max[tid] = m, thread_sum[tid] = l;
         __syncthreads();
-        float row_max = warp_max[0]; // warp 0 always has key `first`: finite
-        for (int w = 1; w < kPlainWarps; w++) row_max = fmaxf(row_max, warp_max[w]);
+        const int holders = t - first + 1 < kPlainThreads ? t - first + 1 : kPlainThreads; // the threads with keys
+        float row_max = thread_max[0]; // thread 0 always has key `first`: finite
+        for (int i = 1; i < holders; i++) row_max = fmaxf(row_max, thread_max[i]);
         double total = 0.0;
-        for (int w = 0; w < kPlainWarps; w++) total += warp_sum[w] * (double)expf(warp_max[w] - row_max);
+        for (int i = 0; i < holders; i++) total += thread_sum[i] * (double)expf(thread_max[i] - row_max);
 
-        for (int j = first + warp; j <= t; j += kPlainWarps) {
-            const float p = expf(plain_score(q_row, k_head + j * kv_stride, hd, lane, scale) - row_max);
-            const float *v_row = v_head + j * kv_stride;
-            for (int d = lane; d < hd; d += 32) acc[warp * hd + d] = fmaf(p, v_row[d], acc[warp * hd + d]);
+        for (int tile = first; tile <= t; tile += kPlainThreads) {
+            const int j = tile + tid, keys = t - tile + 1 < kPlainThreads ? t - tile + 1 : kPlainThreads;
+            if (tid < keys) p_tile[tid] = expf(plain_score(q_row, k_head + j * kv_stride, hd, scale) - row_max);
+            __syncthreads();
+            for (int d = tid; d < hd; d += kPlainThreads) {
+                float sum = acc[d];
+                for (int i = 0; i < keys; i++) sum = fmaf(p_tile[i], v_head[(size_t)(tile + i) * kv_stride + d], sum);
+                acc[d] = sum;
+            }
+            __syncthreads(); // p_tile is the next tile's
         }
-        __syncthreads();
         const float inverse = 1.f / (float)total;
-        for (int d = (int)threadIdx.x; d < hd; d += blockDim.x) {
-            float sum = 0.f;
-            for (int w = 0; w < kPlainWarps; w++) sum += acc[w * hd + d];
-            out[((size_t)t * H + h) * hd + d] = sum * inverse;
-        }
-        __syncthreads(); // q_row, acc and the warp totals are the next item's
+        for (int d = tid; d < hd; d += kPlainThreads) out[((size_t)t * H + h) * hd + d] = acc[d] * inverse;
+        __syncthreads(); // q_row, acc and the thread totals are the next item's
     }
 }
 
 // ==== host =======================================================================================
 
-size_t plain_smem_bytes(int hd) { return (size_t)(1 + kPlainWarps) * hd * sizeof(float); }
+size_t plain_smem_bytes(int hd) { return (size_t)2 * hd * sizeof(float); }
 
 // One launch of flash_forward_kernel over `tiles` query tiles whose table is in tile_start.
 template <int D, bool kStats>
@@ -403,7 +407,7 @@ int cuda_attention_forward_plain(es_device *dev, float *out, const float *q, con
     rc = allow_smem(dev, op, plain_forward_kernel, smem);
     if (rc) return rc;
     const unsigned blocks = (unsigned)(items < (1 << 30) ? items : (1 << 30));
-    plain_forward_kernel<<<blocks, kPlainWarps * 32, smem, cuda_stream(dev)>>>(out, q, k, v, seq_start, n_seqs, H, KV, hd,
+    plain_forward_kernel<<<blocks, kPlainThreads, smem, cuda_stream(dev)>>>(out, q, k, v, seq_start, n_seqs, H, KV, hd,
                                                                              1.0f / sqrtf((float)hd));
     CUDA_LAUNCHED(dev, op);
     return ES_OK;
