@@ -7,7 +7,8 @@
 # Tests run TEST_JOBS at a time (default: the cores, at most 4), each reported whole, in the
 # order listed, once it ends. Most of a test's time is spent starting programs and in Python,
 # on one core; the few whose checks depend on how long a run takes (kills at moments spread over
-# a measured run) run alone, marked --alone below.
+# a measured run) run alone, marked --alone below, before the others; then the long ones
+# (--long) start first, so that none of them is left running by itself at the end.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,12 +42,12 @@ skip() { # label: why (a test family that cannot run here)
     skipped=$((skipped + 1)); skips+=("$1")
 }
 
-labels=() commands=() alone=()
-add() { # [--alone] label command...
-    local solo=0
-    if [ "$1" = --alone ]; then solo=1; shift; fi
+labels=() commands=() alone=() long=()
+add() { # [--alone | --long] label command...
+    local solo=0 lengthy=0
+    case $1 in --alone) solo=1; shift ;; --long) lengthy=1; shift ;; esac
     labels+=("$1"); shift
-    commands+=("$(printf '%q ' "$@")"); alone+=("$solo")
+    commands+=("$(printf '%q ' "$@")"); alone+=("$solo"); long+=("$lengthy")
 }
 
 start() { # index
@@ -94,23 +95,28 @@ report() { # index: counts and prints a finished test
 run_all() {
     local n=${#labels[@]} next=0 shown=0 running=0 solo_running=0 i
     local state=()  # "" queued, r running, d done
+    local order=()  # the indices in the order they start: alone, long, the rest
+    for ((i = 0; i < n; i++)); do [ "${alone[$i]}" = 1 ] && order+=("$i"); done
+    for ((i = 0; i < n; i++)); do [ "${long[$i]}" = 1 ] && order+=("$i"); done
+    for ((i = 0; i < n; i++)); do [ "${alone[$i]}${long[$i]}" = 00 ] && order+=("$i"); done
     while [ "$shown" -lt "$n" ]; do
         while [ "$next" -lt "$n" ] && [ "$solo_running" -eq 0 ]; do
-            if [ "${alone[$next]}" = 1 ]; then
+            i=${order[$next]}
+            if [ "${alone[$i]}" = 1 ]; then
                 [ "$running" -eq 0 ] || break
                 solo_running=1
             elif [ "$running" -ge "$TEST_JOBS" ]; then
                 break
             fi
-            start "$next"; state[$next]=r; running=$((running + 1)); next=$((next + 1))
+            start "$i"; state[$i]=r; running=$((running + 1)); next=$((next + 1))
         done
-        for ((i = shown; i < next; i++)); do
-            if [ "${state[$i]}" = r ] && [ -e "$results/$i/rc" ]; then
+        for ((i = 0; i < n; i++)); do
+            if [ "${state[$i]:-}" = r ] && [ -e "$results/$i/rc" ]; then
                 state[$i]=d; running=$((running - 1))
                 [ "${alone[$i]}" = 1 ] && solo_running=0
             fi
         done
-        while [ "$shown" -lt "$next" ] && [ "${state[$shown]}" = d ]; do
+        while [ "$shown" -lt "$n" ] && [ "${state[$shown]:-}" = d ]; do
             report "$shown"; shown=$((shown + 1))
         done
         [ "$shown" -lt "$n" ] && sleep 0.1
@@ -153,12 +159,14 @@ fi
 # otherwise it prints SKIP).
 for t in tests/slurm/test_*.sh; do
     [ -f "$t" ] || continue
-    add "$(basename "$t")" timeout 600 bash "$t"
+    add --long "$(basename "$t")" timeout 600 bash "$t"
 done
 # Alone: kills at moments spread over a run timed just before (test_extract's resume, the fault
 # matrix, essence-run's interrupted stages): another test's load between the timing and the kills
 # would move them.
 timed_tests=" test_extract.py test_faults_kill.py test_run.py "
+# Long (a minute or more on 2 cores): started first.
+long_tests=" test_align.py test_cuda_emulated.py test_h5_read.py test_threads.py "
 for t in tests/python/test_*.py; do
     [ -f "$t" ] || continue
     name=$(basename "$t")
@@ -166,6 +174,8 @@ for t in tests/python/test_*.py; do
         skip "$name: no Python venv at $ESSENCE_PYTHON (run make deps)"
     elif [[ $timed_tests == *" $name "* ]]; then
         add --alone "$name" timeout 600 "$ESSENCE_PYTHON" "$t"
+    elif [[ $long_tests == *" $name "* ]]; then
+        add --long "$name" timeout 600 "$ESSENCE_PYTHON" "$t"
     else
         add "$name" timeout 600 "$ESSENCE_PYTHON" "$t"
     fi

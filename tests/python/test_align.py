@@ -159,8 +159,12 @@ def test_end_to_end(tmp):
     about 50 times (with 8192 the drop was 62.5% for 61.6% here, in four times the time)."""
     student, data = make_pipeline_data(tmp)
     out = os.path.join(tmp, "e2e")
+    # Under the sanitizers the steps after the first few run the same code again, slower: 50 steps
+    # there (the output and metrics checks hold; what is learnt in 500 steps is make test's check).
+    sanitized = bool(os.environ.get("ESSENCE_SANITIZE"))
+    steps = ["--steps", "50", "--eval-every", "25"] if sanitized else []
     started = time.time()
-    result = run([program("essence-align"), "--model", student, "--data", data, "--out", out, "--batch-tokens", "2048"])
+    result = run([program("essence-align"), "--model", student, "--data", data, "--out", out, "--batch-tokens", "2048", *steps])
     seconds = time.time() - started
     if result.returncode != 0:
         report("end_to_end_lowers_eval_latent_mse", False, result.stderr[-2000:])
@@ -178,14 +182,18 @@ def test_end_to_end(tmp):
     png_ok = os.path.exists(png) and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     hf_ok = all(os.path.exists(os.path.join(out, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
     # the time is printed, not tested: speed is the benchmarks' business (a loaded machine is slower)
-    report("end_to_end_lowers_eval_latent_mse", drop >= 0.30,
-           f"drop {100 * drop:.1f}% in {seconds:.0f} s (first eval {first['eval_latent_mse']:.4f})")
+    if sanitized:
+        print("SKIP end_to_end_lowers_eval_latent_mse: under the sanitizers 50 steps, not the default 500 (make test runs it)")
+    else:
+        report("end_to_end_lowers_eval_latent_mse", drop >= 0.30,
+               f"drop {100 * drop:.1f}% in {seconds:.0f} s (first eval {first['eval_latent_mse']:.4f})")
     report("end_to_end_writes_loss_png_and_hf_folder", png_ok and hf_ok, f"png {png_ok}, HF files {hf_ok}")
     keys_ok = all(set(l) >= {"step", "loss", "latent_mse", "ce", "lr", "grad_norm", "tokens_per_s"} for l in train) and \
         all(set(l) >= {"eval_latent_mse", "eval_cosine", "eval_ce", "eval_const_mse", "eval_r2"} for l in evals)
     default_steps = int(next(l.split(":")[1] for l in must([program("essence-align"), "--print-config"]).stdout.splitlines()
                              if l.startswith("steps:")))
-    report("metrics_lines_complete", keys_ok and len(train) == default_steps, f"{len(train)} train lines, {default_steps} steps")
+    want_steps = 50 if sanitized else default_steps
+    report("metrics_lines_complete", keys_ok and len(train) == want_steps, f"{len(train)} train lines, {want_steps} steps")
     return student, data
 
 

@@ -2,11 +2,13 @@
 essence-project's targets and essence-align's weights and optimizer state after 20 steps are
 byte-identical for --threads 1, 2 and 3, with the OpenBLAS kernels this machine runs and with
 the other kernel families its CPU can run (OPENBLAS_CORETYPE), since OpenBLAS picks others on
-other CPUs. Models: a teacher of the real student's shape cut to width 360 and 2 layers (random
-weights from essence-inspect mkmodel: products large enough that OpenBLAS's threads would cut
-them, an inner dimension over 320 and not a multiple of 32) with the in-repo tiny Llama's
-tokenizer, and the in-repo tiny student (tests/fixtures); texts: the demo's corpus generator."""
+other CPUs. Models: a teacher of the real student's shape cut to width 360, MLP width 1000 and 2
+layers (random weights from essence-inspect mkmodel: products large enough that OpenBLAS's threads
+would cut them, inner dimensions over 320 and not multiples of 32; the real MLP width, 8960, only
+made the generic kernels' run a minute long) with the in-repo tiny Llama's tokenizer, and the
+in-repo tiny student (tests/fixtures); texts: the demo's corpus generator."""
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -75,8 +77,13 @@ def main():
     tmp = tempfile.mkdtemp()
     fixtures = repo_fixtures()
     teacher, student = os.path.join(tmp, "teacher-360"), fixtures.student
-    run("essence-inspect", "mkmodel", "--like", os.path.join(ROOT, "tests", "bench", "configs", "deepseek-r1-distill-qwen-1.5b.json"),
-        "--hidden", "360", "--layers", "2", "--seed", "5", "--out", teacher)
+    with open(os.path.join(ROOT, "tests", "bench", "configs", "deepseek-r1-distill-qwen-1.5b.json")) as f:
+        shape = json.load(f)
+    shape["intermediate_size"] = 1000
+    like = os.path.join(tmp, "teacher-360.json")
+    with open(like, "w") as f:
+        json.dump(shape, f)
+    run("essence-inspect", "mkmodel", "--like", like, "--hidden", "360", "--layers", "2", "--seed", "5", "--out", teacher)
     shutil.copy(fixtures.teacher_tokenizer, os.path.join(teacher, "tokenizer.json"))
     data = os.path.join(tmp, "texts.jsonl")
     subprocess.run([sys.executable, os.path.join(DEMO, "gen_corpus.py"), "--count", "40", "--seed", "3", "--out", data], check=True)
