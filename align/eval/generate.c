@@ -63,7 +63,9 @@ int eval_model_open(eval_model *m, es_device *dev, const char *dir, int slots, i
     if (rc) return rc;
     const es_model_config *c = &m->store.config;
     const int C = c->hidden_size, V = c->vocab_size;
-    m->logit_rows = capacity < 64 ? capacity : 64;
+    /* a text's rows through the head at a time: 256, the CPU's block of rows in every product
+     * (kernels/cpu/ops.c), since fewer cost as much there; 155 MB of logits for a 151,936-token head */
+    m->logit_rows = capacity < 256 ? capacity : 256;
     if (m->logit_rows < slots) m->logit_rows = slots;
     const size_t wide = es_dtype_size(dev->weight_dtype);
     rc = read_stop_ids(m, dir, err);

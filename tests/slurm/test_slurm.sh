@@ -51,7 +51,7 @@ tar -C pipelines --exclude=demo/work -cf - demo.yaml demo | tar -C "$base" -xf -
 BUILD=$BUILD sh "$base/demo/prepare.sh" >"$work/prepare.log" 2>&1 || {
     fail slurm_setup "prepare.sh failed: $(tail -n 5 "$work/prepare.log" | tr '\n' ' ')"; exit 1; }
 cp -al "$base" "$work/local" && cp -al "$base" "$work/onslurm" || exit 1
-sets=(--set align.steps=12 --set align.eval_every=6 --set align.save_every=12 --set eval.max_new_tokens=4 --set eval.batch=32)
+sets=(--set align.steps=6 --set align.eval_every=6 --set align.save_every=6 --set eval.max_new_tokens=4 --set eval.batch=32)
 local_pipe=$work/local/demo.yaml pipe=$work/onslurm/demo.yaml
 
 "$RUN" "$local_pipe" run "${sets[@]}" >"$work/local.log" 2>&1 || {
