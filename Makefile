@@ -43,7 +43,10 @@ CUDA_ARCHS := -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_100a,c
               -gencode arch=compute_120,code=sm_120
 ifneq ($(NVCC),)
 CU_SRC := $(wildcard kernels/cuda/*.cu)
-CU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(CU_SRC))
+# nvcc's objects do not depend on CFLAGS: the sanitizer build links the plain build's
+# (CUDA_OBJ_BUILD), which `make sanitize` brings up to date first.
+CUDA_OBJ_BUILD ?= $(BUILD)
+CU_OBJ := $(patsubst %.cu,$(CUDA_OBJ_BUILD)/obj/%.o,$(CU_SRC))
 CUDA_PLUGIN := $(BUILD)/libessence-cuda.so
 ALL_CFLAGS += -DES_HAVE_CUDA -I$(CUDA_HOME)/include
 LIB_LINK = -Wl,--whole-archive $(LIB) -Wl,--no-whole-archive -rdynamic -ldl
@@ -97,7 +100,7 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
-$(BUILD)/obj/%.o: %.cu
+$(CUDA_OBJ_BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) -O2 -std=c++17 $(CUDA_ARCHS) -MMD -MP -Icommon -Ikernels -Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror -c $< -o $@
 
@@ -260,8 +263,8 @@ fuzz: deps
 SANITIZE_BUILD ?= build-sanitize
 SANITIZE_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 sanitize: deps
-	@$(MAKE) --no-print-directory BUILD=$(SANITIZE_BUILD) CFLAGS='$(SANITIZE_CFLAGS)' PLUGIN_CFLAGS='-O2 -g' EMU_TESTS= all
 	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory BUILD=$(SANITIZE_BUILD) CUDA_OBJ_BUILD=$(BUILD) CFLAGS='$(SANITIZE_CFLAGS)' PLUGIN_CFLAGS='-O2 -g' EMU_TESTS= all
 	@BUILD=$(SANITIZE_BUILD) VENV=$(VENV) ESSENCE_SANITIZE=1 \
 	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=86 \
