@@ -162,7 +162,8 @@ def test_end_to_end(tmp):
     # Under the sanitizers the steps after the first few run the same code again, slower: 50 steps
     # there (the output and metrics checks hold; what is learnt in 500 steps is make test's check).
     sanitized = bool(os.environ.get("ESSENCE_SANITIZE"))
-    steps = ["--steps", "50", "--eval-every", "25"] if sanitized else []
+    sanitized_steps = 50
+    steps = ["--steps", str(sanitized_steps), "--eval-every", str(sanitized_steps // 2)] if sanitized else []
     started = time.time()
     result = run([program("essence-align"), "--model", student, "--data", data, "--out", out, "--batch-tokens", "2048", *steps])
     seconds = time.time() - started
@@ -183,7 +184,8 @@ def test_end_to_end(tmp):
     hf_ok = all(os.path.exists(os.path.join(out, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
     # the time is printed, not tested: speed is the benchmarks' business (a loaded machine is slower)
     if sanitized:
-        print("SKIP end_to_end_lowers_eval_latent_mse: under the sanitizers 50 steps, not the default 500 (make test runs it)")
+        print(f"SKIP end_to_end_lowers_eval_latent_mse: under the sanitizers {sanitized_steps} steps, not the default 500 "
+              "(make test runs it)")
     else:
         report("end_to_end_lowers_eval_latent_mse", drop >= 0.30,
                f"drop {100 * drop:.1f}% in {seconds:.0f} s (first eval {first['eval_latent_mse']:.4f})")
@@ -192,7 +194,7 @@ def test_end_to_end(tmp):
         all(set(l) >= {"eval_latent_mse", "eval_cosine", "eval_ce", "eval_const_mse", "eval_r2"} for l in evals)
     default_steps = int(next(l.split(":")[1] for l in must([program("essence-align"), "--print-config"]).stdout.splitlines()
                              if l.startswith("steps:")))
-    want_steps = 50 if sanitized else default_steps
+    want_steps = sanitized_steps if sanitized else default_steps
     report("metrics_lines_complete", keys_ok and len(train) == want_steps, f"{len(train)} train lines, {want_steps} steps")
     return student, data
 
