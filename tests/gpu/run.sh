@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU script: run on the GPU machine from the project root, in one go, after
-# tests/gpu/prepare.sh filled gpu-carry/ here (carry = [gpu-carry]). Results go to $OUT (or gpu-out/):
-# checks.txt, the benchmarks' JSON, the baselines' perf.json / offload.json, summary.md.
+# tests/gpu/prepare.sh filled gpu-carry/ here (carry = [gpu-carry]). Results go to $OUT (or gpu-out/)
+# as three files, since the device hands back at most 8 from $OUT: checks.txt (every PASS/FAIL/SKIP
+# line and the parts' times, written as they come), summary.md (the table, at the end) and
+# results.tar.xz (the benchmarks' JSON, the baselines' perf.json / offload.json, every log and the
+# checks' whole output; packed again as each part starts, so a run cut short still hands back what it
+# had). The runs' own files (HDF5, checkpoints, models of several GB) stay in $WORK (gpu-work/).
 #   1. the per-op harness: every CUDA op against the CPU and the double reference (test_ops),
 #      the bf16 conversions (test_convert), golden parity of the tiny models with resident and
 #      streamed layers (test_forward_cuda);
@@ -21,9 +25,11 @@
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
+WORK=${WORK:-gpu-work}
+RAW=$WORK/raw # what results.tar.xz holds
 CARRY=${CARRY:-gpu-carry}
 BIN=$CARRY/bin
-mkdir -p "$OUT"
+rm -rf "$WORK" "$OUT/checks.txt" "$OUT/summary.md" "$OUT/results.tar.xz" && mkdir -p "$OUT" "$RAW"
 START=$(date +%s)
 SECTIONS=${SECTIONS:-checks programs baselines bench e2e}
 BUDGET=${BUDGET:-540}
@@ -32,7 +38,10 @@ in_time() { # name: whether there is time left to start it (else a SKIP line)
     if [ $(( $(date +%s) - START )) -lt "$BUDGET" ]; then return 0; fi
     echo "SKIP $1: the run's budget of $BUDGET s is spent" | tee -a "$OUT/checks.txt"; return 1
 }
-stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/checks.txt"; }
+pack() { # results.tar.xz from $RAW as it is now (replaced whole, so never half-written)
+    tar -C "$WORK" -cJf "$OUT/results.tar.xz.part" raw && mv "$OUT/results.tar.xz.part" "$OUT/results.tar.xz"
+}
+stamp() { pack; echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/checks.txt"; }
 if [ ! -x "$BIN/essence-extract" ]; then
     echo "FAIL run.sh: no $BIN/essence-extract (run tests/gpu/prepare.sh on the build machine first)" | tee -a "$OUT/checks.txt"
     exit 1
@@ -41,18 +50,18 @@ if [ -f "$CARRY/libs.tar.xz" ] && [ ! -d "$CARRY/libs" ]; then tar xJf "$CARRY/l
 if [ -f "$CARRY/ompi.tar.xz" ] && [ ! -d "$CARRY/ompi" ]; then tar xJf "$CARRY/ompi.tar.xz" -C "$CARRY"; fi
 # the checks linked with libessence-cuda.so find it beside them (their rpath is the build tree's)
 export LD_LIBRARY_PATH=$PWD/$CARRY/libs:$PWD/$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-date -u +%Y-%m-%d >>"$OUT/device.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RAW/device.txt"
+date -u +%Y-%m-%d >>"$RAW/device.txt"
 
 offload=
 if wanted baselines; then
-    timeout $(( BUDGET - 120 > 60 ? BUDGET - 120 : 60 )) python3 "$CARRY/gpu_offload_baselines.py" "$OUT" >"$OUT/offload.log" 2>&1 &
+    timeout $(( BUDGET - 120 > 60 ? BUDGET - 120 : 60 )) python3 "$CARRY/gpu_offload_baselines.py" "$RAW" >"$RAW/offload.log" 2>&1 &
     offload=$!
 fi
 
 # The end-to-end run's checkpoint (2 layers of the 70B shape, a 1024-token vocabulary, ~3.4 GB of
 # random weights) is written in the background meanwhile: it is host work.
-W=$OUT/work && rm -rf "$W" && mkdir -p "$W/e2e"
+W=$WORK/work && mkdir -p "$W/e2e"
 python3 - "$CARRY/llama70b/config.json" "$W/e2e" <<'EOF'
 import json, os, random, sys
 config = json.load(open(sys.argv[1])); config["vocab_size"] = 1024
@@ -93,8 +102,10 @@ wanted checks && for t in "$BIN"/test_*; do
     [ -x "$t" ] || continue
     stamp "$(basename "$t")"
     out=$(ESSENCE_FIXTURES=tests/fixtures timeout 300 "$t" 2>&1); rc=$?
-    echo "$out" >>"$OUT/checks.txt"
-    grep -E '^(PASS|FAIL|SKIP)|worst' <<<"$out" | head -80
+    echo "$out" >>"$RAW/checks_output.txt"
+    lines=$(grep -E '^(PASS|FAIL|SKIP)|worst' <<<"$out")
+    echo "$lines" >>"$OUT/checks.txt"
+    head -80 <<<"$lines"
     count "$out" "$rc"
 done
 
@@ -195,8 +206,8 @@ check align_cuda_two_ranks_zero1 two_ranks "$W/ranks_2_zero1" --zero1
 check align_cuda_two_ranks_vs_one python3 "$CARRY/ranks_parity.py" "$W/ranks_2/checkpoint-10" "$W/ranks_1/checkpoint-10" $T/tiny-qwen2
 check align_cuda_zero1_same_bits cmp "$W/ranks_2/checkpoint-10/essence-state/state.safetensors" \
     "$W/ranks_2_zero1/checkpoint-10/essence-state/state.safetensors"
-"$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$OUT/compare_teacher.txt" 2>&1
-"$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$OUT/compare_student.txt" 2>&1
+"$BIN/essence-inspect" compare "$W/teacher_cuda.h5" "$W/teacher_cpu.h5" >"$RAW/compare_teacher.txt" 2>&1
+"$BIN/essence-inspect" compare "$W/student_cuda_fp32.h5" "$W/student_cpu_fp32.h5" >"$RAW/compare_student.txt" 2>&1
 fi
 
 # ---- 3. benchmarks, each after the other ------------------------------------------------------------
@@ -206,22 +217,22 @@ if [ -n "$offload" ]; then
 fi
 if wanted baselines && in_time gpu_baselines; then
     stamp "gpu_baselines.py"
-    timeout 300 python3 "$CARRY/gpu_baselines.py" "$OUT" >"$OUT/baselines.log" 2>&1; echo "baselines exit $?" >>"$OUT/checks.txt"
+    timeout 300 python3 "$CARRY/gpu_baselines.py" "$RAW" >"$RAW/baselines.log" 2>&1; echo "baselines exit $?" >>"$OUT/checks.txt"
 fi
 wanted bench && for b in bench_layer bench_stream bench_project; do
     in_time "$b" || continue
     stamp "$b"
     config=$CARRY/llama70b/config.json; [ $b = bench_project ] && config=
-    out=$(timeout 300 "$BIN/$b" "$OUT" $config 2>&1); rc=$?
-    echo "$out" | tee -a "$OUT/bench.txt"
+    out=$(timeout 300 "$BIN/$b" "$RAW" $config 2>&1); rc=$?
+    echo "$out" | tee -a "$RAW/bench.txt"
     count "$out" "$rc" # bench_project's precision lines are checks; the others print figures only
 done
 # training: the Qwen2-1.5B shape, 4 x 2048 tokens a step, beside the baseline's qwen2_1p5b_train
 if wanted bench && [ -n "$mkqwen" ] && in_time bench_train; then
     stamp "bench_train"
     wait $mkqwen
-    out=$(timeout 300 "$BIN/bench_train" "$OUT" "$W/qwen1.5b" 2>&1); rc=$?
-    echo "$out" | tee -a "$OUT/bench.txt"
+    out=$(timeout 300 "$BIN/bench_train" "$RAW" "$W/qwen1.5b" 2>&1); rc=$?
+    echo "$out" | tee -a "$RAW/bench.txt"
     count "$out" "$rc"
 fi
 rm -rf "$W/qwen1.5b"
@@ -232,13 +243,14 @@ stamp "extract end to end"
 wait $mkmodel
 TIMED=; [ -x /usr/bin/time ] && TIMED="/usr/bin/time -v"
 $TIMED "$BIN/essence-extract" --model "$W/e2e/model" --data "$W/e2e/ids.jsonl" --layers 1,2 --batch-tokens 16384 \
-    --max-seq 4096 --out "$W/e2e/teacher.h5" --device cuda >"$OUT/extract_e2e.log" 2>&1
-grep -E "time:|tokens/s|wrote|device:|Elapsed|Maximum resident" "$OUT/extract_e2e.log" | tee -a "$OUT/bench.txt"
+    --max-seq 4096 --out "$W/e2e/teacher.h5" --device cuda >"$RAW/extract_e2e.log" 2>&1
+grep -E "time:|tokens/s|wrote|device:|Elapsed|Maximum resident" "$RAW/extract_e2e.log" | tee -a "$RAW/bench.txt"
 rm -rf "$W/e2e/model"
 fi
 [ -n "$mkmodel" ] && kill $mkmodel 2>/dev/null
 
 stamp "summary"
-python3 tests/gpu/summary.py "$OUT" | tee "$OUT/summary.md"
+python3 tests/gpu/summary.py "$RAW" | tee "$OUT/summary.md"
 echo "$passed passed, $failed failed" | tee -a "$OUT/checks.txt"
+cp "$OUT/summary.md" "$OUT/checks.txt" "$RAW/" && pack
 [ "$failed" -eq 0 ]

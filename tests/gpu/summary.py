@@ -88,4 +88,4 @@ missing = [name for name, d in (("perf.json", hf), ("offload.json", offload), ("
                                 ("bench_stream.json", stream), ("bench_project.json", project), ("bench_train.json", train)) if not d]
 if missing:
     print(f"\nmissing: {', '.join(missing)}")
-print("\nAll figures: the JSON files beside this summary; checks in checks.txt.")
+print("\nAll figures: the JSON files in results.tar.xz (raw/); the checks in checks.txt.")
