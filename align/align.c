@@ -82,7 +82,8 @@ typedef struct optimizer {
     es_adamw_config config;
 } optimizer;
 
-static int optimizer_alloc(optimizer *opt, es_device *dev, const es_params *like, size_t n_head, int on_host, es_error *err) {
+static int optimizer_alloc(optimizer *opt, es_device *dev, const es_params *like, size_t trained_floats, size_t n_head, int on_host,
+                           es_error *err) {
     opt->on_host = on_host;
     if (on_host) {
         opt->m = (es_params){.arena = calloc(like->arena_floats + 1, sizeof(float)), .arena_floats = like->arena_floats};
@@ -92,8 +93,8 @@ static int optimizer_alloc(optimizer *opt, es_device *dev, const es_params *like
             return es_fail(err, ES_ERR_RUNTIME, "out of host memory for AdamW's moments (%zu floats)", 2 * (like->arena_floats + n_head));
         return ES_OK;
     }
-    if (es_params_alloc_like(dev, like, "AdamW's first moments", &opt->m, err) ||
-        es_params_alloc_like(dev, like, "AdamW's second moments", &opt->v, err) ||
+    if (es_params_alloc_prefix(dev, like, trained_floats, "AdamW's first moments", &opt->m, err) ||
+        es_params_alloc_prefix(dev, like, trained_floats, "AdamW's second moments", &opt->v, err) ||
         (n_head && (es_device_alloc(dev, n_head * sizeof(float), (void **)&opt->head_m, "the heads' AdamW moments", err) ||
                     es_device_alloc(dev, n_head * sizeof(float), (void **)&opt->head_v, "the heads' AdamW moments", err) ||
                     es_device_zero(dev, opt->head_m, n_head * sizeof(float), err) ||
@@ -111,21 +112,12 @@ static void optimizer_free(optimizer *opt, es_device *dev, size_t n_head) {
     }
 }
 
-/* A parameter tensor trains when the forward of a training step reaches it. With --ce-weight 0
- * the layers above the deepest mapped one, the final norm and the head never get a gradient:
- * the optimizer, the gradient norm, the all-reduce and the zeroing skip them. */
-static int tensor_trains(const train_model *tm, const char *name) {
-    int layer;
-    if (sscanf(name, "model.layers.%d.", &layer) == 1) return layer < tm->run_layers;
-    if (!strncmp(name, "model.embed_tokens", 18)) return 1;
-    return tm->with_ce; /* the final norm and the head */
-}
-
 /* The checkpoint's tensors: the model's (bf16 in the file), the heads, and the optimizer state
  * under the same names. Arrays malloc'd by the caller's sizes. */
 typedef struct saved_tensors {
     checkpoint_tensor *weights, *head, *master, *m, *v;
     checkpoint_buffer *load_master, *load_m, *load_v;
+    float *zeros;               /* the moments saved for the tensors that do not train (none held) */
     char (*head_names)[64];
     int n_weights, n_head, n_state;
 } saved_tensors;
@@ -142,7 +134,9 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
     s->v = calloc((size_t)s->n_state, sizeof *s->v);
     s->load_master = calloc((size_t)s->n_state, sizeof *s->load_master);
     s->load_m = calloc((size_t)s->n_state, sizeof *s->load_m), s->load_v = calloc((size_t)s->n_state, sizeof *s->load_v);
-    if (!s->weights || !s->head || !s->head_names || !s->master || !s->m || !s->v || !s->load_master || !s->load_m || !s->load_v)
+    s->zeros = calloc(model->arena_floats - opt->m.arena_floats + 1, sizeof *s->zeros); /* never written: no memory taken */
+    if (!s->weights || !s->head || !s->head_names || !s->master || !s->m || !s->v || !s->load_master || !s->load_m || !s->load_v ||
+        !s->zeros)
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     for (int i = 0; i < s->n_state; i++) {
         checkpoint_tensor t;
@@ -150,7 +144,9 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
         if (i < s->n_weights) {
             const es_named_tensor *named = &model->tensors[i];
             t = (checkpoint_tensor){named->name, named->data, named->ndim, {named->shape[0], named->shape[1]}};
-            data = named->data, m = es_params_at(model, &opt->m, data), v = es_params_at(model, &opt->v, data);
+            const int has_moments = (size_t)(named->data - model->arena) < opt->m.arena_floats;
+            data = named->data;
+            m = has_moments ? es_params_at(model, &opt->m, data) : NULL, v = has_moments ? es_params_at(model, &opt->v, data) : NULL;
             s->weights[i] = t;
         } else {
             int h = i - s->n_weights;
@@ -160,12 +156,12 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
             s->head[h] = t;
         }
         int64_t numel = t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0];
-        data = host_state_at(host, data), m = host_state_at(host, m), v = host_state_at(host, v);
+        data = host_state_at(host, data), m = m ? host_state_at(host, m) : NULL, v = v ? host_state_at(host, v) : NULL;
         t.data = data;
         if (i < s->n_weights) s->weights[i] = t;
         else s->head[i - s->n_weights] = t;
         s->master[i] = t, s->m[i] = t, s->v[i] = t;
-        s->m[i].data = m, s->v[i].data = v;
+        s->m[i].data = m ? m : s->zeros, s->v[i].data = v ? v : s->zeros; /* a tensor that does not train: zeros, as ever */
         s->load_master[i] = (checkpoint_buffer){t.name, data, numel};
         s->load_m[i] = (checkpoint_buffer){t.name, m, numel};
         s->load_v[i] = (checkpoint_buffer){t.name, v, numel};
@@ -175,7 +171,7 @@ static int build_saved(saved_tensors *s, const train_model *tm, const optimizer 
 
 static void free_saved(saved_tensors *s) {
     free(s->weights), free(s->head), free(s->head_names), free(s->master), free(s->m), free(s->v);
-    free(s->load_master), free(s->load_m), free(s->load_v);
+    free(s->load_master), free(s->load_m), free(s->load_v), free(s->zeros);
 }
 
 /* The metrics of one evaluation over the held-out samples (every rank takes its share). */
@@ -239,9 +235,10 @@ static int dump_step(const char *path, const train_model *tm, host_state *host, 
     int n = model->n_tensors + (tm->heads ? tm->n_mapped : 0) + 3;
     es_tensor *entries = calloc((size_t)n, sizeof *entries);
     char (*names)[128] = calloc((size_t)n, sizeof *names);
+    float *zeros = calloc(model->arena_floats - tm->grads.arena_floats + 1, sizeof *zeros); /* the tensors that do not train */
     float scalars[3] = {(float)loss, (float)latent, (float)ce};
-    if (!entries || !names) {
-        free(entries), free(names);
+    if (!entries || !names || !zeros) {
+        free(entries), free(names), free(zeros);
         return es_fail(err, ES_ERR_RUNTIME, "out of memory");
     }
     const char *scalar_names[3] = {"loss", "latent_mse", "ce"};
@@ -252,8 +249,9 @@ static int dump_step(const char *path, const train_model *tm, host_state *host, 
         const es_named_tensor *t = &model->tensors[i];
         snprintf(names[k], sizeof names[k], "grad/%s", t->name);
         size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
+        const int has_grads = (size_t)(t->data - model->arena) < tm->grads.arena_floats;
         entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = t->ndim, .shape = {t->shape[0], t->shape[1]},
-                                 .data = host_state_at(host, train_grad_of(tm, t->data)), .nbytes = numel * 4};
+                                 .data = has_grads ? host_state_at(host, train_grad_of(tm, t->data)) : zeros, .nbytes = numel * 4};
     }
     for (int i = 0; tm->heads && i < tm->n_mapped; i++, k++) {
         snprintf(names[k], sizeof names[k], "grad/student_head.layer_%03d.weight", tm->mapped[i]);
@@ -261,7 +259,7 @@ static int dump_step(const char *path, const train_model *tm, host_state *host, 
                                  .data = host_state_at(host, tm->head_grads + (size_t)i * C * C), .nbytes = (size_t)C * C * 4};
     }
     int rc = es_safetensors_write(path, entries, (size_t)k, NULL, 0, err);
-    free(entries), free(names);
+    free(entries), free(names), free(zeros);
     return rc;
 }
 
@@ -488,14 +486,15 @@ int main(int argc, char **argv) {
     optimizer opt = {.config = {lr, es_config_float(&cfg, "beta1"), es_config_float(&cfg, "beta2"), es_config_float(&cfg, "adam-eps"),
                                 es_config_float(&cfg, "weight-decay")}};
     const int zero1 = es_config_bool(&cfg, "zero1") && comm.world > 1;
-    if (optimizer_alloc(&opt, dev, &tm.params, n_head, zero1, &err)) fail(&comm, &err);
+    if (optimizer_alloc(&opt, dev, &tm.params, tm.trained_floats, n_head, zero1, &err)) fail(&comm, &err);
     /* what checkpoints, the all-reduce and --dump-step see of the state on the host */
     host_state host;
     {
         const size_t arena = tm.params.arena_floats;
         float *const arrays[HOST_ARRAYS] = {tm.params.arena, opt.m.arena, opt.v.arena, tm.grads.arena,
                                             tm.heads, opt.head_m, opt.head_v, tm.head_grads};
-        const size_t sizes[HOST_ARRAYS] = {arena, arena, arena, arena, n_head, n_head, n_head, n_head};
+        const size_t sizes[HOST_ARRAYS] = {arena, opt.m.arena_floats, opt.v.arena_floats, tm.grads.arena_floats,
+                                           n_head, n_head, n_head, n_head};
         const unsigned moments = 1u << HOST_M | 1u << HOST_V | 1u << HOST_HEAD_M | 1u << HOST_HEAD_V;
         if (host_state_init(&host, dev, arrays, sizes, zero1 ? moments : 0, &err)) fail(&comm, &err);
     }
@@ -586,7 +585,7 @@ int main(int argc, char **argv) {
     if (n_head) groups[n_groups++] = (es_param_group){tm.heads, tm.head_grads, opt.head_m, opt.head_v, n_head, NULL}; /* fp32 */
     for (int i = 0; i < tm.params.n_tensors; i++) {
         const es_named_tensor *t = &tm.params.tensors[i];
-        if (!tensor_trains(&tm, t->name)) continue;
+        if (!train_tensor_trains(&tm, t->name)) continue;
         const size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
         int merged = 0; /* a tied head is the embedding: the same range once */
         for (int g = n_head ? 1 : 0; g < n_groups && !merged; g++)

@@ -531,7 +531,7 @@ static int load_group(const es_safetensors *st, const char *file, const char *pr
         else if (buffers[i].numel < 0 || es_tensor_numel(t) != (size_t)buffers[i].numel)
             rc = es_fail(err, ES_ERR_DATA, "%s: tensor \"%s\" has %zu elements, expected %lld", file, name,
                          es_tensor_numel(t), (long long)buffers[i].numel);
-        else if (t->nbytes) memcpy(buffers[i].data, t->data, t->nbytes);
+        else if (t->nbytes && buffers[i].data) memcpy(buffers[i].data, t->data, t->nbytes);
         free(name);
         if (rc) return rc;
     }

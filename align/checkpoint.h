@@ -62,7 +62,7 @@ int checkpoint_find_latest(const char *out_dir, char **path, int64_t *step, es_e
  * *state_json receives state.json's text (malloc'd). */
 typedef struct checkpoint_buffer {
     const char *name;
-    float *data;
+    float *data;              /* NULL: the tensor is checked but not kept (the moments of one that does not train) */
     int64_t numel;            /* must equal the saved tensor's element count */
 } checkpoint_buffer;
 int checkpoint_load_state(const char *checkpoint_dir, const checkpoint_buffer *master, const checkpoint_buffer *m,

@@ -3,6 +3,7 @@
  * final norm's output, and the decoder's backward takes them down to the embedding. */
 #include "train.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,14 +55,18 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     tm->max_tokens = max_tokens;
     int rc = es_model_open(model_dir, -1, 1, &tm->store, err);
     if (!rc) rc = es_params_load(dev, &tm->store, &tm->params, err);
-    if (!rc) rc = es_params_alloc_like(dev, &tm->params, "the gradients", &tm->grads, err);
+    const es_model_config *c = &tm->params.config;
+    if (!rc) {
+        tm->run_layers = tm->with_ce || !n_mapped ? c->n_layers : mapped[n_mapped - 1];
+        for (int i = 0; i < tm->params.n_tensors; i++)
+            if (train_tensor_trains(tm, tm->params.tensors[i].name)) tm->trained_floats = es_params_extent_end(&tm->params, i);
+        rc = es_params_alloc_prefix(dev, &tm->params, tm->trained_floats, "the gradients", &tm->grads, err);
+    }
     if (!rc) rc = es_working_create(dev, &tm->params, &tm->working, err);
     if (rc) {
         train_model_free(tm);
         return rc;
     }
-    const es_model_config *c = &tm->params.config;
-    tm->run_layers = tm->with_ce || !n_mapped ? c->n_layers : mapped[n_mapped - 1];
     tm->dhidden = calloc((size_t)tm->run_layers + 1, sizeof *tm->dhidden);
     if (!tm->dhidden) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
     if (!rc) rc = es_decoder_create_training(&tm->decoder, dev, c, max_tokens, max_seq, tm->run_layers, recompute, err);
@@ -77,6 +82,13 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
     }
     if (rc) train_model_free(tm);
     return rc;
+}
+
+int train_tensor_trains(const train_model *tm, const char *name) {
+    int layer;
+    if (sscanf(name, "model.layers.%d.", &layer) == 1) return layer < tm->run_layers;
+    if (!strncmp(name, "model.embed_tokens", 18)) return 1;
+    return tm->with_ce; /* the final norm and the head */
 }
 
 void train_model_free(train_model *tm) {

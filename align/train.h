@@ -20,7 +20,8 @@ typedef struct train_model {
     es_device *dev;
     es_model_store store;
     es_params params;        /* every layer, the final norm and the head: fp32 master weights */
-    es_params grads;         /* the gradient of each parameter, same layout */
+    es_params grads;         /* the gradient of each trained parameter, same layout, the arena's first trained_floats */
+    size_t trained_floats;   /* the prefix of the arena that holds every trained tensor (the tensors past it do not train) */
     es_working working;      /* what the ops read: the master weights, or their bf16 copy (CUDA) */
     int n_mapped;
     int mapped[TRAIN_MAX_MAPPED]; /* student layers with targets, ascending (1-based) */
@@ -51,7 +52,13 @@ int train_model_init(train_model *tm, es_device *dev, const char *model_dir, con
                      es_error *err);
 void train_model_free(train_model *tm);
 
-/* The gradient of a parameter (a pointer into params.arena). */
+/* Whether the tensor trains: the forward of a training step reaches it. With ce_weight 0 the layers
+ * above the deepest mapped one, the final norm and the head never get a gradient: the optimizer,
+ * the gradient norm, the all-reduce and the zeroing skip them, and no gradients or moments are
+ * held for them (they come last in the arena: trained_floats). */
+int train_tensor_trains(const train_model *tm, const char *name);
+
+/* The gradient of a trained parameter (a pointer into params.arena). */
 static inline float *train_grad_of(const train_model *tm, const float *param) {
     return es_params_at(&tm->params, &tm->grads, param);
 }

@@ -60,10 +60,15 @@ int es_params_load(es_device *dev, const es_model_store *store, es_params *p, es
 }
 
 int es_params_alloc_like(es_device *dev, const es_params *like, const char *what, es_params *out, es_error *err) {
+    return es_params_alloc_prefix(dev, like, like->arena_floats, what, out, err);
+}
+
+int es_params_alloc_prefix(es_device *dev, const es_params *like, size_t floats, const char *what, es_params *out, es_error *err) {
     memset(out, 0, sizeof *out);
-    int rc = es_device_alloc(dev, like->arena_floats * sizeof(float), (void **)&out->arena, what, err);
-    if (!rc) out->arena_floats = like->arena_floats;
-    if (!rc) rc = es_device_zero(dev, out->arena, like->arena_floats * sizeof(float), err);
+    if (floats > like->arena_floats) floats = like->arena_floats;
+    int rc = es_device_alloc(dev, floats * sizeof(float), (void **)&out->arena, what, err);
+    if (!rc) out->arena_floats = floats;
+    if (!rc) rc = es_device_zero(dev, out->arena, floats * sizeof(float), err);
     out->tensors = rc ? NULL : malloc((size_t)like->n_tensors * sizeof *out->tensors + 1);
     out->layers = rc ? NULL : malloc((size_t)like->n_layers * sizeof *out->layers + 1);
     if (!rc && (!out->tensors || !out->layers)) rc = es_fail(err, ES_ERR_RUNTIME, "out of memory");
@@ -73,7 +78,7 @@ int es_params_alloc_like(es_device *dev, const es_params *like, const char *what
     }
     out->config = like->config;
     out->n_tensors = like->n_tensors, out->n_layers = like->n_layers;
-#define SAME_PLACE(pointer) ((pointer) ? es_params_at(like, out, (pointer)) : NULL)
+#define SAME_PLACE(pointer) ((pointer) && (size_t)((const float *)(pointer) - like->arena) < floats ? es_params_at(like, out, (pointer)) : NULL)
     for (int i = 0; i < like->n_tensors; i++) {
         out->tensors[i] = like->tensors[i];
         out->tensors[i].data = SAME_PLACE(like->tensors[i].data);

@@ -35,7 +35,16 @@ typedef struct es_params {
 int es_params_load(es_device *dev, const es_model_store *store, es_params *params, es_error *err);
 /* An arena of the same layout, zeroed (gradients, optimizer moments); `what` names it in errors. */
 int es_params_alloc_like(es_device *dev, const es_params *like, const char *what, es_params *out, es_error *err);
+/* The same for the first `floats` floats of the layout only, which end where a tensor's padded
+ * extent ends: the tensors past them get NULL pointers (the gradients and moments of a run whose
+ * last tensors do not train). */
+int es_params_alloc_prefix(es_device *dev, const es_params *like, size_t floats, const char *what, es_params *out, es_error *err);
 void es_params_free(es_device *dev, es_params *params);
+/* Where tensor i's padded extent ends in the arena (floats from its start): the tensors lie in
+ * table order. */
+static inline size_t es_params_extent_end(const es_params *params, int i) {
+    return i + 1 < params->n_tensors ? (size_t)(params->tensors[i + 1].data - params->arena) : params->arena_floats;
+}
 /* The element of `other` (same layout) at the place of `param` in `params`. */
 static inline float *es_params_at(const es_params *params, const es_params *other, const float *param) {
     return other->arena + (param - params->arena);

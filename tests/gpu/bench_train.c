@@ -45,10 +45,7 @@ static int trained_groups(const train_model *tm, const es_params *m, const es_pa
     int n = 0;
     for (int i = 0; i < tm->params.n_tensors; i++) {
         const es_named_tensor *t = &tm->params.tensors[i];
-        int layer;
-        const int trains = sscanf(t->name, "model.layers.%d.", &layer) == 1 ? layer < tm->run_layers
-                           : !strncmp(t->name, "model.embed_tokens", 18) ? 1 : tm->with_ce;
-        if (!trains) continue;
+        if (!train_tensor_trains(tm, t->name)) continue;
         const size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
         if (n && groups[n - 1].params + groups[n - 1].n == t->data) {
             groups[n - 1].n += numel;
@@ -67,8 +64,8 @@ static void bench_mode(es_device *dev, const char *model_dir, const char *mode, 
     check(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, ce_weight, 0, TOKENS, SEQ_LEN, recompute, &err));
     const es_model_config *c = &tm.params.config;
     es_params m, v;
-    check(es_params_alloc_like(dev, &tm.params, "AdamW's first moments", &m, &err));
-    check(es_params_alloc_like(dev, &tm.params, "AdamW's second moments", &v, &err));
+    check(es_params_alloc_prefix(dev, &tm.params, tm.trained_floats, "AdamW's first moments", &m, &err));
+    check(es_params_alloc_prefix(dev, &tm.params, tm.trained_floats, "AdamW's second moments", &v, &err));
     es_param_group *groups = calloc((size_t)tm.params.n_tensors + 1, sizeof *groups);
     const int n_groups = trained_groups(&tm, &m, &v, groups);
 

@@ -227,6 +227,16 @@ def test_resume(tmp, student, data):
             identical = identical and f1.read() == f2.read()
         break
     report("resume_after_sigkill_bit_identical", identical, f"after {attempts} attempt(s)")
+    # latent only, deepest mapped layer 2 of 3: layer 3, the final norm and the head never train. No
+    # gradients or moments are held for them, yet the checkpoint carries their moments as zeros and
+    # their master weights as loaded; the trained tensors' moments moved.
+    state = state_tensors(latest_checkpoint(full))
+    given = read_safetensors(os.path.join(student, "model.safetensors"))
+    frozen = [n for n in given if n.startswith("model.layers.2.") or n in ("model.norm.weight", "lm_head.weight")]
+    bad = [n for n in frozen if state[f"m/{n}"].any() or state[f"v/{n}"].any() or not np.array_equal(state[f"master/{n}"], given[n])]
+    moved = [n for n in given if n not in frozen and state[f"v/{n}"].any()]
+    report("latent_only_frozen_tensors_saved_as_loaded", len(frozen) > 2 and not bad and len(moved) == len(given) - len(frozen),
+           f"{len(frozen)} frozen, changed: {bad[:3]}; {len(moved)} of {len(given) - len(frozen)} trained tensors with moments")
 
 
 def tied_student(tmp, student):

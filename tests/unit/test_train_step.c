@@ -190,8 +190,47 @@ static void check_recompute(const char *tl_name, const char *fixtures) {
 
 TEST(recompute_gives_the_same_bits) { check_recompute(tl_name, test_fixtures()); }
 
+/* Latent only, deepest mapped layer 1 of 3: gradients are held for the embedding and layer 0 only
+ * (the tensors past them never train), and es_params_alloc_prefix holds exactly what it says. */
+static void check_trained_prefix(const char *tl_name, const char *fixtures) {
+    char model_dir[4096];
+    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-qwen2", fixtures);
+    es_device *dev = test_cpu_device(1);
+    train_model tm;
+    es_error err = {0};
+    const int mapped[1] = {1};
+    REQUIRE(train_model_init(&tm, dev, model_dir, mapped, 1, 1.0f, 0.0f, 0, 16, 16, 0, &err) == 0);
+    CHECK(tm.run_layers == 1 && tm.params.config.n_layers == 3);
+    size_t trained = 0, frozen = 0; /* padded floats, counted from the names */
+    for (int i = 0; i < tm.params.n_tensors; i++) {
+        const es_named_tensor *t = &tm.params.tensors[i];
+        const size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1), padded = (numel + 63) / 64 * 64;
+        const int trains = !strncmp(t->name, "model.embed_tokens.", 19) || !strncmp(t->name, "model.layers.0.", 15);
+        CHECKF(train_tensor_trains(&tm, t->name) == trains, "%s", t->name);
+        CHECKF(trains ? tm.grads.tensors[i].data == train_grad_of(&tm, t->data) : tm.grads.tensors[i].data == NULL, "%s", t->name);
+        if (trains) trained += padded;
+        else frozen += padded;
+    }
+    CHECKF(tm.trained_floats == trained && tm.grads.arena_floats == trained, "%zu trained floats, gradients for %zu, expected %zu",
+           tm.trained_floats, tm.grads.arena_floats, trained);
+    CHECK(frozen > 0 && tm.params.arena_floats == trained + frozen);
+    CHECK(tm.grads.layers[0].q != NULL && tm.grads.layers[1].q == NULL && tm.grads.layers[2].down == NULL);
+    CHECK(tm.grads.final_norm == NULL && tm.grads.lm_head == NULL && tm.grads.embed == tm.grads.arena);
+    es_params m;
+    const size_t before = dev->used;
+    REQUIRE(es_params_alloc_prefix(dev, &tm.params, tm.trained_floats, "moments", &m, &err) == 0);
+    CHECKF(dev->used - before == trained * sizeof(float), "%zu bytes held for %zu floats", dev->used - before, trained);
+    es_params_free(dev, &m);
+    CHECK(dev->used == before);
+    train_model_free(&tm);
+    es_device_close(dev);
+}
+
+TEST(latent_only_holds_gradients_of_the_trained_tensors) { check_trained_prefix(tl_name, test_fixtures()); }
+
 int main(void) {
     RUN(golden_train_step);
     RUN(recompute_gives_the_same_bits);
+    RUN(latent_only_holds_gradients_of_the_trained_tensors);
     return test_summary();
 }
