@@ -23,5 +23,14 @@ case "$*" in
 esac
 SMI
 chmod +x "$CARRY/stand-in/nvidia-smi"
+rc=0
 PATH=$PWD/$CARRY/stand-in:$PWD/.venv/bin:$PATH OUT=$OUT CARRY=$CARRY SECTIONS=${SECTIONS:-"checks programs"} BUDGET=36000 \
-    bash tests/gpu/run.sh
+    bash tests/gpu/run.sh || rc=$?
+# what the device hands back from $OUT: at most 8 plain files, 16 MiB each, 2 folders down
+files=$(find "$OUT" -type f | wc -l) big=$(find "$OUT" -type f -size +16M | wc -l) deep=$(find "$OUT" -mindepth 4 | wc -l)
+if [ "$files" -gt 8 ] || [ "$big" -gt 0 ] || [ "$deep" -gt 0 ]; then
+    echo "FAIL rehearse: $OUT holds $files files ($big over 16 MiB, $deep entries too deep): the device would not hand them all back"
+    exit 1
+fi
+echo "rehearse: $OUT holds $files files, as the device hands them back"
+exit $rc
