@@ -77,6 +77,9 @@ rows.append(("Qwen2-1.5B train, 4 x 2048, latent@14 + CE (tokens/s)", fmt(ours),
 rows.append(("  TFLOPS / MFU (989 dense bf16)", fmt(train.get("qwen2_latent_ce_tflops")) + " / " + fmt(train.get("qwen2_latent_ce_mfu")),
              fmt(hf_train.get("tflops")), ratio(train.get("qwen2_latent_ce_tflops"), hf_train.get("tflops"), True), ""))
 rows.append(("  peak memory (GiB)", fmt(train.get("qwen2_latent_ce_peak_GiB")), fmt(hf_train.get("peak_GiB")), "-", "<= 40 GiB"))
+ours = train.get("qwen2_latent_ce_recompute_tok_per_s")
+rows.append(("  the same with --recompute, tokens/s", fmt(ours), fmt(hf_train.get("tok_per_s")), ratio(ours, hf_train.get("tok_per_s"), True),
+             "peak " + fmt(train.get("qwen2_latent_ce_recompute_peak_GiB")) + " GiB (<= 40 GiB: docs/align.md)"))
 rows.append(("  latent only (--ce-weight 0), tokens/s", fmt(train.get("qwen2_latent_only_tok_per_s")), "-", "-",
              "peak " + fmt(train.get("qwen2_latent_only_peak_GiB")) + " GiB"))
 print(f"# GPU run: {device}\n")
