@@ -206,7 +206,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(STAGE_OBJ) $(LIB)
 DEB_PACKAGES := gcc g++ make pkg-config libhdf5-dev hdf5-tools libzstd-dev zstd libyaml-dev \
 	libjansson-dev libcjson-dev libssl-dev libopenblas-dev libpcre2-dev libutf8proc-dev \
 	clang libclang-rt-14-dev valgrind python3 python3-venv gnuplot-nox libopenmpi-dev openmpi-bin slurm-wlm munge
-PY_PACKAGES := h5py hdf5plugin numpy tokenizers
+PY_PACKAGES := h5py hdf5plugin numpy tokenizers ml_dtypes
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -221,7 +221,7 @@ deps:
 	    echo "make deps: installing them needs root; run:  sudo apt-get install$$missing"; exit 1; \
 	  fi; \
 	fi
-	@if ! $(VENV)/bin/python -c 'import h5py, hdf5plugin, numpy, tokenizers' 2>/dev/null; then \
+	@if ! $(VENV)/bin/python -c 'import h5py, hdf5plugin, numpy, tokenizers, ml_dtypes' 2>/dev/null; then \
 	  echo "make deps: creating $(VENV) with $(PY_PACKAGES) (interoperability tests)"; \
 	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q $(PY_PACKAGES) || exit 1; \
 	fi
