@@ -109,7 +109,8 @@ static int parse_config(const json_t *root, const char *path, es_model_config *c
         /* 0 is refused too: RMSNorm of an all-zero row would be 0/0 */
         (rc = get_real(root, path, "rms_norm_eps", 1e-6, 0, 0, 0, &c->rms_norm_eps, err)))
         return rc;
-    if (!json_object_get(root, "head_dim") && c->hidden_size % c->n_heads)
+    const json_t *head_dim = json_object_get(root, "head_dim"); /* null is absent, as in transformers */
+    if ((!head_dim || json_is_null(head_dim)) && c->hidden_size % c->n_heads)
         return BAD("%s: hidden_size (%d) is not a multiple of num_attention_heads (%d), and no head_dim is given", path,
                    c->hidden_size, c->n_heads);
     if ((rc = get_int(root, path, "num_key_value_heads", c->n_heads, 0, 1, MAX_SIZE, &c->n_kv_heads, err)) ||

@@ -128,6 +128,14 @@ TEST(heads_divide_hidden) {
     CHECKF(parse_json(root, &c, &err) == ES_OK && c.head_dim == 8, "%s", err.msg);
     json_object_del(root, "head_dim");
     CHECKF(parse_json(root, &c, &err) == ES_ERR_DATA && contains(err.msg, "not a multiple of num_attention_heads"), "%s", err.msg);
+    /* a null head_dim is an absent one (transformers' reading), here and in the divisibility rule:
+     * fewer hidden units than heads gave head_dim 0 (found by fuzz_model_config) */
+    json_object_set_new(root, "head_dim", json_null());
+    CHECKF(parse_json(root, &c, &err) == ES_ERR_DATA && contains(err.msg, "not a multiple of num_attention_heads"), "%s", err.msg);
+    json_object_set_new(root, "hidden_size", json_integer(2));
+    CHECKF(parse_json(root, &c, &err) == ES_ERR_DATA && contains(err.msg, "not a multiple of num_attention_heads"), "%s", err.msg);
+    json_object_set_new(root, "hidden_size", json_integer(64));
+    CHECKF(parse_json(root, &c, &err) == ES_OK && c.head_dim == 64 / c.n_heads, "%s", err.msg);
     json_decref(root);
 }
 
