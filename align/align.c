@@ -249,9 +249,9 @@ static int dump_step(const char *path, const train_model *tm, host_state *host, 
         const es_named_tensor *t = &model->tensors[i];
         snprintf(names[k], sizeof names[k], "grad/%s", t->name);
         size_t numel = (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
-        const int has_grads = (size_t)(t->data - model->arena) < tm->grads.arena_floats;
+        const float *grad = tm->grads.tensors[i].data; /* NULL: a tensor that does not train */
         entries[k] = (es_tensor){.name = names[k], .dtype = ES_DT_F32, .ndim = t->ndim, .shape = {t->shape[0], t->shape[1]},
-                                 .data = has_grads ? host_state_at(host, train_grad_of(tm, t->data)) : zeros, .nbytes = numel * 4};
+                                 .data = grad ? host_state_at(host, grad) : zeros, .nbytes = numel * 4};
     }
     for (int i = 0; tm->heads && i < tm->n_mapped; i++, k++) {
         snprintf(names[k], sizeof names[k], "grad/student_head.layer_%03d.weight", tm->mapped[i]);

@@ -12,12 +12,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from testing import report, run_main  # noqa: E402
 
+try:
+    import ml_dtypes
+    import numpy as np
+except ImportError as missing:  # main() says so
+    ml_dtypes = np = None
+    MISSING = missing
+
 BUILD = os.environ.get("ESSENCE_BUILD", "build")
 BACKEND = os.path.join(BUILD, "emu", "libessence-cuda.so")
 
 
 def rounded(values, precision, device):
-    import numpy as np
     env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND} if device == "cuda" else None
     result = subprocess.run([os.path.join(BUILD, "tests", "tools", "round_values"), precision, device],
                             input=values.astype("<f4").tobytes(), capture_output=True, timeout=600, env=env)
@@ -28,8 +34,6 @@ def rounded(values, precision, device):
 
 def inputs(fmt):
     """Random bit patterns, each representable value of fmt and the ties between neighbours."""
-    import ml_dtypes
-    import numpy as np
     rng = np.random.default_rng(11)
     bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
     out = [bits.view(np.float32)]
@@ -49,8 +53,6 @@ def inputs(fmt):
 
 
 def expected(values, fmt):
-    import ml_dtypes
-    import numpy as np
     with np.errstate(over="ignore", invalid="ignore"):
         want = values.astype(fmt).astype(np.float32)
     if fmt is ml_dtypes.float8_e4m3fn:  # e4m3fn overflows to NaN; the projection saturates
@@ -60,11 +62,8 @@ def expected(values, fmt):
 
 
 def main():
-    try:
-        import ml_dtypes
-        import numpy as np
-    except ImportError as exc:
-        print(f"SKIP precision_matches_ml_dtypes: {exc} (make deps installs ml_dtypes into .venv)")
+    if ml_dtypes is None:
+        print(f"SKIP precision_matches_ml_dtypes: {MISSING} (make deps installs ml_dtypes into .venv)")
         return
     devices = ["cpu"]
     if os.path.exists(BACKEND) and not os.environ.get("ESSENCE_SANITIZE"):
