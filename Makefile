@@ -165,6 +165,7 @@ $(BUILD)/gpu/test_ops: $(BUILD)/obj/tests/gpu/test_ops.o $(OPS_HARNESS_OBJ) $(LI
 EMU := $(BUILD)/emu
 EMU_SRC := $(patsubst kernels/cuda/%.cu,$(EMU)/src/%.cpp,$(wildcard kernels/cuda/*.cu))
 EMU_OBJ := $(EMU_SRC:.cpp=.o) $(patsubst tests/emulate/%.cpp,$(EMU)/obj/%.o,$(wildcard tests/emulate/*.cpp))
+EMU_HDR := $(patsubst kernels/cuda/%.cuh,$(EMU)/src/%.cuh,$(wildcard kernels/cuda/*.cuh)) # rewritten too: #include "x.cuh" finds them first
 EMU_CXXFLAGS := -std=c++17 -O2 -g -gno-variable-location-views -fPIC -ffp-contract=off -fno-strict-aliasing -DES_CUDA_HOST_EMULATION \
 	-Itests/emulate/include -Ikernels/cuda -Icommon -Ikernels $(WARN) -Wno-unknown-pragmas -MMD -MP
 # (x86-64 only: the fibers switch stacks with a few instructions of their own)
@@ -173,7 +174,10 @@ all: $(EMU_TESTS) # (here: a rule's prerequisites are read where the rule stands
 $(EMU)/src/%.cpp: kernels/cuda/%.cu tests/emulate/cuda_to_host.py
 	@mkdir -p $(dir $@)
 	python3 tests/emulate/cuda_to_host.py $< $@
-$(EMU)/src/%.o: $(EMU)/src/%.cpp
+$(EMU_HDR): $(EMU)/src/%.cuh: kernels/cuda/%.cuh tests/emulate/cuda_to_host.py
+	@mkdir -p $(dir $@)
+	python3 tests/emulate/cuda_to_host.py $< $@
+$(EMU)/src/%.o: $(EMU)/src/%.cpp $(EMU_HDR)
 	g++ $(EMU_CXXFLAGS) -c $< -o $@
 $(EMU)/obj/%.o: tests/emulate/%.cpp
 	@mkdir -p $(dir $@)

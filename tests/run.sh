@@ -140,16 +140,19 @@ for t in "$BUILD"/tests/test_*; do
 done
 # The CUDA backend built for the host (tests/emulate/, docs/engine.md "The CUDA backend on the
 # host"): the GPU checks that fit a CPU, against build/emu/libessence-cuda.so. Built where the
-# CUDA-capable libessence is (nvcc found). Each check runs under two of the stream orders CUDA
-# allows (tests/emulate/runtime.cpp): lazy, where work that misses a wait for another stream reads
-# stale data, and eager, where a stream that overwrites what another still reads does so first.
+# CUDA-capable libessence is (nvcc found). Each check runs twice, in two of the orders CUDA allows:
+# the streams lazy (tests/emulate/runtime.cpp: work that misses a wait for another stream reads stale
+# data) with each launch's blocks and threads forward (tests/emulate/cuda_host.cpp: from the first),
+# then the streams eager (a stream that overwrites what another still reads does so first) with the
+# blocks and threads reversed (from the last): a missing barrier shows under one of the two.
 if [ -n "$sanitize" ]; then
     skip "emulated-cuda: not under the sanitizers (make sanitize builds no build/emu: its fibers switch stacks by hand, which ASan cannot follow; make test runs it)"
 elif compgen -G "$BUILD/emu/test_*" >/dev/null; then
     for t in "$BUILD"/emu/test_*; do
         [ -x "$t" ] || continue
-        for order in lazy eager; do
-            add "emulated-cuda[$order]:$(basename "$t")" env ESSENCE_EMU_STREAMS=$order timeout 900 "$t"
+        for order in lazy,forward eager,reverse; do
+            add "emulated-cuda[$order]:$(basename "$t")" env ESSENCE_EMU_STREAMS="${order%,*}" ESSENCE_EMU_THREADS="${order#*,}" \
+                timeout 900 "$t"
         done
     done
 else

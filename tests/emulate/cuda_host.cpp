@@ -74,10 +74,30 @@ struct block_state {
     std::vector<uint3> thread_index;  // each fiber's threadIdx, worked out once a launch
     std::vector<warp_state> warps;
     unsigned current = 0, alive = 0, arrived = 0, generation = 0;
+    bool reverse = false; // the fibers, and the blocks, from the last (reverse_order())
+    unsigned long long serial = 0; // which block of all the launches' this is (emu_fresh_shared)
     const std::function<void()> *body = nullptr;
     std::vector<unsigned char> smem;
 };
 
+// Which thread of a block runs first, and which block of a grid: $ESSENCE_EMU_THREADS, `forward`
+// (the default: thread 0 first, each to its next barrier or warp instruction, then thread 1, ...;
+// block 0 first) or `reverse` (the last thread and the last block first). CUDA promises neither, so
+// a kernel that reads shared memory another thread writes without a barrier between them (or
+// another lane without __syncwarp), or one block's output from another block of the same launch,
+// reads it before it is written under one of the two.
+bool reverse_order() {
+    static const bool reverse = [] {
+        const char *name = getenv("ESSENCE_EMU_THREADS");
+        if (!name || !*name || !strcmp(name, "forward")) return false;
+        if (!strcmp(name, "reverse")) return true;
+        fprintf(stderr, "tests/emulate: $ESSENCE_EMU_THREADS=%s: forward or reverse\n", name);
+        exit(2);
+    }();
+    return reverse;
+}
+
+unsigned long long blocks_run; // by every launch so far (block serials start at 1)
 std::mutex launch_lock;             // one launch at a time, whichever host thread makes it
 block_state *running;               // the block being run
 std::vector<char *> stack_pool;     // kMaxThreads stacks, made on first use
@@ -88,9 +108,11 @@ std::vector<char *> stack_pool;     // kMaxThreads stacks, made on first use
 void run_next() {
     block_state *b = running;
     const unsigned me = b->current, n = (unsigned)b->sp.size();
+    const bool reverse = b->reverse;
     void *unused;
     for (unsigned step = 1, i = me; step <= n; step++) {
-        if (++i == n) i = 0; // (no division: this runs at every switch)
+        if (reverse) i = (i ? i : n) - 1; // (no division: this runs at every switch)
+        else if (++i == n) i = 0;
         if (b->done[i]) continue;
         if (b->wait_on[i]) {
             if (*b->wait_on[i] == b->wait_generation[i]) continue;
@@ -152,8 +174,9 @@ void warp_sync() {
     block_state *b = running;
     warp_state &w = b->warps[b->current / 32];
     const unsigned generation = w.generation;
-    if (++w.arrived >= w.alive) {
+    if (++w.arrived >= w.alive) { // the last to arrive goes on in its turn, not first (see reverse_order())
         w.arrived = 0, w.generation++;
+        run_next();
         return;
     }
     b->wait_on[b->current] = &w.generation, b->wait_generation[b->current] = generation;
@@ -171,8 +194,9 @@ std::map<const void *, int> &dynamic_smem_limits() { // cudaFuncAttributeMaxDyna
 void __syncthreads() {
     block_state *b = running;
     const unsigned generation = b->generation;
-    if (++b->arrived >= b->alive) {
+    if (++b->arrived >= b->alive) { // the last to arrive goes on in its turn, not first (see reverse_order())
         b->arrived = 0, b->generation++;
+        run_next();
         return;
     }
     b->wait_on[b->current] = &b->generation, b->wait_generation[b->current] = generation;
@@ -180,6 +204,14 @@ void __syncthreads() {
 }
 
 unsigned char *emu_dynamic_smem() { return running->smem.data(); }
+
+void emu_fresh_shared(void *array, size_t bytes) {
+    static std::map<void *, unsigned long long> poisoned_in; // array -> the block that last made it NaN
+    unsigned long long &block = poisoned_in[array];
+    if (block == running->serial) return;
+    block = running->serial;
+    memset(array, 0xff, bytes);
+}
 
 float __shfl_xor_sync(unsigned, float value, int lane_mask) {
     warp_state &w = my_warp();
@@ -259,7 +291,7 @@ void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 
 // ---- launches --------------------------------------------------------------------------------------
 
-// The blocks one after another, each block's fibers from the first until all are done.
+// The blocks one after another, each block's fibers from the first (or the last) until all are done.
 static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long long threads, const std::function<void()> &body) {
     std::lock_guard<std::mutex> turn(launch_lock);
     if (stack_pool.empty())
@@ -279,21 +311,24 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
     b.warps.resize((threads + 31) / 32);
     b.smem.resize(smem_bytes + 16);
     blockDim = block, gridDim = grid;
+    b.reverse = reverse_order();
     running = &b;
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx = {x, y, z};
-                // shared memory starts as garbage (NaN as floats), as a GPU's does not start as zeros
-                memset(b.smem.data(), 0xff, b.smem.size());
-                for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i], i), b.done[i] = 0, b.wait_on[i] = nullptr;
-                for (size_t w = 0; w < b.warps.size(); w++)
-                    b.warps[w] = warp_state(), b.warps[w].alive = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
-                b.alive = (unsigned)threads, b.arrived = 0, b.generation = 0;
-                b.current = 0;
-                threadIdx = b.thread_index[0];
-                emu_switch(&b.scheduler_sp, b.sp[0]); // back when every fiber is done
-            }
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long k = 0; k < blocks; k++) {
+        const unsigned long long at = b.reverse ? blocks - 1 - k : k;
+        blockIdx = {(unsigned)(at % grid.x), (unsigned)(at / grid.x % grid.y), (unsigned)(at / ((unsigned long long)grid.x * grid.y))};
+        // shared memory starts as garbage (NaN as floats), as a GPU's does not start as zeros
+        memset(b.smem.data(), 0xff, b.smem.size());
+        b.serial = ++blocks_run;
+        for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i], i), b.done[i] = 0, b.wait_on[i] = nullptr;
+        for (size_t w = 0; w < b.warps.size(); w++)
+            b.warps[w] = warp_state(), b.warps[w].alive = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
+        b.alive = (unsigned)threads, b.arrived = 0, b.generation = 0;
+        const unsigned first = b.reverse ? (unsigned)threads - 1 : 0;
+        b.current = first;
+        threadIdx = b.thread_index[first];
+        emu_switch(&b.scheduler_sp, b.sp[first]); // back when every fiber is done
+    }
     running = nullptr;
 }
 

@@ -7,14 +7,21 @@
                     [emu_args = std::make_tuple(args)] { std::apply(... kernel(emu_arg...) ..., emu_args); });
   extern __shared__ [__align__(n)] T name[];
       -> T *name = reinterpret_cast<T *>(emu_dynamic_smem());
+  __shared__ T name[N];
+      -> static T name[N]; emu_fresh_shared(name, sizeof name);
+         (one array for the launch, since launches take turns; NaN bytes again for each block,
+         as a GPU's shared memory does not carry one block's values over to the next)
 
 Everything else is left as it is, line for line (a launch keeps its line breaks), so that the
-compiler's messages point at the right lines of the original. Usage: cuda_to_host.py IN.cu OUT.cpp
+compiler's messages point at the right lines of the original. A .cuh is rewritten the same way,
+beside the .cpp files that include it, so that their #include "x.cuh" finds the rewritten one.
+Usage: cuda_to_host.py IN.cu OUT.cpp
 """
 import re
 import sys
 
 SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+((?:__align__\(\s*\d+\s*\)\s+)?[A-Za-z_][\w\s]*?)\s+(\w+)\s*(\[[^\]]+\])\s*;")
 
 
 def split_top_level(text):
@@ -109,6 +116,7 @@ def main():
     with open(source, encoding="utf-8") as f:
         src = f.read()
     src = SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = reinterpret_cast<{m.group(1)} *>(emu_dynamic_smem());", src)
+    src = STATIC_SHARED.sub(lambda m: f"static {m.group(1)} {m.group(2)}{m.group(3)}; emu_fresh_shared({m.group(2)}, sizeof {m.group(2)});", src)
     src = rewrite_launches(src)
     with open(target, "w", encoding="utf-8") as f:
         f.write(f'#line 1 "{source}"\n')

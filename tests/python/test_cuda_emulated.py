@@ -1,12 +1,13 @@
 """The programs with --device cuda on the CUDA backend built for the host (build/emu/libessence-cuda.so,
 tests/emulate/), against --device cpu: the second section of tests/gpu/run.sh at sizes a CPU can emulate.
 essence-extract's teacher.h5 (tiny-llama3, layers 0, 2, 4) within 2e-2 of the CPU's (essence-inspect compare), and the
-same bits with the emulated streams run in another order;
+same bits with the emulated streams, blocks and threads run in other orders;
 essence-project's student.h5 at fp32 and bf16 within 1e-2 and 2e-2; essence-eval's greedy generations of both tiny
 models against transformers' goldens (tests/gpu/eval_vs_golden.py); 8 steps of essence-align (tiny-qwen2, CE and
 latent terms) with losses within 2% of the CPU's step by step, and each device's step-4 checkpoint continued on the
 other within 2% of the uninterrupted run; two MPI ranks sharing the (emulated) device, with and without --zero1,
-against one rank with twice the batch (tests/gpu/ranks_parity.py; --zero1 the same bits). No run may print HDF5's
+against one rank with twice the batch (tests/gpu/ranks_parity.py; --zero1 the same bits), and that one rank's
+training in the other orders the same bits. No run may print HDF5's
 error traces. What this checks is the backend's logic and the stages' use of it (layer
 streams, overlapped downloads, checkpoints across devices); a GPU's own behaviour is tests/gpu/run.sh's."""
 import json
@@ -26,13 +27,15 @@ MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
 GPU_TOOLS = os.path.join(ROOT, "tests", "gpu")
 
 
-def run(program, *args, ranks=0, order="lazy"):
-    """One of our programs on the emulated backend, its streams in `order` (tests/emulate/runtime.cpp)."""
-    env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND, "ESSENCE_EMU_STREAMS": order}
+def run(program, *args, ranks=0, order="lazy", threads="forward"):
+    """One of our programs on the emulated backend, its streams in `order` (tests/emulate/runtime.cpp)
+    and each launch's blocks and threads in `threads` order (tests/emulate/cuda_host.cpp)."""
+    env = {**os.environ, "ESSENCE_CUDA_BACKEND": BACKEND, "ESSENCE_EMU_STREAMS": order, "ESSENCE_EMU_THREADS": threads}
     command = [os.path.join(BUILD, program), *args]
     if ranks:  # under Open MPI, the ranks on this machine
         env = mpi_env(env)
-        command = [shutil.which("mpirun"), "-np", str(ranks), "-x", "ESSENCE_CUDA_BACKEND", "-x", "ESSENCE_EMU_STREAMS", *command]
+        command = [shutil.which("mpirun"), "-np", str(ranks), "-x", "ESSENCE_CUDA_BACKEND", "-x", "ESSENCE_EMU_STREAMS",
+                   "-x", "ESSENCE_EMU_THREADS", *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -42,6 +45,10 @@ def tool(script, *args):
 
 def tail(result):
     return (result.stdout + result.stderr).strip()[-600:]
+
+
+def same_bytes(a, b):
+    return os.path.exists(a) and os.path.exists(b) and open(a, "rb").read() == open(b, "rb").read()
 
 
 def check(name, result):
@@ -75,13 +82,15 @@ def main():
                                                  "--batch-tokens", "512", "--out", path(f"teacher_{dev}.h5"), "--device", dev))
         check("emulated_extract_cuda_vs_cpu", run("essence-inspect", "compare", path("teacher_cuda.h5"), path("teacher_cpu.h5"),
                                                   "--tol", "2e-2"))
-        # the other order of the streams: the copies to the host and the writer thread see the
-        # stored layers in another interleaving, and the file has the same bits
-        check("emulated_extract_cuda_eager", run("essence-extract", "--model", teacher, "--data", data, "--layers", "0,2,4",
-                                                 "--batch-tokens", "512", "--out", path("teacher_cuda_eager.h5"), "--device", "cuda",
-                                                 order="eager"))
-        check("emulated_extract_cuda_eager_same_bits", run("essence-inspect", "compare", path("teacher_cuda_eager.h5"),
-                                                           path("teacher_cuda.h5")))
+        # the other order of the streams, and of every launch's blocks and threads: the copies to
+        # the host and the writer thread see the stored layers in another interleaving, a kernel
+        # missing a barrier reads what another thread has not written yet, and the file has the
+        # same bits
+        check("emulated_extract_cuda_other_order", run("essence-extract", "--model", teacher, "--data", data, "--layers", "0,2,4",
+                                                       "--batch-tokens", "512", "--out", path("teacher_cuda_other.h5"),
+                                                       "--device", "cuda", order="eager", threads="reverse"))
+        check("emulated_extract_cuda_other_order_same_bits", run("essence-inspect", "compare", path("teacher_cuda_other.h5"),
+                                                                 path("teacher_cuda.h5")))
         for dev in ("cpu", "cuda"):
             for precision in ("fp32", "bf16"):
                 check(f"emulated_project_{dev}_{precision}",
@@ -129,16 +138,21 @@ def main():
         ranks = ["--model", student, "--data", path("student_cpu_fp32.h5"), "--steps", "4", "--save-every", "0", "--eval-every", "0",
                  "--ce-weight", "0.5", "--device", "cuda"]
         check("emulated_align_one_rank_2b", run("essence-align", *ranks, "--batch-tokens", "512", "--out", path("ranks_1")))
+        # the same run in the other orders (streams, blocks, threads): the training kernels' bits do
+        # not depend on the schedule
+        check("emulated_align_other_order", run("essence-align", *ranks, "--batch-tokens", "512", "--out", path("ranks_1_other"),
+                                                order="eager", threads="reverse"))
+        state = os.path.join("checkpoint-4", "essence-state", "state.safetensors")
+        report("emulated_align_other_order_same_bits", same_bytes(path("ranks_1", state), path("ranks_1_other", state)),
+               "the weights and moments trained in the other orders differ from the first run's (or are missing)")
         for name, extra in (("ranks_2", []), ("ranks_2_zero1", ["--zero1"])):
             result = run("essence-align", *ranks, "--batch-tokens", "256", "--out", path(name), *extra, ranks=2)
             report(f"emulated_align_{name}", result.returncode == 0 and "sum through MPI on the host" in result.stderr,
                    f"rc {result.returncode}: {tail(result)}")
         check("emulated_align_two_ranks_vs_one",
               tool("ranks_parity.py", path("ranks_2", "checkpoint-4"), path("ranks_1", "checkpoint-4"), student))
-        state = os.path.join("checkpoint-4", "essence-state", "state.safetensors")
-        same = open(path("ranks_2", state), "rb").read() == open(path("ranks_2_zero1", state), "rb").read() \
-            if os.path.exists(path("ranks_2", state)) and os.path.exists(path("ranks_2_zero1", state)) else False
-        report("emulated_align_zero1_same_bits", same, "the --zero1 run's state differs from the replicated run's (or is missing)")
+        report("emulated_align_zero1_same_bits", same_bytes(path("ranks_2", state), path("ranks_2_zero1", state)),
+               "the --zero1 run's state differs from the replicated run's (or is missing)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

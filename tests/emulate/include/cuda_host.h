@@ -12,8 +12,9 @@
  * host touching a buffer before its copy is done, sees other data. A launch runs the grid's blocks one
  * after another on the host thread that waits, each CUDA thread of a block a fiber with its own stack,
  * switched at __syncthreads and at warp instructions (which meet per warp: every lane posts its
- * operands, then each computes its own result). Launches take turns, so
- * a function-local `static` is a block's shared memory. Device memory is host memory, tracked so that cudaPointerGetAttributes
+ * operands, then each computes its own result); blocks and threads from the first or from the last
+ * ($ESSENCE_EMU_THREADS: cuda_host.cpp). Launches take turns, so a function-local `static` is a
+ * block's shared memory (made NaN again for each block: emu_fresh_shared). Device memory is host memory, tracked so that cudaPointerGetAttributes
  * can tell it from host memory. */
 #ifndef ES_TESTS_EMULATE_CUDA_HOST_H
 #define ES_TESTS_EMULATE_CUDA_HOST_H
@@ -101,6 +102,9 @@ inline unsigned long long atomicMin(unsigned long long *p, unsigned long long va
     return old;
 }
 unsigned char *emu_dynamic_smem();
+/* A static __shared__ array (rewritten by cuda_to_host.py): NaN bytes at the first thread of each
+ * block that declares it. */
+void emu_fresh_shared(void *array, size_t bytes);
 
 /* The emulated mma.sync / ldmatrix of kernels/cuda/flash.cuh (built with ES_CUDA_HOST_EMULATION). */
 void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed);
