@@ -1,8 +1,8 @@
 // The emulated cuBLASLt: the part of it kernels/cuda/gemm*.cu uses.
 //
 // The product itself in fp32, k in order, from operands decoded to float (tf32: rounded to 10
-// mantissa bits first). The heuristic offers one algorithm where every operand is aligned to its
-// element (the alignment the caller says, and each column's); the algorithm remembers the
+// mantissa bits first). The heuristic offers no algorithm for fp8 inputs outside cuBLASLt's fp8 rules
+// (fp8_shape_supported), else one where every operand is aligned to its element (the alignment the caller says, and each column's); the algorithm remembers the
 // alignment it was chosen for (up to 16 bytes) and a product on less aligned pointers fails, as
 // on a GPU.
 #include "emulation.h"
@@ -100,6 +100,14 @@ static bool shapes_agree(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cu
     return a_rows == m && b_rows == k && b_cols == n && c->rows == m && c->cols == n && a->type == b->type && d->type == CUDA_R_32F;
 }
 
+// cublasLtMatmul's rules for fp8 inputs on sm_89 / sm_90 (sm_100 relaxes the first): A transposed
+// and B not (the "TN" form), and the dimensions k and m (and so the leading dimensions) multiples of
+// 16; n, the tokens here, may be anything.
+static bool fp8_shape_supported(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t d) {
+    const uint64_t k = desc->transa == CUBLAS_OP_N ? a->cols : a->rows;
+    return desc->transa == CUBLAS_OP_T && desc->transb == CUBLAS_OP_N && k % 16 == 0 && d->rows % 16 == 0;
+}
+
 static uint32_t algorithm_alignment(cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d,
                                     const uint32_t *preferred) {
     uint32_t alignment = 16;
@@ -118,6 +126,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
                                               int *returned) {
     *returned = 0;
     if (!shapes_agree(desc, a, b, c, d)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (a->type == CUDA_R_8F_E4M3 && !fp8_shape_supported(desc, a, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
     const uint32_t alignment = algorithm_alignment(a, b, d, pref->alignment);
     if (alignment < element_bytes(a->type) || requested < 1) return CUBLAS_STATUS_NOT_SUPPORTED;
     memset(&results[0], 0, sizeof results[0]);
@@ -201,6 +210,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
                               cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t *algo, void *,
                               size_t, cudaStream_t stream) {
     if (!shapes_agree(desc, a, b, c, d)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (a->type == CUDA_R_8F_E4M3 && !fp8_shape_supported(desc, a, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
     const uintptr_t need = algo ? algo->data[0] : 16;
     if (need && (((uintptr_t)A | (uintptr_t)B | (uintptr_t)D | (uintptr_t)C) % need)) return CUBLAS_STATUS_INVALID_VALUE;
     const float alpha = *(const float *)alpha_ptr, beta = *(const float *)beta_ptr;
