@@ -30,10 +30,13 @@ inline uint32_t pack_bf16(float lo, float hi) { return (uint32_t)emu_bf16_round(
 inline void store_bf16x4(uint16_t *p, float4 x) {
     p[0] = emu_bf16_round(x.x), p[1] = emu_bf16_round(x.y), p[2] = emu_bf16_round(x.z), p[3] = emu_bf16_round(x.w);
 }
-inline void ldsm_x4(uint32_t (&r)[4], uint32_t address) { emu_ldmatrix_x4(r, address, false); }
-inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) { emu_ldmatrix_x4(r, address, true); }
+// (each call's line goes along: the emulation checks that a warp's lanes meet at the same one)
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t address, int line = __builtin_LINE()) { emu_ldmatrix_x4(r, address, false, line); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address, int line = __builtin_LINE()) { emu_ldmatrix_x4(r, address, true, line); }
 inline void prefetch_l2(const void *) {}
-inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma_bf16(d, a, b0, b1); }
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int line = __builtin_LINE()) {
+    emu_mma_bf16(d, a, b0, b1, line);
+}
 #else
 __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char smem[];

@@ -58,10 +58,11 @@ constexpr unsigned kMaxThreads = 1024;
 // waits for it), so the next instruction's posts never overwrite what a slow lane still reads.
 struct posted {
     uint32_t words[32][8];
-    float values[32];
+    double values[32];
+    int site[32]; // the line of the kernel each lane called the instruction from
 };
 struct warp_state {
-    unsigned arrived = 0, generation = 0, alive = 0;
+    unsigned arrived = 0, generation = 0, alive = 0, lanes = 0; // lanes: launched
     posted slots[2];
 };
 
@@ -135,8 +136,11 @@ void run_next() {
 void release_block_if_met(block_state *b) {
     if (b->arrived && b->arrived >= b->alive) b->arrived = 0, b->generation++;
 }
-void release_warp_if_met(warp_state &w) {
-    if (w.arrived && w.arrived >= w.alive) w.arrived = 0, w.generation++;
+
+[[noreturn]] void warp_fault(const char *what) {
+    fprintf(stderr, "emulated kernel: warp %u of block (%u, %u, %u): %s\n", running->current / 32, blockIdx.x, blockIdx.y,
+            blockIdx.z, what);
+    abort();
 }
 
 extern "C" [[noreturn]] void emu_fiber_main() {
@@ -145,9 +149,9 @@ extern "C" [[noreturn]] void emu_fiber_main() {
     b = running;
     b->done[b->current] = 1, b->alive--;
     warp_state &w = b->warps[b->current / 32];
+    if (w.arrived) warp_fault("a lane exited while others of its warp wait at a warp instruction");
     w.alive--;
     release_block_if_met(b);
-    release_warp_if_met(w);
     run_next();
     abort(); // never resumed
 }
@@ -170,11 +174,21 @@ void *new_stack(char *base, unsigned fiber) {
 warp_state &my_warp() { return running->warps[running->current / 32]; }
 int my_lane() { return (int)(running->current % 32); }
 
-void warp_sync() {
+// The lanes of the warp meet at a warp instruction (every one: the kernels' masks are all full, and
+// the .aligned instructions want every lane), each having posted its operands, and where it called
+// from (a source line: a return address would not do, as the compiler may copy one call into both
+// arms of a branch), in the slot of this generation. A lane that exited, or lanes that meet from
+// different lines (a diverged warp), are a kernel's bug that a GPU need not show: here they stop it.
+void warp_sync(int site) {
     block_state *b = running;
     warp_state &w = b->warps[b->current / 32];
+    if (w.alive < w.lanes) warp_fault("a warp instruction after a lane of the warp exited");
     const unsigned generation = w.generation;
+    posted &p = w.slots[generation & 1];
+    p.site[b->current % 32] = site;
     if (++w.arrived >= w.alive) { // the last to arrive goes on in its turn, not first (see reverse_order())
+        for (unsigned l = 1; l < w.lanes; l++)
+            if (p.site[l] != p.site[0]) warp_fault("its lanes met at different warp instructions (a diverged warp)");
         w.arrived = 0, w.generation++;
         run_next();
         return;
@@ -213,29 +227,40 @@ void emu_fresh_shared(void *array, size_t bytes) {
     memset(array, 0xff, bytes);
 }
 
-float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-    warp_state &w = my_warp();
-    const int lane = my_lane();
-    posted &p = w.slots[w.generation & 1];
-    p.values[lane] = value;
-    warp_sync();
-    return p.values[lane ^ lane_mask];
+static void full_mask(unsigned mask) {
+    if (mask != 0xffffffffu) warp_fault("a warp instruction with a partial mask (not emulated)");
 }
 
-bool __any_sync(unsigned, bool predicate) {
+static double shuffle_xor(unsigned mask, double value, int lane_mask, int site) {
+    full_mask(mask);
+    warp_state &w = my_warp();
+    const int lane = my_lane();
+    if (lane_mask < 0 || lane_mask > 31 || (unsigned)(lane ^ lane_mask) >= w.lanes) warp_fault("a shuffle from a lane the warp lacks");
+    posted &p = w.slots[w.generation & 1];
+    p.values[lane] = value;
+    warp_sync(site);
+    return p.values[lane ^ lane_mask];
+}
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int line) {
+    return (float)shuffle_xor(mask, value, lane_mask, line);
+}
+double __shfl_xor_sync(unsigned mask, double value, int lane_mask, int line) { return shuffle_xor(mask, value, lane_mask, line); }
+
+bool __any_sync(unsigned mask, bool predicate, int line) {
+    full_mask(mask);
     warp_state &w = my_warp();
     posted &p = w.slots[w.generation & 1];
     p.words[my_lane()][0] = predicate;
-    warp_sync();
+    warp_sync(line);
     bool any = false;
-    for (unsigned l = 0; l < 32; l++) any = any || p.words[l][0];
+    for (unsigned l = 0; l < w.lanes; l++) any = any || p.words[l][0];
     return any;
 }
 
 // ldmatrix .x4: lane l names row l % 8 of matrix l / 8; lane l receives, of each matrix i, row
 // l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (low half first), or transposed, rows 2 (l % 4) and
 // 2 (l % 4) + 1 of column l / 4.
-void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
+void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed, int line) {
     warp_state &w = my_warp();
     const int lane = my_lane();
     if (address % 16 || address + 16 > running->smem.size()) {
@@ -245,7 +270,7 @@ void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
     }
     posted &p = w.slots[w.generation & 1];
     p.words[lane][0] = address;
-    warp_sync();
+    warp_sync(line);
     const unsigned char *smem = running->smem.data();
     auto half_at = [&](uint32_t at) {
         uint16_t h;
@@ -266,13 +291,13 @@ void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
 // mma.sync m16n8k16 bf16 -> fp32: lane l (g = l / 4, t = l % 4) holds A rows g, g + 8 at columns
 // 2t, 2t + 1 (a0 a1) and 2t + 8, 2t + 9 (a2 a3), B column g at rows 2t, 2t + 1 (b0) and 2t + 8,
 // 2t + 9 (b1), and D rows g, g + 8 at columns 2t, 2t + 1. The k-sum in fp32, in k order.
-void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int line) {
     warp_state &w = my_warp();
     const int lane = my_lane();
     posted &p = w.slots[w.generation & 1];
     for (int i = 0; i < 4; i++) p.words[lane][i] = a[i];
     p.words[lane][4] = b0, p.words[lane][5] = b1;
-    warp_sync();
+    warp_sync(line);
     auto value = [](uint32_t bits, int high) { return __uint_as_float((high ? bits >> 16 : bits & 0xffff) << 16); };
     const int g = lane / 4, t = lane % 4;
     for (int e = 0; e < 4; e++) { // d is this lane's own: the others read only what was posted
@@ -322,7 +347,7 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
         b.serial = ++blocks_run;
         for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i], i), b.done[i] = 0, b.wait_on[i] = nullptr;
         for (size_t w = 0; w < b.warps.size(); w++)
-            b.warps[w] = warp_state(), b.warps[w].alive = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
+            b.warps[w] = warp_state(), b.warps[w].alive = b.warps[w].lanes = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
         b.alive = (unsigned)threads, b.arrived = 0, b.generation = 0;
         const unsigned first = b.reverse ? (unsigned)threads - 1 : 0;
         b.current = first;

@@ -93,8 +93,10 @@ inline void sincospif(float x, float *s, float *c) {
 /* ---- the block's threads: barriers, warp instructions, atomics ---------------------------------- */
 
 void __syncthreads();
-float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
-bool __any_sync(unsigned mask, bool predicate);
+/* The warp instructions take their caller's line (__builtin_LINE()), where lanes of one warp must meet. */
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int line = __builtin_LINE());
+double __shfl_xor_sync(unsigned mask, double value, int lane_mask, int line = __builtin_LINE());
+bool __any_sync(unsigned mask, bool predicate, int line = __builtin_LINE());
 /* The fibers of a block take turns only at the calls above, so an atomic is a plain update. */
 inline unsigned long long atomicMin(unsigned long long *p, unsigned long long value) {
     const unsigned long long old = *p;
@@ -107,8 +109,8 @@ unsigned char *emu_dynamic_smem();
 void emu_fresh_shared(void *array, size_t bytes);
 
 /* The emulated mma.sync / ldmatrix of kernels/cuda/flash.cuh (built with ES_CUDA_HOST_EMULATION). */
-void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed);
-void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed, int line);
+void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int line);
 
 /* ---- the runtime -------------------------------------------------------------------------------- */
 
