@@ -72,6 +72,7 @@ struct block_state {
     std::vector<unsigned char> done;  // each fiber's
     std::vector<const unsigned *> wait_on; // each fiber's barrier generation it waits to change, or null
     std::vector<unsigned> wait_generation;
+    std::vector<int> barrier_line;    // each fiber's __syncthreads, the line of the kernel it is at
     std::vector<uint3> thread_index;  // each fiber's threadIdx, worked out once a launch
     std::vector<warp_state> warps;
     unsigned current = 0, alive = 0, arrived = 0, generation = 0;
@@ -133,8 +134,23 @@ void run_next() {
     emu_switch(&unused, b->scheduler_sp);
 }
 
+// Every live thread of the block at the barrier: they must be at the same one (a __syncthreads in a
+// branch that only some threads take is undefined on a GPU); then it opens.
+void release_block(block_state *b) {
+    int line = -1;
+    for (size_t i = 0; i < b->sp.size(); i++) {
+        if (b->done[i]) continue;
+        if (line < 0) line = b->barrier_line[i];
+        if (b->barrier_line[i] != line) {
+            fprintf(stderr, "emulated kernel: block (%u, %u, %u): its threads met at __syncthreads on different lines (%d, %d)\n",
+                    blockIdx.x, blockIdx.y, blockIdx.z, line, b->barrier_line[i]);
+            abort();
+        }
+    }
+    b->arrived = 0, b->generation++;
+}
 void release_block_if_met(block_state *b) {
-    if (b->arrived && b->arrived >= b->alive) b->arrived = 0, b->generation++;
+    if (b->arrived && b->arrived >= b->alive) release_block(b);
 }
 
 [[noreturn]] void warp_fault(const char *what) {
@@ -205,11 +221,12 @@ std::map<const void *, int> &dynamic_smem_limits() { // cudaFuncAttributeMaxDyna
 
 } // namespace
 
-void __syncthreads() {
+void __syncthreads(int line) {
     block_state *b = running;
     const unsigned generation = b->generation;
+    b->barrier_line[b->current] = line;
     if (++b->arrived >= b->alive) { // the last to arrive goes on in its turn, not first (see reverse_order())
-        b->arrived = 0, b->generation++;
+        release_block(b);
         run_next();
         return;
     }
@@ -331,6 +348,7 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
     b.done.resize(threads);
     b.wait_on.resize(threads);
     b.wait_generation.resize(threads);
+    b.barrier_line.resize(threads);
     b.thread_index.resize(threads);
     for (unsigned i = 0; i < threads; i++) b.thread_index[i] = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
     b.warps.resize((threads + 31) / 32);

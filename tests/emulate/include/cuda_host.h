@@ -92,7 +92,7 @@ inline void sincospif(float x, float *s, float *c) {
 
 /* ---- the block's threads: barriers, warp instructions, atomics ---------------------------------- */
 
-void __syncthreads();
+void __syncthreads(int line = __builtin_LINE()); /* threads of a block must meet at one line */
 /* The warp instructions take their caller's line (__builtin_LINE()), where lanes of one warp must meet. */
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int line = __builtin_LINE());
 double __shfl_xor_sync(unsigned mask, double value, int lane_mask, int line = __builtin_LINE());
