@@ -16,9 +16,12 @@
 // one; tests run under lazy and eager.
 #include "emulation.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <deque>
 #include <map>
@@ -48,6 +51,62 @@ bool within(const std::map<uintptr_t, size_t> &allocations, const void *ptr) {
 
 bool device_range(const void *ptr, size_t bytes) {
     return within(device_allocations, ptr) && within(device_allocations, (const char *)ptr + bytes - 1);
+}
+
+// Device memory between guard pages: an allocation ends (rounded up to 256 bytes, as cudaMalloc's
+// alignment keeps it) where an inaccessible page begins, and another lies before its first page, so
+// a kernel reading or writing past an allocation by more than that rounding faults at once, where
+// a GPU may read another buffer's values or fault later ("an illegal memory access").
+struct guarded {
+    char *base;
+    size_t span;
+};
+std::map<uintptr_t, guarded> guarded_mappings; // start -> its mapping
+struct sigaction earlier_segv;
+
+void on_segv(int sig, siginfo_t *info, void *context) {
+    const uintptr_t at = (uintptr_t)info->si_addr;
+    for (const auto &m : guarded_mappings) // (the process is ending: this need not be async-signal-safe)
+        if (at >= (uintptr_t)m.second.base && at < (uintptr_t)m.second.base + m.second.span) {
+            fprintf(stderr,
+                    "emulated CUDA: an access at %p, %lld bytes from the device allocation at %p, outside it (in block "
+                    "(%u, %u, %u), thread (%u, %u, %u) if a kernel was running)\n",
+                    info->si_addr, (long long)(at - m.first), (void *)m.first, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x,
+                    threadIdx.y, threadIdx.z);
+            break;
+        }
+    sigaction(SIGSEGV, &earlier_segv, nullptr); // the fault happens again, as it would have
+    (void)sig, (void)context;
+}
+
+void *guarded_alloc(size_t bytes) {
+    static const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    static const bool handler = [] {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = on_segv;
+        action.sa_flags = SA_SIGINFO;
+        sigemptyset(&action.sa_mask);
+        return sigaction(SIGSEGV, &action, &earlier_segv) == 0;
+    }();
+    (void)handler;
+    const size_t body = (std::max<size_t>(bytes, 1) + 255) / 256 * 256, pages = (body + page - 1) / page * page;
+    const size_t span = pages + 2 * page;
+    char *base = (char *)mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    if (mprotect(base + page, pages, PROT_READ | PROT_WRITE)) {
+        munmap(base, span);
+        return nullptr;
+    }
+    char *p = base + page + pages - body;
+    guarded_mappings[(uintptr_t)p] = {base, span};
+    return p;
+}
+void guarded_free(void *p) {
+    auto it = guarded_mappings.find((uintptr_t)p);
+    if (it == guarded_mappings.end()) return;
+    munmap(it->second.base, it->second.span);
+    guarded_mappings.erase(it);
 }
 
 } // namespace
@@ -269,7 +328,7 @@ cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     *ptr = nullptr;
     std::lock_guard<std::mutex> hold(memory_lock);
     if (device_bytes_in_use + bytes > kDeviceMemory) return cudaErrorMemoryAllocation;
-    void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    void *p = guarded_alloc(bytes);
     if (!p) return cudaErrorMemoryAllocation;
     memset(p, 0xff, bytes); // device memory starts as garbage, not zeros
     device_allocations[(uintptr_t)p] = bytes, device_bytes_in_use += bytes;
@@ -284,7 +343,7 @@ cudaError_t cudaFree(void *ptr) { // waits for the device first, as CUDA's does
     if (it == device_allocations.end()) return cudaErrorInvalidValue;
     device_bytes_in_use -= it->second;
     device_allocations.erase(it);
-    free(ptr);
+    guarded_free(ptr);
     return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned) {
