@@ -28,6 +28,7 @@ inline unsigned char *dynamic_smem() { return emu_dynamic_smem(); }
 inline uint32_t smem_address(const void *p) { return (uint32_t)((const unsigned char *)p - emu_dynamic_smem()); }
 inline uint32_t pack_bf16(float lo, float hi) { return (uint32_t)emu_bf16_round(lo) | (uint32_t)emu_bf16_round(hi) << 16; }
 inline void store_bf16x4(uint16_t *p, float4 x) {
+    emu_check_aligned(p, 8); // the GPU's store is one 8-byte uint2
     p[0] = emu_bf16_round(x.x), p[1] = emu_bf16_round(x.y), p[2] = emu_bf16_round(x.z), p[3] = emu_bf16_round(x.w);
 }
 // (each call's line goes along: the emulation checks that a warp's lanes meet at the same one)

@@ -236,6 +236,12 @@ void __syncthreads(int line) {
 
 unsigned char *emu_dynamic_smem() { return running->smem.data(); }
 
+void emu_misaligned(const void *p, size_t alignment) {
+    fprintf(stderr, "emulated kernel: block (%u, %u, %u), thread (%u, %u, %u): a vector access at %p, not aligned to %zu bytes\n",
+            blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, p, alignment);
+    abort();
+}
+
 void emu_fresh_shared(void *array, size_t bytes) {
     static std::map<void *, unsigned long long> poisoned_in; // array -> the block that last made it NaN
     unsigned long long &block = poisoned_in[array];

@@ -7,6 +7,8 @@
                     [emu_args = std::make_tuple(args)] { std::apply(... kernel(emu_arg...) ..., emu_args); });
   extern __shared__ [__align__(n)] T name[];
       -> T *name = reinterpret_cast<T *>(emu_dynamic_smem());
+  reinterpret_cast<[const] float2/float4/uint2/uint4 *>(p)
+      -> emu_vector_cast<...>(p), which stops the kernel where p is not aligned to the type's size
   __shared__ T name[N];
       -> static T name[N]; emu_fresh_shared(name, sizeof name);
          (one array for the launch, since launches take turns; NaN bytes again for each block,
@@ -21,6 +23,7 @@ import re
 import sys
 
 SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+VECTOR_CAST = re.compile(r"reinterpret_cast<(\s*(?:const\s+)?(?:float2|float4|uint2|uint4)\s*\*\s*)>")
 STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+((?:__align__\(\s*\d+\s*\)\s+)?[A-Za-z_][\w\s]*?)\s+(\w+)\s*(\[[^\]]+\])\s*;")
 
 
@@ -117,6 +120,7 @@ def main():
         src = f.read()
     src = SHARED.sub(lambda m: f"{m.group(1)} *{m.group(2)} = reinterpret_cast<{m.group(1)} *>(emu_dynamic_smem());", src)
     src = STATIC_SHARED.sub(lambda m: f"static {m.group(1)} {m.group(2)}{m.group(3)}; emu_fresh_shared({m.group(2)}, sizeof {m.group(2)});", src)
+    src = VECTOR_CAST.sub(r"emu_vector_cast<\1>", src)
     src = rewrite_launches(src)
     with open(target, "w", encoding="utf-8") as f:
         f.write(f'#line 1 "{source}"\n')

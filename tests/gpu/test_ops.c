@@ -1,6 +1,7 @@
 /* GPU check (tests/gpu/run.sh, on a GPU machine): every op of the CUDA backend over the op
  * harness's grid (tests/ops/, docs/ops-harness.md), against the double reference and against the
- * CPU backend, with the row-independence check on CUDA. Prints "SKIP ops_cuda: <why>" when no
+ * CPU backend, with the row-independence check on CUDA, then against the reference again with every
+ * buffer off its allocation's 16-byte alignment (harness_options.offset). Prints "SKIP ops_cuda: <why>" when no
  * CUDA device opens (no GPU, no driver, or no CUDA backend library). Training ops the CUDA table
  * leaves NULL print SKIP lines (issue 14).
  *
@@ -42,6 +43,9 @@ int main(void) {
     } else {
         failures += harness_run(cuda, cpu, &options, NULL);
         failures += harness_check_rows(cuda, &options);
+        /* the grid again with every buffer off its 16-byte alignment: the vector paths' fallbacks */
+        options.offset = 1;
+        failures += harness_run(cuda, NULL, &options, NULL);
     }
     harness_cache_destroy(options.cache);
     es_device_close(cpu);

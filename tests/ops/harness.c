@@ -143,6 +143,9 @@ hcase *harness_case(harness_cache *cache, const op_spec *op, int index) {
 
 /* ---- moving data through a device ----------------------------------------------------------- */
 
+/* harness_options.offset of the run in progress (the cases' calls reach ds_put without options) */
+static int offset_buffers;
+
 void ds_begin(dscope *s, es_device *dev, es_error *err) {
     memset(s, 0, sizeof *s);
     s->dev = dev, s->err = err;
@@ -153,9 +156,11 @@ void *ds_put(dscope *s, const void *host, size_t bytes) {
         es_fail(s->err, ES_ERR_RUNTIME, "harness: more than %d buffers in one call", DS_MAX);
         return NULL;
     }
-    void *p;
-    if (es_device_alloc(s->dev, bytes, &p, "an op test's buffer", s->err)) return NULL;
-    s->ptr[s->n] = p, s->bytes[s->n++] = bytes;
+    const size_t offset = !offset_buffers ? 0 : bytes % 8 == 0 ? 8 : bytes % 4 == 0 ? 4 : bytes % 2 == 0 ? 2 : 0;
+    void *allocated;
+    if (es_device_alloc(s->dev, bytes + offset, &allocated, "an op test's buffer", s->err)) return NULL;
+    s->ptr[s->n] = allocated, s->bytes[s->n++] = bytes + offset;
+    void *p = (char *)allocated + offset;
     if (host && es_device_upload(s->dev, p, host, bytes, s->err)) return NULL;
     return p;
 }
@@ -420,10 +425,12 @@ static void run_op(const op_spec *op, es_device *dev, es_device *other, const ha
     ranges(cache, op, grid, sizeof grid);
     res->worst = against_ref.worst, res->failed_shapes = against_ref.failed;
     res->status = against_ref.failed ? HARNESS_FAIL : HARNESS_PASS;
-    print_verdict(log, op->name, op->name, op->n_cases, grid, &against_ref, rep);
+    char own_name[96];
+    snprintf(own_name, sizeof own_name, "%s%s", op->name, opt->offset ? "_offset" : "");
+    print_verdict(log, own_name, own_name, op->n_cases, grid, &against_ref, rep);
     if (!other) return;
     char name[96], subject[300];
-    snprintf(name, sizeof name, "%s_vs_%s", op->name, other->ops->name);
+    snprintf(name, sizeof name, "%s_vs_%s%s", op->name, other->ops->name, opt->offset ? "_offset" : "");
     if (!versus) {
         rep->skipped++;
         if (log) fprintf(log, "SKIP %s: not implemented on %s\n", name, other->name);
@@ -446,11 +453,13 @@ int harness_run(es_device *dev, es_device *reference_device, const harness_optio
     }
     const op_spec *ops[HARNESS_MAX_OPS];
     const int n = harness_ops(ops, HARNESS_MAX_OPS);
+    offset_buffers = opt.offset;
     for (int i = 0; i < n; i++) {
         if (!selected(opt.only, ops[i]->name)) continue;
         run_op(ops[i], dev, reference_device, &opt, &rep->ops[rep->n_ops++], rep);
         if (opt.log) fflush(opt.log);
     }
+    offset_buffers = 0;
     harness_cache_destroy(own);
     return rep->failed;
 }

@@ -48,6 +48,11 @@ typedef struct harness_options {
     harness_cache *cache; /* NULL: one of its own for this run */
     const char *only;     /* NULL, or a comma-separated list of op names to run (e.g. from $ESSENCE_OPS) */
     int verbose;          /* also one line per shape with its nmse against the reference */
+    /* Every buffer the cases put on the device starts off its allocation's 256-byte alignment, by
+     * 8, 4 or 2 bytes (the most its size allows: its elements stay aligned), as a stage's row
+     * offsets into an arena may: an op's vector loads must see that and take their narrow path
+     * (on a GPU a misaligned vector load stops the kernel). The lines end "_offset". */
+    int offset;
 } harness_options;
 
 /* Runs every op of dev's table over the grid against the double reference, and, when

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 
 /* ---- what nvcc knows --------------------------------------------------------------------------- */
 
@@ -52,7 +53,7 @@ struct uint3 {
 extern uint3 threadIdx, blockIdx; // of the one launch running (launches take turns: emu_launch)
 extern dim3 blockDim, gridDim;
 
-struct float2 {
+struct alignas(8) float2 { /* CUDA's vector types are aligned to their size */
     float x, y;
 };
 struct alignas(16) float4 {
@@ -65,6 +66,18 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
 template <typename T> inline T __ldg(const T *p) { return *p; }
+
+/* A vector load or store (float2, float4, uint2, uint4) on a GPU needs an address aligned to its size,
+ * else the kernel stops with "misaligned address"; x86 would not mind. cuda_to_host.py rewrites the
+ * kernels' reinterpret_casts to these types into emu_vector_cast, which checks. */
+[[noreturn]] void emu_misaligned(const void *p, size_t alignment);
+inline void emu_check_aligned(const void *p, size_t alignment) {
+    if ((uintptr_t)p % alignment) emu_misaligned(p, alignment);
+}
+template <typename P, typename Q> inline P emu_vector_cast(Q *q) {
+    emu_check_aligned((const void *)q, alignof(typename std::remove_pointer<P>::type));
+    return reinterpret_cast<P>(q);
+}
 
 /* IEEE operations, rounded to nearest: plain C++ operations on the host (built with
  * -ffp-contract=off, so nothing is fused that the source did not fuse). */
