@@ -399,6 +399,7 @@ void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, c
         return;
     }
     // the grid runs in the stream's turn, from its own copy of the arguments
+    if (emu_dry()) return; // checked, not run
     emu_enqueue(stream, [grid, block, smem_bytes, threads, body] { run_grid(grid, block, smem_bytes, threads, body); });
 }
 

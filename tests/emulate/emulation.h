@@ -9,6 +9,13 @@
 void emu_enqueue(cudaStream_t stream, std::function<void()> work);
 /* Whether [ptr, ptr + bytes) lies in device memory. */
 bool emu_device_range(const void *ptr, size_t bytes);
+/* $ESSENCE_EMU_DRY=1: launches and products are checked as ever but not run, device memory is not
+ * filled, copies within the device and memsets over 1 MiB are skipped (copies to and from the host
+ * still happen: the host logic reads small tables back), and the device has an H100's 80 GiB. For
+ * running the programs sized for a GPU (tests/gpu/'s benchmarks) through every launch
+ * configuration, allocation and product shape they make, without the hours the kernels would
+ * take here; their results are garbage. */
+bool emu_dry();
 /* What the next cudaGetLastError of this host thread returns. */
 void emu_set_last_error(cudaError_t error);
 
