@@ -155,6 +155,14 @@ elif compgen -G "$BUILD/emu/test_*" >/dev/null; then
                 timeout 900 "$t"
         done
     done
+    # one Llama-70B layer over 4 x 4096 tokens, as tests/gpu/run.sh benchmarks it, in the dry mode
+    # (launches, products and allocations checked, nothing run): the launch limits at a GPU's sizes,
+    # which no tiny model reaches (tests/gpu/dry.sh runs the other benchmarks so)
+    if [ -x "$BUILD/gpu/bench_layer" ]; then
+        add "emulated-cuda[dry]:bench_layer" env ESSENCE_CUDA_BACKEND="$(cd "$BUILD" && pwd)/emu/libessence-cuda.so" ESSENCE_EMU_DRY=1 \
+            timeout 600 bash -c 'out=$(mktemp -d) && "$0" "$out" "$1"; rc=$?; rm -rf "$out"; [ $rc -eq 0 ] && echo "PASS dry_bench_layer"; exit $rc' \
+            "$BUILD/gpu/bench_layer" "$ROOT/tests/fixtures/configs/deepseek-r1-distill-llama-70b.config.json"
+    fi
 else
     skip "emulated-cuda: no $BUILD/emu/test_* (built on x86-64 where nvcc is found, which gives libessence its CUDA loader)"
 fi

@@ -43,6 +43,6 @@ cp -a /usr/lib/x86_64-linux-gnu/pmix2/. $ompi/pmix/
 tar -C "$CARRY" -cJf "$CARRY/ompi.tar.xz" ompi && rm -rf $ompi
 cp tests/gpu/eval_vs_golden.py tests/gpu/align_parity.py tests/gpu/ranks_parity.py "$CARRY/"
 cp "$SHARED/tools/gpu_baselines.py" "$SHARED/tools/gpu_offload_baselines.py" "$CARRY/"
-cp "$SHARED/fixtures/configs/deepseek-r1-distill-llama-70b.config.json" "$CARRY/llama70b/config.json"
-cp "$SHARED/fixtures/configs/deepseek-r1-distill-qwen-1.5b.config.json" "$CARRY/qwen1.5b/config.json"
+cp tests/fixtures/configs/deepseek-r1-distill-llama-70b.config.json "$CARRY/llama70b/config.json"
+cp tests/fixtures/configs/deepseek-r1-distill-qwen-1.5b.config.json "$CARRY/qwen1.5b/config.json"
 du -sh "$CARRY"
