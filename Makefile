@@ -177,7 +177,7 @@ $(EMU)/src/%.cpp: kernels/cuda/%.cu tests/emulate/cuda_to_host.py
 $(EMU_HDR): $(EMU)/src/%.cuh: kernels/cuda/%.cuh tests/emulate/cuda_to_host.py
 	@mkdir -p $(dir $@)
 	python3 tests/emulate/cuda_to_host.py $< $@
-$(EMU)/src/%.o: $(EMU)/src/%.cpp $(EMU_HDR)
+$(EMU)/src/%.o: $(EMU)/src/%.cpp | $(EMU_HDR) # (the .d files then name the headers each includes)
 	g++ $(EMU_CXXFLAGS) -c $< -o $@
 $(EMU)/obj/%.o: tests/emulate/%.cpp
 	@mkdir -p $(dir $@)

@@ -162,6 +162,8 @@ elif compgen -G "$BUILD/emu/test_*" >/dev/null; then
         add "emulated-cuda[dry]:bench_layer" env ESSENCE_CUDA_BACKEND="$(cd "$BUILD" && pwd)/emu/libessence-cuda.so" ESSENCE_EMU_DRY=1 \
             timeout 600 bash -c 'out=$(mktemp -d) && "$0" "$out" "$1"; rc=$?; rm -rf "$out"; [ $rc -eq 0 ] && echo "PASS dry_bench_layer"; exit $rc' \
             "$BUILD/gpu/bench_layer" "$ROOT/tests/fixtures/configs/deepseek-r1-distill-llama-70b.config.json"
+    else
+        skip "emulated-cuda[dry]: no $BUILD/gpu/bench_layer (built with the GPU checks where nvcc is found)"
     fi
 else
     skip "emulated-cuda: no $BUILD/emu/test_* (built on x86-64 where nvcc is found, which gives libessence its CUDA loader)"

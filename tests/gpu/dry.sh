@@ -44,15 +44,7 @@ else
 fi
 rm -rf "$OUT/qwen1.5b"
 # run.sh's extract end to end: 2 layers of the 70B shape (a 1024-token vocabulary), 32 x 4096 tokens
-python3 - "$configs/deepseek-r1-distill-llama-70b.config.json" "$OUT" <<'PY'
-import json, os, random, sys
-config = json.load(open(sys.argv[1])); config["vocab_size"] = 1024
-json.dump(config, open(os.path.join(sys.argv[2], "like.json"), "w"))
-random.seed(3)
-with open(os.path.join(sys.argv[2], "ids.jsonl"), "w") as f:
-    for i in range(32):
-        f.write(json.dumps({"id": f"e{i}", "ids": [random.randrange(1024) for _ in range(4096)]}) + "\n")
-PY
+python3 tests/gpu/e2e_inputs.py "$configs/deepseek-r1-distill-llama-70b.config.json" "$OUT"
 if build/essence-inspect mkmodel --like "$OUT/like.json" --layers 2 --out "$OUT/e2e" >"$OUT/mkmodel_e2e.log" 2>&1; then
     run extract_e2e build/essence-extract --model "$OUT/e2e" --data "$OUT/ids.jsonl" --layers 1,2 --batch-tokens 16384 \
         --max-seq 4096 --out "$OUT/teacher.h5" --device cuda

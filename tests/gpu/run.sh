@@ -62,15 +62,7 @@ fi
 # The end-to-end run's checkpoint (2 layers of the 70B shape, a 1024-token vocabulary, ~3.4 GB of
 # random weights) is written in the background meanwhile: it is host work.
 W=$WORK/work && mkdir -p "$W/e2e"
-python3 - "$CARRY/llama70b/config.json" "$W/e2e" <<'EOF'
-import json, os, random, sys
-config = json.load(open(sys.argv[1])); config["vocab_size"] = 1024
-json.dump(config, open(os.path.join(sys.argv[2], "like.json"), "w"))
-random.seed(3)
-with open(os.path.join(sys.argv[2], "ids.jsonl"), "w") as f:
-    for i in range(32):
-        f.write(json.dumps({"id": f"e{i}", "ids": [random.randrange(1024) for _ in range(4096)]}) + "\n")
-EOF
+python3 tests/gpu/e2e_inputs.py "$CARRY/llama70b/config.json" "$W/e2e"
 mkmodel=
 if wanted e2e; then
     "$BIN/essence-inspect" mkmodel --like "$W/e2e/like.json" --layers 2 --out "$W/e2e/model" >"$W/e2e/mkmodel.log" 2>&1 &
