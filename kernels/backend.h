@@ -88,7 +88,7 @@ typedef struct es_load_job {
 typedef struct es_workspace_plan {
     int tokens;            /* tokens per call (T) */
     int longest;           /* longest sequence */
-    int heads, head_dim;   /* attention */
+    int heads, kv_heads, head_dim; /* attention */
     int max_in, max_out;   /* widest input (C) and output (OC) of any matrix product */
     int latent_width;      /* latent MSE: C */
     int vocab, ce_width;   /* cross entropy: V, C */

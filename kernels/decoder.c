@@ -205,6 +205,7 @@ void es_decoder_plan(const es_decoder *d, es_workspace_plan *plan) {
     AT_LEAST(tokens, d->max_tokens);
     AT_LEAST(longest, d->max_seq);
     AT_LEAST(heads, c->n_heads);
+    AT_LEAST(kv_heads, c->n_kv_heads);
     AT_LEAST(head_dim, c->head_dim);
     AT_LEAST(max_in, wide);
     AT_LEAST(max_out, wide);

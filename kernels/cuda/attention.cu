@@ -5,7 +5,9 @@
 //    against and the path for head sizes the fast one does not take;
 //  - the fast one is flash-attention-2: per (query tile of one sequence, query head) it walks
 //    the key tiles up to the causal limit, S = Q Kᵀ and O += P V on tensor cores (bf16 inputs,
-//    fp32 accumulation) with an online softmax in fp32, so the T×T scores never exist.
+//    fp32 accumulation) with an online softmax in fp32, so the T×T scores never exist. K and V
+//    are rounded to bf16 once beforehand (a query head's block reads them from L2 at half the
+//    bytes, and cp.async brings the next tile while the block computes on this one).
 // Both read K and V of the shared key/value head in place through its row stride (GQA without
 // copies), and both see the sequence table only through seq_start, so a sequence's result does
 // not depend on what else shares the batch.
@@ -31,7 +33,8 @@ template <int D> struct FlashShape {
     static constexpr int kSubK = 32; // keys per softmax step: S beside O in registers, no spills
     static constexpr int kQElems = kBlockQ * kStride;
     static constexpr int kKVElems = kBlockK * kStride;
-    static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * 2;
+    // Q, then K and V twice: the tile computed on and the next, arriving
+    static constexpr int kSmemBytes = (kQElems + 4 * kKVElems) * 2;
 };
 
 // One block per (query tile, query head): blockIdx.x = tile' · H + h with tile' counted from
@@ -53,18 +56,18 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
                          float *__restrict__ delta,              // (T, H), kStats only
                          const float *__restrict__ dout,         // (T, H, D), kStats only
                          const float *__restrict__ q,            // (T, H, D)
-                         const float *__restrict__ k,            // (T, KV, D)
-                         const float *__restrict__ v,            // (T, KV, D)
+                         const uint16_t *__restrict__ k,         // (T - kv_first, KV, D) bf16: tokens from kv_first
+                         const uint16_t *__restrict__ v,         // (T - kv_first, KV, D) bf16
                          const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
                          const int32_t *__restrict__ tile_start, // (n_seqs + 1)
-                         int n_seqs, int n_tiles, int H, int KV, float scale_log2) {
+                         int n_seqs, int n_tiles, int H, int KV, int kv_first, float scale_log2) {
     using Shape = FlashShape<D>;
     constexpr int kSubK = Shape::kSubK;
     constexpr int kStride = Shape::kStride, kRowBytes = kStride * 2;
     constexpr int kChunks = D / 4; // float4 per row
     uint16_t *sQ = reinterpret_cast<uint16_t *>(dynamic_smem()); // (kBlockQ, kStride) bf16
-    uint16_t *sK = sQ + Shape::kQElems;                          // (kBlockK, kStride) bf16
-    uint16_t *sV = sK + Shape::kKVElems;                         // (kBlockK, kStride) bf16
+    uint16_t *sK = sQ + Shape::kQElems;                          // (2, kBlockK, kStride) bf16: tiles kt % 2
+    uint16_t *sV = sK + 2 * Shape::kKVElems;                     // (2, kBlockK, kStride) bf16
 
     const int tile = n_tiles - 1 - (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
     const int s = cuda_last_at_or_before(tile_start, n_seqs, tile); // the tile's sequence
@@ -72,8 +75,8 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
     const int q0 = (tile - tile_start[s]) * kBlockQ, rows = min(kBlockQ, L - q0);
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
     const float *q_tile = q + ((size_t)(first + q0) * H + h) * D;     // (rows, D), row stride H*D
-    const float *k_seq = k + ((size_t)first * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
-    const float *v_seq = v + ((size_t)first * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
+    const uint16_t *k_seq = k + ((size_t)(first - kv_first) * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
+    const uint16_t *v_seq = v + ((size_t)(first - kv_first) * KV + h / (H / KV)) * D; // (L, D), row stride KV*D
     const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     // Rows past the sequence's end are zeros: finite scores, never stored.
@@ -108,31 +111,21 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
 #pragma unroll
     for (int r = 0; r < 4; r++) m_run[r] = -INFINITY, l_run[r] = 0.f;
 
+    // Keys past the sequence's end are zeros: their P is 0, and 0 · V must not meet a NaN.
+    copy_rows_async<D, kBlockK, kThreads>(sK, k_seq, kv_stride, L);
+    copy_rows_async<D, kBlockK, kThreads>(sV, v_seq, kv_stride, L);
+    cp_async_commit();
     for (int kt = 0; kt < n_key_tiles; kt++) {
         const int kv0 = kt * kBlockK;
-        if (kt) __syncthreads(); // every warp is done with the previous K/V tile
-        // Keys past the sequence's end are zeros: their P is 0, and 0 · V must not meet a NaN.
-#pragma unroll 4
-        for (int it = 0; it < kBlockK * kChunks / kThreads; it++) {
-            const int i = tid + it * kThreads, r = i / kChunks, c = (i % kChunks) * 4, key = kv0 + r;
-            float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
-            if (key < L) {
-                kx = __ldg(reinterpret_cast<const float4 *>(k_seq + key * kv_stride + c));
-                vx = __ldg(reinterpret_cast<const float4 *>(v_seq + key * kv_stride + c));
-            }
-            store_bf16x4(sK + r * kStride + c, kx);
-            store_bf16x4(sV + r * kStride + c, vx);
+        cp_async_wait<0>(); // this thread's copies of tile kt
+        __syncthreads();    // everyone's; and every warp is done with tile kt - 1, whose buffers are the next's
+        if (kt + 1 < n_key_tiles) {
+            const int next = (kt + 1) % 2, kv1 = kv0 + kBlockK;
+            copy_rows_async<D, kBlockK, kThreads>(sK + next * Shape::kKVElems, k_seq + kv1 * kv_stride, kv_stride, L - kv1);
+            copy_rows_async<D, kBlockK, kThreads>(sV + next * Shape::kKVElems, v_seq + kv1 * kv_stride, kv_stride, L - kv1);
+            cp_async_commit();
         }
-        __syncthreads();
-        if (kt + 1 < n_key_tiles) { // the next tile's lines, from HBM to L2 while this one computes
-            constexpr int kLinesPerRow = D / 32;
-#pragma unroll
-            for (int it = 0; it < 2 * kBlockK * kLinesPerRow / kThreads; it++) {
-                const int i = tid + it * kThreads, r = i / kLinesPerRow % kBlockK, key = kv0 + kBlockK + r;
-                const float *base = i < kBlockK * kLinesPerRow ? k_seq : v_seq;
-                if (key < L) prefetch_l2(base + key * kv_stride + (i % kLinesPerRow) * 32);
-            }
-        }
+        const uint32_t k_tile = k_lane + (kt % 2) * Shape::kKVElems * 2, v_tile = v_lane + (kt % 2) * Shape::kKVElems * 2;
 
         // The tile in sub-tiles of kSubK keys, each a full softmax step (a 64-key S would not fit
         // in registers beside O for D = 128, nor let three blocks share an SM for D = 64).
@@ -142,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, D > 64 ? 2 : 3)
             // Warp-uniform: no valid rows, or every key from here on lies after all of them.
             // Key 0 precedes every row, so each row's max is finite after the first step.
             if (row0 >= row_end || key0 >= row_end) break;
-            const uint32_t k_sub = k_lane + sub * kSubK * kRowBytes, v_sub = v_lane + sub * kSubK * kRowBytes;
+            const uint32_t k_sub = k_tile + sub * kSubK * kRowBytes, v_sub = v_tile + sub * kSubK * kRowBytes;
 
             float sc[2][kSubK / 8][4]; // S of the warp: (32, kSubK)
 #pragma unroll
@@ -361,8 +354,8 @@ size_t plain_smem_bytes(int hd) { return (size_t)2 * hd * sizeof(float); }
 // One launch of flash_forward_kernel over `tiles` query tiles whose table is in tile_start.
 template <int D, bool kStats>
 int flash_launch(es_device *dev, const char *op, float *out, float *lse2, float *delta, const float *dout, const float *q,
-                 const float *k, const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
-                 int H, int KV) {
+                 const uint16_t *k, const uint16_t *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                 int H, int KV, int kv_first) {
     constexpr int smem = FlashShape<D>::kSmemBytes;
     int rc = allow_smem(dev, op, flash_forward_kernel<D, kStats>, smem);
     if (rc) return rc;
@@ -371,7 +364,7 @@ int flash_launch(es_device *dev, const char *op, float *out, float *lse2, float 
                                            (int)cudaSharedmemCarveoutMaxShared));
     const float scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
     flash_forward_kernel<D, kStats><<<(unsigned)(tiles * H), kThreads, smem, cuda_stream(dev)>>>(
-        out, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, (int)tiles, H, KV, scale_log2);
+        out, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, (int)tiles, H, KV, kv_first, scale_log2);
     CUDA_LAUNCHED(dev, op);
     return ES_OK;
 }
@@ -382,11 +375,21 @@ int flash_forward(es_device *dev, float *out, const float *q, const float *k, co
     const char *op = "attention_forward";
     const long long tiles = count_tiles(host, n_seqs, kBlockQ);
     if (!tiles) return ES_OK;
-    int32_t *tile_start = (int32_t *)es_device_scratch(dev, ((size_t)n_seqs + 1) * sizeof(int32_t)); // (n_seqs + 1)
-    if (!tile_start) return ES_ERR_RUNTIME;
+    // scratch: the tile table, then K and V in bf16 (the tokens of seq_start only)
+    const size_t table_bytes = cuda_round_up(((size_t)n_seqs + 1) * sizeof(int32_t), 256);
+    const size_t first = (size_t)host[0] * KV * D, n = ((size_t)host[n_seqs] - host[0]) * KV * D;
+    const size_t kv_bytes = cuda_round_up(n * sizeof(uint16_t), 256);
+    char *scratch = (char *)es_device_scratch(dev, table_bytes + 2 * kv_bytes);
+    if (!scratch) return ES_ERR_RUNTIME;
+    int32_t *tile_start = (int32_t *)scratch; // (n_seqs + 1)
+    uint16_t *k_bf16 = (uint16_t *)(scratch + table_bytes), *v_bf16 = (uint16_t *)(scratch + table_bytes + kv_bytes);
     tile_start_kernel<kBlockQ><<<1, 256, 0, cuda_stream(dev)>>>(tile_start, seq_start, n_seqs);
     CUDA_LAUNCHED(dev, op);
-    return flash_launch<D, false>(dev, op, out, NULL, NULL, NULL, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+    int rc = cuda_round_to_bf16(dev, op, k_bf16, k + first, n);
+    if (!rc) rc = cuda_round_to_bf16(dev, op, v_bf16, v + first, n);
+    if (rc) return rc;
+    return flash_launch<D, false>(dev, op, out, NULL, NULL, NULL, q, k_bf16, v_bf16, seq_start, tile_start, n_seqs, tiles, H, KV,
+                                  host[0]);
 }
 
 } // namespace
@@ -431,17 +434,20 @@ int cuda_attention_forward(es_device *dev, float *out, const float *q, const flo
 }
 
 size_t cuda_attention_workspace(const es_workspace_plan *plan) {
-    // the fast path's tile table, one entry per sequence and one more; the plain path needs none
-    return plan->tokens > 0 ? ((size_t)plan->tokens + 1) * sizeof(int32_t) : 0;
+    // the fast path's tile table, one entry per sequence and one more, and K and V in bf16; the
+    // plain path needs none
+    if (plan->tokens <= 0) return 0;
+    const size_t kv_bytes = cuda_round_up((size_t)plan->tokens * plan->kv_heads * plan->head_dim * sizeof(uint16_t), 256);
+    return cuda_round_up(((size_t)plan->tokens + 1) * sizeof(int32_t), 256) + 2 * kv_bytes;
 }
 
-int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const float *k,
-                                 const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
-                                 int H, int KV, int hd) {
+int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const uint16_t *k,
+                                 const uint16_t *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                                 int H, int KV, int kv_first, int hd) {
     const char *op = "attention_backward";
-    if (hd == 64) return flash_launch<64, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
-    if (hd == 96) return flash_launch<96, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+    if (hd == 64) return flash_launch<64, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV, kv_first);
+    if (hd == 96) return flash_launch<96, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV, kv_first);
     if (hd == 128)
-        return flash_launch<128, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV);
+        return flash_launch<128, true>(dev, op, NULL, lse2, delta, dout, q, k, v, seq_start, tile_start, n_seqs, tiles, H, KV, kv_first);
     return es_device_fail(dev, ES_ERR_RUNTIME, "cuda: %s: the flash kernels take head sizes 64, 96 and 128, not %d", op, hd);
 }

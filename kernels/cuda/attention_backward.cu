@@ -7,7 +7,8 @@
 //      2. per (key token j, kv head g): dk_j = scale Σ dS_ij q_ih and dv_j = Σ P_ij dout_ih over
 //         the queries i ≥ j of its sequence and the query heads h that share g (P from L).
 //  - the fast one is FlashAttention-2's backward on tensor cores (bf16 inputs, fp32 accumulation),
-//    in three passes so that no two blocks add to the same output:
+//    with q, k, v and dout rounded to bf16 once beforehand (each pass streams them from L2 by
+//    cp.async at half the bytes), in three passes so that no two blocks add to the same output:
 //      1. the forward kernel again (attention.cu, kStats): per row the log2-domain log-sum-exp and
 //         delta = dout · out;
 //      2. per (64-key tile, query head h): S and dP of the tile against every later query, P, dS,
@@ -152,26 +153,13 @@ template <int D> struct BackwardShape {
     static_assert(D % 32 == 0, "whole 16-wide mma steps");
     static constexpr int kStride = D + 8; // bf16 per shared row, padded as the forward's
     static constexpr int kRowBytes = kStride * 2;
-    // pass 2: K, V of the tile, Q, dout of the query rows (bf16), their lse2 and delta (fp32)
-    static constexpr int kKeySmem = (2 * kKeyTile + 2 * kQueryStep) * kRowBytes + 2 * kQueryStep * 4;
+    // pass 2: K, V of the tile; twice (the step computed on and the next, arriving) Q and dout of
+    // the query rows (bf16), their lse2 and delta (fp32)
+    static constexpr int kStepElems = kQueryStep * kStride;
+    static constexpr int kKeySmem = (2 * kKeyTile + 4 * kQueryStep) * kRowBytes + 4 * kQueryStep * 4;
     // pass 3: Q, dout of the tile, K, V of the key rows
     static constexpr int kQuerySmem = (2 * kFlashQueryTile + 2 * kKeyTile) * kRowBytes;
 };
-
-// Rows [0, valid) of a (rows, D) fp32 matrix with row stride `stride` into bf16 shared rows of
-// D + 8; rows past `valid` zeros (finite scores that the causal mask then drops).
-template <int D, int kRows>
-__device__ __forceinline__ void load_rows_bf16(uint16_t *dst, const float *src, size_t stride, int valid) {
-    constexpr int kChunks = D / 4; // float4 per row
-    static_assert(kRows * kChunks % kBwdThreads == 0, "whole rounds of the block");
-#pragma unroll 4
-    for (int it = 0; it < kRows * kChunks / kBwdThreads; it++) {
-        const int i = (int)threadIdx.x + it * kBwdThreads, r = i / kChunks, c = (i % kChunks) * 4;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (r < valid) x = __ldg(reinterpret_cast<const float4 *>(src + r * stride + c));
-        store_bf16x4(dst + r * (D + 8) + c, x);
-    }
-}
 
 // Pass 2. One block per (key tile, query head h), blockIdx.x = tile · H + h: the first tiles of a
 // sequence, which see the most queries, start first. Warp w owns keys [16w, 16w + 16) of the
@@ -185,10 +173,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
                      float *__restrict__ dv_out,             // (T, H, D)
                      const float *__restrict__ lse2,         // (T, H)
                      const float *__restrict__ delta,        // (T, H)
-                     const float *__restrict__ dout,         // (T, H, D)
-                     const float *__restrict__ q,            // (T, H, D)
-                     const float *__restrict__ k,            // (T, KV, D)
-                     const float *__restrict__ v,            // (T, KV, D)
+                     const uint16_t *__restrict__ dout,      // (T, H, D) bf16
+                     const uint16_t *__restrict__ q,         // (T, H, D) bf16
+                     const uint16_t *__restrict__ k,         // (T, KV, D) bf16
+                     const uint16_t *__restrict__ v,         // (T, KV, D) bf16
                      const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
                      const int32_t *__restrict__ tile_start, // (n_seqs + 1), tiles of kKeyTile
                      int n_seqs, int H, int KV, float scale_log2, float scale) {
@@ -196,10 +184,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     constexpr int kStride = Shape::kStride, kRowBytes = Shape::kRowBytes;
     uint16_t *sK = reinterpret_cast<uint16_t *>(dynamic_smem()); // (kKeyTile, kStride) bf16
     uint16_t *sV = sK + kKeyTile * kStride;                        // (kKeyTile, kStride)
-    uint16_t *sQ = sV + kKeyTile * kStride;                        // (kQueryStep, kStride)
-    uint16_t *sO = sQ + kQueryStep * kStride;                      // (kQueryStep, kStride): dout
-    float *sLse = reinterpret_cast<float *>(sO + kQueryStep * kStride); // (kQueryStep)
-    float *sDelta = sLse + kQueryStep;                                  // (kQueryStep)
+    uint16_t *sQ = sV + kKeyTile * kStride;                        // (2, kQueryStep, kStride): steps % 2
+    uint16_t *sO = sQ + 2 * Shape::kStepElems;                     // (2, kQueryStep, kStride): dout
+    float *sLse = reinterpret_cast<float *>(sO + 2 * Shape::kStepElems); // (2, kQueryStep)
+    float *sDelta = sLse + 2 * kQueryStep;                                // (2, kQueryStep)
 
     const int tile = (int)(blockIdx.x / (unsigned)H), h = (int)(blockIdx.x % (unsigned)H);
     const int s = cuda_last_at_or_before(tile_start, n_seqs, tile);
@@ -207,9 +195,23 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int kv0 = (tile - tile_start[s]) * kKeyTile; // within the sequence
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
     const int kvh = h / (H / KV);
-    load_rows_bf16<D, kKeyTile>(sK, k + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
-    load_rows_bf16<D, kKeyTile>(sV, v + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
-    const float *q_seq = q + ((size_t)first * H + h) * D, *dout_seq = dout + ((size_t)first * H + h) * D; // (L, D), stride H*D
+    const uint16_t *q_seq = q + ((size_t)first * H + h) * D, *dout_seq = dout + ((size_t)first * H + h) * D; // (L, D), stride H*D
+    // The rows of step `step` (queries q0 = kv0 + step · kQueryStep on) into buffer step % 2: rows
+    // past the end zeros (finite scores; their P is 0 through lse2 = ∞)
+    auto load_step = [&](int step) {
+        const int q0 = kv0 + step * kQueryStep, buffer = step % 2;
+        copy_rows_async<D, kQueryStep, kBwdThreads>(sQ + buffer * Shape::kStepElems, q_seq + (size_t)q0 * q_stride, q_stride, L - q0);
+        copy_rows_async<D, kQueryStep, kBwdThreads>(sO + buffer * Shape::kStepElems, dout_seq + (size_t)q0 * q_stride, q_stride, L - q0);
+        cp_async_commit();
+        for (int r = (int)threadIdx.x; r < kQueryStep; r += kBwdThreads) {
+            const bool valid = q0 + r < L;
+            sLse[buffer * kQueryStep + r] = valid ? lse2[(size_t)(first + q0 + r) * H + h] : INFINITY;
+            sDelta[buffer * kQueryStep + r] = valid ? delta[(size_t)(first + q0 + r) * H + h] : 0.f;
+        }
+    };
+    copy_rows_async<D, kKeyTile, kBwdThreads>(sK, k + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
+    copy_rows_async<D, kKeyTile, kBwdThreads>(sV, v + ((size_t)(first + kv0) * KV + kvh) * D, kv_stride, L - kv0);
+    load_step(0);
     const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int key_w0 = kv0 + warp * 16; // the warp's first key; >= L: the warp has none (warp-uniform)
 
@@ -229,23 +231,19 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[dt][e] = 0.f, dv[dt][e] = 0.f;
 
-    for (int q0 = kv0; q0 < L; q0 += kQueryStep) { // the queries at or after the tile's first key
-        __syncthreads(); // every warp is done with the previous rows (the first time: K and V are stored)
-        load_rows_bf16<D, kQueryStep>(sQ, q_seq + (size_t)q0 * q_stride, q_stride, L - q0);
-        load_rows_bf16<D, kQueryStep>(sO, dout_seq + (size_t)q0 * q_stride, q_stride, L - q0);
-        for (int r = tid; r < kQueryStep; r += kBwdThreads) {
-            const bool valid = q0 + r < L; // rows past the end: P = 2^−∞ = 0
-            sLse[r] = valid ? lse2[(size_t)(first + q0 + r) * H + h] : INFINITY;
-            sDelta[r] = valid ? delta[(size_t)(first + q0 + r) * H + h] : 0.f;
-        }
-        __syncthreads();
+    for (int q0 = kv0, step = 0; q0 < L; q0 += kQueryStep, step++) { // the queries at or after the tile's first key
+        cp_async_wait<0>(); // this thread's copies of the step (the first time: of K and V too)
+        __syncthreads();    // everyone's; and every warp is done with the previous step, whose buffers are the next's
+        if (q0 + kQueryStep < L) load_step(step + 1);
         if (key_w0 >= L) continue;
+        const int buffer = step % 2;
+        const float *step_lse = sLse + buffer * kQueryStep, *step_delta = sDelta + buffer * kQueryStep;
 #pragma unroll 1
         for (int sub = 0; sub < kQueryStep / kSub; sub++) {
             const int qs = q0 + sub * kSub;
             if (qs >= L) break;
             if (qs + kSub <= key_w0) continue; // every query of the step precedes the warp's keys
-            const uint32_t step = sub * kSub * kRowBytes;
+            const uint32_t rows_at = (buffer * kQueryStep + sub * kSub) * kRowBytes;
             float st[2][4], dpt[2][4]; // Sᵀ and dPᵀ: (16 keys, kSub queries)
 #pragma unroll
             for (int nt = 0; nt < 2; nt++)
@@ -255,11 +253,11 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
             for (int kk = 0; kk < D / 16; kk++) {
                 uint32_t a[4], b[4];
                 ldsm_x4(a, k_lane + kk * 32);
-                ldsm_x4(b, q_lane + step + kk * 32);
+                ldsm_x4(b, q_lane + rows_at + kk * 32);
                 mma_bf16(st[0], a, b[0], b[1]);
                 mma_bf16(st[1], a, b[2], b[3]);
                 ldsm_x4(a, v_lane + kk * 32);
-                ldsm_x4(b, o_lane + step + kk * 32);
+                ldsm_x4(b, o_lane + rows_at + kk * 32);
                 mma_bf16(dpt[0], a, b[0], b[1]);
                 mma_bf16(dpt[1], a, b[2], b[3]);
             }
@@ -270,9 +268,9 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
                 for (int e = 0; e < 4; e++) {
                     const int key = key_w0 + lane / 4 + (e / 2) * 8;
                     const int r = qs - q0 + nt * 8 + (lane % 4) * 2 + e % 2, query = q0 + r;
-                    const float p = query >= key ? exp2f(fmaf(st[nt][e], scale_log2, -sLse[r])) : 0.f;
+                    const float p = query >= key ? exp2f(fmaf(st[nt][e], scale_log2, -step_lse[r])) : 0.f;
                     st[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - sDelta[r]);
+                    dpt[nt][e] = p * (dpt[nt][e] - step_delta[r]);
                 }
             const uint32_t pa[4] = {pack_bf16(st[0][0], st[0][1]), pack_bf16(st[0][2], st[0][3]), pack_bf16(st[1][0], st[1][1]),
                                     pack_bf16(st[1][2], st[1][3])};
@@ -281,10 +279,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
                 uint32_t b[4];
-                ldsm_x4_trans(b, ot_lane + step + dp * 32);
+                ldsm_x4_trans(b, ot_lane + rows_at + dp * 32);
                 mma_bf16(dv[2 * dp], pa, b[0], b[1]);
                 mma_bf16(dv[2 * dp + 1], pa, b[2], b[3]);
-                ldsm_x4_trans(b, qt_lane + step + dp * 32);
+                ldsm_x4_trans(b, qt_lane + rows_at + dp * 32);
                 mma_bf16(dk[2 * dp], sa, b[0], b[1]);
                 mma_bf16(dk[2 * dp + 1], sa, b[2], b[3]);
             }
@@ -312,10 +310,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     flash_query_kernel(float *__restrict__ dq,               // (T, H, D)
                        const float *__restrict__ lse2,       // (T, H)
                        const float *__restrict__ delta,      // (T, H)
-                       const float *__restrict__ dout,       // (T, H, D)
-                       const float *__restrict__ q,          // (T, H, D)
-                       const float *__restrict__ k,          // (T, KV, D)
-                       const float *__restrict__ v,          // (T, KV, D)
+                       const uint16_t *__restrict__ dout,    // (T, H, D) bf16
+                       const uint16_t *__restrict__ q,       // (T, H, D) bf16
+                       const uint16_t *__restrict__ k,       // (T, KV, D) bf16
+                       const uint16_t *__restrict__ v,       // (T, KV, D) bf16
                        const int32_t *__restrict__ seq_start,  // (n_seqs + 1)
                        const int32_t *__restrict__ tile_start, // (n_seqs + 1), tiles of kFlashQueryTile
                        int n_seqs, int n_tiles, int H, int KV, float scale_log2, float scale) {
@@ -332,9 +330,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int q0 = (tile - tile_start[s]) * kFlashQueryTile, rows = min(kFlashQueryTile, L - q0);
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)KV * D;
     const int kvh = h / (H / KV);
-    load_rows_bf16<D, kFlashQueryTile>(sQ, q + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
-    load_rows_bf16<D, kFlashQueryTile>(sO, dout + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
-    const float *k_seq = k + ((size_t)first * KV + kvh) * D, *v_seq = v + ((size_t)first * KV + kvh) * D; // (L, D), stride KV*D
+    copy_rows_async<D, kFlashQueryTile, kBwdThreads>(sQ, q + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
+    copy_rows_async<D, kFlashQueryTile, kBwdThreads>(sO, dout + ((size_t)(first + q0) * H + h) * D, q_stride, rows);
+    cp_async_commit();
+    const uint16_t *k_seq = k + ((size_t)first * KV + kvh) * D, *v_seq = v + ((size_t)first * KV + kvh) * D; // (L, D), stride KV*D
     const int tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int row0 = q0 + warp * 32, row_end = min(row0 + 32, L); // row_end <= row0: the warp has no rows
 
@@ -364,10 +363,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2)
     const int n_key_tiles = (q0 + rows + kKeyTile - 1) / kKeyTile;
     for (int kt = 0; kt < n_key_tiles; kt++) {
         const int kv0 = kt * kKeyTile;
-        __syncthreads(); // every warp is done with the previous keys (the first time: Q and dout are stored)
-        load_rows_bf16<D, kKeyTile>(sK, k_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
-        load_rows_bf16<D, kKeyTile>(sV, v_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
-        __syncthreads();
+        if (kt) __syncthreads(); // every warp is done with the previous keys
+        copy_rows_async<D, kKeyTile, kBwdThreads>(sK, k_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
+        copy_rows_async<D, kKeyTile, kBwdThreads>(sV, v_seq + (size_t)kv0 * kv_stride, kv_stride, L - kv0);
+        cp_async_commit();
+        cp_async_wait<0>(); // this thread's copies (the first time: of Q and dout too)
+        __syncthreads();    // everyone's
 #pragma unroll 1
         for (int sub = 0; sub < kKeyTile / kSub; sub++) {
             const int key0 = kv0 + sub * kSub;
@@ -468,31 +469,44 @@ int flash_backward(es_device *dev, float *dq, float *dk, float *dv, const float 
     const long long query_tiles = count_tiles(host, n_seqs, kFlashQueryTile), key_tiles = count_tiles(host, n_seqs, kKeyTile);
     if (!query_tiles) return ES_OK;
     const int group = H / KV;
-    // scratch: lse2 and delta (T, H) each, the two tile tables, and with shared KV heads each query
-    // head's dk_h and dv_h (T, H, D) each; indexed by absolute token, as seq_start is
+    // scratch: lse2 and delta (T, H) each, the two tile tables, with shared KV heads each query
+    // head's dk_h and dv_h (T, H, D) each, then q, dout (T, H, D) and k, v (T, KV, D) in bf16;
+    // indexed by absolute token, as seq_start is
     const size_t rows = (size_t)host[n_seqs] * H, row_floats = (rows + 63) / 64 * 64, table = ((size_t)n_seqs + 1 + 63) / 64 * 64;
     const size_t head_floats = group > 1 ? rows * D : 0;
-    char *scratch = (char *)es_device_scratch(dev, (2 * row_floats + 2 * table + 2 * head_floats) * 4);
+    const size_t fp32_bytes = cuda_round_up((2 * row_floats + 2 * table + 2 * head_floats) * 4, 256);
+    const size_t q_bytes = cuda_round_up(rows * D * 2, 256), kv_bytes = cuda_round_up((size_t)host[n_seqs] * KV * D * 2, 256);
+    char *scratch = (char *)es_device_scratch(dev, fp32_bytes + 2 * q_bytes + 2 * kv_bytes);
     if (!scratch) return ES_ERR_RUNTIME;
     float *lse2 = (float *)scratch, *delta = lse2 + row_floats;
     int32_t *query_table = (int32_t *)(delta + row_floats), *key_table = query_table + table;
     float *dk_heads = group > 1 ? (float *)(key_table + table) : dk, *dv_heads = group > 1 ? dk_heads + head_floats : dv;
+    uint16_t *q_bf16 = (uint16_t *)(scratch + fp32_bytes), *dout_bf16 = (uint16_t *)(scratch + fp32_bytes + q_bytes);
+    uint16_t *k_bf16 = (uint16_t *)(scratch + fp32_bytes + 2 * q_bytes), *v_bf16 = (uint16_t *)(scratch + fp32_bytes + 2 * q_bytes + kv_bytes);
+    const size_t q_first = (size_t)host[0] * H * D, q_n = rows * D - q_first;
+    const size_t kv_first = (size_t)host[0] * KV * D, kv_n = (size_t)host[n_seqs] * KV * D - kv_first;
+    int rc = cuda_round_to_bf16(dev, op, q_bf16 + q_first, q + q_first, q_n);
+    if (!rc) rc = cuda_round_to_bf16(dev, op, dout_bf16 + q_first, dout + q_first, q_n);
+    if (!rc) rc = cuda_round_to_bf16(dev, op, k_bf16 + kv_first, k + kv_first, kv_n);
+    if (!rc) rc = cuda_round_to_bf16(dev, op, v_bf16 + kv_first, v + kv_first, kv_n);
+    if (rc) return rc;
     const cudaStream_t stream = cuda_stream(dev);
     tile_start_kernel<kFlashQueryTile><<<1, 256, 0, stream>>>(query_table, seq_start, n_seqs);
     CUDA_LAUNCHED(dev, op);
     tile_start_kernel<kKeyTile><<<1, 256, 0, stream>>>(key_table, seq_start, n_seqs);
     CUDA_LAUNCHED(dev, op);
-    int rc = cuda_attention_softmax_stats(dev, lse2, delta, dout, q, k, v, seq_start, query_table, n_seqs, query_tiles, H, KV, D);
+    rc = cuda_attention_softmax_stats(dev, lse2, delta, dout, q, k_bf16, v_bf16, seq_start, query_table, n_seqs, query_tiles, H, KV,
+                                      0, D);
     if (rc) return rc;
 
     const float scale = 1.0f / sqrtf((float)D), scale_log2 = (float)(1.4426950408889634 / sqrt((double)D));
     if ((rc = allow_smem(dev, op, flash_key_kernel<D>, Shape::kKeySmem)) || (rc = allow_smem(dev, op, flash_query_kernel<D>, Shape::kQuerySmem)))
         return rc;
     flash_key_kernel<D><<<(unsigned)(key_tiles * H), kBwdThreads, Shape::kKeySmem, stream>>>(
-        dk_heads, dv_heads, lse2, delta, dout, q, k, v, seq_start, key_table, n_seqs, H, KV, scale_log2, scale);
+        dk_heads, dv_heads, lse2, delta, dout_bf16, q_bf16, k_bf16, v_bf16, seq_start, key_table, n_seqs, H, KV, scale_log2, scale);
     CUDA_LAUNCHED(dev, op);
     flash_query_kernel<D><<<(unsigned)(query_tiles * H), kBwdThreads, Shape::kQuerySmem, stream>>>(
-        dq, lse2, delta, dout, q, k, v, seq_start, query_table, n_seqs, (int)query_tiles, H, KV, scale_log2, scale);
+        dq, lse2, delta, dout_bf16, q_bf16, k_bf16, v_bf16, seq_start, query_table, n_seqs, (int)query_tiles, H, KV, scale_log2, scale);
     CUDA_LAUNCHED(dev, op);
     if (group > 1) {
         const long long begin = (long long)host[0] * KV * D, end = (long long)host[n_seqs] * KV * D;
@@ -506,10 +520,12 @@ int flash_backward(es_device *dev, float *dq, float *dk, float *dv, const float 
 
 size_t cuda_attention_backward_workspace(const es_workspace_plan *plan) {
     if (!plan->train) return 0;
-    // lse2 and delta of every (token, head), the tile tables, and each query head's dk_h, dv_h
+    // lse2 and delta of every (token, head), the tile tables, each query head's dk_h, dv_h, and q,
+    // dout (T, H, hd), k, v (T, KV, hd) in bf16
     const size_t rows = (size_t)plan->tokens * (size_t)(plan->heads > 0 ? plan->heads : 1);
+    const size_t kv_rows = (size_t)plan->tokens * (size_t)(plan->kv_heads > 0 ? plan->kv_heads : 1);
     const size_t hd = plan->head_dim > 0 ? (size_t)plan->head_dim : 1;
-    return (2 * rows + 2 * ((size_t)plan->tokens + 65) + 2 * rows * hd) * sizeof(float) + 1024;
+    return (2 * rows + 2 * ((size_t)plan->tokens + 65) + 2 * rows * hd) * sizeof(float) + (2 * rows + 2 * kv_rows) * hd * 2 + 2048;
 }
 
 int cuda_attention_backward_plain(es_device *dev, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,

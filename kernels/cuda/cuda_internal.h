@@ -72,6 +72,13 @@ static inline unsigned cuda_blocks(size_t n, unsigned threads) {
     return (unsigned)(blocks < 1 ? 1 : blocks > 1048576 ? 1048576 : blocks);
 }
 
+/* n rounded up to a multiple of `to`: the 256-byte pieces one scratch is cut into. */
+static inline size_t cuda_round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+/* out = in rounded to bf16 (to nearest even, as PyTorch's .to(torch.bfloat16); NaN stays NaN): the
+ * rounding every tensor-core input of an activation gets (matmul.cu). */
+int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out /* (n) */, const float *in /* (n) */, size_t n);
+
 /* ---- matrix products (gemm.cu) ------------------------------------------------------------- */
 
 /* The input formats of a product (both operands the same). */

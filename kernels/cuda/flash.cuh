@@ -14,10 +14,11 @@ constexpr int kFlashQueryTile = 128;
 
 // The backward's first pass (attention.cu): per (token, head) of the tiles in tile_start (tiles
 // of kFlashQueryTile rows, `tiles` of them), the softmax's log-sum-exp in the log2 domain of the
-// scaled scores and delta = dout · out, each (T, H) fp32. hd is 64, 96 or 128.
-int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const float *k,
-                                 const float *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
-                                 int H, int KV, int hd);
+// scaled scores and delta = dout · out, each (T, H) fp32. k and v are bf16 (rounded to nearest
+// even) from token kv_first on. hd is 64, 96 or 128.
+int cuda_attention_softmax_stats(es_device *dev, float *lse2, float *delta, const float *dout, const float *q, const uint16_t *k,
+                                 const uint16_t *v, const int32_t *seq_start, const int32_t *tile_start, int n_seqs, long long tiles,
+                                 int H, int KV, int kv_first, int hd);
 
 namespace {
 
@@ -34,10 +35,12 @@ inline void store_bf16x4(uint16_t *p, float4 x) {
 // (each call's line goes along: the emulation checks that a warp's lanes meet at the same one)
 inline void ldsm_x4(uint32_t (&r)[4], uint32_t address, int line = __builtin_LINE()) { emu_ldmatrix_x4(r, address, false, line); }
 inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address, int line = __builtin_LINE()) { emu_ldmatrix_x4(r, address, true, line); }
-inline void prefetch_l2(const void *) {}
 inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int line = __builtin_LINE()) {
     emu_mma_bf16(d, a, b0, b1, line);
 }
+inline void cp_async_16(uint32_t address, const void *global, unsigned src_bytes) { emu_cp_async_16(address, global, src_bytes); }
+inline void cp_async_commit() { emu_cp_async_commit(); }
+template <int kNewest> inline void cp_async_wait() { emu_cp_async_wait(kNewest); }
 #else
 __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -75,9 +78,6 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address
                  : "r"(address));
 }
 
-// Asks L2 for the 128-byte line at p ahead of its loads.
-__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p)); }
-
 // d += A B for one 16×8×16 tile: A (16, 16) row-major fragment, B (16, 8) column fragment
 // (b0: rows 0-7, b1: rows 8-15), d (16, 8) fp32.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -86,7 +86,38 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// 16 bytes from global memory (16-byte aligned) to shared memory at `address` (16-byte aligned),
+// asynchronously: the first src_bytes (0 or 16) copied, the rest zeros (src_bytes 0 reads nothing).
+// The copy is the thread's own until cp_async_wait has seen its group land; other threads see it
+// only after a barrier that follows that wait.
+__device__ __forceinline__ void cp_async_16(uint32_t address, const void *global, unsigned src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" : : "r"(address), "l"(global), "r"(src_bytes) : "memory");
+}
+
+// Closes the group of the copies this thread issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" : : : "memory"); }
+
+// Waits until at most kNewest of this thread's committed groups (the newest) are still in flight.
+template <int kNewest> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" : : "n"(kNewest) : "memory");
+}
 #endif
+
+// Rows [0, valid) of a (kRows, D) bf16 matrix in global memory, row stride `stride` elements (rows
+// 16-byte aligned), into shared rows of D + 8 at dst, by cp.async (the caller commits and waits);
+// rows from `valid` on zeros, without a read. Every thread of the kThreads takes its share.
+template <int D, int kRows, int kThreads>
+__device__ __forceinline__ void copy_rows_async(uint16_t *dst, const uint16_t *src, size_t stride, int valid) {
+    constexpr int kChunks = D / 8; // 16-byte pieces per row
+    static_assert(kRows * kChunks % kThreads == 0, "whole rounds of the block");
+#pragma unroll
+    for (int it = 0; it < kRows * kChunks / kThreads; it++) {
+        const int i = (int)threadIdx.x + it * kThreads, r = i / kChunks, c = (i % kChunks) * 8;
+        const bool inside = r < valid;
+        cp_async_16(smem_address(dst + r * (D + 8) + c), inside ? src + r * stride + c : src, inside ? 16u : 0u);
+    }
+}
 
 // ---- sequence tables -----------------------------------------------------------------------------
 

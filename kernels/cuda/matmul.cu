@@ -8,6 +8,13 @@ __global__ void round_rows_to_bf16(__nv_bfloat16 *out, const float *in, size_t n
         out[i] = __float2bfloat16_rn(in[i]);
 }
 
+int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out, const float *in, size_t n) {
+    if (n == 0) return 0;
+    round_rows_to_bf16<<<cuda_blocks(n, 256), 256, 0, cuda_stream(dev)>>>((__nv_bfloat16 *)out, in, n);
+    CUDA_LAUNCHED(dev, op);
+    return 0;
+}
+
 size_t cuda_matmul_workspace(const es_workspace_plan *plan) {
     return (size_t)plan->tokens * (size_t)plan->max_in * sizeof(__nv_bfloat16);
 }
@@ -18,7 +25,7 @@ int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void 
     const size_t n = (size_t)T * C;
     __nv_bfloat16 *in_bf16 = (__nv_bfloat16 *)es_device_scratch(dev, n * sizeof *in_bf16); // (T, C)
     if (!in_bf16) return ES_ERR_RUNTIME;
-    round_rows_to_bf16<<<cuda_blocks(n, 256), 256, 0, cuda_stream(dev)>>>(in_bf16, in, n);
-    CUDA_LAUNCHED(dev, "matmul_forward");
+    const int rc = cuda_round_to_bf16(dev, "matmul_forward", (uint16_t *)in_bf16, in, n);
+    if (rc) return rc;
     return cuda_gemm(dev, "matmul_forward", out, in_bf16, weight, (const __nv_bfloat16 *)bias, T, OC, C, 1.0f, CUDA_GEMM_BF16);
 }

@@ -66,6 +66,13 @@ struct warp_state {
     posted slots[2];
 };
 
+// A cp.async not landed yet, and the group it belongs to (the fiber's commits before it).
+struct async_copy {
+    uint32_t address;
+    const void *global;
+    unsigned src_bytes, group;
+};
+
 struct block_state {
     void *scheduler_sp = nullptr;
     std::vector<void *> sp;           // each fiber's saved stack pointer
@@ -75,6 +82,8 @@ struct block_state {
     std::vector<int> barrier_line;    // each fiber's __syncthreads, the line of the kernel it is at
     std::vector<uint3> thread_index;  // each fiber's threadIdx, worked out once a launch
     std::vector<warp_state> warps;
+    std::vector<std::vector<async_copy>> copies; // each fiber's cp.async copies not landed yet
+    std::vector<unsigned> groups;                // each fiber's cp.async groups committed so far
     unsigned current = 0, alive = 0, arrived = 0, generation = 0;
     bool reverse = false; // the fibers, and the blocks, from the last (reverse_order())
     unsigned long long serial = 0; // which block of all the launches' this is (emu_fresh_shared)
@@ -337,6 +346,40 @@ void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     }
 }
 
+// cp.async: the copy reads global memory when it lands, as the GPU's may read it at any moment
+// until the wait; a kernel must not change the source in between.
+static void land(const async_copy &c) {
+    unsigned char *to = running->smem.data() + c.address;
+    if (c.src_bytes) memcpy(to, c.global, c.src_bytes);
+    memset(to + c.src_bytes, 0, 16 - c.src_bytes);
+}
+
+void emu_cp_async_16(uint32_t address, const void *global, unsigned src_bytes) {
+    if (address % 16 || address + 16 > running->smem.size() || src_bytes > 16 || (src_bytes && (uintptr_t)global % 16)) {
+        fprintf(stderr,
+                "emulated cp.async: block (%u, %u, %u), thread (%u, %u, %u): shared address %u, global %p, %u bytes (16-byte "
+                "aligned addresses within the %zu bytes of shared memory, at most 16 bytes)\n",
+                blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, address, global, src_bytes,
+                running->smem.size());
+        abort();
+    }
+    const async_copy copy = {address, global, src_bytes, running->groups[running->current]};
+    if (emu_async_copies_late()) running->copies[running->current].push_back(copy);
+    else land(copy);
+}
+
+void emu_cp_async_commit() { running->groups[running->current]++; }
+
+void emu_cp_async_wait(int newest) {
+    std::vector<async_copy> &copies = running->copies[running->current];
+    const unsigned committed = running->groups[running->current];
+    size_t kept = 0;
+    for (const async_copy &c : copies) // (copies not committed yet are in no group a wait covers)
+        if (c.group + (unsigned)newest < committed) land(c);
+        else copies[kept++] = c;
+    copies.resize(kept);
+}
+
 // ---- launches --------------------------------------------------------------------------------------
 
 // The blocks one after another, each block's fibers from the first (or the last) until all are done.
@@ -356,6 +399,8 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
     b.wait_generation.resize(threads);
     b.barrier_line.resize(threads);
     b.thread_index.resize(threads);
+    b.copies.resize(threads);
+    b.groups.resize(threads);
     for (unsigned i = 0; i < threads; i++) b.thread_index[i] = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
     b.warps.resize((threads + 31) / 32);
     b.smem.resize(smem_bytes + 16);
@@ -370,6 +415,7 @@ static void run_grid(dim3 grid, dim3 block, size_t smem_bytes, unsigned long lon
         memset(b.smem.data(), 0xff, b.smem.size());
         b.serial = ++blocks_run;
         for (unsigned i = 0; i < threads; i++) b.sp[i] = new_stack(stack_pool[i], i), b.done[i] = 0, b.wait_on[i] = nullptr;
+        for (unsigned i = 0; i < threads; i++) b.copies[i].clear(), b.groups[i] = 0;
         for (size_t w = 0; w < b.warps.size(); w++)
             b.warps[w] = warp_state(), b.warps[w].alive = b.warps[w].lanes = (unsigned)std::min<unsigned long long>(32, threads - w * 32);
         b.alive = (unsigned)threads, b.arrived = 0, b.generation = 0;

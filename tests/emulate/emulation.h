@@ -16,6 +16,12 @@ bool emu_device_range(const void *ptr, size_t bytes);
  * configuration, allocation and product shape they make, without the hours the kernels would
  * take here; their results are garbage. */
 bool emu_dry();
+/* Whether a kernel's cp.async copies land at the latest moment CUDA allows (the thread's
+ * cp.async.wait_group that covers them; $ESSENCE_EMU_STREAMS lazy, the default) or at once when
+ * issued (eager, now): a thread that reads a copy it has not waited for, or another thread's copy
+ * without a barrier after that thread's wait, reads the data of before under the first; a copy
+ * issued into a buffer that other threads may still be reading overwrites it first under the second. */
+bool emu_async_copies_late();
 /* What the next cudaGetLastError of this host thread returns. */
 void emu_set_last_error(cudaError_t error);
 

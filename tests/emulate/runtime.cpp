@@ -156,6 +156,13 @@ schedule chosen_schedule() {
     return chosen;
 }
 
+} // namespace
+
+// cp.async (cuda_host.cpp) lands as late as CUDA allows under the lazy schedule, at once otherwise.
+bool emu_async_copies_late() { return chosen_schedule() == schedule::lazy; }
+
+namespace {
+
 std::recursive_mutex streams_lock; // queueing and running, whichever host thread does it
 emu_stream legacy_stream;           // the stream named nullptr
 // Streams are never freed (cudaStreamDestroy runs what is left): a wait may still name one.

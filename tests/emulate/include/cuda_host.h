@@ -124,6 +124,11 @@ void emu_fresh_shared(void *array, size_t bytes);
 /* The emulated mma.sync / ldmatrix of kernels/cuda/flash.cuh (built with ES_CUDA_HOST_EMULATION). */
 void emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed, int line);
 void emu_mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int line);
+/* cp.async.cg (16 bytes, src_bytes of them read, the rest zeros), commit_group, wait_group: each
+ * thread's copies land at its wait, or at once (emulation.h, emu_async_copies_late). */
+void emu_cp_async_16(uint32_t address, const void *global, unsigned src_bytes);
+void emu_cp_async_commit();
+void emu_cp_async_wait(int newest);
 
 /* ---- the runtime -------------------------------------------------------------------------------- */
 
