@@ -48,6 +48,8 @@ struct es_backend {
     int (*embedding_forward)(es_device *, float *, const int32_t *, const void *, es_dtype, int, int);
     int (*rmsnorm_forward)(es_device *, float *, const float *, const void *, int, int, float);
     int (*matmul_forward)(es_device *, float *, const float *, const void *, const void *, int, int, int);
+    /* Optional (NULL: one matmul_forward per part). */
+    int (*matmul_forward_group)(es_device *, const es_matmul_part *, int, const float *, int, int);
     int (*rope_forward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_forward)(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int,
                              int);
@@ -59,6 +61,8 @@ struct es_backend {
     int (*embedding_backward)(es_device *, float *, const int32_t *, const float *, int, int);
     int (*rmsnorm_backward)(es_device *, float *, float *, const float *, const float *, const void *, int, int, float);
     int (*matmul_backward)(es_device *, float *, float *, float *, const float *, const float *, const void *, int, int, int);
+    int (*matmul_backward_group)(es_device *, float *, const es_matmul_part_grad *, const es_matmul_part *, int, const float *, int,
+                                 int);
     int (*rope_backward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, const float *,
                               const int32_t *, int, int, int, int);

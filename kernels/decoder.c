@@ -91,7 +91,7 @@ struct es_decoder {
     layer_acts *acts;            /* [train_layers]; with recompute only their x_in are their own */
     layer_acts redo;             /* recompute: the one set of the other activations, shared by every layer */
     float *x_final;              // (T, C) the stream after the last layer run
-    float *dx, *dx_mid, *dn, *dn_part, *dq, *dk, *dv, *datt, *dgate, *dup, *dact; // gradients, (T, ...)
+    float *dx, *dx_mid, *dn, *dq, *dk, *dv, *datt, *dgate, *dup, *dact; // gradients, (T, ...)
     /* the last forward */
     int T, n_seqs, last_layer, has_normed;
 };
@@ -145,7 +145,7 @@ static int build_table(es_decoder *d) {
 #undef REDO
         }
         BUFFER("x_final", x_final, n * C * f), BUFFER("dx", dx, n * C * f), BUFFER("dx_mid", dx_mid, n * C * f);
-        BUFFER("dn", dn, n * C * f), BUFFER("dn_part", dn_part, n * C * f), BUFFER("dq", dq, n * Q * f);
+        BUFFER("dn", dn, n * C * f), BUFFER("dq", dq, n * Q * f);
         BUFFER("dk", dk, n * KVd * f), BUFFER("dv", dv, n * KVd * f), BUFFER("datt", datt, n * Q * f);
         BUFFER("dgate", dgate, n * I * f), BUFFER("dup", dup, n * I * f), BUFFER("dact", dact, n * I * f);
     }
@@ -271,9 +271,8 @@ static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_a
     int rc = ES_OK;
     // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
     OP(es_rmsnorm_forward(dev, a->normed1, a->x_in, w->input_norm, T, C, eps));
-    OP(es_matmul_forward(dev, a->q, a->normed1, w->q, w->q_bias, T, C, H * hd));
-    OP(es_matmul_forward(dev, a->k, a->normed1, w->k, w->k_bias, T, C, KV * hd));
-    OP(es_matmul_forward(dev, a->v, a->normed1, w->v, w->v_bias, T, C, KV * hd));
+    const es_matmul_part qkv[3] = {{a->q, w->q, w->q_bias, H * hd}, {a->k, w->k, w->k_bias, KV * hd}, {a->v, w->v, w->v_bias, KV * hd}};
+    OP(es_matmul_forward_group(dev, qkv, 3, a->normed1, T, C));
     OP(es_rope_forward(dev, a->q, d->positions, d->inv_freq, T, H, hd));
     OP(es_rope_forward(dev, a->k, d->positions, d->inv_freq, T, KV, hd));
     if (cache) {
@@ -288,8 +287,8 @@ static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_a
     OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
     // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
     OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
-    OP(es_matmul_forward(dev, a->gate, a->normed2, w->gate, w->gate_bias, T, C, I));
-    OP(es_matmul_forward(dev, a->up, a->normed2, w->up, w->up_bias, T, C, I));
+    const es_matmul_part gate_up[2] = {{a->gate, w->gate, w->gate_bias, I}, {a->up, w->up, w->up_bias, I}};
+    OP(es_matmul_forward_group(dev, gate_up, 2, a->normed2, T, C));
     OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
     if (!x_out) return ES_OK;
     OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
@@ -373,9 +372,9 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
         // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
         OP(es_matmul_backward(dev, d->dact, g->down, g->down_bias, d->dx, a->act, w->down, T, I, C));
         OP(es_swiglu_backward(dev, d->dgate, d->dup, d->dact, a->gate, a->up, (size_t)T * I));
-        OP(es_matmul_backward(dev, d->dn, g->gate, g->gate_bias, d->dgate, a->normed2, w->gate, T, C, I));
-        OP(es_matmul_backward(dev, d->dn_part, g->up, g->up_bias, d->dup, a->normed2, w->up, T, C, I));
-        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
+        const es_matmul_part gate_up[2] = {{NULL, w->gate, w->gate_bias, I}, {NULL, w->up, w->up_bias, I}};
+        const es_matmul_part_grad dgate_up[2] = {{d->dgate, g->gate, g->gate_bias}, {d->dup, g->up, g->up_bias}};
+        OP(es_matmul_backward_group(dev, d->dn, dgate_up, gate_up, 2, a->normed2, T, C));
         OP(es_rmsnorm_backward(dev, d->dx_mid, g->post_norm, d->dn, a->x_mid, w->post_norm, T, C, eps));
         OP(es_add(dev, d->dx_mid, d->dx_mid, d->dx, TC));
         // attention block: x_mid = x_in + o(attention(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in)
@@ -383,11 +382,9 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
         OP(es_attention_backward(dev, d->dq, d->dk, d->dv, d->datt, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
         OP(es_rope_backward(dev, d->dq, d->positions, d->inv_freq, T, H, hd));
         OP(es_rope_backward(dev, d->dk, d->positions, d->inv_freq, T, KV, hd));
-        OP(es_matmul_backward(dev, d->dn, g->q, g->q_bias, d->dq, a->normed1, w->q, T, C, Q));
-        OP(es_matmul_backward(dev, d->dn_part, g->k, g->k_bias, d->dk, a->normed1, w->k, T, C, KVd));
-        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
-        OP(es_matmul_backward(dev, d->dn_part, g->v, g->v_bias, d->dv, a->normed1, w->v, T, C, KVd));
-        OP(es_add(dev, d->dn, d->dn, d->dn_part, TC));
+        const es_matmul_part qkv[3] = {{NULL, w->q, w->q_bias, Q}, {NULL, w->k, w->k_bias, KVd}, {NULL, w->v, w->v_bias, KVd}};
+        const es_matmul_part_grad dqkv[3] = {{d->dq, g->q, g->q_bias}, {d->dk, g->k, g->k_bias}, {d->dv, g->v, g->v_bias}};
+        OP(es_matmul_backward_group(dev, d->dn, dqkv, qkv, 3, a->normed1, T, C));
         OP(es_rmsnorm_backward(dev, d->dx, g->input_norm, d->dn, a->x_in, w->input_norm, T, C, eps));
         OP(es_add(dev, d->dx, d->dx, d->dx_mid, TC));
         if (on_grads && (rc = on_grads(ctx, l, err))) goto done;

@@ -28,6 +28,17 @@ int es_matmul_forward(es_device *dev, float *out, const float *in, const void *w
     DISPATCH(matmul_forward, out, in, weight, bias, T, C, OC);
 }
 
+int es_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
+    assert(n > 0 && T >= 0 && C > 0);
+    for (int i = 0; i < n; i++) assert(part[i].OC > 0 && part[i].out != in);
+    if (dev->ops->matmul_forward_group) return dev->ops->matmul_forward_group(dev, part, n, in, T, C);
+    for (int i = 0; i < n; i++) {
+        const int rc = es_matmul_forward(dev, part[i].out, in, part[i].weight, part[i].bias, T, C, part[i].OC);
+        if (rc) return rc;
+    }
+    return ES_OK;
+}
+
 int es_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {
     assert(T >= 0 && n_heads > 0 && hd > 0 && hd % 2 == 0);
     DISPATCH(rope_forward, x, positions, inv_freq, T, n_heads, hd);
@@ -67,6 +78,13 @@ int es_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias,
                        const void *weight, int T, int C, int OC) {
     assert(T >= 0 && C > 0 && OC > 0 && dweight);
     DISPATCH(matmul_backward, din, dweight, dbias, dout, in, weight, T, C, OC);
+}
+
+int es_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                             const float *in, int T, int C) {
+    assert(n > 0 && T >= 0 && C > 0 && din);
+    for (int i = 0; i < n; i++) assert(part[i].OC > 0 && grad[i].dweight && grad[i].dout != din);
+    DISPATCH(matmul_backward_group, din, grad, part, n, in, T, C);
 }
 
 int es_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd) {

@@ -115,6 +115,17 @@ int es_rmsnorm_backward(es_device *dev,
                         const void *weight,       // (C) in dev->weight_dtype
                         int T, int C, float eps);
 
+/* Products that share their input: a layer's q, k and v, or its gate and up. part[i].out = in @
+ * part[i].weightᵀ + part[i].bias, each what es_matmul_forward gives; a backend may do the work on
+ * `in` once for the group (CUDA rounds it to bf16 once, not n times). */
+typedef struct es_matmul_part {
+    float *out;          // (T, OC) the forward's output (unused by the backward)
+    const void *weight;  // (OC, C) in dev->weight_dtype
+    const void *bias;    // (OC) in dev->weight_dtype, or NULL
+    int OC;
+} es_matmul_part;
+int es_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in /* (T, C) */, int T, int C);
+
 /* din written (NULL: not needed), dweight and dbias accumulated (dbias NULL: no bias). The
  * weight is the one the forward read (dev->weight_dtype); the gradients are fp32. */
 int es_matmul_backward(es_device *dev,
@@ -125,6 +136,17 @@ int es_matmul_backward(es_device *dev,
                        const float *in,           // (T, C)
                        const void *weight,        // (OC, C) in dev->weight_dtype
                        int T, int C, int OC);
+
+/* The backward of es_matmul_forward_group: din = Σ_i grad[i].dout @ part[i].weight, the products
+ * added into din in i order as a product with beta = 1 adds (the first one written); each
+ * grad[i].dweight and grad[i].dbias (NULL: no bias) accumulated as es_matmul_backward's. */
+typedef struct es_matmul_part_grad {
+    const float *dout;   // (T, OC)
+    float *dweight;      // (OC, C) accumulated
+    float *dbias;        // (OC) accumulated, or NULL
+} es_matmul_part_grad;
+int es_matmul_backward_group(es_device *dev, float *din /* (T, C) */, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                             const float *in /* (T, C) */, int T, int C);
 
 /* In place: dx, the gradient of the rotated x, becomes that of the unrotated x. */
 int es_rope_backward(es_device *dev,

@@ -161,6 +161,7 @@ static const es_backend cpu_backend = {
     .embedding_backward = cpu_embedding_backward,
     .rmsnorm_backward = cpu_rmsnorm_backward,
     .matmul_backward = cpu_matmul_backward,
+    .matmul_backward_group = cpu_matmul_backward_group,
     .rope_backward = cpu_rope_backward,
     .attention_backward = cpu_attention_backward,
     .swiglu_backward = cpu_swiglu_backward,

@@ -114,3 +114,15 @@ int cpu_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias
     }
     return 0;
 }
+
+int cpu_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                              const float *in, int T, int C) {
+    if (T <= 0) return 0;
+    for (int i = 0; i < n; i++) {
+        // din (+)= dout_i @ weight_i  (T, C): the first product written, the others added as it is made
+        cpu_gemm(dev, 0, 0, T, C, part[i].OC, 1.0f, grad[i].dout, part[i].OC, part[i].weight, C, i ? 1.0f : 0.0f, din, C);
+        const int rc = cpu_matmul_backward(dev, NULL, grad[i].dweight, grad[i].dbias, grad[i].dout, in, part[i].weight, T, C, part[i].OC);
+        if (rc) return rc;
+    }
+    return 0;
+}

@@ -48,6 +48,7 @@ int cpu_add(es_device *, float *, const float *, const float *, size_t);
 int cpu_embedding_backward(es_device *, float *, const int32_t *, const float *, int, int);
 int cpu_rmsnorm_backward(es_device *, float *, float *, const float *, const float *, const void *, int, int, float);
 int cpu_matmul_backward(es_device *, float *, float *, float *, const float *, const float *, const void *, int, int, int);
+int cpu_matmul_backward_group(es_device *, float *, const es_matmul_part_grad *, const es_matmul_part *, int, const float *, int, int);
 int cpu_rope_backward(es_device *, float *, const int32_t *, const double *, int, int, int);
 int cpu_swiglu_backward(es_device *, float *, float *, const float *, const float *, const float *, size_t);
 int cpu_attention_forward(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int, int);

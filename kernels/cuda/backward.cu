@@ -135,6 +135,37 @@ int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbia
     return 0;
 }
 
+int cuda_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                               const float *in, int T, int C) {
+    // din (T, C) = Σ dout_i @ weight_i, added product by product (beta 1 after the first);
+    // dweight_i (OC_i, C) += dout_iᵀ @ in: the input rounded to bf16 once for the group
+    if (T <= 0) return 0;
+    int widest = 0;
+    for (int i = 0; i < n; i++) widest = part[i].OC > widest ? part[i].OC : widest;
+    const size_t n_in = (size_t)T * C, in_elems = (n_in + 127) / 128 * 128;
+    __nv_bfloat16 *in_bf16 = (__nv_bfloat16 *)es_device_scratch(dev, (in_elems + (size_t)T * widest) * sizeof(__nv_bfloat16) + 256);
+    if (!in_bf16) return ES_ERR_RUNTIME;
+    __nv_bfloat16 *dout_bf16 = in_bf16 + in_elems; // (T, OC_i), 256-byte aligned
+    cudaStream_t stream = cuda_stream(dev);
+    const char *op = "matmul_backward_group";
+    to_bf16_kernel<<<cuda_blocks(n_in, THREADS), THREADS, 0, stream>>>(in_bf16, in, n_in);
+    CUDA_LAUNCHED(dev, op);
+    for (int i = 0; i < n; i++) {
+        const int OC = part[i].OC;
+        const size_t n_out = (size_t)T * OC;
+        to_bf16_kernel<<<cuda_blocks(n_out, THREADS), THREADS, 0, stream>>>(dout_bf16, grad[i].dout, n_out);
+        CUDA_LAUNCHED(dev, op);
+        int rc = cuda_gemm_train(dev, op, din, dout_bf16, 0, part[i].weight, 0, T, C, OC, 1.0f, i ? 1.0f : 0.0f, CUDA_GEMM_BF16);
+        if (!rc) rc = cuda_gemm_train(dev, op, grad[i].dweight, dout_bf16, 1, in_bf16, 0, OC, C, T, 1.0f, 1.0f, CUDA_GEMM_BF16);
+        if (rc) return rc;
+        if (grad[i].dbias) {
+            bias_backward_kernel<<<column_blocks(OC), THREADS, 0, stream>>>(grad[i].dbias, grad[i].dout, T, OC);
+            CUDA_LAUNCHED(dev, op);
+        }
+    }
+    return 0;
+}
+
 int cuda_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
     if (n == 0) return 0;
     swiglu_backward_kernel<<<cuda_blocks(n, THREADS), THREADS, 0, cuda_stream(dev)>>>(dgate, dup, dout, gate, up, n);

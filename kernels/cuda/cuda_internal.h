@@ -157,6 +157,7 @@ size_t cuda_loss_workspace(const es_workspace_plan *plan);
 int cuda_embedding_forward(es_device *dev, float *out, const int32_t *ids, const void *table, es_dtype dtype, int T, int C);
 int cuda_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps);
 int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC);
+int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C);
 int cuda_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
 int cuda_attention_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
                            int n_seqs, int H, int KV, int hd);
@@ -184,6 +185,8 @@ int cuda_rmsnorm_backward(es_device *dev, float *din, float *dweight, const floa
                           int C, float eps);
 int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
                          const void *weight, int T, int C, int OC);
+int cuda_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                               const float *in, int T, int C);
 int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
 int cuda_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n);
 /* The plain backward (fp32, any hd): the oracle of the flash one behind cuda_attention_backward. */

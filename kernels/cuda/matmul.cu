@@ -29,3 +29,16 @@ int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void 
     if (rc) return rc;
     return cuda_gemm(dev, "matmul_forward", out, in_bf16, weight, (const __nv_bfloat16 *)bias, T, OC, C, 1.0f, CUDA_GEMM_BF16);
 }
+
+int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
+    // part[i].out (T, OC_i) fp32 = in (T, C) @ weight_iᵀ + bias_i: the input rounded to bf16 once for all
+    if (T == 0) return 0;
+    const size_t elems = (size_t)T * C;
+    __nv_bfloat16 *in_bf16 = (__nv_bfloat16 *)es_device_scratch(dev, elems * sizeof *in_bf16); // (T, C)
+    if (!in_bf16) return ES_ERR_RUNTIME;
+    int rc = cuda_round_to_bf16(dev, "matmul_forward_group", (uint16_t *)in_bf16, in, elems);
+    for (int i = 0; i < n && !rc; i++)
+        rc = cuda_gemm(dev, "matmul_forward_group", part[i].out, in_bf16, part[i].weight, (const __nv_bfloat16 *)part[i].bias, T,
+                       part[i].OC, C, 1.0f, CUDA_GEMM_BF16);
+    return rc;
+}

@@ -128,6 +128,17 @@ static int broken_rmsnorm_backward(es_device *dev, float *din, float *dweight, c
     return rc;
 }
 
+/* Each part's din written over the last one's instead of added to it. */
+static int broken_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
+                                        const float *in, int T, int C) {
+    for (int i = 0; i < n; i++) {
+        const int rc = cpu_table->matmul_backward(dev, din, grad[i].dweight, grad[i].dbias, grad[i].dout, in, part[i].weight, T, C,
+                                                  part[i].OC);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* On the 3-thread device the sum is cut into one fp32 partial sum per thread. */
 static int broken_sum_squares(es_device *dev, double *out, const float *x, size_t n) {
     if (dev != cpu3) return cpu_table->sum_squares(dev, out, x, n);
@@ -141,9 +152,11 @@ static int broken_sum_squares(es_device *dev, double *out, const float *x, size_
 
 static int in_selection(const char *op) { return !only || harness_find(&genuine, op); }
 
-/* Runs the harness on cpu2 with `table` and checks that `op` (and only it) differs from the
- * genuine run, with the status `expected`. */
-static void expect_verdict(const char *tl_name, const es_backend *table, const char *op, harness_status expected) {
+/* Runs the harness on cpu2 with `table` and checks that `op` (and only it, and `built_on_it`, an
+ * op the backend makes from it, if not NULL) differs from the genuine run, with the status
+ * `expected`. */
+static void expect_verdict(const char *tl_name, const es_backend *table, const char *op, const char *built_on_it,
+                           harness_status expected) {
     const es_backend *saved = cpu2->ops;
     harness_report broken;
     cpu2->ops = table;
@@ -158,29 +171,40 @@ static void expect_verdict(const char *tl_name, const es_backend *table, const c
     int others = 0;
     for (int i = 0; i < broken.n_ops; i++) {
         if (!strcmp(broken.ops[i].name, op)) continue;
+        if (built_on_it && !strcmp(broken.ops[i].name, built_on_it)) {
+            CHECKF(broken.ops[i].status == expected, "%s, made from %s, has status %d, expected %d", built_on_it, op,
+                   (int)broken.ops[i].status, (int)expected);
+            continue;
+        }
         const harness_op_result *g = harness_find(&genuine, broken.ops[i].name);
         CHECKF(g && g->status == broken.ops[i].status, "%s changed status although only %s was broken", broken.ops[i].name, op);
         others++;
     }
-    printf("  %s: %s %s (worst nmse %.2g, %d of %d shapes); the %d other ops as with the genuine table\n", tl_name, op,
-           expected == HARNESS_FAIL ? "fails" : "skipped", bad->worst, bad->failed_shapes, bad->shapes, others);
+    printf("  %s: %s %s (worst nmse %.2g, %d of %d shapes)%s%s; the %d other ops as with the genuine table\n", tl_name, op,
+           expected == HARNESS_FAIL ? "fails" : "skipped", bad->worst, bad->failed_shapes, bad->shapes,
+           built_on_it ? ", and so does " : "", built_on_it ? built_on_it : "", others);
 }
 
-#define BROKEN_TEST(test_name, op, field, replacement, expected)                                        \
+#define BROKEN_TEST_OF(test_name, op, built_on_it, field, replacement, expected)                        \
     TEST(test_name) {                                                                                   \
         if (!in_selection(op)) SKIP("%s is not in $ESSENCE_OPS", op);                                   \
         es_backend broken = *cpu_table;                                                                 \
         broken.field = replacement;                                                                     \
-        expect_verdict(tl_name, &broken, op, expected);                                                 \
+        expect_verdict(tl_name, &broken, op, built_on_it, expected);                                    \
     }
+#define BROKEN_TEST(test_name, op, field, replacement, expected) BROKEN_TEST_OF(test_name, op, NULL, field, replacement, expected)
 
-BROKEN_TEST(harness_catches_matmul_last_bias, "matmul_forward", matmul_forward, broken_matmul_forward, HARNESS_FAIL)
+/* The CPU has no group forward of its own: es_matmul_forward_group makes one matmul_forward per part. */
+BROKEN_TEST_OF(harness_catches_matmul_last_bias, "matmul_forward", "matmul_forward_group", matmul_forward, broken_matmul_forward,
+               HARNESS_FAIL)
 BROKEN_TEST(harness_catches_rmsnorm_eps, "rmsnorm_forward", rmsnorm_forward, broken_rmsnorm_forward, HARNESS_FAIL)
 BROKEN_TEST(harness_catches_attention_future_token, "attention_forward", attention_forward, broken_attention_forward,
             HARNESS_FAIL)
 BROKEN_TEST(harness_catches_cross_entropy_label_shift, "cross_entropy", cross_entropy, broken_cross_entropy, HARNESS_FAIL)
 BROKEN_TEST(harness_catches_matmul_backward_overwrite, "matmul_backward", matmul_backward, broken_matmul_backward,
             HARNESS_FAIL)
+BROKEN_TEST(harness_catches_matmul_backward_group_overwrite, "matmul_backward_group", matmul_backward_group,
+            broken_matmul_backward_group, HARNESS_FAIL)
 BROKEN_TEST(harness_catches_rmsnorm_backward_unwritten_row, "rmsnorm_backward", rmsnorm_backward, broken_rmsnorm_backward,
             HARNESS_FAIL)
 BROKEN_TEST(harness_skips_missing_op, "scale", scale, NULL, HARNESS_SKIP)
@@ -234,6 +258,7 @@ int main(void) {
     RUN(harness_catches_attention_future_token);
     RUN(harness_catches_cross_entropy_label_shift);
     RUN(harness_catches_matmul_backward_overwrite);
+    RUN(harness_catches_matmul_backward_group_overwrite);
     RUN(harness_catches_rmsnorm_backward_unwritten_row);
     RUN(harness_skips_missing_op);
     RUN(harness_catches_thread_dependence);

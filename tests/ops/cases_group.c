@@ -1,0 +1,145 @@
+/* The harness's cases for the products that share their input (es_matmul_forward_group,
+ * es_matmul_backward_group: a layer's q, k and v, its gate and up): each part against the double
+ * reference of its own product, din against the sum of the parts' (docs/ops-harness.md). The
+ * parts' outputs are compared as one concatenated output each (out; dweight, dbias), so that a
+ * part written over another's, or left out, shows as much as a wrong value. The grids mix widths
+ * and biases as a layer does, and a part of a single column. */
+#include <math.h>
+#include <string.h>
+
+#include "harness_internal.h"
+
+#define COUNT(a) ((int)(sizeof(a) / sizeof *(a)))
+enum { MAX_PARTS = 3 };
+
+typedef struct group_case {
+    int T, C, n, OC[MAX_PARTS], bias[MAX_PARTS];
+    size_t out_total, weight_total, bias_total; /* the parts' sizes, concatenated */
+    float *in, *weight[MAX_PARTS], *bias_values[MAX_PARTS], *dout[MAX_PARTS];
+    float *dweight_start, *dbias_start; /* (weight_total), (bias_total) */
+} group_case;
+
+static const struct {
+    int T, C, n, OC[MAX_PARTS], bias; /* bias: bit i for part i */
+} group_grid[] = {
+    {1, 1, 2, {1, 3}, 1},           {3, 7, 3, {5, 1, 1}, 7},       {257, 24, 3, {513, 64, 64}, 7} /* q, k, v */,
+    {300, 130, 2, {1030, 1030}, 0} /* gate, up */, {0, 8, 2, {8, 8}, 3} /* no tokens */,
+    {64, 1536, 3, {1536, 256, 256}, 7} /* the student's q, k, v */, {40, 96, 3, {200, 17, 600}, 2},
+};
+
+static group_case *group_inputs(hcase *c, rng *r, int index) {
+    group_case *g = c->data = hc_alloc(c, sizeof *g);
+    g->T = group_grid[index].T, g->C = group_grid[index].C, g->n = group_grid[index].n;
+    g->in = hc_normals(c, r, (size_t)g->T * g->C, 1.0);
+    for (int i = 0; i < g->n; i++) {
+        g->OC[i] = group_grid[index].OC[i], g->bias[i] = group_grid[index].bias >> i & 1;
+        g->weight[i] = hc_normals(c, r, (size_t)g->OC[i] * g->C, 1.0 / sqrt((double)g->C));
+        if (g->bias[i]) g->bias_values[i] = hc_normals(c, r, (size_t)g->OC[i], 1.0);
+        g->out_total += (size_t)g->T * g->OC[i], g->weight_total += (size_t)g->OC[i] * g->C, g->bias_total += g->bias[i] ? g->OC[i] : 0;
+    }
+    hc_param(c, "T", g->T), hc_param(c, "C", g->C), hc_param(c, "parts", g->n);
+    for (int i = 0; i < g->n; i++) hc_param(c, i == 0 ? "OC0" : i == 1 ? "OC1" : "OC2", g->OC[i]);
+    hc_note(c, "biases %d%d%d", g->bias[0], g->bias[1], g->n > 2 ? g->bias[2] : 0);
+    return g;
+}
+
+static void make_matmul_forward_group(hcase *c, int index) {
+    rng r = rng_seeded(3100 + (uint64_t)index);
+    group_case *g = group_inputs(c, &r, index);
+    double *out = hc_output(c, "out", g->out_total, 0), *in = hc_widen(c, g->in, (size_t)g->T * g->C);
+    for (int i = 0; i < g->n; i++) {
+        ref_matmul_forward(out, in, hc_widen(c, g->weight[i], (size_t)g->OC[i] * g->C),
+                           g->bias[i] ? hc_widen(c, g->bias_values[i], (size_t)g->OC[i]) : NULL, g->T, g->C, g->OC[i]);
+        out += (size_t)g->T * g->OC[i];
+    }
+}
+
+/* The parts' weights and biases on the device, into part[] (out left NULL); nonzero: the scope
+ * has ended with that code. */
+static int put_parts(dscope *s, const group_case *g, es_matmul_part *part) {
+    for (int i = 0; i < g->n; i++) {
+        void *weight, *bias = NULL;
+        PUT_WEIGHTS(s, weight, g->weight[i], (size_t)g->OC[i] * g->C);
+        if (g->bias[i]) PUT_WEIGHTS(s, bias, g->bias_values[i], (size_t)g->OC[i]);
+        part[i] = (es_matmul_part){NULL, weight, bias, g->OC[i]};
+    }
+    return 0;
+}
+
+static int call_matmul_forward_group(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const group_case *g = c->data;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *in, *out;
+    es_matmul_part part[MAX_PARTS];
+    PUT(&s, in, g->in, (size_t)g->T * g->C * sizeof *in);
+    const int rc = put_parts(&s, g, part);
+    if (rc) return rc;
+    OUT(&s, out, NULL, g->out_total); /* the parts' outputs side by side in one allocation */
+    for (size_t i = 0, at = 0; i < (size_t)g->n; at += (size_t)g->T * g->OC[i], i++) part[i].out = out + at;
+    OP(&s, es_matmul_forward_group(dev, part, g->n, in, g->T, g->C));
+    GET(&s, got[0], out, g->out_total);
+    return ds_end(&s, ES_OK);
+}
+
+static void make_matmul_backward_group(hcase *c, int index) {
+    rng r = rng_seeded(3200 + (uint64_t)index);
+    group_case *g = group_inputs(c, &r, index);
+    const size_t TC = (size_t)g->T * g->C;
+    double *din = hc_output(c, "din", TC, 0), *dweight = hc_output(c, "dweight", g->weight_total, 0);
+    double *dbias = g->bias_total ? hc_output(c, "dbias", g->bias_total, 0) : NULL;
+    double *din_part = hc_doubles(c, TC), *in = hc_widen(c, g->in, TC);
+    double *dw = dweight, *db = dbias;
+    for (int i = 0; i < g->n; i++) {
+        g->dout[i] = hc_normals(c, &r, (size_t)g->T * g->OC[i], 1.0);
+        ref_matmul_backward(din_part, dw, g->bias[i] ? db : NULL, hc_widen(c, g->dout[i], (size_t)g->T * g->OC[i]), in,
+                            hc_widen(c, g->weight[i], (size_t)g->OC[i] * g->C), g->T, g->C, g->OC[i]);
+        for (size_t k = 0; k < TC; k++) din[k] += din_part[k];
+        dw += (size_t)g->OC[i] * g->C, db += g->bias[i] ? g->OC[i] : 0;
+    }
+    g->dweight_start = hc_accumulate_start(c, &r, dweight, g->weight_total);
+    if (dbias) g->dbias_start = hc_accumulate_start(c, &r, dbias, g->bias_total);
+}
+
+static int call_matmul_backward_group(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const group_case *g = c->data;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *in, *din, *dweight, *dbias = NULL, *dout[MAX_PARTS];
+    es_matmul_part part[MAX_PARTS];
+    es_matmul_part_grad grad[MAX_PARTS];
+    PUT(&s, in, g->in, (size_t)g->T * g->C * sizeof *in);
+    const int rc = put_parts(&s, g, part);
+    if (rc) return rc;
+    for (int i = 0; i < g->n; i++) PUT(&s, dout[i], g->dout[i], (size_t)g->T * g->OC[i] * sizeof *dout[i]);
+    OUT(&s, din, NULL, (size_t)g->T * g->C);
+    OUT(&s, dweight, g->dweight_start, g->weight_total);
+    if (g->bias_total) OUT(&s, dbias, g->dbias_start, g->bias_total);
+    size_t w_at = 0, b_at = 0;
+    for (int i = 0; i < g->n; i++) {
+        grad[i] = (es_matmul_part_grad){dout[i], dweight + w_at, g->bias[i] ? dbias + b_at : NULL};
+        w_at += (size_t)g->OC[i] * g->C, b_at += g->bias[i] ? g->OC[i] : 0;
+    }
+    OP(&s, es_matmul_backward_group(dev, din, grad, part, g->n, in, g->T, g->C));
+    GET(&s, got[0], din, (size_t)g->T * g->C);
+    GET(&s, got[1], dweight, g->weight_total);
+    if (dbias) GET(&s, got[2], dbias, g->bias_total);
+    return ds_end(&s, ES_OK);
+}
+
+/* Every backend has the forward (without an entry of its own, es_matmul_forward_group makes one
+ * product per part); the backward is the backend's own. */
+static int has_matmul_forward_group(const es_backend *b) { return b->matmul_forward != NULL; }
+static int has_matmul_backward_group(const es_backend *b) { return b->matmul_backward_group != NULL; }
+
+const op_spec harness_group_ops[] = {
+    /* as matmul_forward's: each part is one such product */
+    {.name = "matmul_forward_group", .n_cases = COUNT(group_grid), .threshold = HARNESS_REDUCTION,
+     .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
+     .present = has_matmul_forward_group, .make = make_matmul_forward_group, .call = call_matmul_forward_group},
+    /* as matmul_backward's: din sums up to three such products */
+    {.name = "matmul_backward_group", .n_cases = COUNT(group_grid), .threshold = HARNESS_REDUCTION,
+     .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
+     .present = has_matmul_backward_group, .make = make_matmul_backward_group, .call = call_matmul_backward_group},
+};
+const int harness_n_group_ops = COUNT(harness_group_ops);
