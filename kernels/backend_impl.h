@@ -50,6 +50,8 @@ struct es_backend {
     int (*matmul_forward)(es_device *, float *, const float *, const void *, const void *, int, int, int);
     /* Optional (NULL: one matmul_forward per part). */
     int (*matmul_forward_group)(es_device *, const es_matmul_part *, int, const float *, int, int);
+    /* Optional (NULL: matmul_forward, then add). */
+    int (*matmul_forward_residual)(es_device *, float *, const float *, const float *, const void *, const void *, int, int, int);
     int (*rope_forward)(es_device *, float *, const int32_t *, const double *, int, int, int);
     int (*attention_forward)(es_device *, float *, const float *, const float *, const float *, const int32_t *, int, int, int,
                              int);

@@ -84,8 +84,8 @@ struct es_decoder {
     int32_t *past, *slots;       // (n_seqs), (n_seqs): a cached batch's lengths before it, and its slots
     int32_t *host_past;          // (max_tokens) host
     double *inv_freq;            // (hd / 2)
-    /* inference: one set of buffers reused by every layer, the stream x updated in place */
-    float *x, *normed, *q, *k, *v, *att, *gate, *up, *branch; // (T, C|Q|KVd|I)
+    /* inference: one set of buffers reused by every layer, the stream x (and x_mid between its blocks) */
+    float *x, *x_mid, *normed, *q, *k, *v, *att, *gate, *up; // (T, C|Q|KVd|I)
     float *normed_final;         // (T, C)
     /* training */
     layer_acts *acts;            /* [train_layers]; with recompute only their x_in are their own */
@@ -121,9 +121,8 @@ static int build_table(es_decoder *d) {
     BUFFER("slots", slots, n * sizeof(int32_t));
     BUFFER("inv_freq", inv_freq, (size_t)c->head_dim / 2 * sizeof(double));
     BUFFER("normed_final", normed_final, n * C * f);
-    BUFFER("branch", branch, n * C * f);
     if (!d->train_layers) {
-        BUFFER("x", x, n * C * f), BUFFER("normed", normed, n * C * f);
+        BUFFER("x", x, n * C * f), BUFFER("x_mid", x_mid, n * C * f), BUFFER("normed", normed, n * C * f);
         BUFFER("q", q, n * Q * f), BUFFER("k", k, n * KVd * f), BUFFER("v", v, n * KVd * f), BUFFER("att", att, n * Q * f);
         BUFFER("gate", gate, n * I * f), BUFFER("up", up, n * I * f);
     } else {
@@ -283,16 +282,14 @@ static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_a
     } else {
         OP(es_attention_forward(dev, a->att, a->q, a->k, a->v, d->seq_start, d->n_seqs, H, KV, hd));
     }
-    OP(es_matmul_forward(dev, d->branch, a->att, w->o, w->o_bias, T, H * hd, C));
-    OP(es_add(dev, a->x_mid, a->x_in, d->branch, (size_t)T * C));
+    OP(es_matmul_forward_residual(dev, a->x_mid, a->x_in, a->att, w->o, w->o_bias, T, H * hd, C));
     // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
     OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
     const es_matmul_part gate_up[2] = {{a->gate, w->gate, w->gate_bias, I}, {a->up, w->up, w->up_bias, I}};
     OP(es_matmul_forward_group(dev, gate_up, 2, a->normed2, T, C));
     OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
     if (!x_out) return ES_OK;
-    OP(es_matmul_forward(dev, d->branch, a->act, w->down, w->down_bias, T, I, C));
-    OP(es_add(dev, x_out, a->x_mid, d->branch, (size_t)T * C));
+    OP(es_matmul_forward_residual(dev, x_out, a->x_mid, a->act, w->down, w->down_bias, T, I, C));
 done:
     return rc;
 }
@@ -322,8 +319,8 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         if ((rc = es_stream_acquire(layers, l, &w, err))) goto done;
         held = l;
         /* training keeps every layer's activations (with recompute only its input: the rest goes to one
-         * shared set); inference reuses one set and updates x in place */
-        layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, x, d->normed, d->gate, d->up, d->gate};
+         * shared set); inference reuses one set, x going to x_mid and back */
+        layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, d->x_mid, d->normed, d->gate, d->up, d->gate};
         if (d->recompute) shared = d->redo, shared.x_in = d->acts[l - 1].x_in;
         const layer_acts *a = d->train_layers && !d->recompute ? &d->acts[l - 1] : &shared;
         float *x_out = !d->train_layers ? x : l < last_layer ? d->acts[l].x_in : d->x_final;

@@ -28,6 +28,14 @@ int es_matmul_forward(es_device *dev, float *out, const float *in, const void *w
     DISPATCH(matmul_forward, out, in, weight, bias, T, C, OC);
 }
 
+int es_matmul_forward_residual(es_device *dev, float *out, const float *residual, const float *in, const void *weight, const void *bias,
+                               int T, int C, int OC) {
+    assert(T >= 0 && C > 0 && OC > 0 && out != in && out != residual);
+    if (dev->ops->matmul_forward_residual) return dev->ops->matmul_forward_residual(dev, out, residual, in, weight, bias, T, C, OC);
+    const int rc = es_matmul_forward(dev, out, in, weight, bias, T, C, OC);
+    return rc ? rc : es_add(dev, out, residual, out, (size_t)T * OC);
+}
+
 int es_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
     assert(n > 0 && T >= 0 && C > 0);
     for (int i = 0; i < n; i++) assert(part[i].OC > 0 && part[i].out != in);

@@ -115,6 +115,17 @@ int es_rmsnorm_backward(es_device *dev,
                         const void *weight,       // (C) in dev->weight_dtype
                         int T, int C, float eps);
 
+/* out = residual + (in @ weightᵀ + bias): the product and es_add of the stream in one. A backend
+ * may add the residual in the product's epilogue (CUDA: cuBLASLt's C with beta 1, instead of a pass
+ * of its own over three tensors). out aliases neither residual nor in. */
+int es_matmul_forward_residual(es_device *dev,
+                               float *out,            // (T, OC)
+                               const float *residual, // (T, OC)
+                               const float *in,       // (T, C)
+                               const void *weight,    // (OC, C) in dev->weight_dtype
+                               const void *bias,      // (OC) in dev->weight_dtype, or NULL
+                               int T, int C, int OC);
+
 /* Products that share their input: a layer's q, k and v, or its gate and up. part[i].out = in @
  * part[i].weightᵀ + part[i].bias, each what es_matmul_forward gives; a backend may do the work on
  * `in` once for the group (CUDA rounds it to bf16 once, not n times). */

@@ -430,6 +430,7 @@ static const es_backend cuda_backend = {
     .rmsnorm_forward = cuda_rmsnorm_forward,
     .matmul_forward = cuda_matmul_forward,
     .matmul_forward_group = cuda_matmul_forward_group,
+    .matmul_forward_residual = cuda_matmul_forward_residual,
     .rope_forward = cuda_rope_forward,
     .attention_forward = cuda_attention_forward,
     .attention_cached_forward = cuda_attention_cached_forward,

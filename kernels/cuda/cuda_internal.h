@@ -92,6 +92,10 @@ typedef enum { CUDA_GEMM_F32, CUDA_GEMM_TF32, CUDA_GEMM_BF16, CUDA_GEMM_FP8_E4M3
  * M = 0 is a no-op. fp8 needs K % 16 == 0 and N % 16 == 0 (cuBLASLt's rule); the caller checks. */
 int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const void *B, const __nv_bfloat16 *bias, int M, int N,
               int K, float alpha, cuda_gemm_input input);
+/* The same plus residual (M, N) fp32 (NULL: none), added in the product's epilogue before the
+ * bias when cuBLASLt's epilogue does not take the bias; D must not alias A, B or the residual. */
+int cuda_gemm_residual(es_device *dev, const char *op, float *D, const float *residual, const void *A, const void *B,
+                       const __nv_bfloat16 *bias, int M, int N, int K, float alpha, cuda_gemm_input input);
 
 /* Training's products (gemm_train.cu): D (M, N) = alpha · op(A) · op(B) + beta · D, row-major,
  * op(A) (M, K) being A (M, K) or, with trans_a, the transpose of A stored (K, M); op(B) (K, N)
@@ -158,6 +162,8 @@ int cuda_embedding_forward(es_device *dev, float *out, const int32_t *ids, const
 int cuda_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps);
 int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC);
 int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C);
+int cuda_matmul_forward_residual(es_device *dev, float *out, const float *residual, const float *in, const void *weight,
+                                 const void *bias, int T, int C, int OC);
 int cuda_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
 int cuda_attention_forward(es_device *dev, float *out, const float *q, const float *k, const float *v, const int32_t *seq_start,
                            int n_seqs, int H, int KV, int hd);

@@ -28,6 +28,9 @@
 //    for a representative M (PLAN_M rows), kept in a small table, and reused for every M after
 //    cublasLtMatmulAlgoCheck accepts it for that M. Where the check refuses it, a heuristic query for the
 //    actual M decides (and is kept too), so for such an M the bits may differ from those of other Ms.
+//  - a residual (cuda_gemm_residual: D = alpha · A Bᵀ + residual) is cuBLASLt's C with beta 1, read in
+//    the epilogue instead of by an add of its own; its alignment counts with the others', and it has
+//    plans of its own (the heuristic sees C's alignment);
 //  - the alignment the heuristic is told (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*) is the pointers' own,
 //    capped at 16 bytes (what tensor-core kernels ask for), so the usual 16-byte aligned pointers (row
 //    offsets into an activation included) all share one algorithm, and a less aligned pointer gets one
@@ -83,14 +86,14 @@ const char *input_name(cuda_gemm_input input) {
 struct plan_key {
     int ordinal;
     size_t lt_workspace_bytes;
-    int n, k, input, bias;
+    int n, k, input, bias, residual;
     unsigned alignment;
     int m;
 };
 
 bool same_key(const plan_key &a, const plan_key &b) {
     return a.ordinal == b.ordinal && a.lt_workspace_bytes == b.lt_workspace_bytes && a.n == b.n && a.k == b.k &&
-           a.input == b.input && a.bias == b.bias && a.alignment == b.alignment && a.m == b.m;
+           a.input == b.input && a.bias == b.bias && a.residual == b.residual && a.alignment == b.alignment && a.m == b.m;
 }
 
 struct plan {
@@ -295,6 +298,11 @@ __global__ void add_bias_kernel(float *D /* (M, N) */, const __nv_bfloat16 *bias
 
 int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const void *B, const __nv_bfloat16 *bias, int M, int N,
               int K, float alpha, cuda_gemm_input input) {
+    return cuda_gemm_residual(dev, op, D, nullptr, A, B, bias, M, N, K, alpha, input);
+}
+
+int cuda_gemm_residual(es_device *dev, const char *op, float *D, const float *residual, const void *A, const void *B,
+                       const __nv_bfloat16 *bias, int M, int N, int K, float alpha, cuda_gemm_input input) {
     if (M == 0) return 0;
     if (M < 0 || N <= 0 || K <= 0)
         return es_device_fail(dev, ES_ERR_RUNTIME, "%s: %s: a product of shape M=%d N=%d K=%d", dev->name, op, M, N, K);
@@ -306,9 +314,10 @@ int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const voi
     if (alignment_of(B) < alignment) alignment = alignment_of(B);
     if (alignment_of(D) < alignment) alignment = alignment_of(D);
     if (bias && alignment_of(bias) < alignment) alignment = alignment_of(bias);
+    if (residual && alignment_of(residual) < alignment) alignment = alignment_of(residual);
 
     std::lock_guard<std::mutex> hold(plan_lock);
-    plan_key key = {cd->ordinal, cd->lt_workspace_bytes, N, K, (int)input, bias ? 1 : 0, alignment, 0};
+    plan_key key = {cd->ordinal, cd->lt_workspace_bytes, N, K, (int)input, bias ? 1 : 0, residual ? 1 : 0, alignment, 0};
     const char *what = nullptr;
     const plan *chosen = nullptr;
     cublasStatus_t rc = shape_plan(cd, key, input, bias, &chosen, &what);
@@ -338,10 +347,12 @@ int cuda_gemm(es_device *dev, const char *op, float *D, const void *A, const voi
         if (rc != CUBLAS_STATUS_SUCCESS) return cublas_fail(dev, op, what, rc);
         run = &fallback;
     }
-    // cuBLASLt's A is our B and its B our A (see the top); C = D with beta 0, never read.
-    const float beta = 0.0f;
+    // cuBLASLt's A is our B and its B our A (see the top); C is the residual with beta 1 (D's layout),
+    // or D with beta 0, never read.
+    const float beta = residual ? 1.0f : 0.0f;
+    const void *C = residual ? (const void *)residual : (const void *)D;
     CUBLAS_TRY(dev, op,
-               cublasLtMatmul(cd->lt, run->desc, &alpha, B, run->a, A, run->b, &beta, D, run->d, D, run->d, &chosen->algo,
+               cublasLtMatmul(cd->lt, run->desc, &alpha, B, run->a, A, run->b, &beta, C, run->d, D, run->d, &chosen->algo,
                               cd->lt_workspace, cd->lt_workspace_bytes, cuda_stream(dev)));
     if (bias && !chosen->bias_fused) {
         const size_t total = (size_t)M * (size_t)N;

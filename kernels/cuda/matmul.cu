@@ -30,6 +30,19 @@ int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void 
     return cuda_gemm(dev, "matmul_forward", out, in_bf16, weight, (const __nv_bfloat16 *)bias, T, OC, C, 1.0f, CUDA_GEMM_BF16);
 }
 
+int cuda_matmul_forward_residual(es_device *dev, float *out, const float *residual, const float *in, const void *weight,
+                                 const void *bias, int T, int C, int OC) {
+    // out (T, OC) = residual (T, OC) + in (T, C) @ weightᵀ + bias: the residual read by the product's epilogue
+    if (T == 0) return 0;
+    const size_t n = (size_t)T * C;
+    __nv_bfloat16 *in_bf16 = (__nv_bfloat16 *)es_device_scratch(dev, n * sizeof *in_bf16); // (T, C)
+    if (!in_bf16) return ES_ERR_RUNTIME;
+    const int rc = cuda_round_to_bf16(dev, "matmul_forward_residual", (uint16_t *)in_bf16, in, n);
+    if (rc) return rc;
+    return cuda_gemm_residual(dev, "matmul_forward_residual", out, residual, in_bf16, weight, (const __nv_bfloat16 *)bias, T, OC, C,
+                              1.0f, CUDA_GEMM_BF16);
+}
+
 int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
     // part[i].out (T, OC_i) fp32 = in (T, C) @ weight_iᵀ + bias_i: the input rounded to bf16 once for all
     if (T == 0) return 0;

@@ -14,9 +14,9 @@
 #include "harness_internal.h"
 
 static const char *const threaded_ops[] = {"matmul_forward",        "matmul_backward",          "matmul_forward_group",
-                                           "matmul_backward_group", "attention_forward",        "attention_cached_forward",
-                                           "attention_backward",    "latent_mse",               "cross_entropy",
-                                           "sum_squares"};
+                                           "matmul_backward_group", "matmul_forward_residual",  "attention_forward",
+                                           "attention_cached_forward", "attention_backward",    "latent_mse",
+                                           "cross_entropy",         "sum_squares"};
 
 static const op_spec *find_op(const char *name) {
     const op_spec *ops[HARNESS_MAX_OPS];

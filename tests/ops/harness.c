@@ -105,7 +105,7 @@ int harness_ops(const op_spec **ops, int max) {
     int n = 0;
     for (int i = 0; i < harness_n_layer_ops && n < max; i++) ops[n++] = &harness_layer_ops[i];
     for (int i = 0; i < harness_n_train_ops && n < max; i++) ops[n++] = &harness_train_ops[i];
-    for (int i = 0; i < harness_n_group_ops && n < max; i++) ops[n++] = &harness_group_ops[i];
+    for (int i = 0; i < harness_n_product_ops && n < max; i++) ops[n++] = &harness_product_ops[i];
     return n;
 }
 

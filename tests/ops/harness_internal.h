@@ -101,8 +101,8 @@ extern const op_spec harness_layer_ops[];
 extern const int harness_n_layer_ops;
 extern const op_spec harness_train_ops[];
 extern const int harness_n_train_ops;
-extern const op_spec harness_group_ops[];
-extern const int harness_n_group_ops;
+extern const op_spec harness_product_ops[];
+extern const int harness_n_product_ops;
 
 /* The cases of every op in a cache, made on first use. */
 hcase *harness_case(harness_cache *cache, const op_spec *op, int index);

@@ -1,9 +1,11 @@
-/* The harness's cases for the products that share their input (es_matmul_forward_group,
- * es_matmul_backward_group: a layer's q, k and v, its gate and up): each part against the double
- * reference of its own product, din against the sum of the parts' (docs/ops-harness.md). The
- * parts' outputs are compared as one concatenated output each (out; dweight, dbias), so that a
- * part written over another's, or left out, shows as much as a wrong value. The grids mix widths
- * and biases as a layer does, and a part of a single column. */
+/* The harness's cases for the products beyond one es_matmul_forward (docs/ops-harness.md):
+ *  - those that share their input (es_matmul_forward_group, es_matmul_backward_group: a layer's
+ *    q, k and v, its gate and up): each part against the double reference of its own product, din
+ *    against the sum of the parts'. The parts' outputs are compared as one concatenated output
+ *    each (out; dweight, dbias), so that a part written over another's, or left out, shows as much
+ *    as a wrong value. The grid mixes widths and biases as a layer does, and a part of one column;
+ *  - the product with the residual stream added (es_matmul_forward_residual: a layer's o and down
+ *    projections), over matmul_forward's grid. */
 #include <math.h>
 #include <string.h>
 
@@ -127,12 +129,62 @@ static int call_matmul_backward_group(es_device *dev, const hcase *c, double *co
     return ds_end(&s, ES_OK);
 }
 
-/* Every backend has the forward (without an entry of its own, es_matmul_forward_group makes one
- * product per part); the backward is the backend's own. */
+/* ---- the product with a residual ------------------------------------------------------------ */
+
+typedef struct residual_case {
+    int T, C, OC, bias;
+    float *in, *weight, *bias_values, *residual;
+} residual_case;
+
+static const struct {
+    int T, C, OC, bias;
+} residual_grid[] = {
+    {1, 1, 1, 1}, {3, 7, 5, 0}, {257, 24, 513, 1}, {513, 130, 1030, 0}, {0, 8, 8, 0}, {300, 515, 3, 1}, {64, 1536, 600, 0},
+};
+
+static void make_matmul_forward_residual(hcase *c, int index) {
+    rng r = rng_seeded(3300 + (uint64_t)index);
+    residual_case *m = c->data = hc_alloc(c, sizeof *m);
+    m->T = residual_grid[index].T, m->C = residual_grid[index].C, m->OC = residual_grid[index].OC, m->bias = residual_grid[index].bias;
+    m->in = hc_normals(c, &r, (size_t)m->T * m->C, 1.0);
+    m->weight = hc_normals(c, &r, (size_t)m->OC * m->C, 1.0 / sqrt((double)m->C));
+    if (m->bias) m->bias_values = hc_normals(c, &r, (size_t)m->OC, 1.0);
+    m->residual = hc_normals(c, &r, (size_t)m->T * m->OC, 3.0); /* a stream larger than the branch, as a layer's */
+    hc_param(c, "T", m->T), hc_param(c, "C", m->C), hc_param(c, "OC", m->OC);
+    hc_note(c, m->bias ? "bias" : "no bias");
+    const size_t n = (size_t)m->T * m->OC;
+    double *out = hc_output(c, "out", n, 0);
+    ref_matmul_forward(out, hc_widen(c, m->in, (size_t)m->T * m->C), hc_widen(c, m->weight, (size_t)m->OC * m->C),
+                       m->bias ? hc_widen(c, m->bias_values, (size_t)m->OC) : NULL, m->T, m->C, m->OC);
+    for (size_t i = 0; i < n; i++) out[i] += m->residual[i];
+}
+
+static int call_matmul_forward_residual(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const residual_case *m = c->data;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *in, *residual, *out;
+    void *weight, *bias = NULL;
+    PUT(&s, in, m->in, (size_t)m->T * m->C * sizeof *in);
+    PUT(&s, residual, m->residual, (size_t)m->T * m->OC * sizeof *residual);
+    PUT_WEIGHTS(&s, weight, m->weight, (size_t)m->OC * m->C);
+    if (m->bias) PUT_WEIGHTS(&s, bias, m->bias_values, (size_t)m->OC);
+    OUT(&s, out, NULL, (size_t)m->T * m->OC);
+    OP(&s, es_matmul_forward_residual(dev, out, residual, in, weight, bias, m->T, m->C, m->OC));
+    GET(&s, got[0], out, (size_t)m->T * m->OC);
+    return ds_end(&s, ES_OK);
+}
+
+/* ---- the table ------------------------------------------------------------------------------------ */
+
+/* Every backend has the forwards (without an entry of its own, es_matmul_forward_group makes one
+ * product per part, es_matmul_forward_residual a product and an add); the group's backward is the
+ * backend's own. */
 static int has_matmul_forward_group(const es_backend *b) { return b->matmul_forward != NULL; }
+static int has_matmul_forward_residual(const es_backend *b) { return b->matmul_forward != NULL && b->add != NULL; }
 static int has_matmul_backward_group(const es_backend *b) { return b->matmul_backward_group != NULL; }
 
-const op_spec harness_group_ops[] = {
+const op_spec harness_product_ops[] = {
     /* as matmul_forward's: each part is one such product */
     {.name = "matmul_forward_group", .n_cases = COUNT(group_grid), .threshold = HARNESS_REDUCTION,
      .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
@@ -141,5 +193,9 @@ const op_spec harness_group_ops[] = {
     {.name = "matmul_backward_group", .n_cases = COUNT(group_grid), .threshold = HARNESS_REDUCTION,
      .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
      .present = has_matmul_backward_group, .make = make_matmul_backward_group, .call = call_matmul_backward_group},
+    /* as matmul_forward's, the residual added exactly or by one more rounding */
+    {.name = "matmul_forward_residual", .n_cases = COUNT(residual_grid), .threshold = HARNESS_REDUCTION,
+     .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
+     .present = has_matmul_forward_residual, .make = make_matmul_forward_residual, .call = call_matmul_forward_residual},
 };
-const int harness_n_group_ops = COUNT(harness_group_ops);
+const int harness_n_product_ops = COUNT(harness_product_ops);
