@@ -67,11 +67,6 @@ __global__ void bias_backward_kernel(float *dbias /* (OC) */, const float *dout 
     }
 }
 
-__global__ void to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16_rn(in[i]);
-}
-
 /* dup = dout silu(gate), dgate = dout up σ (1 + gate (1 − σ)), as the CPU rounds them. */
 __global__ void swiglu_backward_kernel(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -122,12 +117,9 @@ int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbia
     if (!dout_bf16) return ES_ERR_RUNTIME;
     __nv_bfloat16 *in_bf16 = dout_bf16 + (n_out + 127) / 128 * 128; // (T, C), 256-byte aligned
     cudaStream_t stream = cuda_stream(dev);
-    to_bf16_kernel<<<cuda_blocks(n_out, THREADS), THREADS, 0, stream>>>(dout_bf16, dout, n_out);
-    CUDA_LAUNCHED(dev, "matmul_backward");
-    to_bf16_kernel<<<cuda_blocks(n_in, THREADS), THREADS, 0, stream>>>(in_bf16, in, n_in);
-    CUDA_LAUNCHED(dev, "matmul_backward");
-    int rc = 0;
-    if (din) rc = cuda_gemm_train(dev, "matmul_backward", din, dout_bf16, 0, weight, 0, T, C, OC, 1.0f, 0.0f, CUDA_GEMM_BF16);
+    int rc = cuda_round_to_bf16(dev, "matmul_backward", (uint16_t *)dout_bf16, dout, n_out);
+    if (!rc) rc = cuda_round_to_bf16(dev, "matmul_backward", (uint16_t *)in_bf16, in, n_in);
+    if (!rc && din) rc = cuda_gemm_train(dev, "matmul_backward", din, dout_bf16, 0, weight, 0, T, C, OC, 1.0f, 0.0f, CUDA_GEMM_BF16);
     if (!rc) rc = cuda_gemm_train(dev, "matmul_backward", dweight, dout_bf16, 1, in_bf16, 0, OC, C, T, 1.0f, 1.0f, CUDA_GEMM_BF16);
     if (rc || !dbias) return rc;
     bias_backward_kernel<<<column_blocks(OC), THREADS, 0, stream>>>(dbias, dout, T, OC);
@@ -148,14 +140,12 @@ int cuda_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_
     __nv_bfloat16 *dout_bf16 = in_bf16 + in_elems; // (T, OC_i), 256-byte aligned
     cudaStream_t stream = cuda_stream(dev);
     const char *op = "matmul_backward_group";
-    to_bf16_kernel<<<cuda_blocks(n_in, THREADS), THREADS, 0, stream>>>(in_bf16, in, n_in);
-    CUDA_LAUNCHED(dev, op);
-    for (int i = 0; i < n; i++) {
+    int rc = cuda_round_to_bf16(dev, op, (uint16_t *)in_bf16, in, n_in);
+    for (int i = 0; i < n && !rc; i++) {
         const int OC = part[i].OC;
         const size_t n_out = (size_t)T * OC;
-        to_bf16_kernel<<<cuda_blocks(n_out, THREADS), THREADS, 0, stream>>>(dout_bf16, grad[i].dout, n_out);
-        CUDA_LAUNCHED(dev, op);
-        int rc = cuda_gemm_train(dev, op, din, dout_bf16, 0, part[i].weight, 0, T, C, OC, 1.0f, i ? 1.0f : 0.0f, CUDA_GEMM_BF16);
+        rc = cuda_round_to_bf16(dev, op, (uint16_t *)dout_bf16, grad[i].dout, n_out);
+        if (!rc) rc = cuda_gemm_train(dev, op, din, dout_bf16, 0, part[i].weight, 0, T, C, OC, 1.0f, i ? 1.0f : 0.0f, CUDA_GEMM_BF16);
         if (!rc) rc = cuda_gemm_train(dev, op, grad[i].dweight, dout_bf16, 1, in_bf16, 0, OC, C, T, 1.0f, 1.0f, CUDA_GEMM_BF16);
         if (rc) return rc;
         if (grad[i].dbias) {
@@ -163,7 +153,7 @@ int cuda_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_
             CUDA_LAUNCHED(dev, op);
         }
     }
-    return 0;
+    return rc;
 }
 
 int cuda_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {

@@ -76,7 +76,7 @@ static inline unsigned cuda_blocks(size_t n, unsigned threads) {
 static inline size_t cuda_round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 /* out = in rounded to bf16 (to nearest even, as PyTorch's .to(torch.bfloat16); NaN stays NaN): the
- * rounding every tensor-core input of an activation gets (matmul.cu). */
+ * rounding every tensor-core input of an activation gets (elementwise.cu). */
 int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out /* (n) */, const float *in /* (n) */, size_t n);
 
 /* ---- matrix products (gemm.cu) ------------------------------------------------------------- */

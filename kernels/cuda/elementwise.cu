@@ -78,6 +78,27 @@ struct scale_op {
     }
 };
 
+/* fp32 to bf16 bits, to nearest even (NaN stays NaN): the tensor cores' copy of an activation. */
+struct round_bf16_op {
+    uint16_t *out;    // (n)
+    const float *in;  // (n)
+    static __device__ __forceinline__ uint32_t bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+    __device__ void one(size_t i) const { out[i] = (uint16_t)bits(in[i]); }
+    __device__ void four(size_t i) const { /* one 16-byte load, one 8-byte store */
+        const float4 x = load4(in + i);
+        *reinterpret_cast<uint2 *>(out + i) = make_uint2(bits(x.x) | bits(x.y) << 16, bits(x.z) | bits(x.w) << 16);
+    }
+};
+
+/* The split for round_bf16_op: vectors where `in` is 16-byte aligned at the same element where
+ * `out` is 8-byte aligned (both start so in the arenas and the scratch), else one at a time. */
+vector_split split_for_rounding(size_t n, const float *in, const uint16_t *out) {
+    const uintptr_t in_offset = (uintptr_t)in & 15, out_offset = (uintptr_t)out & 7;
+    if (in_offset % 4 || out_offset % 2 || in_offset / 4 != out_offset / 2) return {n, 0};
+    const size_t head = ((16 - in_offset) & 15) / 4 < n ? ((16 - in_offset) & 15) / 4 : n;
+    return {head, (n - head) / 4};
+}
+
 /* ---- the sum of squares ---------------------------------------------------------------------- */
 
 /* Elements per partial sum (one block each): the CPU's block, so the scratch is the CPU's too,
@@ -127,6 +148,10 @@ int cuda_swiglu_forward(es_device *dev, float *out, const float *gate, const flo
 
 int cuda_add(es_device *dev, float *out, const float *a, const float *b, size_t n) {
     return launch_map(dev, "add", add_op{out, a, b}, n, split_for(n, out, a, b));
+}
+
+int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out, const float *in, size_t n) {
+    return launch_map(dev, op, round_bf16_op{out, in}, n, split_for_rounding(n, in, out));
 }
 
 int cuda_scale(es_device *dev, float *x, size_t n, float scale) {

@@ -204,11 +204,6 @@ int cuda_standardise(es_device *dev, float *x_hat, int64_t *first_bad, const flo
 
 /* ---- features -------------------------------------------------------------------------------- */
 
-__global__ void to_bf16_kernel(__nv_bfloat16 *dst /* (n) */, const float *src /* (n) */, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2bfloat16_rn(src[i]);
-}
-
 __global__ void to_e4m3_kernel(__nv_fp8_storage_t *dst /* (n) */, const float *src /* (n) */, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = __nv_cvt_float_to_fp8(src[i], __NV_SATFINITE, __NV_E4M3);
@@ -283,10 +278,9 @@ int cuda_fourier_features(es_device *dev, float *targets, const float *x_hat, co
     const void *a = x_hat, *b = omega;
     const size_t x_n = (size_t)T * d, omega_n = (size_t)m * d;
     if (input == CUDA_GEMM_BF16) {
-        to_bf16_kernel<<<cuda_blocks(x_n, 256), 256, 0, stream>>>((__nv_bfloat16 *)x_in, x_hat, x_n);
-        CUDA_LAUNCHED(dev, op);
-        to_bf16_kernel<<<cuda_blocks(omega_n, 256), 256, 0, stream>>>((__nv_bfloat16 *)omega_in, omega, omega_n);
-        CUDA_LAUNCHED(dev, op);
+        int rc = cuda_round_to_bf16(dev, op, (uint16_t *)x_in, x_hat, x_n);
+        if (!rc) rc = cuda_round_to_bf16(dev, op, (uint16_t *)omega_in, omega, omega_n);
+        if (rc) return rc;
         a = x_in, b = omega_in;
     } else if (input == CUDA_GEMM_FP8_E4M3) {
         to_e4m3_kernel<<<cuda_blocks(x_n, 256), 256, 0, stream>>>((__nv_fp8_storage_t *)x_in, x_hat, x_n);

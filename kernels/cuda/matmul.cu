@@ -2,18 +2,6 @@
 // product against the bf16 weights with fp32 accumulation and output (gemm.cu).
 #include "cuda_internal.h"
 
-// Round to nearest even, as PyTorch's .to(torch.bfloat16) does; NaN stays NaN.
-__global__ void round_rows_to_bf16(__nv_bfloat16 *out, const float *in, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16_rn(in[i]);
-}
-
-int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out, const float *in, size_t n) {
-    if (n == 0) return 0;
-    round_rows_to_bf16<<<cuda_blocks(n, 256), 256, 0, cuda_stream(dev)>>>((__nv_bfloat16 *)out, in, n);
-    CUDA_LAUNCHED(dev, op);
-    return 0;
-}
 
 size_t cuda_matmul_workspace(const es_workspace_plan *plan) {
     return (size_t)plan->tokens * (size_t)plan->max_in * sizeof(__nv_bfloat16);
