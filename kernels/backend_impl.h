@@ -58,6 +58,8 @@ struct es_backend {
     int (*attention_cached_forward)(es_device *, float *, float *, float *, const float *, const float *, const float *,
                                     const int32_t *, const int32_t *, const int32_t *, int, int, int, int, int);
     int (*swiglu_forward)(es_device *, float *, const float *, const float *, size_t);
+    int (*swiglu_down_forward)(es_device *, float *, const float *, const float *, const float *, const void *, const void *, int, int,
+                               int);
     int (*add)(es_device *, float *, const float *, const float *, size_t);
 
     int (*embedding_backward)(es_device *, float *, const int32_t *, const float *, int, int);
@@ -69,6 +71,8 @@ struct es_backend {
     int (*attention_backward)(es_device *, float *, float *, float *, const float *, const float *, const float *, const float *,
                               const int32_t *, int, int, int, int);
     int (*swiglu_backward)(es_device *, float *, float *, const float *, const float *, const float *, size_t);
+    int (*swiglu_down_backward)(es_device *, float *, float *, float *, float *, const float *, const float *, const float *,
+                                const void *, int, int, int);
 
     int (*latent_mse)(es_device *, double *, double *, float *, float *, const float *, const float *, const uint8_t *,
                       const float *, int, int, float, float);

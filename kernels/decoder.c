@@ -15,8 +15,7 @@ typedef struct layer_acts {
     float *att;       // (T, H*hd) attention output
     float *x_mid;     // (T, C) the stream after the attention block
     float *normed2;   // (T, C) post_attention_layernorm output
-    float *gate, *up; // (T, I) before the activation
-    float *act;       // (T, I) silu(gate) * up
+    float *gate, *up; // (T, I) before the activation (silu(gate) * up, made again where it is needed)
 } layer_acts;
 
 /* One entry of the arena's table: a named tensor and where its pointer goes. */
@@ -91,7 +90,7 @@ struct es_decoder {
     layer_acts *acts;            /* [train_layers]; with recompute only their x_in are their own */
     layer_acts redo;             /* recompute: the one set of the other activations, shared by every layer */
     float *x_final;              // (T, C) the stream after the last layer run
-    float *dx, *dx_mid, *dn, *dq, *dk, *dv, *datt, *dgate, *dup, *dact; // gradients, (T, ...)
+    float *dx, *dx_mid, *dn, *dq, *dk, *dv, *datt, *dgate, *dup; // gradients, (T, ...)
     /* the last forward */
     int T, n_seqs, last_layer, has_normed;
 };
@@ -133,20 +132,20 @@ static int build_table(es_decoder *d) {
             if (d->recompute) continue;
             LAYER(normed1, n * C * f), LAYER(q, n * Q * f), LAYER(k, n * KVd * f);
             LAYER(v, n * KVd * f), LAYER(att, n * Q * f), LAYER(x_mid, n * C * f), LAYER(normed2, n * C * f);
-            LAYER(gate, n * I * f), LAYER(up, n * I * f), LAYER(act, n * I * f);
+            LAYER(gate, n * I * f), LAYER(up, n * I * f);
 #undef LAYER
         }
         if (d->recompute) {
             layer_acts *a = &d->redo;
 #define REDO(name, bytes) bad |= add_buffer(d, "recomputed " #name, -1, &a->name, bytes)
             REDO(normed1, n * C * f), REDO(q, n * Q * f), REDO(k, n * KVd * f), REDO(v, n * KVd * f), REDO(att, n * Q * f);
-            REDO(x_mid, n * C * f), REDO(normed2, n * C * f), REDO(gate, n * I * f), REDO(up, n * I * f), REDO(act, n * I * f);
+            REDO(x_mid, n * C * f), REDO(normed2, n * C * f), REDO(gate, n * I * f), REDO(up, n * I * f);
 #undef REDO
         }
         BUFFER("x_final", x_final, n * C * f), BUFFER("dx", dx, n * C * f), BUFFER("dx_mid", dx_mid, n * C * f);
         BUFFER("dn", dn, n * C * f), BUFFER("dq", dq, n * Q * f);
         BUFFER("dk", dk, n * KVd * f), BUFFER("dv", dv, n * KVd * f), BUFFER("datt", datt, n * Q * f);
-        BUFFER("dgate", dgate, n * I * f), BUFFER("dup", dup, n * I * f), BUFFER("dact", dact, n * I * f);
+        BUFFER("dgate", dgate, n * I * f), BUFFER("dup", dup, n * I * f);
     }
 #undef BUFFER
     return bad ? -1 : 0;
@@ -259,8 +258,8 @@ static int upload_batch(es_decoder *d, const es_decoder_batch *batch, es_error *
 }
 
 /* One decoder layer (1-based `layer`) over the batch uploaded last: its activations into a, the
- * stream after it into x_out. x_out NULL stops after the MLP's activation (the backward's
- * recomputation: it reads nothing after that). */
+ * stream after it into x_out. x_out NULL stops after the MLP's gate and up (the backward's
+ * recomputation: it reads nothing after them). */
 static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_acts *a, float *x_out, int layer, es_kv_cache *cache,
                          es_error *err) {
     es_device *dev = d->dev;
@@ -287,9 +286,8 @@ static int layer_forward(es_decoder *d, const es_layer_weights *w, const layer_a
     OP(es_rmsnorm_forward(dev, a->normed2, a->x_mid, w->post_norm, T, C, eps));
     const es_matmul_part gate_up[2] = {{a->gate, w->gate, w->gate_bias, I}, {a->up, w->up, w->up_bias, I}};
     OP(es_matmul_forward_group(dev, gate_up, 2, a->normed2, T, C));
-    OP(es_swiglu_forward(dev, a->act, a->gate, a->up, (size_t)T * I));
     if (!x_out) return ES_OK;
-    OP(es_matmul_forward_residual(dev, x_out, a->x_mid, a->act, w->down, w->down_bias, T, I, C));
+    OP(es_swiglu_down_forward(dev, x_out, a->x_mid, a->gate, a->up, w->down, w->down_bias, T, I, C));
 done:
     return rc;
 }
@@ -320,7 +318,7 @@ int es_decoder_forward(es_decoder *d, const es_decoder_batch *batch, const void 
         held = l;
         /* training keeps every layer's activations (with recompute only its input: the rest goes to one
          * shared set); inference reuses one set, x going to x_mid and back */
-        layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, d->x_mid, d->normed, d->gate, d->up, d->gate};
+        layer_acts shared = {x, d->normed, d->q, d->k, d->v, d->att, d->x_mid, d->normed, d->gate, d->up};
         if (d->recompute) shared = d->redo, shared.x_in = d->acts[l - 1].x_in;
         const layer_acts *a = d->train_layers && !d->recompute ? &d->acts[l - 1] : &shared;
         float *x_out = !d->train_layers ? x : l < last_layer ? d->acts[l].x_in : d->x_final;
@@ -367,8 +365,7 @@ int es_decoder_backward(es_decoder *d, const es_working *weights, es_params *gra
             if (l < d->last_layer && (rc = layer_forward(d, w, a, NULL, l, NULL, err))) goto done;
         }
         // MLP block: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid)
-        OP(es_matmul_backward(dev, d->dact, g->down, g->down_bias, d->dx, a->act, w->down, T, I, C));
-        OP(es_swiglu_backward(dev, d->dgate, d->dup, d->dact, a->gate, a->up, (size_t)T * I));
+        OP(es_swiglu_down_backward(dev, d->dgate, d->dup, g->down, g->down_bias, d->dx, a->gate, a->up, w->down, T, I, C));
         const es_matmul_part gate_up[2] = {{NULL, w->gate, w->gate_bias, I}, {NULL, w->up, w->up_bias, I}};
         const es_matmul_part_grad dgate_up[2] = {{d->dgate, g->gate, g->gate_bias}, {d->dup, g->up, g->up_bias}};
         OP(es_matmul_backward_group(dev, d->dn, dgate_up, gate_up, 2, a->normed2, T, C));

@@ -36,6 +36,12 @@ int es_matmul_forward_residual(es_device *dev, float *out, const float *residual
     return rc ? rc : es_add(dev, out, residual, out, (size_t)T * OC);
 }
 
+int es_swiglu_down_forward(es_device *dev, float *out, const float *residual, const float *gate, const float *up, const void *weight,
+                           const void *bias, int T, int inner, int C) {
+    assert(T >= 0 && inner > 0 && C > 0 && out != residual && out != gate && out != up);
+    DISPATCH(swiglu_down_forward, out, residual, gate, up, weight, bias, T, inner, C);
+}
+
 int es_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
     assert(n > 0 && T >= 0 && C > 0);
     for (int i = 0; i < n; i++) assert(part[i].OC > 0 && part[i].out != in);
@@ -86,6 +92,12 @@ int es_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias,
                        const void *weight, int T, int C, int OC) {
     assert(T >= 0 && C > 0 && OC > 0 && dweight);
     DISPATCH(matmul_backward, din, dweight, dbias, dout, in, weight, T, C, OC);
+}
+
+int es_swiglu_down_backward(es_device *dev, float *dgate, float *dup, float *dweight, float *dbias, const float *dout,
+                            const float *gate, const float *up, const void *weight, int T, int inner, int C) {
+    assert(T >= 0 && inner > 0 && C > 0 && dweight && dgate != dup);
+    DISPATCH(swiglu_down_backward, dgate, dup, dweight, dbias, dout, gate, up, weight, T, inner, C);
 }
 
 int es_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,

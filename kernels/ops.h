@@ -126,6 +126,19 @@ int es_matmul_forward_residual(es_device *dev,
                                const void *bias,      // (OC) in dev->weight_dtype, or NULL
                                int T, int C, int OC);
 
+/* The MLP's second half with the residual stream: out = residual + act @ weightᵀ + bias with
+ * act = silu(gate) · up, as es_swiglu_forward, es_matmul_forward and es_add give it; the
+ * activation is not kept (the CPU holds it in its scratch for the product, CUDA rounds it
+ * straight to bf16 there), and es_swiglu_down_backward makes it again. out aliases no input. */
+int es_swiglu_down_forward(es_device *dev,
+                           float *out,            // (T, C)
+                           const float *residual, // (T, C)
+                           const float *gate,     // (T, inner)
+                           const float *up,       // (T, inner)
+                           const void *weight,    // (C, inner) in dev->weight_dtype
+                           const void *bias,      // (C) in dev->weight_dtype, or NULL
+                           int T, int inner, int C);
+
 /* Products that share their input: a layer's q, k and v, or its gate and up. part[i].out = in @
  * part[i].weightᵀ + part[i].bias, each what es_matmul_forward gives; a backend may do the work on
  * `in` once for the group (CUDA rounds it to bf16 once, not n times). */
@@ -147,6 +160,20 @@ int es_matmul_backward(es_device *dev,
                        const float *in,           // (T, C)
                        const void *weight,        // (OC, C) in dev->weight_dtype
                        int T, int C, int OC);
+
+/* The backward of es_swiglu_down_forward (its residual's gradient is dout itself): dweight and
+ * dbias (NULL: no bias) accumulated as es_matmul_backward's over act = silu(gate) · up made again,
+ * then the activation's gradient dout @ weight through SwiGLU into dgate and dup (written). */
+int es_swiglu_down_backward(es_device *dev,
+                            float *dgate,          // (T, inner)
+                            float *dup,            // (T, inner)
+                            float *dweight,        // (C, inner) accumulated
+                            float *dbias,          // (C) accumulated, or NULL
+                            const float *dout,     // (T, C)
+                            const float *gate,     // (T, inner)
+                            const float *up,       // (T, inner)
+                            const void *weight,    // (C, inner) in dev->weight_dtype
+                            int T, int inner, int C);
 
 /* The backward of es_matmul_forward_group: din = Σ_i grad[i].dout @ part[i].weight, the products
  * added into din in i order as a product with beta = 1 adds (the first one written); each

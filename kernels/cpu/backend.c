@@ -112,6 +112,7 @@ static size_t larger(size_t a, size_t b) { return a > b ? a : b; }
 
 static size_t cpu_workspace_estimate(const es_device *dev, const es_workspace_plan *plan) {
     size_t bytes = cpu_matmul_workspace(plan);
+    bytes = larger(bytes, cpu_swiglu_down_workspace(plan));
     bytes = larger(bytes, cpu_attention_workspace(dev, plan));
     bytes = larger(bytes, cpu_loss_workspace(dev, plan));
     bytes = larger(bytes, cpu_project_workspace(dev, plan));
@@ -157,6 +158,7 @@ static const es_backend cpu_backend = {
     .attention_forward = cpu_attention_forward,
     .attention_cached_forward = cpu_attention_cached_forward,
     .swiglu_forward = cpu_swiglu_forward,
+    .swiglu_down_forward = cpu_swiglu_down_forward,
     .add = cpu_add,
     .embedding_backward = cpu_embedding_backward,
     .rmsnorm_backward = cpu_rmsnorm_backward,
@@ -165,6 +167,7 @@ static const es_backend cpu_backend = {
     .rope_backward = cpu_rope_backward,
     .attention_backward = cpu_attention_backward,
     .swiglu_backward = cpu_swiglu_backward,
+    .swiglu_down_backward = cpu_swiglu_down_backward,
     .latent_mse = cpu_latent_mse,
     .cross_entropy = cpu_cross_entropy,
     .adamw_update = cpu_adamw_update,

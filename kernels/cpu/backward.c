@@ -115,6 +115,17 @@ int cpu_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias
     return 0;
 }
 
+int cpu_swiglu_down_backward(es_device *dev, float *dgate, float *dup, float *dweight, float *dbias, const float *dout,
+                             const float *gate, const float *up, const void *weight, int T, int inner, int C) {
+    // the activation made again in dgate (written last), its gradient in the scratch
+    if (T <= 0) return 0;
+    float *dact = es_device_scratch(dev, (size_t)T * inner * sizeof(float)); // (T, inner)
+    if (!dact) return ES_ERR_RUNTIME;
+    cpu_swiglu_forward(dev, dgate, gate, up, (size_t)T * inner);
+    const int rc = cpu_matmul_backward(dev, dact, dweight, dbias, dout, dgate, weight, T, inner, C);
+    return rc ? rc : cpu_swiglu_backward(dev, dgate, dup, dact, gate, up, (size_t)T * inner);
+}
+
 int cpu_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
                               const float *in, int T, int C) {
     if (T <= 0) return 0;

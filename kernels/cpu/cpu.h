@@ -45,6 +45,9 @@ int cpu_matmul_forward(es_device *, float *, const float *, const void *, const 
 int cpu_rope_forward(es_device *, float *, const int32_t *, const double *, int, int, int);
 int cpu_swiglu_forward(es_device *, float *, const float *, const float *, size_t);
 int cpu_add(es_device *, float *, const float *, const float *, size_t);
+int cpu_swiglu_down_forward(es_device *, float *, const float *, const float *, const float *, const void *, const void *, int, int, int);
+int cpu_swiglu_down_backward(es_device *, float *, float *, float *, float *, const float *, const float *, const float *, const void *,
+                             int, int, int);
 int cpu_embedding_backward(es_device *, float *, const int32_t *, const float *, int, int);
 int cpu_rmsnorm_backward(es_device *, float *, float *, const float *, const float *, const void *, int, int, float);
 int cpu_matmul_backward(es_device *, float *, float *, float *, const float *, const float *, const void *, int, int, int);
@@ -70,6 +73,8 @@ int cpu_fourier_features(es_device *, float *, const float *, const float *, flo
 
 /* Scratch each op takes from the workspace for the largest shapes of a plan (bytes). */
 size_t cpu_matmul_workspace(const es_workspace_plan *plan);
+/* swiglu_down's: the activation (forward) or its gradient (backward), (T, I), and the product's padding. */
+size_t cpu_swiglu_down_workspace(const es_workspace_plan *plan);
 size_t cpu_attention_workspace(const es_device *dev, const es_workspace_plan *plan);
 size_t cpu_loss_workspace(const es_device *dev, const es_workspace_plan *plan);
 size_t cpu_project_workspace(const es_device *dev, const es_workspace_plan *plan);

@@ -89,13 +89,14 @@ static void fill_bias(float *out, const float *bias, int rows, int OC) {
     for (int t = 0; t < rows; t++) memcpy(out + (size_t)t * OC, bias, (size_t)OC * sizeof *out);
 }
 
-int cpu_matmul_forward(es_device *dev, float *out, const float *in, const void *weight_f32, const void *bias_f32, int T, int C,
-                       int OC) {
-    const float *weight = weight_f32, *bias = bias_f32; /* the CPU's weight format is fp32 */
+/* The product with its padding rows at `padding` (cpu_matmul_workspace's bytes), or in the scratch
+ * when NULL. */
+static int matmul_rows(es_device *dev, float *out, const float *in, const float *weight, const float *bias, int T, int C, int OC,
+                       float *padding) {
     const int full_blocks = T / CPU_MATMUL_ROWS, rest = T - full_blocks * CPU_MATMUL_ROWS;
     matmul_job job = {out, NULL, in, NULL, weight, full_blocks, (OC + CPU_TILE_COLS - 1) / CPU_TILE_COLS, C, OC, bias ? 1.0f : 0.0f};
     if (rest) {
-        float *padded_in = es_device_scratch(dev, cpu_matmul_workspace(&(es_workspace_plan){.max_in = C, .max_out = OC}));
+        float *padded_in = padding ? padding : es_device_scratch(dev, cpu_matmul_workspace(&(es_workspace_plan){.max_in = C, .max_out = OC}));
         if (!padded_in) return ES_ERR_RUNTIME;
         float *padded_out = padded_in + (size_t)CPU_MATMUL_ROWS * C; // (CPU_MATMUL_ROWS, OC)
         memcpy(padded_in, in + (size_t)full_blocks * CPU_MATMUL_ROWS * C, (size_t)rest * C * sizeof *padded_in);
@@ -107,6 +108,29 @@ int cpu_matmul_forward(es_device *dev, float *out, const float *in, const void *
     cpu_for(dev, (size_t)(full_blocks + (rest > 0)) * (size_t)job.col_tiles, matmul_tile, &job);
     if (rest) memcpy(out + (size_t)full_blocks * CPU_MATMUL_ROWS * OC, job.padded_out, (size_t)rest * OC * sizeof *out);
     return 0;
+}
+
+int cpu_matmul_forward(es_device *dev, float *out, const float *in, const void *weight_f32, const void *bias_f32, int T, int C,
+                       int OC) {
+    return matmul_rows(dev, out, in, weight_f32, bias_f32, T, C, OC, NULL); /* the CPU's weight format is fp32 */
+}
+
+/* The forward's activation goes through the product a chunk of whole row blocks at a time (a
+ * row's bits do not depend on its call: the blocks above), so its scratch is at most about
+ * SWIGLU_DOWN_FLOATS floats and not (T, I), which for the 70B shape at 8192 tokens would be 0.9 GB
+ * beside a gate buffer that inference used to overwrite in place. */
+enum { SWIGLU_DOWN_FLOATS = 1 << 24 };
+static int swiglu_down_rows(int T, int I) {
+    const int most = SWIGLU_DOWN_FLOATS / CPU_MATMUL_ROWS / (I > 0 ? I : 1), needed = (T + CPU_MATMUL_ROWS - 1) / CPU_MATMUL_ROWS;
+    const int blocks = most < needed ? most : needed;
+    return (blocks > 1 ? blocks : 1) * CPU_MATMUL_ROWS;
+}
+
+size_t cpu_swiglu_down_workspace(const es_workspace_plan *plan) {
+    const size_t I = (size_t)plan->max_in, rows = (size_t)swiglu_down_rows(plan->tokens, plan->max_in);
+    const size_t forward = rows * I * sizeof(float) + cpu_matmul_workspace(plan);
+    const size_t backward = plan->train ? (size_t)plan->tokens * I * sizeof(float) : 0; /* the activation's gradient */
+    return forward > backward ? forward : backward;
 }
 
 /* ---- RoPE --------------------------------------------------------------------------------- */
@@ -210,4 +234,23 @@ int cpu_swiglu_backward(es_device *dev, float *dgate, float *dup, const float *d
     elementwise_job job = {dgate, dup, dout, gate, up, n};
     elementwise(dev, swiglu_backward_block, &job);
     return 0;
+}
+
+int cpu_swiglu_down_forward(es_device *dev, float *out, const float *residual, const float *gate, const float *up, const void *weight,
+                            const void *bias, int T, int inner, int C) {
+    // per chunk of rows: act (rows, inner) in the scratch, the product's padding after it; then the
+    // sum with the stream
+    if (T <= 0) return 0;
+    const int chunk = swiglu_down_rows(T, inner);
+    const size_t act_floats = (size_t)chunk * inner;
+    float *act = es_device_scratch(dev, act_floats * sizeof(float) + cpu_matmul_workspace(&(es_workspace_plan){.max_in = inner, .max_out = C}));
+    if (!act) return ES_ERR_RUNTIME;
+    for (int t0 = 0; t0 < T; t0 += chunk) {
+        const int rows = T - t0 < chunk ? T - t0 : chunk;
+        const size_t at = (size_t)t0 * inner;
+        cpu_swiglu_forward(dev, act, gate + at, up + at, (size_t)rows * inner);
+        const int rc = matmul_rows(dev, out + (size_t)t0 * C, act, weight, bias, rows, inner, C, act + act_floats);
+        if (rc) return rc;
+    }
+    return cpu_add(dev, out, residual, out, (size_t)T * C);
 }

@@ -104,8 +104,10 @@ int cuda_rmsnorm_backward(es_device *dev, float *din, float *dweight, const floa
 
 size_t cuda_backward_workspace(const es_workspace_plan *plan) {
     if (!plan->train) return 0;
-    // matmul_backward: dout and the input in bf16; rmsnorm_backward: one scale per token
-    return (size_t)plan->tokens * ((size_t)plan->max_in + (size_t)plan->max_out) * sizeof(__nv_bfloat16) + 256;
+    // matmul_backward: dout and the input in bf16; rmsnorm_backward: one scale per token;
+    // swiglu_down_backward: dout and the activation in bf16, the activation's gradient in fp32
+    const size_t T = (size_t)plan->tokens;
+    return T * ((size_t)plan->max_in + (size_t)plan->max_out) * sizeof(__nv_bfloat16) + T * (size_t)plan->max_in * sizeof(float) + 512;
 }
 
 int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
@@ -124,6 +126,32 @@ int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbia
     if (rc || !dbias) return rc;
     bias_backward_kernel<<<column_blocks(OC), THREADS, 0, stream>>>(dbias, dout, T, OC);
     CUDA_LAUNCHED(dev, "matmul_backward");
+    return 0;
+}
+
+int cuda_swiglu_down_backward(es_device *dev, float *dgate, float *dup, float *dweight, float *dbias, const float *dout,
+                              const float *gate, const float *up, const void *weight, int T, int inner, int C) {
+    // scratch: dout (T, C) and the activation made again (T, inner) in bf16, the activation's gradient (T, inner) fp32
+    if (T <= 0) return 0;
+    const char *op = "swiglu_down_backward";
+    const size_t n_out = (size_t)T * C, n_act = (size_t)T * inner;
+    const size_t out_bytes = cuda_round_up(n_out * 2, 256), act_bytes = cuda_round_up(n_act * 2, 256);
+    char *scratch = (char *)es_device_scratch(dev, out_bytes + act_bytes + n_act * sizeof(float));
+    if (!scratch) return ES_ERR_RUNTIME;
+    uint16_t *dout_bf16 = (uint16_t *)scratch, *act_bf16 = (uint16_t *)(scratch + out_bytes);
+    float *dact = (float *)(scratch + out_bytes + act_bytes);
+    int rc = cuda_round_to_bf16(dev, op, dout_bf16, dout, n_out);
+    if (!rc) rc = cuda_swiglu_to_bf16(dev, op, act_bf16, gate, up, n_act);
+    if (!rc) rc = cuda_gemm_train(dev, op, dact, dout_bf16, 0, weight, 0, T, inner, C, 1.0f, 0.0f, CUDA_GEMM_BF16);
+    if (!rc) rc = cuda_gemm_train(dev, op, dweight, dout_bf16, 1, act_bf16, 0, C, inner, T, 1.0f, 1.0f, CUDA_GEMM_BF16);
+    if (rc) return rc;
+    cudaStream_t stream = cuda_stream(dev);
+    if (dbias) {
+        bias_backward_kernel<<<column_blocks(C), THREADS, 0, stream>>>(dbias, dout, T, C);
+        CUDA_LAUNCHED(dev, op);
+    }
+    swiglu_backward_kernel<<<cuda_blocks(n_act, THREADS), THREADS, 0, stream>>>(dgate, dup, dact, gate, up, n_act);
+    CUDA_LAUNCHED(dev, op);
     return 0;
 }
 

@@ -78,6 +78,9 @@ static inline size_t cuda_round_up(size_t n, size_t to) { return (n + to - 1) / 
 /* out = in rounded to bf16 (to nearest even, as PyTorch's .to(torch.bfloat16); NaN stays NaN): the
  * rounding every tensor-core input of an activation gets (elementwise.cu). */
 int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out /* (n) */, const float *in /* (n) */, size_t n);
+/* out = silu(gate) · up (the fp32 value swiglu_forward stores) rounded to bf16 the same way. */
+int cuda_swiglu_to_bf16(es_device *dev, const char *op, uint16_t *out /* (n) */, const float *gate /* (n) */, const float *up /* (n) */,
+                        size_t n);
 
 /* ---- matrix products (gemm.cu) ------------------------------------------------------------- */
 
@@ -162,6 +165,8 @@ int cuda_embedding_forward(es_device *dev, float *out, const int32_t *ids, const
 int cuda_rmsnorm_forward(es_device *dev, float *out, const float *in, const void *weight, int T, int C, float eps);
 int cuda_matmul_forward(es_device *dev, float *out, const float *in, const void *weight, const void *bias, int T, int C, int OC);
 int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C);
+int cuda_swiglu_down_forward(es_device *dev, float *out, const float *residual, const float *gate, const float *up, const void *weight,
+                             const void *bias, int T, int inner, int C);
 int cuda_matmul_forward_residual(es_device *dev, float *out, const float *residual, const float *in, const void *weight,
                                  const void *bias, int T, int C, int OC);
 int cuda_rope_forward(es_device *dev, float *x, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);
@@ -191,6 +196,8 @@ int cuda_rmsnorm_backward(es_device *dev, float *din, float *dweight, const floa
                           int C, float eps);
 int cuda_matmul_backward(es_device *dev, float *din, float *dweight, float *dbias, const float *dout, const float *in,
                          const void *weight, int T, int C, int OC);
+int cuda_swiglu_down_backward(es_device *dev, float *dgate, float *dup, float *dweight, float *dbias, const float *dout,
+                              const float *gate, const float *up, const void *weight, int T, int inner, int C);
 int cuda_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
                                const float *in, int T, int C);
 int cuda_rope_backward(es_device *dev, float *dx, const int32_t *positions, const double *inv_freq, int T, int n_heads, int hd);

@@ -99,6 +99,20 @@ vector_split split_for_rounding(size_t n, const float *in, const uint16_t *out) 
     return {head, (n - head) / 4};
 }
 
+/* bf16 bits of silu(gate) · up, computed as swiglu_op computes it: the down projection's input,
+ * never stored in fp32. */
+struct swiglu_bf16_op {
+    uint16_t *out;           // (n)
+    const float *gate, *up;  // (n)
+    __device__ void one(size_t i) const { out[i] = (uint16_t)round_bf16_op::bits(swiglu_op::apply(gate[i], up[i])); }
+    __device__ void four(size_t i) const {
+        const float4 g = load4(gate + i), u = load4(up + i);
+        const uint32_t b0 = round_bf16_op::bits(swiglu_op::apply(g.x, u.x)), b1 = round_bf16_op::bits(swiglu_op::apply(g.y, u.y));
+        const uint32_t b2 = round_bf16_op::bits(swiglu_op::apply(g.z, u.z)), b3 = round_bf16_op::bits(swiglu_op::apply(g.w, u.w));
+        *reinterpret_cast<uint2 *>(out + i) = make_uint2(b0 | b1 << 16, b2 | b3 << 16);
+    }
+};
+
 /* ---- the sum of squares ---------------------------------------------------------------------- */
 
 /* Elements per partial sum (one block each): the CPU's block, so the scratch is the CPU's too,
@@ -152,6 +166,12 @@ int cuda_add(es_device *dev, float *out, const float *a, const float *b, size_t 
 
 int cuda_round_to_bf16(es_device *dev, const char *op, uint16_t *out, const float *in, size_t n) {
     return launch_map(dev, op, round_bf16_op{out, in}, n, split_for_rounding(n, in, out));
+}
+
+int cuda_swiglu_to_bf16(es_device *dev, const char *op, uint16_t *out, const float *gate, const float *up, size_t n) {
+    vector_split split = split_for_rounding(n, gate, out);
+    if (split.vecs && ((uintptr_t)up & 15) != ((uintptr_t)gate & 15)) split = {n, 0};
+    return launch_map(dev, op, swiglu_bf16_op{out, gate, up}, n, split);
 }
 
 int cuda_scale(es_device *dev, float *x, size_t n, float scale) {

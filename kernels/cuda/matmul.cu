@@ -31,6 +31,20 @@ int cuda_matmul_forward_residual(es_device *dev, float *out, const float *residu
                               1.0f, CUDA_GEMM_BF16);
 }
 
+int cuda_swiglu_down_forward(es_device *dev, float *out, const float *residual, const float *gate, const float *up, const void *weight,
+                             const void *bias, int T, int inner, int C) {
+    // out (T, C) = residual + bf16(silu(gate) · up) (T, inner) @ weightᵀ + bias: the activation goes
+    // from the two fp32 inputs straight to the product's bf16 input
+    if (T == 0) return 0;
+    const size_t n = (size_t)T * inner;
+    uint16_t *act_bf16 = (uint16_t *)es_device_scratch(dev, n * sizeof *act_bf16); // (T, inner)
+    if (!act_bf16) return ES_ERR_RUNTIME;
+    const int rc = cuda_swiglu_to_bf16(dev, "swiglu_down_forward", act_bf16, gate, up, n);
+    if (rc) return rc;
+    return cuda_gemm_residual(dev, "swiglu_down_forward", out, residual, act_bf16, weight, (const __nv_bfloat16 *)bias, T, C, inner,
+                              1.0f, CUDA_GEMM_BF16);
+}
+
 int cuda_matmul_forward_group(es_device *dev, const es_matmul_part *part, int n, const float *in, int T, int C) {
     // part[i].out (T, OC_i) fp32 = in (T, C) @ weight_iᵀ + bias_i: the input rounded to bf16 once for all
     if (T == 0) return 0;

@@ -16,7 +16,8 @@
 static const char *const threaded_ops[] = {"matmul_forward",        "matmul_backward",          "matmul_forward_group",
                                            "matmul_backward_group", "matmul_forward_residual",  "attention_forward",
                                            "attention_cached_forward", "attention_backward",    "latent_mse",
-                                           "cross_entropy",         "sum_squares"};
+                                           "cross_entropy",         "sum_squares",              "swiglu_down_forward",
+                                           "swiglu_down_backward"};
 
 static const op_spec *find_op(const char *name) {
     const op_spec *ops[HARNESS_MAX_OPS];

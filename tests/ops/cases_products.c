@@ -4,8 +4,11 @@
  *    against the sum of the parts'. The parts' outputs are compared as one concatenated output
  *    each (out; dweight, dbias), so that a part written over another's, or left out, shows as much
  *    as a wrong value. The grid mixes widths and biases as a layer does, and a part of one column;
- *  - the product with the residual stream added (es_matmul_forward_residual: a layer's o and down
- *    projections), over matmul_forward's grid. */
+ *  - the product with the residual stream added (es_matmul_forward_residual: a layer's o
+ *    projection), over matmul_forward's grid;
+ *  - the MLP's second half (es_swiglu_down_forward, es_swiglu_down_backward: the activation made
+ *    from gate and up where it is needed, never stored), against SwiGLU's and the product's
+ *    references chained; gates of sd 3 with some far out, as swiglu's own cases. */
 #include <math.h>
 #include <string.h>
 
@@ -175,6 +178,109 @@ static int call_matmul_forward_residual(es_device *dev, const hcase *c, double *
     return ds_end(&s, ES_OK);
 }
 
+/* ---- the MLP's second half ------------------------------------------------------------------- */
+
+typedef struct down_case {
+    int T, I, C, bias;
+    float *gate, *up, *weight, *bias_values, *residual, *dout, *dweight_start, *dbias_start;
+} down_case;
+
+static const struct {
+    int T, I, C, bias;
+} down_grid[] = {
+    {1, 1, 1, 1}, {3, 7, 5, 0}, {257, 130, 24, 1}, {300, 515, 64, 0}, {0, 8, 8, 1}, {64, 600, 1536, 0} /* a student's down */,
+    {257, 32769, 3, 1} /* wide enough that the CPU takes the rows in chunks (256, then 1 padded) */,
+};
+
+static down_case *down_inputs(hcase *c, rng *r, int index) {
+    down_case *m = c->data = hc_alloc(c, sizeof *m);
+    m->T = down_grid[index].T, m->I = down_grid[index].I, m->C = down_grid[index].C, m->bias = down_grid[index].bias;
+    const size_t n = (size_t)m->T * m->I;
+    m->gate = hc_normals(c, r, n, 3.0);
+    if (n > 4) m->gate[0] = 30.0f, m->gate[1] = -30.0f, m->gate[2] = 88.5f, m->gate[3] = -100.0f; /* silu's far ends */
+    m->up = hc_normals(c, r, n, 1.0);
+    m->weight = hc_normals(c, r, (size_t)m->C * m->I, 1.0 / sqrt((double)m->I));
+    if (m->bias) m->bias_values = hc_normals(c, r, (size_t)m->C, 1.0);
+    hc_param(c, "T", m->T), hc_param(c, "I", m->I), hc_param(c, "C", m->C);
+    hc_note(c, m->bias ? "bias" : "no bias");
+    return m;
+}
+
+/* The double reference's activation, silu(gate) · up (T, I). */
+static double *down_act(hcase *c, const down_case *m) {
+    const size_t n = (size_t)m->T * m->I;
+    double *act = hc_doubles(c, n);
+    ref_swiglu_forward(act, hc_widen(c, m->gate, n), hc_widen(c, m->up, n), n);
+    return act;
+}
+
+static void make_swiglu_down_forward(hcase *c, int index) {
+    rng r = rng_seeded(3400 + (uint64_t)index);
+    down_case *m = down_inputs(c, &r, index);
+    m->residual = hc_normals(c, &r, (size_t)m->T * m->C, 3.0);
+    double *out = hc_output(c, "out", (size_t)m->T * m->C, 0);
+    ref_matmul_forward(out, down_act(c, m), hc_widen(c, m->weight, (size_t)m->C * m->I),
+                       m->bias ? hc_widen(c, m->bias_values, (size_t)m->C) : NULL, m->T, m->I, m->C);
+    for (size_t i = 0; i < (size_t)m->T * m->C; i++) out[i] += m->residual[i];
+}
+
+static int call_swiglu_down_forward(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const down_case *m = c->data;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *gate, *up, *residual, *out;
+    void *weight, *bias = NULL;
+    const size_t n = (size_t)m->T * m->I;
+    PUT(&s, gate, m->gate, n * sizeof *gate);
+    PUT(&s, up, m->up, n * sizeof *up);
+    PUT(&s, residual, m->residual, (size_t)m->T * m->C * sizeof *residual);
+    PUT_WEIGHTS(&s, weight, m->weight, (size_t)m->C * m->I);
+    if (m->bias) PUT_WEIGHTS(&s, bias, m->bias_values, (size_t)m->C);
+    OUT(&s, out, NULL, (size_t)m->T * m->C);
+    OP(&s, es_swiglu_down_forward(dev, out, residual, gate, up, weight, bias, m->T, m->I, m->C));
+    GET(&s, got[0], out, (size_t)m->T * m->C);
+    return ds_end(&s, ES_OK);
+}
+
+static void make_swiglu_down_backward(hcase *c, int index) {
+    rng r = rng_seeded(3500 + (uint64_t)index);
+    down_case *m = down_inputs(c, &r, index);
+    const size_t n = (size_t)m->T * m->I;
+    m->dout = hc_normals(c, &r, (size_t)m->T * m->C, 1.0);
+    double *dgate = hc_output(c, "dgate", n, 0), *dup = hc_output(c, "dup", n, 0);
+    double *dweight = hc_output(c, "dweight", (size_t)m->C * m->I, 0);
+    double *dbias = m->bias ? hc_output(c, "dbias", (size_t)m->C, 0) : NULL;
+    double *dact = hc_doubles(c, n);
+    ref_matmul_backward(dact, dweight, dbias, hc_widen(c, m->dout, (size_t)m->T * m->C), down_act(c, m),
+                        hc_widen(c, m->weight, (size_t)m->C * m->I), m->T, m->I, m->C);
+    ref_swiglu_backward(dgate, dup, dact, hc_widen(c, m->gate, n), hc_widen(c, m->up, n), n);
+    m->dweight_start = hc_accumulate_start(c, &r, dweight, (size_t)m->C * m->I);
+    if (dbias) m->dbias_start = hc_accumulate_start(c, &r, dbias, (size_t)m->C);
+}
+
+static int call_swiglu_down_backward(es_device *dev, const hcase *c, double *const *got, es_error *err) {
+    const down_case *m = c->data;
+    dscope s;
+    ds_begin(&s, dev, err);
+    float *gate, *up, *dout, *dgate, *dup, *dweight, *dbias = NULL;
+    void *weight;
+    const size_t n = (size_t)m->T * m->I;
+    PUT(&s, gate, m->gate, n * sizeof *gate);
+    PUT(&s, up, m->up, n * sizeof *up);
+    PUT(&s, dout, m->dout, (size_t)m->T * m->C * sizeof *dout);
+    PUT_WEIGHTS(&s, weight, m->weight, (size_t)m->C * m->I);
+    OUT(&s, dgate, NULL, n);
+    OUT(&s, dup, NULL, n);
+    OUT(&s, dweight, m->dweight_start, (size_t)m->C * m->I);
+    if (m->bias) OUT(&s, dbias, m->dbias_start, (size_t)m->C);
+    OP(&s, es_swiglu_down_backward(dev, dgate, dup, dweight, dbias, dout, gate, up, weight, m->T, m->I, m->C));
+    GET(&s, got[0], dgate, n);
+    GET(&s, got[1], dup, n);
+    GET(&s, got[2], dweight, (size_t)m->C * m->I);
+    if (dbias) GET(&s, got[3], dbias, (size_t)m->C);
+    return ds_end(&s, ES_OK);
+}
+
 /* ---- the table ------------------------------------------------------------------------------------ */
 
 /* Every backend has the forwards (without an entry of its own, es_matmul_forward_group makes one
@@ -182,6 +288,8 @@ static int call_matmul_forward_residual(es_device *dev, const hcase *c, double *
  * backend's own. */
 static int has_matmul_forward_group(const es_backend *b) { return b->matmul_forward != NULL; }
 static int has_matmul_forward_residual(const es_backend *b) { return b->matmul_forward != NULL && b->add != NULL; }
+static int has_swiglu_down_forward(const es_backend *b) { return b->swiglu_down_forward != NULL; }
+static int has_swiglu_down_backward(const es_backend *b) { return b->swiglu_down_backward != NULL; }
 static int has_matmul_backward_group(const es_backend *b) { return b->matmul_backward_group != NULL; }
 
 const op_spec harness_product_ops[] = {
@@ -197,5 +305,16 @@ const op_spec harness_product_ops[] = {
     {.name = "matmul_forward_residual", .n_cases = COUNT(residual_grid), .threshold = HARNESS_REDUCTION,
      .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
      .present = has_matmul_forward_residual, .make = make_matmul_forward_residual, .call = call_matmul_forward_residual},
+    /* a product over an element-wise op's values, as matmul_forward's; bf16: the activation and
+     * the weight rounded */
+    {.name = "swiglu_down_forward", .n_cases = COUNT(down_grid), .threshold = HARNESS_REDUCTION,
+     .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_PRODUCT,
+     .present = has_swiglu_down_forward, .make = make_swiglu_down_forward, .call = call_swiglu_down_forward},
+    /* as matmul_backward's and swiglu_backward's chained; bf16: the activation's gradient is a bf16
+     * product that SwiGLU's backward then scales (1.8e-5 measured on the emulated backend, on the
+     * case of one element: a chain's threshold) */
+    {.name = "swiglu_down_backward", .n_cases = COUNT(down_grid), .threshold = HARNESS_REDUCTION,
+     .device_threshold = HARNESS_DEVICE_FACTOR * HARNESS_REDUCTION, .bf16_threshold = HARNESS_BF16_CHAIN,
+     .present = has_swiglu_down_backward, .make = make_swiglu_down_backward, .call = call_swiglu_down_backward},
 };
 const int harness_n_product_ops = COUNT(harness_product_ops);

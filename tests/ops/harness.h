@@ -20,7 +20,7 @@
 
 typedef enum { HARNESS_PASS, HARNESS_FAIL, HARNESS_SKIP } harness_status;
 
-enum { HARNESS_MAX_OPS = 32 };
+enum { HARNESS_MAX_OPS = 40 };
 
 typedef struct harness_op_result {
     const char *name;

@@ -135,6 +135,14 @@ static int broken_matmul_forward_residual(es_device *dev, float *out, const floa
     return cpu_table->matmul_forward(dev, out, in, weight, bias, T, C, OC);
 }
 
+/* The MLP's second half over its gate instead of silu(gate) · up. */
+static int broken_swiglu_down_forward(es_device *dev, float *out, const float *residual, const float *gate, const float *up,
+                                      const void *weight, const void *bias, int T, int inner, int C) {
+    (void)up;
+    const int rc = cpu_table->matmul_forward(dev, out, gate, weight, bias, T, inner, C);
+    return rc ? rc : cpu_table->add(dev, out, residual, out, (size_t)T * C);
+}
+
 /* Each part's din written over the last one's instead of added to it. */
 static int broken_matmul_backward_group(es_device *dev, float *din, const es_matmul_part_grad *grad, const es_matmul_part *part, int n,
                                         const float *in, int T, int C) {
@@ -215,6 +223,8 @@ BROKEN_TEST(harness_catches_matmul_backward_overwrite, "matmul_backward", matmul
             HARNESS_FAIL)
 BROKEN_TEST(harness_catches_residual_left_out, "matmul_forward_residual", matmul_forward_residual, broken_matmul_forward_residual,
             HARNESS_FAIL)
+BROKEN_TEST(harness_catches_swiglu_down_without_activation, "swiglu_down_forward", swiglu_down_forward, broken_swiglu_down_forward,
+            HARNESS_FAIL)
 BROKEN_TEST(harness_catches_matmul_backward_group_overwrite, "matmul_backward_group", matmul_backward_group,
             broken_matmul_backward_group, HARNESS_FAIL)
 BROKEN_TEST(harness_catches_rmsnorm_backward_unwritten_row, "rmsnorm_backward", rmsnorm_backward, broken_rmsnorm_backward,
@@ -272,6 +282,7 @@ int main(void) {
     RUN(harness_catches_matmul_backward_overwrite);
     RUN(harness_catches_matmul_backward_group_overwrite);
     RUN(harness_catches_residual_left_out);
+    RUN(harness_catches_swiglu_down_without_activation);
     RUN(harness_catches_rmsnorm_backward_unwritten_row);
     RUN(harness_skips_missing_op);
     RUN(harness_catches_thread_dependence);
