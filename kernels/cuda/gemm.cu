@@ -5,7 +5,7 @@
 // TRANSA = T, its B operand is our A with TRANSB = N, m = N, n = M, k = K. That is the "TN" form
 // cuBLASLt requires for fp8 inputs, so every input format takes the same path.
 //
-// Types (scale type always CUDA_R_32F, C = D = CUDA_R_32F, beta = 0 with C = D):
+// Types (scale type always CUDA_R_32F, C = D = CUDA_R_32F; beta = 0 with C = D, or 1 with C a residual):
 //   CUDA_GEMM_F32       A, B CUDA_R_32F,     CUBLAS_COMPUTE_32F (true fp32: in cuBLASLt only the compute
 //                       type allows TF32 down-conversion, and the emulated fp32 paths have compute types of
 //                       their own, CUBLAS_COMPUTE_32F_EMULATED_*)
